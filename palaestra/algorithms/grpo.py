@@ -1,0 +1,229 @@
+"""The math of GRPO: group-relative advantages, the clipped policy loss and its helpers.
+
+Every function here is pure (tensors in, tensors out) so the recipes can show their loop in plain
+view and the tests can check each equation with numbers worked by hand. Shapes use B for the number
+of completions, T for completion tokens and V for the vocabulary size.
+
+The loss follows GRPO (Shao et al., 2024, arXiv:2402.03300) with the reductions of its
+successors: ``bnpo``, Dr. GRPO (Liu et al., 2025, arXiv:2503.20783) and DAPO (Yu et al., 2025,
+arXiv:2503.14476), whose asymmetric ``epsilon_high`` ("clip-higher") is also supported.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LOSS_TYPES",
+    "SCALE_REWARDS",
+    "entropy_from_logits",
+    "group_advantages",
+    "k3_kl",
+    "masked_mean",
+    "policy_loss",
+    "selective_log_softmax",
+]
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``values`` over the positions where ``mask`` is 1.
+
+    Args:
+        values: any shape, e.g. [B, T].
+        mask: same shape, 0/1 float or bool.
+        dim: dimension to reduce; None reduces everything to a scalar.
+
+    Returns:
+        ``values`` reduced over ``dim``. An all-zero mask gives 0, not NaN.
+    """
+    # mean = sum(values * mask) / max(sum(mask), 1)
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def _std(x: Tensor, dim: int | None = None) -> Tensor:
+    """Unbiased std (as TRL uses), but 0 rather than NaN when there is a single sample."""
+    count = x.numel() if dim is None else x.shape[dim]
+    if count < 2:
+        return torch.zeros_like(x.sum() if dim is None else x.sum(dim))
+    return x.std() if dim is None else x.std(dim=dim)
+
+
+def group_advantages(
+    rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+) -> Tensor:
+    """Group-relative advantages: each reward against the other answers to the same prompt.
+
+    Args:
+        rewards: [B], laid out as consecutive groups of ``group_size`` (B % group_size == 0).
+        group_size: answers per prompt (G).
+        scale: "group" divides by the group's std, "batch" by the whole batch's std,
+            "none" does not divide (Dr. GRPO: std scaling biases towards easy/hard prompts).
+        eps: added to the std so zero-variance groups give 0, not NaN.
+
+    Returns:
+        [B] advantages.
+    """
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale must be one of {SCALE_REWARDS}, got {scale!r}")
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"number of rewards ({rewards.numel()}) must be a multiple of group_size ({group_size})"
+        )
+    rewards = rewards.float() if not rewards.is_floating_point() else rewards
+    grouped = rewards.reshape(-1, group_size)  # [B / G, G]
+    # A_i = r_i - mean(r_group)             ("none")
+    # A_i = A_i / (std(r_group) + eps)      ("group")
+    # A_i = A_i / (std(r_batch) + eps)      ("batch")
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        advantages = advantages / (_std(grouped, dim=1).unsqueeze(1) + eps)
+    elif scale == "batch":
+        advantages = advantages / (_std(rewards) + eps)
+    return advantages.reshape(-1)
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
+    """Log-probability of the chosen tokens, without a full [B, T, V] log-softmax.
+
+    Args:
+        logits: [B, T, V].
+        index: [B, T] token ids.
+
+    Returns:
+        [B, T] with ``log_softmax(logits, -1)[b, t, index[b, t]]``; differentiable.
+    """
+    # log p(x) = z_x - logsumexp(z)
+    if logits.dtype in (torch.float32, torch.float64):
+        chosen = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+        # One sequence at a time, so the temporaries of logsumexp are [T, V], never [B, T, V].
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+        return chosen - lse
+    # float16 / bfloat16: z_x - logsumexp(z) loses precision; per-row log_softmax is more accurate.
+    return torch.stack(
+        [
+            row.log_softmax(dim=-1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+            for row, idx in zip(logits, index)
+        ]
+    )
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
+    """Entropy of each next-token distribution, ``chunk_size`` rows of [V] at a time.
+
+    Args:
+        logits: [B, T, V].
+        chunk_size: rows (B * T positions) processed together; bounds the peak memory.
+
+    Returns:
+        [B, T] entropies in nats.
+    """
+    # H = -sum_v p_v log p_v
+    flat = logits.reshape(-1, logits.shape[-1])  # [B * T, V]
+    entropies = []
+    for chunk in flat.split(chunk_size):
+        logp = chunk.float().log_softmax(dim=-1)
+        entropies.append(-(logp.exp() * logp).sum(dim=-1))
+    return torch.cat(entropies).view(logits.shape[:-1]).to(logits.dtype)
+
+
+def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(policy || reference) (Schulman, "Approximating KL divergence").
+
+    Args:
+        logp: [B, T] policy log-probs of the sampled tokens.
+        ref_logp: [B, T] reference-model log-probs of the same tokens.
+
+    Returns:
+        [B, T], non-negative, 0 where the two agree.
+    """
+    # k3 = exp(ref - logp) - (ref - logp) - 1   (unbiased, and >= 0 since e^x >= 1 + x)
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    loss_type: str = "grpo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    ref_logp: Tensor | None = None,
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped GRPO surrogate loss with an optional k3 KL penalty.
+
+    Args:
+        logp: [B, T] log-probs of the completion tokens under the policy being trained.
+        old_logp: [B, T] the same under the policy that sampled them (detached here).
+        advantages: [B], one per completion, broadcast to its tokens (detached here).
+        mask: [B, T] 1 for real completion tokens, 0 for padding.
+        loss_type: how token losses are reduced; one of ``LOSS_TYPES``.
+        epsilon: lower clip range, ratio >= 1 - epsilon.
+        epsilon_high: upper clip range, ratio <= 1 + epsilon_high; defaults to ``epsilon``.
+        beta: KL coefficient; needs ``ref_logp`` when > 0.
+        ref_logp: [B, T] reference-model log-probs (detached here).
+        max_completion_length: the generation limit; the ``dr_grpo`` denominator is B * this.
+        num_items_in_batch: completion tokens in the whole generation batch (all gradient
+            accumulation micro-batches); the ``dapo`` denominator. Defaults to this batch's count.
+
+    Returns:
+        (scalar loss, stats) where stats are python floats: ``kl``, ``clip_ratio/low``,
+        ``clip_ratio/high`` and ``clip_ratio/region`` (fractions of mask tokens).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if beta > 0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp (reference-model log-probs)")
+    if loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError("loss_type='dr_grpo' needs max_completion_length")
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logp.dtype)
+    adv = advantages.detach().unsqueeze(1)  # [B, 1], broadcast over tokens
+
+    # ratio = pi / pi_old = exp(logp - old_logp)
+    # L_tok = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)  [+ beta * k3]
+    ratio = torch.exp(logp - old_logp.detach())
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = None
+    if beta > 0:
+        kl = k3_kl(logp, ref_logp.detach())
+        per_token = per_token + beta * kl
+
+    # grpo:    mean_b( sum_t L * m / sum_t m )         (each sequence weighs the same)
+    # bnpo:    sum_bt L * m / sum_bt m                 (each token in this batch weighs the same)
+    # dr_grpo: sum_bt L * m / (B * max_completion_length)
+    # dapo:    sum_bt L * m / tokens in the whole generation batch
+    if loss_type == "grpo":
+        loss = masked_mean(per_token, mask, dim=1).mean()
+    elif loss_type == "bnpo":
+        loss = masked_mean(per_token, mask)
+    elif loss_type == "dr_grpo":
+        loss = (per_token * mask).sum() / (logp.shape[0] * max_completion_length)
+    else:
+        total = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        total = torch.as_tensor(total, dtype=logp.dtype, device=logp.device)
+        loss = (per_token * mask).sum() / total.clamp(min=1)
+
+    with torch.no_grad():
+        low = (ratio < 1 - epsilon) & (adv < 0)
+        high = (ratio > 1 + epsilon_high) & (adv > 0)
+        stats = {
+            "kl": masked_mean(kl, mask).item() if kl is not None else 0.0,
+            "clip_ratio/low": masked_mean(low.to(mask.dtype), mask).item(),
+            "clip_ratio/high": masked_mean(high.to(mask.dtype), mask).item(),
+            "clip_ratio/region": masked_mean((low | high).to(mask.dtype), mask).item(),
+        }
+    return loss, stats

@@ -1,0 +1,267 @@
+"""Checkpoints: everything needed to resume a run bit for bit, written atomically.
+
+Layout under a run directory::
+
+    checkpoints/
+      step-000100/
+        trainable.safetensors   parameters with requires_grad (the LoRA adapter, or the whole model)
+        adapter/                peft models only: the adapter for PeftModel.from_pretrained
+        optimizer.pt  scheduler.pt
+        rng.pt                  python `random`, numpy, torch CPU and CUDA generator states
+        trainer_state.json      step, data position, MLflow run id, ... (written last)
+      best/                     a copy of the best step so far, plus best.json
+
+A checkpoint is built in a hidden `.tmp-step-...-<pid>` folder next to its final place and renamed
+into place only when complete, so a crash mid-write leaves no half checkpoint that looks real.
+Frozen weights are not saved: they come back from the base model that the recipe loads again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["latest_checkpoint", "load_checkpoint", "resolve_resume", "save_best", "save_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_STATE_FILE = "trainer_state.json"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename a finished folder onto `target`; an existing target is moved aside, then deleted."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".old-{target.name}-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fresh_tmp(parent: Path, name: str) -> Path:
+    tmp = parent / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed run that had our pid
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    # numpy's key is an array; a plain list keeps the file loadable with weights_only=True
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()
+    return {
+        "python": random.getstate(),
+        "numpy": np_state,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np_state["state"]["key"] = np.asarray(np_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"])
+    cuda = state["cuda"]
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:  # e.g. resuming a 2-GPU run on one GPU: the run goes on, not bit for bit
+            log.warning("checkpoint has CUDA RNG states for %d devices, this machine has %d; "
+                        "CUDA RNG not restored", len(cuda), torch.cuda.device_count())
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    keep_last_n: int | None = None,
+) -> Path:
+    """Write `run_dir/checkpoints/step-{step:06d}` atomically and return its path.
+
+    `trainer_state` is any JSON-serialisable dict (data position, MLflow run id, best metric...);
+    `step` is added to it. With `keep_last_n`, older `step-*` folders beyond the newest n are
+    deleted (never the one just written, never `best`).
+    """
+    if keep_last_n is not None and keep_last_n < 1:
+        raise ValueError(f"keep_last_n must be >= 1 or None, got {keep_last_n}")
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    target = ckpt_dir / f"step-{step:06d}"
+    tmp = _fresh_tmp(ckpt_dir, target.name)
+    try:
+        # named_parameters() lists a tied weight once; the copy gives each tensor its own storage,
+        # which safetensors requires
+        weights = {
+            name: p.detach().to("cpu", copy=True).contiguous()
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        }
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        if hasattr(model, "peft_config") and hasattr(model, "save_pretrained"):
+            model.save_pretrained(str(tmp / "adapter"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict() if scheduler is not None else None, tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        _write_json(tmp / _STATE_FILE, {**trainer_state, "step": step})  # last: marks it complete
+        _swap_into_place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if keep_last_n is not None:
+        older = [p for p in _complete_checkpoints(ckpt_dir) if p != target]
+        for stale in older[: max(0, len(older) - (keep_last_n - 1))]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint` into the given objects; return trainer_state.
+
+    Every trainable parameter of `model` must be in the checkpoint, and every saved tensor must
+    match a parameter by name and shape; anything else is a ValueError listing the names.
+    """
+    path = Path(path)
+    if not (path / _STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_STATE_FILE})")
+    saved = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in saved)
+    unexpected = sorted(n for n in saved if n not in params)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not match the model: missing trainable {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''} (a different model or LoRA config?)"
+        )
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if restore_rng:
+        _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return json.loads((path / _STATE_FILE).read_text())
+
+
+def _complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """`step-*` folders with a trainer_state.json, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in ckpt_dir.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and (p / _STATE_FILE).is_file()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The highest-step complete checkpoint of a run, or None (unfinished `.tmp-*` are ignored)."""
+    found = _complete_checkpoints(Path(run_dir) / "checkpoints")
+    return found[-1] if found else None
+
+
+def save_best(run_dir: Path, checkpoint_path: Path, metric_name: str, value: float,
+              mode: str = "max") -> bool:
+    """Copy `checkpoint_path` to `run_dir/checkpoints/best` if `value` beats the recorded best.
+
+    The record is `best/best.json`; a record of a different metric is replaced. NaN never wins.
+    Files are hard-linked when possible (checkpoint files are never modified in place).
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    value = float(value)
+    if math.isnan(value):
+        return False
+    best_dir = Path(run_dir) / "checkpoints" / "best"
+    record = best_dir / "best.json"
+    if record.is_file():
+        old = json.loads(record.read_text())
+        if old.get("metric") == metric_name:
+            better = value > old["value"] if mode == "max" else value < old["value"]
+            if not better:
+                return False
+
+    tmp = _fresh_tmp(best_dir.parent, "best")
+    tmp.rmdir()  # copytree wants to create it
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    try:
+        shutil.copytree(checkpoint_path, tmp, copy_function=link_or_copy)
+        _write_json(tmp / "best.json", {"metric": metric_name, "value": value, "mode": mode,
+                                        "checkpoint": Path(checkpoint_path).name})
+        _swap_into_place(tmp, best_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def resolve_resume(resume: str | None, run_dir: Path, runs_root: Path | None = None) -> Path | None:
+    """Turn a `resume=` setting into a checkpoint folder, or None for a fresh start.
+
+    None or "" -> None. "auto" -> the latest checkpoint of `run_dir`, None if it has none.
+    A path (or a run name under `runs_root`) -> that checkpoint, or the latest checkpoint of that
+    run directory or `checkpoints/` folder. A path that does not exist, or holds no checkpoint,
+    raises FileNotFoundError.
+    """
+    if not resume:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    candidates = [Path(resume).expanduser()]
+    if runs_root is not None and not candidates[0].is_absolute():
+        candidates.append(Path(runs_root) / resume)
+    for path in candidates:
+        if not path.exists():
+            continue
+        if (path / _STATE_FILE).is_file():
+            return path
+        found = _complete_checkpoints(path / "checkpoints") or _complete_checkpoints(path)
+        if found:
+            return found[-1]
+        raise FileNotFoundError(f"resume={resume!r}: {path} holds no complete checkpoint")
+    raise FileNotFoundError(f"resume={resume!r}: no such checkpoint or run directory "
+                            f"(looked at {', '.join(str(p) for p in candidates)})")

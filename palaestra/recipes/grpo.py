@@ -1,0 +1,478 @@
+"""GRPO: Group Relative Policy Optimization on a task with verifiable rewards.
+
+Launch::
+
+    palaestra train                                  # embedded SmolLM2-135M on chain_sum
+    palaestra train task=countdown algo.beta=0.04 train.steps=100
+    palaestra train model=tiny +experiment=quick_test
+
+The loop, top to bottom: sample ``num_generations`` completions per prompt, score them with the
+task's reward functions, normalise rewards within each group into advantages, and take a clipped
+policy-gradient step (optionally with a k3 KL penalty to the reference model, which is the same
+model with its LoRA adapter switched off). Every ``save_interval`` steps a checkpoint with
+everything needed to resume bit-for-bit is written atomically.
+
+Simplifications relative to the DeepSeekMath paper: one rollout batch per step and no separate
+reward model (rewards are programs); ``num_iterations`` > 1 re-uses the batch with stored old
+log-probs, as in the paper's inner loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from palaestra import checkpoint as ckpt
+from palaestra.algorithms.grpo import group_advantages, masked_mean, policy_loss
+from palaestra.config import PalaestraConfig, reward_weights
+from palaestra.evaluation.evaluate import EvalResult, evaluate
+from palaestra.models import apply_lora, frozen_reference_copy, load_model_and_tokenizer, model_id, reference_logits_context
+from palaestra.models.logprobs import completion_logprobs
+from palaestra.rewards import combine_rewards
+from palaestra.rollout import HFGenerator, SamplingParams
+from palaestra.tasks.build import build_task
+from palaestra.tracking import MlflowTracker, flatten_config, plot_curves
+
+log = logging.getLogger("palaestra")
+
+
+def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dict:
+    """Train with GRPO; return the run folder, the MLflow run id and the final figures."""
+    train_cfg, algo = config.train, config.algo
+
+    # ---- seed and threads
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    _seed_everything(train_cfg.seed)
+
+    # ---- data (cheap, and fails before the model loads on a bad dataset)
+    task = build_task(config.task)
+    eval_examples = task.test[: config.eval.max_examples or None]
+
+    # ---- model, adapter, reference
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype=config.model.dtype, device=device)
+    if config.model.lora.enabled:
+        lora = config.model.lora
+        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    reference = None
+    if algo.beta > 0 and not config.model.lora.enabled:
+        reference = frozen_reference_copy(model)  # full fine-tuning needs a frozen copy; LoRA does not
+    model.train()
+    generator = HFGenerator(model, tokenizer, max_prompt_length=algo.max_prompt_length)
+
+    # ---- run folder, optimizer, resume
+    run_dir, resume_from = _resolve_run_dir(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _attach_log_file(run_dir / "train.log")
+    updates_total = train_cfg.steps * algo.num_iterations
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=train_cfg.learning_rate, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+        weight_decay=train_cfg.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(updates_total, train_cfg.warmup_ratio, train_cfg.lr_schedule)
+    )
+    state = {"step": 0, "data_position": 0, "mlflow_run_id": None, "best_metric": None,
+             "evals_without_improvement": 0, "history": {}}
+    if resume_from is not None:
+        state.update(ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler))
+        log.info("resumed from %s at step %d", resume_from, state["step"])
+
+    # ---- tracking
+    tracker = _start_tracking(config, task, state["mlflow_run_id"], run_dir)
+    state["mlflow_run_id"] = tracker.run_id if tracker else None
+
+    weights = reward_weights(config.task)
+    prompts_per_step = train_cfg.batch_size // algo.num_generations
+    micro_batches = train_cfg.batch_size // train_cfg.micro_batch_size
+    eval_sampling = _eval_sampling(config)
+    results: dict = {"run_dir": str(run_dir), "mlflow_run_id": state["mlflow_run_id"]}
+
+    def run_eval(step: int, label: str) -> EvalResult:
+        result = evaluate(
+            generator, task, eval_examples, reward_weights=weights, format_reward=config.task.format_reward,
+            sampling=eval_sampling, num_samples=config.eval.num_samples, pass_k=list(config.eval.pass_k),
+            batch_size=config.eval.batch_size, seed=train_cfg.seed, show_progress=True,
+        )
+        figures = result.metrics()
+        log.info("eval (%s, step %d): %s", label, step, _fmt(figures))
+        _remember(state, {f"eval/{k}": v for k, v in figures.items()}, step)
+        if tracker:
+            tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=step)
+            tracker.log_table(result.samples[:32], f"eval/samples_{label}_step{step:06d}.json")
+        return result
+
+    if evaluate_before_after and state["step"] == 0:
+        results["before"] = run_eval(0, "before").metrics()
+
+    stop = _StopSignals()
+    progress = tqdm(total=train_cfg.steps, initial=state["step"], desc="grpo", dynamic_ncols=True)
+    steps_this_run = 0
+    try:
+        while state["step"] < train_cfg.steps and not stop.requested:
+            step = state["step"] + 1
+            started = time.perf_counter()
+            temperature = _temperature(algo, step)
+
+            # 1. roll out: G completions for each prompt of this step
+            examples, state["data_position"] = _next_examples(
+                task.train, state["data_position"], prompts_per_step, train_cfg.seed
+            )
+            rollout = generator.generate(
+                [task.prompt(e) for e in examples], algo.num_generations,
+                SamplingParams(algo.max_completion_length, temperature, algo.top_p, algo.top_k),
+            )
+            generated = time.perf_counter()
+
+            # 2. score: weighted sum of reward functions, each component kept for logging
+            columns = task.columns([e for e in examples for _ in range(algo.num_generations)])
+            rewards, components = combine_rewards(rollout.texts, columns, weights)
+            rewards = torch.tensor(rewards, dtype=torch.float32)
+
+            # 3. advantages: normalised within each prompt's group
+            advantages = group_advantages(rewards, algo.num_generations, scale=algo.scale_rewards).to(device)
+            loss_mask = rollout.completion_mask.float()
+            if algo.mask_truncated_completions:
+                loss_mask = loss_mask * (~rollout.truncated).float().unsqueeze(1)
+            loss_mask = loss_mask.to(device)
+            scored = time.perf_counter()
+
+            # 4. loss and step: old/ref log-probs once, then num_iterations clipped updates
+            slices = [slice(i * train_cfg.micro_batch_size, (i + 1) * train_cfg.micro_batch_size) for i in range(micro_batches)]
+            old_logps = ref_logps = None
+            with torch.no_grad():
+                if algo.num_iterations > 1:
+                    old_logps = [_logprobs(model, rollout, s, temperature)[0] for s in slices]
+                if algo.beta > 0:
+                    with _reference(model, reference):
+                        ref_model = reference if reference is not None else model
+                        ref_logps = [_logprobs(ref_model, rollout, s, temperature)[0] for s in slices]
+            num_items = loss_mask.sum().clamp(min=1)
+            stats: dict[str, float] = {}
+            for _ in range(algo.num_iterations):
+                optimizer.zero_grad(set_to_none=True)
+                totals = {"loss": 0.0, "kl": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0,
+                          "clip_ratio/region": 0.0, "entropy": 0.0}
+                for index, rows in enumerate(slices):
+                    logp, entropy = _logprobs(model, rollout, rows, temperature, with_entropy=True)
+                    mask = loss_mask[rows]
+                    loss, loss_stats = policy_loss(
+                        logp, old_logps[index] if old_logps else logp.detach(), advantages[rows], mask,
+                        loss_type=algo.loss_type, epsilon=algo.epsilon, epsilon_high=algo.epsilon_high,
+                        beta=algo.beta, ref_logp=ref_logps[index] if ref_logps else None,
+                        max_completion_length=algo.max_completion_length, num_items_in_batch=num_items,
+                    )
+                    # dapo already divides by the tokens of the whole batch; the others average micro-batches
+                    scaled = loss if algo.loss_type == "dapo" else loss / micro_batches
+                    scaled.backward()
+                    totals["loss"] += float(scaled.detach())
+                    totals["entropy"] += float(masked_mean(entropy, mask)) / micro_batches
+                    for key, value in loss_stats.items():
+                        totals[key] += value / micro_batches
+                grad_norm = _clip_gradients(trainable, train_cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                stats = totals
+            state["step"] = step
+            trained = time.perf_counter()
+
+            # 5. log / eval / checkpoint
+            lengths = rollout.completion_mask.sum(dim=1).float()
+            elapsed = trained - started
+            metrics = {
+                **stats,
+                "reward/mean": float(rewards.mean()),
+                "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+                **{f"reward/{_short(name)}/mean": float(np.mean(values)) for name, values in components.items()},
+                "completion_length/mean": float(lengths.mean()),
+                "completion_length/max": float(lengths.max()),
+                "completion_length/min": float(lengths.min()),
+                "truncated_fraction": float(rollout.truncated.float().mean()),
+                "grad_norm": grad_norm,
+                "learning_rate": scheduler.get_last_lr()[0],
+                "temperature": temperature,
+                "time/step": elapsed,
+                "time/generation": generated - started,
+                "time/rewards": scored - generated,
+                "time/train": trained - scored,
+                "tokens_per_second": rollout.num_completion_tokens / elapsed,
+            }
+            _remember(state, {"reward/mean": metrics["reward/mean"]}, step)
+            _append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
+            log.info("step %d: %s", step, _fmt(metrics), extra={"console": False})
+            if tracker:
+                tracker.log_metrics(metrics, step=step)
+                if train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
+                    tracker.log_table(_sample_rows(step, examples, rollout.texts, rewards, components, algo.num_generations),
+                                      f"samples/step{step:06d}.json")
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
+
+            evaluated = None
+            if train_cfg.eval_interval and step % train_cfg.eval_interval == 0:
+                evaluated = run_eval(step, "train").metrics().get(train_cfg.best_metric)
+            steps_this_run += 1
+            interrupted = stop.requested or (train_cfg.stop_after_steps and steps_this_run >= train_cfg.stop_after_steps)
+            last = step == train_cfg.steps
+            if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or stop.save_requested or interrupted or last or evaluated is not None:
+                stop.save_requested = False
+                path = ckpt.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                            trainer_state=_improved(state, evaluated), keep_last_n=train_cfg.keep_last_n or None)
+                if evaluated is not None and train_cfg.save_best:
+                    ckpt.save_best(run_dir, path, train_cfg.best_metric, evaluated)
+            if interrupted:
+                log.info("stopping at step %d (checkpoint saved); resume with train.resume=auto train.output_dir=%s", step, run_dir)
+                break
+            if train_cfg.early_stopping_patience and state["evals_without_improvement"] >= train_cfg.early_stopping_patience:
+                log.info("early stopping at step %d: no eval improvement in %d evaluations", step, state["evals_without_improvement"])
+                break
+    except BaseException:
+        if tracker:
+            tracker.end("KILLED" if stop.requested else "FAILED")
+        raise
+    finally:
+        progress.close()
+        stop.restore()
+
+    # ---- final evaluation, plots, cleanup
+    finished = state["step"] >= train_cfg.steps
+    if evaluate_before_after and finished:
+        results["after"] = run_eval(state["step"], "after").metrics()
+    if tracker:
+        _log_plots(tracker, state, run_dir)
+        tracker.log_artifact(str(run_dir / "train.log"))
+        tracker.end("FINISHED" if finished or not stop.requested else "KILLED")
+        results["mlflow_hint"] = tracker.run_url_hint()
+    results.update(step=state["step"], finished=finished)
+    return results
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _logprobs(model, rollout, rows: slice, temperature: float, with_entropy: bool = False):
+    return completion_logprobs(
+        model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
+        rollout.completion_mask[rows], temperature=temperature, with_entropy=with_entropy,
+    )
+
+
+def _reference(model, reference):
+    """The reference policy: a frozen copy (full fine-tuning) or the model with its adapter off."""
+    return nullcontext() if reference is not None else reference_logits_context(model)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _lr_lambda(total: int, warmup_ratio: float, schedule: str):
+    """Linear warmup over warmup_ratio of the updates, then cosine to 0 (or constant)."""
+    warmup = int(total * warmup_ratio)
+
+    def factor(update: int) -> float:
+        if update < warmup:
+            return (update + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (update - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _temperature(algo, step: int) -> float:
+    """Linear schedule from algo.temperature to algo.temperature_final over the schedule's steps."""
+    if algo.temperature_final is None or algo.temperature_schedule_steps <= 0:
+        return algo.temperature
+    fraction = min(1.0, (step - 1) / algo.temperature_schedule_steps)
+    return algo.temperature + fraction * (algo.temperature_final - algo.temperature)
+
+
+def _next_examples(examples: list, position: int, count: int, seed: int) -> tuple[list, int]:
+    """The next ``count`` examples of a seeded shuffle per epoch; ``position`` counts examples consumed."""
+    chosen = []
+    while len(chosen) < count:
+        epoch, offset = divmod(position, len(examples))
+        order = list(range(len(examples)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        take = order[offset : offset + count - len(chosen)]
+        chosen.extend(examples[i] for i in take)
+        position += len(take)
+    return chosen, position
+
+
+def _clip_gradients(parameters: list, max_norm: float) -> float:
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    norms = [p.grad.detach().norm() for p in parameters if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _improved(state: dict, value: float | None) -> dict:
+    """Update best-metric bookkeeping (for save_best and early stopping) and return the state."""
+    if value is not None:
+        if state["best_metric"] is None or value > state["best_metric"]:
+            state["best_metric"], state["evals_without_improvement"] = value, 0
+        else:
+            state["evals_without_improvement"] += 1
+    return state
+
+
+def _remember(state: dict, figures: dict, step: int) -> None:
+    """Keep curves in the trainer state so plots survive a resume."""
+    for key, value in figures.items():
+        state["history"].setdefault(key, []).append([step, float(value)])  # lists: JSON round-trips them
+
+
+def _resolve_run_dir(config: PalaestraConfig) -> tuple[Path, Path | None]:
+    train_cfg = config.train
+    runs_root = Path("runs") / f"{config.task.name}-{config.algo.name}"
+    resume = train_cfg.resume
+    if resume and resume != "auto":
+        checkpoint = ckpt.resolve_resume(resume, Path(resume))
+        if checkpoint is not None:
+            return checkpoint.parent.parent, checkpoint
+    if train_cfg.output_dir:
+        run_dir = Path(train_cfg.output_dir)
+        return run_dir, ckpt.resolve_resume(resume, run_dir) if resume else None
+    if resume == "auto":
+        for candidate in sorted(runs_root.glob("*"), reverse=True):
+            checkpoint = ckpt.latest_checkpoint(candidate)
+            if checkpoint is not None:
+                return candidate, checkpoint
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = runs_root / stamp
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = runs_root / f"{stamp}-{suffix}"
+    return run_dir, None
+
+
+def _attach_log_file(path: Path) -> None:
+    """Log to train.log beside the checkpoints (appending on resume) and to the console."""
+    log.setLevel(logging.INFO)
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    console = _TqdmHandler()
+    console.addFilter(lambda record: getattr(record, "console", True))  # per-step lines go to the file only
+    log.addHandler(file_handler)
+    log.addHandler(console)
+    log.propagate = False
+
+
+class _TqdmHandler(logging.Handler):
+    """Console lines that do not break the progress bar."""
+
+    def emit(self, record):
+        tqdm.write(self.format(record))
+
+
+def _start_tracking(config: PalaestraConfig, task, run_id: str | None, run_dir: Path):
+    if not config.tracking.enabled:
+        return None
+    name = config.tracking.run_name or f"{config.task.name}-{config.algo.name}-{config.model.name}"
+    tracker = MlflowTracker(config.tracking.experiment, run_name=name, run_id=run_id, tracking_uri=config.tracking.tracking_uri)
+    if run_id is None:
+        resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+        tracker.log_params(flatten_config(resolved))
+        tracker.set_tags({
+            "task": config.task.name, "algo": config.algo.name,
+            "model": model_id(config.model.name, config.model.path), "dataset_version": task.dataset_version,
+            "run_dir": str(run_dir.resolve()),
+        })
+        tracker.log_dict(resolved, "config.yaml")
+    return tracker
+
+
+def _eval_sampling(config: PalaestraConfig) -> SamplingParams:
+    ev = config.eval
+    max_new = ev.max_new_tokens or config.algo.max_completion_length
+    return SamplingParams(max_new, ev.temperature, ev.top_p, ev.top_k, greedy=ev.greedy)
+
+
+def _sample_rows(step, examples, texts, rewards, components, group_size) -> list[dict]:
+    rows = []
+    for index, text in enumerate(texts):
+        example = examples[index // group_size]
+        row = {"step": step, "question": example.question, "answer": example.answer, "completion": text,
+               "reward": float(rewards[index])}
+        row.update({f"reward/{_short(name)}": float(values[index]) for name, values in components.items()})
+        rows.append(row)
+    return rows
+
+
+def _log_plots(tracker, state: dict, run_dir: Path) -> None:
+    history = state["history"]
+    curves = {k: [tuple(point) for point in v] for k, v in history.items() if k in ("reward/mean", "eval/accuracy")}
+    if curves:
+        path = plot_curves(curves, run_dir / "reward_curve.png", title="GRPO: reward and held-out accuracy")
+        tracker.log_artifact(str(path), "plots")
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    """A local, exact record of every step's figures beside the checkpoints."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _short(reward_name: str) -> str:
+    """A reward's logging name: "pkg.module:my_reward" -> "my_reward"."""
+    return reward_name.rsplit(":", 1)[-1]
+
+
+def _fmt(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+
+
+class _StopSignals:
+    """SIGUSR1: save a checkpoint at the next step boundary. SIGINT/SIGTERM: save and stop there.
+
+    A second SIGINT interrupts immediately.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.save_requested = False
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is None:
+                continue
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, sig, frame):
+        if sig == getattr(signal, "SIGUSR1", None):
+            self.save_requested = True
+            return
+        if self.requested and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.info("signal %s received: saving at the end of this step", signal.Signals(sig).name)
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

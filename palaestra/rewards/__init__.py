@@ -1,0 +1,105 @@
+"""Reward functions: plain ``(completions, **columns) -> list[float]`` functions.
+
+``columns`` are the task's per-example columns (always ``answer``; others such as ``entry`` or
+``pass_rate`` when the task provides them); each function takes what it needs and ignores the
+rest. ``REWARD_FUNCTIONS`` is the table config names resolve against; user code plugs in with an
+import path, ``"my_package.my_module:my_reward"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from palaestra.rewards.correctness import answer_format_reward, correctness_reward
+from palaestra.rewards.tiered import (
+    snap_to_tier,
+    tiered_code_reward,
+    tiered_math_reward,
+    tiered_qa_reward,
+)
+from palaestra.rewards.tunix_gsm8k import (
+    tunix_answer,
+    tunix_approx_format,
+    tunix_exact_format,
+    tunix_number,
+)
+
+RewardFunction = Callable[..., list[float]]
+
+REWARD_FUNCTIONS: dict[str, RewardFunction] = {
+    "correctness": correctness_reward,
+    "answer_format": answer_format_reward,
+    "tunix_exact_format": tunix_exact_format,
+    "tunix_approx_format": tunix_approx_format,
+    "tunix_answer": tunix_answer,
+    "tunix_number": tunix_number,
+    "tiered_math": tiered_math_reward,
+    "tiered_code": tiered_code_reward,
+    "tiered_qa": tiered_qa_reward,
+}
+
+__all__ = [
+    "REWARD_FUNCTIONS",
+    "RewardFunction",
+    "answer_format_reward",
+    "combine_rewards",
+    "correctness_reward",
+    "resolve_reward",
+    "snap_to_tier",
+    "tiered_code_reward",
+    "tiered_math_reward",
+    "tiered_qa_reward",
+    "tunix_answer",
+    "tunix_approx_format",
+    "tunix_exact_format",
+    "tunix_number",
+]
+
+
+def resolve_reward(name: str) -> RewardFunction:
+    """The reward function called ``name`` in ``REWARD_FUNCTIONS``, or at "package.module:function".
+
+    >>> resolve_reward("correctness") is correctness_reward
+    True
+    """
+    if name in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[name]
+    if ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            function = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"reward {name!r} could not be imported: {error}") from None
+        if not callable(function):
+            raise ValueError(f"reward {name!r} is not a function")
+        return function
+    valid = ", ".join(REWARD_FUNCTIONS)
+    raise ValueError(f"unknown reward {name!r}; use one of {valid} or 'package.module:function'")
+
+
+def combine_rewards(
+    completions: list[str], columns: dict[str, list], weights: dict[str, float]
+) -> tuple[list[float], dict[str, list[float]]]:
+    """Score ``completions`` with every reward in ``weights`` and sum them, weighted.
+
+    Returns ``(total, components)``: ``total[i] = sum over names of weights[name] *
+    components[name][i]``; ``components`` holds each reward's unweighted values (to log under
+    ``reward/<name>``), also for a weight of 0.
+
+    >>> total, parts = combine_rewards(["<answer>4</answer>", "5"], {"answer": ["4", "4"]},
+    ...                                {"correctness": 1.0, "answer_format": 0.5})
+    >>> total, parts["answer_format"]
+    ([1.5, 0.0], [1.0, 0.0])
+    """
+    total = [0.0] * len(completions)
+    components: dict[str, list[float]] = {}
+    for name, weight in weights.items():
+        values = [float(value) for value in resolve_reward(name)(completions, **columns)]
+        if len(values) != len(completions):
+            raise ValueError(
+                f"reward {name!r} gave {len(values)} values for {len(completions)} completions"
+            )
+        components[name] = values
+        total = [running + weight * value for running, value in zip(total, values)]
+    return total, components

@@ -1,0 +1,114 @@
+"""Generation with Hugging Face ``generate``: chat prompts in, padded token tensors and texts out.
+
+The engine renders each chat prompt once with the tokenizer's chat template, repeats it for the
+group, samples, and returns a :class:`Rollout` whose tensors the training step consumes directly
+(no re-tokenisation of the completions). A vLLM engine can sit behind the same ``generate`` call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to decode one batch."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+
+
+@dataclass
+class Rollout:
+    """Completions for a batch of prompts; B = number of prompts x samples per prompt.
+
+    Completion tensors are right-padded; ``completion_mask`` covers the generated tokens up to and
+    including the end-of-sequence token.
+    """
+
+    prompt_ids: torch.Tensor  # [B, P] left-padded prompt tokens
+    prompt_mask: torch.Tensor  # [B, P] 1 on real prompt tokens
+    completion_ids: torch.Tensor  # [B, C] generated tokens, right-padded
+    completion_mask: torch.Tensor  # [B, C] 1 on generated tokens up to and including EOS
+    truncated: torch.Tensor  # [B] bool: hit max_new_tokens without an end token
+    texts: list[str]  # decoded completions (special tokens removed)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+
+class HFGenerator:
+    """Samples completions from a (possibly LoRA-wrapped) causal LM with ``model.generate``."""
+
+    def __init__(self, model, tokenizer, max_prompt_length: int = 512):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_prompt_length = max_prompt_length
+        self.tokenizer.padding_side = "left"
+        eos = tokenizer.eos_token_id
+        self.stop_ids = sorted({eos} | set(_as_list(getattr(model.generation_config, "eos_token_id", None))))
+
+    def encode_prompts(self, prompts: list[list[dict]]) -> list[list[int]]:
+        """Render chat prompts with the chat template; keep the last max_prompt_length tokens."""
+        encoded = []
+        for messages in prompts:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            encoded.append(ids[-self.max_prompt_length :])
+        return encoded
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[dict]], num_samples: int, sampling: SamplingParams) -> Rollout:
+        """Sample ``num_samples`` completions per prompt; rows are grouped prompt by prompt."""
+        encoded = [ids for ids in self.encode_prompts(prompts) for _ in range(num_samples)]
+        pad_id = self.tokenizer.pad_token_id
+        width = max(len(ids) for ids in encoded)
+        prompt_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+        prompt_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            prompt_ids[row, width - len(ids) :] = torch.tensor(ids)
+            prompt_mask[row, width - len(ids) :] = 1
+        device = next(self.model.parameters()).device
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_id, eos_token_id=self.stop_ids)
+        if sampling.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+        was_training = self.model.training
+        self.model.eval()
+        output = self.model.generate(
+            input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), **kwargs
+        ).cpu()
+        self.model.train(was_training)
+        completion_ids = output[:, width:]
+        completion_mask, truncated = completion_mask_from_ids(completion_ids, self.stop_ids)
+        completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask [B, C] of tokens up to and including the first stop token, and truncated [B].
+
+    >>> mask, truncated = completion_mask_from_ids(torch.tensor([[5, 2, 0], [5, 6, 7]]), [2])
+    >>> mask.tolist(), truncated.tolist()
+    ([[1, 1, 0], [1, 1, 1]], [False, True])
+    """
+    is_stop = torch.isin(completion_ids, torch.tensor(stop_ids))
+    has_stop = is_stop.any(dim=1)
+    first_stop = torch.where(has_stop, is_stop.int().argmax(dim=1), completion_ids.shape[1] - 1)
+    positions = torch.arange(completion_ids.shape[1]).unsqueeze(0)
+    mask = (positions <= first_stop.unsqueeze(1)).long()
+    return mask, ~has_stop
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

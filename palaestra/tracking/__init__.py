@@ -1,0 +1,17 @@
+"""Experiment tracking: an MLflow run per training run, plus PNG training curves."""
+
+from palaestra.tracking.mlflow_tracker import (
+    MlflowTracker,
+    TrackingError,
+    default_tracking_uri,
+    flatten_config,
+)
+from palaestra.tracking.plots import plot_curves
+
+__all__ = [
+    "MlflowTracker",
+    "TrackingError",
+    "default_tracking_uri",
+    "flatten_config",
+    "plot_curves",
+]

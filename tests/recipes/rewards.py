@@ -1,0 +1,14 @@
+"""A user reward plugged in by import path (``task.rewards=[tests.recipes.rewards:digit_share]``).
+
+The tiny random model never answers a question correctly, so correctness alone would give GRPO no
+signal in recipe tests; the share of digits in a completion varies from sample to sample.
+"""
+
+
+def digit_share(completions: list[str], **columns) -> list[float]:
+    """Fraction of characters that are digits.
+
+    >>> digit_share(["a1", "22", ""])
+    [0.5, 1.0, 0.0]
+    """
+    return [sum(ch.isdigit() for ch in text) / len(text) if text else 0.0 for text in completions]

@@ -1,0 +1,168 @@
+"""The real ``palaestra`` CLI on the tiny model: training, tracking, resume and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, run_cli, write_gsm8k
+
+TINY = [
+    "model=tiny", "task.train_size=32", "task.test_size=8", "algo.num_generations=4", "algo.max_completion_length=8",
+    "train.batch_size=8", "train.micro_batch_size=4", "train.learning_rate=1e-3", "eval.batch_size=16",
+    "task.rewards=[correctness,tests.recipes.rewards:digit_share]", "task.reward_weights=[1.0,1.0]",
+]
+
+
+def _metrics(run_dir: Path) -> dict[int, dict]:
+    """Last record per step of the run's metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {record["step"]: record for record in records}
+
+
+@pytest.mark.slow
+def test_train_tiny_logs_everything(tmp_path):
+    result = run_cli(["train", *TINY, "train.steps=3", "train.save_interval=2", "train.eval_interval=2",
+                      "train.log_samples_interval=1", "algo.beta=0.04", "train.output_dir=run"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    final = run_dir / "checkpoints" / "step-000003"
+    adapter = load_file(final / "trainable.safetensors")
+    lora_b = [t for name, t in adapter.items() if "lora_B" in name]
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b), "LoRA B starts at zero; training must move it"
+    steps = _metrics(run_dir)
+    assert sorted(steps) == [1, 2, 3]
+    assert all(math.isfinite(steps[s]["loss"]) for s in steps)
+    assert (run_dir / "train.log").read_text().count("step ") >= 3
+
+    state = json.loads((final / "trainer_state.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(state["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    for key in ("loss", "reward/mean", "reward/std", "reward/correctness/mean", "reward/digit_share/mean", "kl", "clip_ratio/region", "entropy",
+                "completion_length/mean", "learning_rate", "grad_norm", "time/step", "tokens_per_second", "eval/accuracy"):
+        assert key in run.data.metrics, key
+    assert run.data.params["algo.beta"] == "0.04" and run.data.params["model.name"] == "tiny"
+    for tag in ("task", "algo", "model", "dataset_version"):
+        assert run.data.tags.get(tag), tag
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "plots", "samples", "train.log"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/reward_curve.png"]
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_exactly(tmp_path):
+    common = ["train", *TINY, "train.steps=4", "train.save_interval=2", "train.keep_last_n=0", "algo.beta=0.04",
+              "algo.num_iterations=2"]
+    straight = run_cli([*common, "train.output_dir=straight"], tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = run_cli([*common, "train.output_dir=resumed", "train.stop_after_steps=2"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not (tmp_path / "resumed" / "checkpoints" / "step-000004").exists()
+    second = run_cli([*common, "train.output_dir=resumed", "train.resume=auto"], tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+    for step in (1, 2, 3, 4):
+        assert a[step]["loss"] == b[step]["loss"], step
+        assert a[step]["reward/mean"] == b[step]["reward/mean"], step
+    wa = load_file(tmp_path / "straight" / "checkpoints" / "step-000004" / "trainable.safetensors")
+    wb = load_file(tmp_path / "resumed" / "checkpoints" / "step-000004" / "trainable.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    # the resumed invocation continued the same MLflow run
+    state_2 = json.loads((tmp_path / "resumed" / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    state_4 = json.loads((tmp_path / "resumed" / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert state_2["mlflow_run_id"] == state_4["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(state_4["mlflow_run_id"], "loss")]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_run_command_reports_before_and_after(tmp_path):
+    result = run_cli(["run", *TINY, "train.steps=2", "tracking.enabled=false"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "before" in result.stdout and "after" in result.stdout and "accuracy" in result.stdout
+
+
+@pytest.mark.slow
+def test_eval_command_on_a_checkpoint(tmp_path):
+    trained = run_cli(["train", *TINY, "train.steps=1", "train.output_dir=run"], tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    result = run_cli(["eval", *TINY, "eval.checkpoint=run", "eval.greedy=false", "eval.num_samples=4",
+                      "eval.pass_k=[1,4]"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pass@4" in result.stdout and "accuracy" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["train", "task=no_such_task"], "no_such_task"),
+        (["train", "model=tiny", "algo.num_generations=1"], "algo.num_generations=1 must be >= 2"),
+        (["train", "model=tiny", "train.batch_size=30"], "not divisible by algo.num_generations"),
+        (["train", "model=tiny", "train.learning_rate=-1"], "train.learning_rate=-1.0 must be >= 0"),
+        (["train", "model=tiny", "task=gsm8k", "task.path=nowhere.jsonl"], "task.path=nowhere.jsonl does not exist"),
+        (["train", "model=hf", "model.path=./no/such/folder"], "no/such/folder"),
+        (["frobnicate"], "unknown command 'frobnicate'"),
+    ],
+)
+def test_bad_input_fails_fast_and_writes_nothing(tmp_path, args, expected):
+    result = run_cli(args, tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_malformed_dataset_file_is_reported(tmp_path):
+    data = write_gsm8k(tmp_path / "data.jsonl")
+    with open(data, "a") as handle:
+        handle.write("{not json\n")
+    before = set(tmp_path.iterdir())
+    result = run_cli(["train", "model=tiny", "task=gsm8k", f"task.path={data}"], tmp_path, timeout=120)
+    assert result.returncode == 2 and "data.jsonl:13" in result.stderr and "Traceback" not in result.stderr
+    assert set(tmp_path.iterdir()) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT])
+def test_signals_save_at_a_step_boundary(tmp_path, sig):
+    """SIGUSR1 saves and goes on; SIGINT saves and exits cleanly (then SIGTERM for the USR1 case)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "palaestra.cli", "train", *TINY, "train.steps=2000", "train.save_interval=0",
+         "tracking.enabled=false", "train.output_dir=run"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    process.send_signal(sig)
+    if sig == signal.SIGUSR1:
+        deadline = time.time() + 60
+        while time.time() < deadline and not list((tmp_path / "run" / "checkpoints").glob("step-*")):
+            time.sleep(0.2)
+        assert list((tmp_path / "run" / "checkpoints").glob("step-*")), "SIGUSR1 must save a checkpoint"
+        process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    saved = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    last_step = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    assert saved[-1].name == f"step-{last_step:06d}"
+    assert last_step < 2000
