@@ -88,7 +88,7 @@ class TaskConfig:
     """Reward functions by name (or "package.module:function"); the reward is their weighted sum."""
     reward_weights: Optional[list] = None
     """One weight per reward function; None weighs each 1.0."""
-    format_reward: str = "answer_format"
+    format_reward: str = "number_only"
     """The reward whose positive value counts as a well-formatted answer in evaluation."""
 
 

@@ -427,7 +427,7 @@ def _log_plots(tracker, state: dict, run_dir: Path) -> None:
     history = state["history"]
     curves = {k: [tuple(point) for point in v] for k, v in history.items() if k in ("reward/mean", "eval/accuracy")}
     if curves:
-        path = plot_curves(curves, run_dir / "reward_curve.png", title="GRPO: reward and held-out accuracy")
+        path = plot_curves(curves, run_dir / "reward_curve.png", title="GRPO: reward and held-out accuracy", smooth=5)
         tracker.log_artifact(str(path), "plots")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from palaestra.rewards.correctness import answer_format_reward, correctness_reward
+from palaestra.rewards.correctness import answer_format_reward, correctness_reward, number_only_reward
 from palaestra.rewards.tiered import (
     snap_to_tier,
     tiered_code_reward,
@@ -30,6 +30,7 @@ RewardFunction = Callable[..., list[float]]
 REWARD_FUNCTIONS: dict[str, RewardFunction] = {
     "correctness": correctness_reward,
     "answer_format": answer_format_reward,
+    "number_only": number_only_reward,
     "tunix_exact_format": tunix_exact_format,
     "tunix_approx_format": tunix_approx_format,
     "tunix_answer": tunix_answer,
@@ -45,6 +46,7 @@ __all__ = [
     "answer_format_reward",
     "combine_rewards",
     "correctness_reward",
+    "number_only_reward",
     "resolve_reward",
     "snap_to_tier",
     "tiered_code_reward",

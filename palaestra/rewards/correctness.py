@@ -11,9 +11,10 @@ import re
 
 from palaestra.tasks.answers import answers_match, extract_answer
 
-__all__ = ["answer_format_reward", "correctness_reward"]
+__all__ = ["answer_format_reward", "correctness_reward", "number_only_reward"]
 
 _ANSWER_BLOCK = re.compile(r"<answer>.*?</answer>", flags=re.DOTALL | re.IGNORECASE)
+_BARE_NUMBER = re.compile(r"^\s*-?\d[\d,]*(\.\d+)?\.?\s*$")
 
 
 def correctness_reward(
@@ -55,3 +56,14 @@ def answer_format_reward(completions: list[str], **kwargs) -> list[float]:
     [1.0, 0.0, 0.0]
     """
     return [1.0 if len(_ANSWER_BLOCK.findall(text)) == 1 else 0.0 for text in completions]
+
+
+def number_only_reward(completions: list[str], **kwargs) -> list[float]:
+    """1.0 when the whole completion is one number (a final period allowed), else 0.0.
+
+    The format of "Answer with a number." prompts.
+
+    >>> number_only_reward(["42", " -7.", "1,000", "42 apples", "x = 3"])
+    [1.0, 1.0, 1.0, 0.0, 0.0]
+    """
+    return [1.0 if _BARE_NUMBER.match(text) else 0.0 for text in completions]

@@ -217,9 +217,18 @@ def test_tiered_qa_penalty():
 
 # --- table, resolution, combination --------------------------------------------------------------
 
+def test_number_only_accepts_a_bare_number_and_nothing_else():
+    from palaestra.rewards import number_only_reward
+
+    # a bare number (sign, thousands commas, decimals, a final period) is the requested format
+    assert number_only_reward(["42", "-7.", " 1,000 ", "2.5"]) == [1.0, 1.0, 1.0, 1.0]
+    # anything around the number is not
+    assert number_only_reward(["42 apples", "12 - 98 = 1", "", "The answer is 3."]) == [0.0, 0.0, 0.0, 0.0]
+
+
 def test_reward_table_names():
     assert set(REWARD_FUNCTIONS) == {
-        "correctness", "answer_format", "tunix_exact_format", "tunix_approx_format",
+        "correctness", "answer_format", "number_only", "tunix_exact_format", "tunix_approx_format",
         "tunix_answer", "tunix_number", "tiered_math", "tiered_code", "tiered_qa",
     }
 

@@ -1,0 +1,24 @@
+"""The examples in docstrings are tests too."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "palaestra.rewards.correctness",
+    "palaestra.rewards.tiered",
+    "palaestra.rewards.tunix_gsm8k",
+    "palaestra.tasks.answers",
+    "palaestra.evaluation.metrics",
+    "palaestra.rollout.hf",
+    "tests.recipes.rewards",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
