@@ -52,6 +52,8 @@ class ModelConfig:
     """A local Hugging Face folder or hub id; required for name=hf."""
     dtype: str = "float32"
     """Weights dtype: float32, bfloat16, float16 or auto."""
+    precision: str = "auto"
+    """Forward-pass compute: bf16 (autocast over the weights), fp32, or auto (bf16 where the hardware has fast bf16)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """Adapter settings."""
 
@@ -158,6 +160,8 @@ class TrainConfig:
     """Seed for data order, sampling and initialisation."""
     threads: int = 0
     """CPU threads for torch (0 leaves torch's default)."""
+    share_prompt_forward: bool = True
+    """Run each group's shared prompt through the model once in the training forward (same numbers, less work)."""
     output_dir: Optional[str] = None
     """Run folder (checkpoints, train.log); default runs/<task>-<algo>/<timestamp>."""
     resume: Optional[str] = None
@@ -178,6 +182,8 @@ class TrainConfig:
     """Log a table of sample completions every N steps (0 disables)."""
     stop_after_steps: int = 0
     """Stop (saving a checkpoint) after this many steps of this invocation; 0 runs to the end."""
+    max_seconds: float = 0.0
+    """Wall-clock budget of this invocation's training loop: stop (saving a checkpoint) once spent; 0: none."""
 
 
 @dataclass
@@ -273,6 +279,7 @@ def validate(config: PalaestraConfig) -> None:
     _check(model.name in MODEL_NAMES, f"model.name={model.name!r} is unknown; use one of {', '.join(MODEL_NAMES)}")
     _check(model.name != "hf" or bool(model.path), "model.name=hf needs model.path=<local folder or hub id>")
     _check(model.dtype in DTYPES, f"model.dtype={model.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+    _check(model.precision in ("auto", "bf16", "fp32"), f"model.precision={model.precision!r} is unknown; use auto, bf16 or fp32")
     _check(model.lora.r > 0, f"model.lora.r={model.lora.r} must be a positive rank")
     _check(0 <= model.lora.dropout < 1, f"model.lora.dropout={model.lora.dropout} must be in [0, 1)")
 
@@ -341,6 +348,7 @@ def validate(config: PalaestraConfig) -> None:
     _check(0 <= train.warmup_ratio < 1, f"train.warmup_ratio={train.warmup_ratio} must be in [0, 1)")
     _check(train.lr_schedule in ("cosine", "constant"), f"train.lr_schedule={train.lr_schedule!r} is unknown; use cosine or constant")
     _check(train.max_grad_norm >= 0, f"train.max_grad_norm={train.max_grad_norm} must be >= 0")
+    _check(train.max_seconds >= 0, f"train.max_seconds={train.max_seconds} must be >= 0")
     for key in ("save_interval", "keep_last_n", "eval_interval", "early_stopping_patience", "log_samples_interval", "threads", "stop_after_steps"):
         _check(getattr(train, key) >= 0, f"train.{key}={getattr(train, key)} must be >= 0")
     _check(

@@ -10,6 +10,7 @@ from palaestra import checkpoint as ckpt
 from palaestra.config import ConfigError, PalaestraConfig, reward_weights
 from palaestra.evaluation.evaluate import evaluate
 from palaestra.models import load_model_and_tokenizer, model_id
+from palaestra.models.precision import resolve_precision
 from palaestra.rollout import HFGenerator, SamplingParams
 from palaestra.tasks.build import build_task
 
@@ -41,7 +42,8 @@ def evaluate_command(config: PalaestraConfig) -> str:
         model = load_trained_weights(model, checkpoint)
     model.eval()
     ev = config.eval
-    generator = HFGenerator(model, tokenizer, max_prompt_length=config.algo.max_prompt_length)
+    precision = resolve_precision(config.model.precision, device)
+    generator = HFGenerator(model, tokenizer, max_prompt_length=config.algo.max_prompt_length, precision=precision)
     sampling = SamplingParams(ev.max_new_tokens or config.algo.max_completion_length, ev.temperature, ev.top_p, ev.top_k, greedy=ev.greedy)
     examples = task.test[: ev.max_examples or None]
     result = evaluate(

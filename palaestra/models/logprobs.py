@@ -43,3 +43,64 @@ def completion_logprobs(
         with torch.no_grad():
             entropy = entropy_from_logits(logits.detach())
     return logprobs, entropy
+
+
+def grouped_completion_logprobs(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    group_size: int,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same result as :func:`completion_logprobs` when rows come in groups sharing one prompt.
+
+    Shapes: prompt_ids/prompt_mask [B, P] (rows ``g*G .. g*G+G-1`` hold the same prompt),
+    completion_ids/completion_mask [B, C]; returns [B, C]. The prompt goes through the model
+    once per group instead of once per row: its key/value cache is computed for the B/G unique
+    prompts and repeated G times (``repeat_interleave`` keeps it in the autograd graph, so
+    gradients from all G completions flow back into the one prompt pass). With a 58-token prompt,
+    24-token completions and G=8 this removes about 60% of the forward and backward work.
+    """
+    batch = prompt_ids.shape[0]
+    if batch % group_size:
+        raise ValueError(f"batch of {batch} rows is not a whole number of groups of {group_size}")
+    device = next(model.parameters()).device
+    unique_ids = prompt_ids[::group_size].to(device)
+    unique_mask = prompt_mask[::group_size].to(device)
+    prompt_out = model(
+        input_ids=unique_ids,
+        attention_mask=unique_mask,
+        position_ids=(unique_mask.cumsum(dim=1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = prompt_out.past_key_values
+    cache.batch_repeat_interleave(group_size)
+    first_logits = prompt_out.logits[:, -1:, :].repeat_interleave(group_size, dim=0)  # predicts completion token 0
+
+    completion_ids = completion_ids.to(device)
+    completion_mask = completion_mask.to(device)
+    width = completion_ids.shape[1]
+    logits = first_logits
+    if width > 1:
+        prompt_lengths = unique_mask.sum(dim=1).repeat_interleave(group_size)
+        positions = prompt_lengths.unsqueeze(1) + torch.arange(width - 1, device=device).unsqueeze(0)
+        rest = model(
+            input_ids=completion_ids[:, :-1],
+            attention_mask=torch.cat([unique_mask.repeat_interleave(group_size, dim=0), completion_mask[:, :-1]], dim=1),
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
+        logits = torch.cat([first_logits, rest], dim=1)
+    logits = logits.float() / temperature
+    logprobs = selective_log_softmax(logits, completion_ids)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits.detach())
+    return logprobs, entropy

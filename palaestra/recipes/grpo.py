@@ -25,7 +25,7 @@ import math
 import random
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -40,7 +40,8 @@ from palaestra.algorithms.grpo import group_advantages, masked_mean, policy_loss
 from palaestra.config import PalaestraConfig, reward_weights
 from palaestra.evaluation.evaluate import EvalResult, evaluate
 from palaestra.models import apply_lora, frozen_reference_copy, load_model_and_tokenizer, model_id, reference_logits_context
-from palaestra.models.logprobs import completion_logprobs
+from palaestra.models.precision import autocast, resolve_precision
+from palaestra.models.logprobs import completion_logprobs, grouped_completion_logprobs
 from palaestra.rewards import combine_rewards
 from palaestra.rollout import HFGenerator, SamplingParams
 from palaestra.tasks.build import build_task
@@ -72,12 +73,14 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     if algo.beta > 0 and not config.model.lora.enabled:
         reference = frozen_reference_copy(model)  # full fine-tuning needs a frozen copy; LoRA does not
     model.train()
-    generator = HFGenerator(model, tokenizer, max_prompt_length=algo.max_prompt_length)
+    precision = resolve_precision(config.model.precision, device)
+    generator = HFGenerator(model, tokenizer, max_prompt_length=algo.max_prompt_length, precision=precision)
 
     # ---- run folder, optimizer, resume
     run_dir, resume_from = _resolve_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     _attach_log_file(run_dir / "train.log")
+    log.info("device %s, compute precision %s", device, precision)
     updates_total = train_cfg.steps * algo.num_iterations
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -100,6 +103,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     weights = reward_weights(config.task)
     prompts_per_step = train_cfg.batch_size // algo.num_generations
     micro_batches = train_cfg.batch_size // train_cfg.micro_batch_size
+    shared = _shared_rows(train_cfg.micro_batch_size, algo.num_generations, train_cfg.share_prompt_forward)
     eval_sampling = _eval_sampling(config)
     results: dict = {"run_dir": str(run_dir), "mlflow_run_id": state["mlflow_run_id"]}
 
@@ -121,28 +125,32 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         results["before"] = run_eval(0, "before").metrics()
 
     stop = _StopSignals()
+    loop_started = time.perf_counter()
+    out_of_time = False
     progress = tqdm(total=train_cfg.steps, initial=state["step"], desc="grpo", dynamic_ncols=True)
     steps_this_run = 0
     try:
         while state["step"] < train_cfg.steps and not stop.requested:
             step = state["step"] + 1
             started = time.perf_counter()
+            timings: dict[str, float] = {}  # where this step's time goes, in seconds
             temperature = _temperature(algo, step)
 
             # 1. roll out: G completions for each prompt of this step
             examples, state["data_position"] = _next_examples(
                 task.train, state["data_position"], prompts_per_step, train_cfg.seed
             )
-            rollout = generator.generate(
-                [task.prompt(e) for e in examples], algo.num_generations,
-                SamplingParams(algo.max_completion_length, temperature, algo.top_p, algo.top_k),
-            )
-            generated = time.perf_counter()
+            with _timed(timings, "generation"):
+                rollout = generator.generate(
+                    [task.prompt(e) for e in examples], algo.num_generations,
+                    SamplingParams(algo.max_completion_length, temperature, algo.top_p, algo.top_k),
+                )
 
             # 2. score: weighted sum of reward functions, each component kept for logging
-            columns = task.columns([e for e in examples for _ in range(algo.num_generations)])
-            rewards, components = combine_rewards(rollout.texts, columns, weights)
-            rewards = torch.tensor(rewards, dtype=torch.float32)
+            with _timed(timings, "rewards"):
+                columns = task.columns([e for e in examples for _ in range(algo.num_generations)])
+                rewards, components = combine_rewards(rollout.texts, columns, weights)
+                rewards = torch.tensor(rewards, dtype=torch.float32)
 
             # 3. advantages: normalised within each prompt's group
             advantages = group_advantages(rewards, algo.num_generations, scale=algo.scale_rewards).to(device)
@@ -150,18 +158,18 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             if algo.mask_truncated_completions:
                 loss_mask = loss_mask * (~rollout.truncated).float().unsqueeze(1)
             loss_mask = loss_mask.to(device)
-            scored = time.perf_counter()
 
             # 4. loss and step: old/ref log-probs once, then num_iterations clipped updates
             slices = [slice(i * train_cfg.micro_batch_size, (i + 1) * train_cfg.micro_batch_size) for i in range(micro_batches)]
             old_logps = ref_logps = None
             with torch.no_grad():
                 if algo.num_iterations > 1:
-                    old_logps = [_logprobs(model, rollout, s, temperature)[0] for s in slices]
+                    with _timed(timings, "old_logprobs"):
+                        old_logps = [_logprobs(model, rollout, s, temperature, shared, precision)[0] for s in slices]
                 if algo.beta > 0:
-                    with _reference(model, reference):
+                    with _timed(timings, "reference"), _reference(model, reference):
                         ref_model = reference if reference is not None else model
-                        ref_logps = [_logprobs(ref_model, rollout, s, temperature)[0] for s in slices]
+                        ref_logps = [_logprobs(ref_model, rollout, s, temperature, shared, precision)[0] for s in slices]
             num_items = loss_mask.sum().clamp(min=1)
             stats: dict[str, float] = {}
             for _ in range(algo.num_iterations):
@@ -169,31 +177,33 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 totals = {"loss": 0.0, "kl": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0,
                           "clip_ratio/region": 0.0, "entropy": 0.0}
                 for index, rows in enumerate(slices):
-                    logp, entropy = _logprobs(model, rollout, rows, temperature, with_entropy=True)
-                    mask = loss_mask[rows]
-                    loss, loss_stats = policy_loss(
-                        logp, old_logps[index] if old_logps else logp.detach(), advantages[rows], mask,
-                        loss_type=algo.loss_type, epsilon=algo.epsilon, epsilon_high=algo.epsilon_high,
-                        beta=algo.beta, ref_logp=ref_logps[index] if ref_logps else None,
-                        max_completion_length=algo.max_completion_length, num_items_in_batch=num_items,
-                    )
-                    # dapo already divides by the tokens of the whole batch; the others average micro-batches
-                    scaled = loss if algo.loss_type == "dapo" else loss / micro_batches
-                    scaled.backward()
+                    with _timed(timings, "policy_forward_backward"):
+                        logp, entropy = _logprobs(model, rollout, rows, temperature, shared, precision, with_entropy=True)
+                        mask = loss_mask[rows]
+                        loss, loss_stats = policy_loss(
+                            logp, old_logps[index] if old_logps else logp.detach(), advantages[rows], mask,
+                            loss_type=algo.loss_type, epsilon=algo.epsilon, epsilon_high=algo.epsilon_high,
+                            beta=algo.beta, ref_logp=ref_logps[index] if ref_logps else None,
+                            max_completion_length=algo.max_completion_length, num_items_in_batch=num_items,
+                        )
+                        # dapo already divides by the tokens of the whole batch; the others average micro-batches
+                        scaled = loss if algo.loss_type == "dapo" else loss / micro_batches
+                        scaled.backward()
                     totals["loss"] += float(scaled.detach())
                     totals["entropy"] += float(masked_mean(entropy, mask)) / micro_batches
                     for key, value in loss_stats.items():
                         totals[key] += value / micro_batches
-                grad_norm = _clip_gradients(trainable, train_cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                with _timed(timings, "optimizer"):
+                    grad_norm = _clip_gradients(trainable, train_cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
                 stats = totals
             state["step"] = step
-            trained = time.perf_counter()
 
             # 5. log / eval / checkpoint
             lengths = rollout.completion_mask.sum(dim=1).float()
-            elapsed = trained - started
+            elapsed = time.perf_counter() - started
+            timings["other"] = elapsed - sum(timings.values())
             metrics = {
                 **stats,
                 "reward/mean": float(rewards.mean()),
@@ -207,9 +217,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 "learning_rate": scheduler.get_last_lr()[0],
                 "temperature": temperature,
                 "time/step": elapsed,
-                "time/generation": generated - started,
-                "time/rewards": scored - generated,
-                "time/train": trained - scored,
+                **{f"time/{name}": seconds for name, seconds in timings.items()},
                 "tokens_per_second": rollout.num_completion_tokens / elapsed,
             }
             _remember(state, {"reward/mean": metrics["reward/mean"]}, step)
@@ -227,7 +235,10 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             if train_cfg.eval_interval and step % train_cfg.eval_interval == 0:
                 evaluated = run_eval(step, "train").metrics().get(train_cfg.best_metric)
             steps_this_run += 1
-            interrupted = stop.requested or (train_cfg.stop_after_steps and steps_this_run >= train_cfg.stop_after_steps)
+            out_of_time = bool(train_cfg.max_seconds) and time.perf_counter() - loop_started >= train_cfg.max_seconds
+            interrupted = stop.requested or out_of_time or (
+                train_cfg.stop_after_steps and steps_this_run >= train_cfg.stop_after_steps
+            )
             last = step == train_cfg.steps
             if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or stop.save_requested or interrupted or last or evaluated is not None:
                 stop.save_requested = False
@@ -251,30 +262,52 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
     # ---- final evaluation, plots, cleanup
     finished = state["step"] >= train_cfg.steps
-    if evaluate_before_after and finished:
+    if evaluate_before_after and (finished or out_of_time):
         results["after"] = run_eval(state["step"], "after").metrics()
     if tracker:
         _log_plots(tracker, state, run_dir)
         tracker.log_artifact(str(run_dir / "train.log"))
         tracker.end("FINISHED" if finished or not stop.requested else "KILLED")
         results["mlflow_hint"] = tracker.run_url_hint()
-    results.update(step=state["step"], finished=finished)
+    results.update(step=state["step"], finished=finished, out_of_time=out_of_time,
+                   train_seconds=time.perf_counter() - loop_started)
     return results
 
 
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def _logprobs(model, rollout, rows: slice, temperature: float, with_entropy: bool = False):
-    return completion_logprobs(
-        model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
-        rollout.completion_mask[rows], temperature=temperature, with_entropy=with_entropy,
-    )
+def _logprobs(model, rollout, rows: slice, temperature: float, shared_rows: int, precision: str, with_entropy: bool = False):
+    """Log-probs of a micro-batch; ``shared_rows`` > 1 runs each shared prompt once (the fast path)."""
+    batch = (rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows], rollout.completion_mask[rows])
+    with autocast(precision, next(model.parameters()).device.type):
+        if shared_rows > 1:
+            return grouped_completion_logprobs(model, *batch, shared_rows, temperature=temperature, with_entropy=with_entropy)
+        return completion_logprobs(model, *batch, temperature=temperature, with_entropy=with_entropy)
+
+
+def _shared_rows(micro_batch_size: int, group_size: int, enabled: bool) -> int:
+    """How many consecutive rows of every micro-batch share one prompt (1: none, or disabled)."""
+    if not enabled:
+        return 1
+    if micro_batch_size % group_size == 0:
+        return group_size
+    return micro_batch_size if group_size % micro_batch_size == 0 else 1
 
 
 def _reference(model, reference):
     """The reference policy: a frozen copy (full fine-tuning) or the model with its adapter off."""
     return nullcontext() if reference is not None else reference_logits_context(model)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str):
+    """Add the wall time of the block to ``timings[name]`` (the per-step breakdown)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def _seed_everything(seed: int) -> None:

@@ -7,9 +7,12 @@ group, samples, and returns a :class:`Rollout` whose tensors the training step c
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+
+from palaestra.models.precision import autocast
 
 
 @dataclass
@@ -46,10 +49,11 @@ class Rollout:
 class HFGenerator:
     """Samples completions from a (possibly LoRA-wrapped) causal LM with ``model.generate``."""
 
-    def __init__(self, model, tokenizer, max_prompt_length: int = 512):
+    def __init__(self, model, tokenizer, max_prompt_length: int = 512, precision: str = "fp32"):
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_length = max_prompt_length
+        self.precision = precision  # "bf16": sample under bf16 autocast
         self.tokenizer.padding_side = "left"
         eos = tokenizer.eos_token_id
         self.stop_ids = sorted({eos} | set(_as_list(getattr(model.generation_config, "eos_token_id", None))))
@@ -65,15 +69,22 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[dict]], num_samples: int, sampling: SamplingParams) -> Rollout:
-        """Sample ``num_samples`` completions per prompt; rows are grouped prompt by prompt."""
-        encoded = [ids for ids in self.encode_prompts(prompts) for _ in range(num_samples)]
+        """Sample ``num_samples`` completions per prompt; rows are grouped prompt by prompt.
+
+        Each distinct prompt is prefilled once: its key/value cache is computed for the unique
+        prompts and repeated ``num_samples`` times before decoding, instead of re-reading the
+        same prompt for every sample of the group.
+        """
+        unique = self.encode_prompts(prompts)
         pad_id = self.tokenizer.pad_token_id
-        width = max(len(ids) for ids in encoded)
-        prompt_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        prompt_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            prompt_ids[row, width - len(ids) :] = torch.tensor(ids)
-            prompt_mask[row, width - len(ids) :] = 1
+        width = max(len(ids) for ids in unique)
+        unique_ids = torch.full((len(unique), width), pad_id, dtype=torch.long)
+        unique_mask = torch.zeros((len(unique), width), dtype=torch.long)
+        for row, ids in enumerate(unique):
+            unique_ids[row, width - len(ids) :] = torch.tensor(ids)
+            unique_mask[row, width - len(ids) :] = 1
+        prompt_ids = unique_ids.repeat_interleave(num_samples, dim=0)
+        prompt_mask = unique_mask.repeat_interleave(num_samples, dim=0)
         device = next(self.model.parameters()).device
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_id, eos_token_id=self.stop_ids)
         if sampling.greedy:
@@ -82,15 +93,62 @@ class HFGenerator:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
         was_training = self.model.training
         self.model.eval()
-        output = self.model.generate(
-            input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), **kwargs
-        ).cpu()
+        cast = torch.bfloat16 if self.precision == "bf16" else None
+        with _inference_weights(self.model, cast), autocast(self.precision, device.type):
+            if num_samples > 1 and width > 1:
+                kwargs["past_key_values"] = self._prefill(unique_ids[:, :-1].to(device), unique_mask[:, :-1].to(device), num_samples)
+            output = self.model.generate(
+                input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), **kwargs
+            ).cpu()
         self.model.train(was_training)
         completion_ids = output[:, width:]
         completion_mask, truncated = completion_mask_from_ids(completion_ids, self.stop_ids)
         completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int):
+        """The key/value cache of all prompt tokens but the last, repeated for each sample."""
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+            use_cache=True, logits_to_keep=1,
+        )
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(repeats)
+        return cache
+
+
+@contextmanager
+def _inference_weights(model, dtype):
+    """Sample from temporary weights: LoRA merged in, optionally cast to ``dtype``; restored exactly after.
+
+    Decoding runs one token per forward call, so per-call overhead dominates: the LoRA branch adds
+    two small matmuls to every adapted layer, and bf16 autocast re-casts frozen weights at every
+    call (its cast cache only keeps weights that require grad). Building merged (and cast) weights
+    once per ``generate`` call removes both. The original tensors are put back untouched, so
+    training and exact resume are unaffected.
+    """
+    originals = []
+    merged_layers = set()
+    for module in model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer") and module.active_adapters:
+            weight = module.base_layer.weight
+            delta = sum(module.get_delta_weight(name) for name in module.active_adapters if name in module.lora_A)
+            originals.append((weight, weight.data))
+            weight.data = (weight.data + delta.to(weight.dtype)).to(dtype or weight.dtype)
+            merged_layers.add(id(weight))
+    if dtype is not None:
+        for parameter in model.parameters():
+            if id(parameter) not in merged_layers and parameter.is_floating_point() and parameter.dtype != dtype:
+                originals.append((parameter, parameter.data))
+                parameter.data = parameter.data.to(dtype)
+    disable = model.disable_adapter() if merged_layers and hasattr(model, "disable_adapter") else nullcontext()
+    try:
+        with torch.no_grad(), disable:
+            yield
+    finally:
+        for parameter, data in originals:
+            parameter.data = data
 
 
 def completion_mask_from_ids(completion_ids: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

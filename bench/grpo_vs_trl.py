@@ -1,0 +1,262 @@
+"""palaestra GRPO vs TRL ``GRPOTrainer``, side by side, on identical settings.
+
+    .venv/bin/pip install -e ".[bench]"          # TRL is a benchmark-only extra
+    .venv/bin/python bench/grpo_vs_trl.py        # throughput (5 steps each) + learning (300 s each)
+    .venv/bin/python bench/grpo_vs_trl.py --steps 3 --skip-learning
+
+Two comparisons, each framework in its own fresh process (so peak memory is its own):
+
+1. Throughput: the embedded SmolLM2-135M-Instruct, LoRA r=16 (alpha 32) on q/k/v/o, 2 prompts x 4
+   generations, up to 64 completion tokens, beta 0.04, lr 5e-5, temperature 1.0, loss "grpo",
+   group-scaled rewards, seed 0; the first step is a warm-up and is not counted. Reports seconds per
+   step, completion tokens/s, peak RSS and mean reward, and the palaestra/TRL ratios.
+2. Learning: the same wall-clock training budget for both (lenient correctness reward, LoRA r=16
+   on all linear layers, lr 5e-5 constant, 4 prompts x 8 samples, 24 tokens, beta 0), then greedy
+   held-out accuracy on the same 64 chain_sum test problems, scored by the same evaluator.
+
+Prints a table, writes JSON (``--out``) and appends a dated entry to ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TASK_PARAMS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+INSTRUCTION = "Answer with a number."
+
+THROUGHPUT = dict(prompts=2, generations=4, max_tokens=64, lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"],
+                  beta=0.04, lr=5e-5, temperature=1.0, schedule="constant")
+LEARNING = dict(prompts=4, generations=8, max_tokens=24, lora_targets="all-linear", beta=0.0, lr=5e-5,
+                temperature=1.0, schedule="constant")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _task():
+    from palaestra.config import TaskConfig
+    from palaestra.tasks.build import build_task
+
+    return build_task(TaskConfig(params=TASK_PARAMS, instruction=INSTRUCTION, train_size=2000, test_size=64))
+
+
+def _evaluate(model, tokenizer, task) -> float:
+    from palaestra.evaluation.evaluate import evaluate
+    from palaestra.rollout import HFGenerator, SamplingParams
+
+    result = evaluate(HFGenerator(model, tokenizer), task, task.test, reward_weights={"correctness": 1.0},
+                      format_reward="number_only", sampling=SamplingParams(24, greedy=True), batch_size=64)
+    return result.accuracy
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+
+def run_palaestra(settings: dict, steps: int, budget_s: float, evaluate: bool) -> dict:
+    from hydra import compose, initialize_config_module
+
+    from palaestra.config import to_config
+    from palaestra.recipes import grpo
+
+    overrides = [
+        f"train.steps={steps}", f"train.batch_size={settings['prompts'] * settings['generations']}",
+        f"train.micro_batch_size={settings['prompts'] * settings['generations']}",
+        f"algo.num_generations={settings['generations']}", f"algo.max_completion_length={settings['max_tokens']}",
+        f"algo.beta={settings['beta']}", f"train.learning_rate={settings['lr']}", f"train.lr_schedule={settings['schedule']}",
+        f"algo.temperature={settings['temperature']}", "algo.loss_type=grpo", "algo.scale_rewards=group",
+        f"model.lora.target_modules={json.dumps(settings['lora_targets'])}", "model.lora.r=16", "model.lora.alpha=32",
+        "tracking.enabled=false", "train.save_interval=0", "train.log_samples_interval=0", "train.seed=0",
+        f"train.max_seconds={budget_s}", f"train.output_dir=bench/out/palaestra-{os.getpid()}",
+        f"task.instruction='{INSTRUCTION}'",
+    ]
+    with initialize_config_module(config_module="palaestra.conf", version_base="1.3"):
+        config = to_config(compose(config_name="config", overrides=overrides))
+    started = time.perf_counter()
+    results = grpo.main(config, evaluate_before_after=evaluate)
+    records = [json.loads(line) for line in Path(results["run_dir"], "metrics.jsonl").read_text().splitlines()]
+    batch = settings["prompts"] * settings["generations"]
+    steps_out = [{"seconds": r["time/step"], "tokens": r["completion_length/mean"] * batch, "reward": r["reward/mean"],
+                  "breakdown": {k[5:]: v for k, v in r.items() if k.startswith("time/") and k != "time/step"}}
+                 for r in records]
+    return {"steps": steps_out, "wall_s": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb(),
+            "accuracy_before": results.get("before", {}).get("accuracy"),
+            "accuracy_after": results.get("after", {}).get("accuracy"), "train_seconds": results.get("train_seconds")}
+
+
+def run_trl(settings: dict, steps: int, budget_s: float, evaluate: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from palaestra.models import embedded_model_dir
+    from palaestra.rewards import correctness_reward
+
+    torch.manual_seed(0)
+    task = _task()
+    model_dir = str(embedded_model_dir())
+    dataset = Dataset.from_list([{"prompt": task.prompt(e), "answer": e.answer} for e in task.train])
+
+    def correctness(completions, answer, **kwargs):
+        return correctness_reward([c[-1]["content"] for c in completions], answer=answer)
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.records, self.started, self.loop_started = [], None, None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.loop_started = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.records.append({"seconds": time.perf_counter() - self.started})
+            if budget_s and time.perf_counter() - self.loop_started >= budget_s:
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs and self.records:
+                batch = settings["prompts"] * settings["generations"]
+                self.records[-1].update(tokens=logs["completions/mean_length"] * batch, reward=logs.get("reward", 0.0))
+
+    batch = settings["prompts"] * settings["generations"]
+    args = GRPOConfig(
+        output_dir=f"bench/out/trl-{os.getpid()}", max_steps=steps, per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1, num_generations=settings["generations"],
+        max_completion_length=settings["max_tokens"], beta=settings["beta"], learning_rate=settings["lr"],
+        lr_scheduler_type=settings["schedule"], temperature=settings["temperature"], loss_type="grpo",
+        scale_rewards="group", logging_steps=1, report_to=[], save_strategy="no", seed=0, use_cpu=True,
+        bf16=False, disable_tqdm=True,
+    )
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=settings["lora_targets"],
+                             task_type="CAUSAL_LM")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    clock = Clock()
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=[correctness], args=args, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=peft_config, callbacks=[clock])
+    started = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - clock.loop_started
+    accuracy_after = _evaluate(trainer.model, tokenizer, task) if evaluate else None
+    return {"steps": clock.records, "wall_s": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb(),
+            "accuracy_after": accuracy_after, "train_seconds": train_seconds}
+
+
+WORKERS = {"palaestra": run_palaestra, "trl": run_trl}
+
+
+# --------------------------------------------------------------------------------------- the driver
+
+
+def _summary(result: dict) -> dict:
+    counted = [s for s in result["steps"][1:] if "tokens" in s] or result["steps"]  # step 1 is warm-up
+    seconds = sum(s["seconds"] for s in counted)
+    tokens = sum(s.get("tokens", 0.0) for s in counted)
+    summary = {
+        "steps_counted": len(counted),
+        "seconds_per_step": seconds / len(counted),
+        "completion_tokens_per_s": tokens / seconds,
+        "peak_rss_mb": result["peak_rss_mb"],
+        "mean_reward": sum(s.get("reward", 0.0) for s in counted) / len(counted),
+    }
+    breakdowns = [s["breakdown"] for s in counted if "breakdown" in s]
+    if breakdowns:
+        summary["breakdown_s"] = {k: sum(b.get(k, 0.0) for b in breakdowns) / len(breakdowns) for k in breakdowns[0]}
+    return summary
+
+
+def _spawn(framework: str, mode: str, steps: int, budget_s: float) -> dict:
+    out = HERE / "out" / f"{framework}-{mode}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, __file__, "--worker", framework, "--mode", mode, "--steps", str(steps),
+               "--budget-s", str(budget_s), "--out", str(out)]
+    print(f"running {framework} ({mode}) ...", flush=True)
+    subprocess.run(command, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="throughput steps per framework (first is warm-up)")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="learning comparison: training seconds each")
+    parser.add_argument("--skip-learning", action="store_true")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["throughput", "learning"], default="throughput", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(HERE / "out" / "grpo_vs_trl.json"))
+    args = parser.parse_args()
+    if args.worker:
+        settings, evaluate = (THROUGHPUT, False) if args.mode == "throughput" else (LEARNING, True)
+        steps = args.steps if args.mode == "throughput" else 10_000
+        budget = 0.0 if args.mode == "throughput" else args.budget_s
+        result = WORKERS[args.worker](settings, steps, budget, evaluate)
+        Path(args.out).write_text(json.dumps(result))
+        return
+
+    report: dict = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+                    "command": " ".join(["python", "bench/grpo_vs_trl.py", *sys.argv[1:]])}
+    throughput = {name: _summary(_spawn(name, "throughput", args.steps, 0.0)) for name in ("palaestra", "trl")}
+    p, t = throughput["palaestra"], throughput["trl"]
+    report["throughput"] = throughput
+    report["ratios"] = {
+        "completion_tokens_per_s": p["completion_tokens_per_s"] / t["completion_tokens_per_s"],
+        "seconds_per_step": p["seconds_per_step"] / t["seconds_per_step"],
+        "peak_rss": p["peak_rss_mb"] / t["peak_rss_mb"],
+    }
+    if not args.skip_learning:
+        runs = {name: _spawn(name, "learning", 0, args.budget_s) for name in ("palaestra", "trl")}
+        report["learning"] = {
+            name: {"steps": len(r["steps"]), "train_seconds": r["train_seconds"], "accuracy_after": r["accuracy_after"]}
+            for name, r in runs.items()
+        }
+        report["learning"]["accuracy_before"] = runs["palaestra"]["accuracy_before"]
+        report["learning"]["budget_s"] = args.budget_s
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    text = _render(report)
+    print(text)
+    with open(HERE / "RESULTS.md", "a") as handle:
+        handle.write("\n" + text + "\n")
+
+
+def _render(report: dict) -> str:
+    p, t = report["throughput"]["palaestra"], report["throughput"]["trl"]
+    r = report["ratios"]
+    lines = [
+        f"### {report['date']}: GRPO throughput, palaestra vs TRL ({report['machine']})",
+        f"`{report['command']}`", "",
+        "| | palaestra | TRL | palaestra/TRL |", "|---|---|---|---|",
+        f"| seconds per step | {p['seconds_per_step']:.2f} | {t['seconds_per_step']:.2f} | {r['seconds_per_step']:.2f} |",
+        f"| completion tokens/s | {p['completion_tokens_per_s']:.1f} | {t['completion_tokens_per_s']:.1f} | {r['completion_tokens_per_s']:.2f}x |",
+        f"| peak RSS (MB) | {p['peak_rss_mb']:.0f} | {t['peak_rss_mb']:.0f} | {r['peak_rss']:.2f} |",
+        f"| mean reward | {p['mean_reward']:.3f} | {t['mean_reward']:.3f} | |",
+    ]
+    if "breakdown_s" in p:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in p["breakdown_s"].items())
+        lines += ["", f"palaestra step breakdown (s): {parts}"]
+    if "learning" in report:
+        learning = report["learning"]
+        lines += [
+            "", f"Learning, {learning['budget_s']:.0f} s of training each, greedy held-out accuracy on 64 problems "
+            f"(before: {learning['accuracy_before']:.3f}):", "",
+            "| | steps | accuracy after |", "|---|---|---|",
+        ]
+        for name in ("palaestra", "trl"):
+            lines.append(f"| {name} | {learning[name]['steps']} | {learning[name]['accuracy_after']:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

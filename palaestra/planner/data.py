@@ -1,0 +1,265 @@
+"""The planner domain's data: a small recipe catalogue and a generator of meal-planning examples.
+
+An example is a household (members and their dietary restrictions), a pantry (ingredients with
+quantities) and constraints (number of meals, budget, time limit per meal), with the *accepted plan*
+a careful planner would write: distinct catalogue recipes that respect every restriction, the
+budget and the time limit, using pantry items first. Plans are short JSON so a small model can
+learn them on a CPU.
+
+Cost model: one unit of each ingredient feeds the whole household for one meal. A pantry unit is
+free; a bought unit costs its price per member. ``make_planner_dataset`` writes dated folders
+(``datasets/planner/YYYY-MM-DD/``) as the planner template's offline replay expects.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "GENERATOR_VERSION", "INGREDIENTS", "RECIPES", "RESTRICTIONS", "SPLITS", "SYSTEM_PROMPT",
+    "Recipe", "household_restrictions", "load_planner_split", "make_example",
+    "make_planner_dataset", "plan_cost", "plan_meals", "recipe_allowed",
+]
+
+GENERATOR_VERSION = "1"
+SPLITS = ("train", "val", "test")
+
+# name -> (price per member per unit, flags that dietary restrictions look at)
+INGREDIENTS: dict[str, tuple[float, frozenset[str]]] = {
+    name: (price, frozenset(flags.split()))
+    for name, price, flags in [
+        ("rice", 0.5, ""), ("pasta", 0.5, "gluten"), ("bread", 0.5, "gluten"),
+        ("tortilla", 0.5, "gluten"), ("couscous", 0.5, "gluten"), ("oats", 0.5, ""),
+        ("potato", 0.5, ""), ("lentils", 0.5, ""), ("chickpeas", 1.0, ""),
+        ("black_beans", 1.0, ""), ("tofu", 1.5, ""), ("eggs", 1.0, ""), ("chicken", 2.5, "meat"),
+        ("beef", 3.0, "meat"), ("salmon", 3.0, "fish"), ("tuna", 1.5, "fish"),
+        ("cheese", 1.5, "dairy"), ("yogurt", 1.0, "dairy"), ("milk", 0.5, "dairy"),
+        ("peanuts", 1.0, "nuts"), ("cashews", 2.0, "nuts"), ("almonds", 2.0, "nuts"),
+        ("pesto", 1.5, "nuts dairy"), ("soy_sauce", 0.5, "gluten"), ("coconut_milk", 1.0, ""),
+        ("tomato", 0.5, ""), ("onion", 0.5, ""), ("spinach", 1.0, ""), ("pepper", 1.0, ""),
+        ("broccoli", 1.0, ""), ("carrot", 0.5, ""), ("mushroom", 1.0, ""), ("zucchini", 1.0, ""),
+    ]
+}
+
+# restriction -> ingredient flags it rules out
+RESTRICTIONS: dict[str, frozenset[str]] = {
+    name: frozenset(flags.split())
+    for name, flags in [("vegetarian", "meat fish"), ("nut_allergy", "nuts"),
+                        ("gluten_free", "gluten"), ("dairy_free", "dairy")]
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One catalogue recipe."""
+
+    name: str
+    """Short identifier, as written in plans."""
+    ingredients: tuple[str, ...]
+    """Keys of ``INGREDIENTS``; one unit of each per meal."""
+    minutes: int
+    """Cooking time."""
+
+    @property
+    def flags(self) -> frozenset[str]:
+        """Union of the ingredients' flags (meat, fish, nuts, gluten, dairy)."""
+        return frozenset().union(*(INGREDIENTS[i][1] for i in self.ingredients))
+
+
+# name, minutes, ingredients (one unit each per meal)
+_RECIPE_TABLE = """
+veggie_stir_fry    20  rice tofu broccoli pepper soy_sauce
+lentil_curry       35  lentils rice onion tomato coconut_milk
+chickpea_curry     30  chickpeas rice spinach coconut_milk onion
+pasta_pomodoro     20  pasta tomato onion cheese
+pesto_pasta        15  pasta pesto spinach
+mac_and_cheese     25  pasta cheese milk
+chicken_rice_bowl  30  chicken rice broccoli soy_sauce
+chicken_fajitas    25  chicken tortilla pepper onion
+beef_tacos         20  beef tortilla tomato cheese
+beef_stew          60  beef potato carrot onion
+salmon_potatoes    30  salmon potato spinach
+salmon_rice_bowl   25  salmon rice spinach soy_sauce
+tuna_pasta         15  tuna pasta tomato
+tuna_salad         10  tuna eggs spinach tomato
+omelette           10  eggs cheese spinach mushroom
+shakshuka          25  eggs tomato pepper onion bread
+bean_burrito       20  black_beans tortilla rice cheese pepper
+black_bean_soup    40  black_beans onion carrot tomato
+peanut_noodles     20  pasta peanuts soy_sauce carrot
+cashew_chicken     25  chicken cashews rice pepper
+almond_oat_bowl    10  oats almonds yogurt
+overnight_oats      5  oats milk yogurt
+mushroom_risotto   45  rice mushroom onion cheese
+stuffed_peppers    50  pepper rice black_beans tomato cheese
+veggie_couscous    25  couscous chickpeas zucchini carrot
+tofu_scramble      15  tofu spinach mushroom pepper
+baked_potato       45  potato cheese broccoli
+zucchini_frittata  30  eggs zucchini cheese onion
+grilled_cheese     10  bread cheese tomato
+lentil_soup        40  lentils carrot onion tomato
+coconut_tofu_rice  30  rice tofu coconut_milk spinach
+chicken_soup       50  chicken carrot potato onion
+"""
+RECIPES: dict[str, Recipe] = {
+    name: Recipe(name, tuple(ingredients), int(minutes))
+    for name, minutes, *ingredients in (line.split() for line in _RECIPE_TABLE.strip().splitlines())
+}
+
+SYSTEM_PROMPT = (
+    "You plan household meals from the house recipe catalogue. Respect every dietary restriction, "
+    "the meal count, the budget and the time limit; use pantry items first. Answer with compact "
+    'JSON: {"meals":[{"recipe":NAME,"pantry":[ITEMS USED]}],"cost":TOTAL}.'
+)
+_NAMES = ("Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana")
+
+
+def household_restrictions(household: dict) -> list[str]:
+    """Sorted union of the members' restrictions."""
+    return sorted({r for member in household["members"] for r in member["restrictions"]})
+
+
+def recipe_allowed(recipe: Recipe, restrictions: list[str], max_minutes: int | None = None) -> bool:
+    """True if no restriction rules out an ingredient and the recipe fits the time limit."""
+    banned = frozenset().union(*(RESTRICTIONS[r] for r in restrictions))
+    return not (recipe.flags & banned) and (max_minutes is None or recipe.minutes <= max_minutes)
+
+
+def plan_cost(
+    recipes: list[str], pantry: dict[str, int], members: int
+) -> tuple[float, list[list[str]]]:
+    """Cost of cooking ``recipes`` in order, pantry units first; also the pantry items each used."""
+    left, total, used = dict(pantry), 0.0, []
+    for name in recipes:
+        meal_used = []
+        for ingredient in RECIPES[name].ingredients:
+            if left.get(ingredient, 0) > 0:
+                left[ingredient] -= 1
+                meal_used.append(ingredient)
+            else:
+                total += INGREDIENTS[ingredient][0] * members
+        used.append(meal_used)
+    return round(total, 2), used
+
+
+def plan_meals(household: dict, pantry: dict[str, int], constraints: dict) -> dict | None:
+    """The accepted plan: greedy on pantry use, cheapest first on ties; None if none fits."""
+    members, meals = len(household["members"]), constraints["meals"]
+    restrictions = household_restrictions(household)
+    options = sorted(r for r, rec in RECIPES.items()
+                     if recipe_allowed(rec, restrictions, constraints["max_minutes"]))
+    full_price = {o: plan_cost([o], {}, members)[0] for o in options}
+    chosen: list[str] = []
+    for slot in range(meals):
+        spent, _ = plan_cost(chosen, pantry, members)
+        best = None
+        for name in options:
+            if name in chosen:
+                continue
+            cost, used = plan_cost([*chosen, name], pantry, members)
+            # The rest of the plan must still fit: the cheapest other options at full price.
+            # Full prices are an upper bound, so passing this check means the plan can be finished.
+            rest = sorted(p for o, p in full_price.items() if o not in chosen and o != name)
+            need = meals - slot - 1
+            if len(rest) < need or cost + sum(rest[:need]) > constraints["budget"]:
+                continue
+            key = (-len(used[-1]), cost - spent, name)
+            best = key if best is None or key < best else best
+        if best is None:
+            return None
+        chosen.append(best[2])
+    cost, used = plan_cost(chosen, pantry, members)
+    return {"meals": [{"recipe": r, "pantry": u} for r, u in zip(chosen, used)], "cost": cost}
+
+
+def _sample_input(rng: random.Random) -> tuple[dict, dict[str, int], dict]:
+    members = []
+    for name in sorted(rng.sample(_NAMES, rng.randint(1, 4))):
+        roll = rng.random()
+        count = 0 if roll < 0.55 else 1 if roll < 0.9 else 2
+        restrictions = sorted(rng.sample(sorted(RESTRICTIONS), count))
+        members.append({"name": name, "restrictions": restrictions})
+    household = {"members": members}
+    meals = rng.randint(2, 4)
+    constraints = {"meals": meals, "budget": round(len(members) * meals * rng.uniform(2.0, 6.0)),
+                   "max_minutes": rng.choice([20, 30, 45, 60])}
+    # Stock the pantry partly from recipes the household can eat, so using it is a real choice.
+    allowed = [r for r in RECIPES.values() if recipe_allowed(r, household_restrictions(household))]
+    stock = {i for r in rng.sample(allowed, min(2, len(allowed))) for i in r.ingredients
+             if rng.random() < 0.6}
+    stock |= set(rng.sample(sorted(INGREDIENTS), rng.randint(1, 3)))
+    pantry = {i: rng.randint(1, 2) for i in sorted(stock)}
+    return household, pantry, constraints
+
+
+def _user_text(household: dict, pantry: dict[str, int], constraints: dict) -> str:
+    people = ", ".join(
+        m["name"] + (f" ({', '.join(m['restrictions'])})" if m["restrictions"] else "")
+        for m in household["members"]
+    )
+    stock = ", ".join(f"{item} x{qty}" for item, qty in pantry.items())
+    return (f"Household: {people}\nPantry: {stock}\nConstraints: {constraints['meals']} meals, "
+            f"budget {constraints['budget']}, max {constraints['max_minutes']} min per meal")
+
+
+def make_example(household: dict, pantry: dict[str, int], constraints: dict, plan: dict) -> dict:
+    """One dataset row: chat messages plus the structured columns the metrics read."""
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": _user_text(household, pantry, constraints)},
+            {"role": "assistant", "content": json.dumps(plan, separators=(",", ":"))},
+        ],
+        "household": household, "pantry": pantry, "constraints": constraints, "plan": plan,
+    }
+
+
+def make_planner_dataset(root: Path, date: str = "2026-01-15", n_train: int = 400, n_val: int = 50,
+                         n_test: int = 50, seed: int = 0) -> Path:
+    """Write ``root/datasets/planner/<date>/{train,val,test}.jsonl`` and ``manifest.json``.
+
+    No two examples share a user message, so the splits never overlap. Returns the dated folder.
+    """
+    datetime.date.fromisoformat(date)  # a clear ValueError for anything but YYYY-MM-DD
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    total = sum(counts.values())
+    rng, seen, rows = random.Random(seed), set(), []
+    for _ in range(50 * (total + 10)):
+        if len(rows) == total:
+            break
+        household, pantry, constraints = _sample_input(rng)
+        plan = plan_meals(household, pantry, constraints)
+        example = None if plan is None else make_example(household, pantry, constraints, plan)
+        if example is not None and example["messages"][1]["content"] not in seen:
+            seen.add(example["messages"][1]["content"])
+            rows.append(example)
+    if len(rows) < total:
+        raise RuntimeError(f"could not generate {total} distinct planner examples")
+    folder = Path(root) / "datasets" / "planner" / date
+    folder.mkdir(parents=True, exist_ok=True)
+    ends = {"train": n_train, "val": n_train + n_val, "test": total}
+    for split in SPLITS:
+        chunk = rows[ends[split] - counts[split] : ends[split]]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in chunk))
+    manifest = {"task": "planner", "date": date, "seed": seed, "counts": counts,
+                "generator_version": GENERATOR_VERSION, "recipes": len(RECIPES)}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder
+
+
+def load_planner_split(folder: Path | str, split: str) -> list[dict]:
+    """Read one split of a dated planner folder; a clear one-line error if it is missing."""
+    folder = Path(folder)
+    if split not in SPLITS:
+        raise ValueError(f"planner split must be one of {SPLITS}, got {split!r}")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"planner dataset folder not found: {folder}")
+    path = folder / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"planner split file not found: {path}")
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
