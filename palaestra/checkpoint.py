@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,40 +94,57 @@ def _set_rng_state(state: dict[str, Any]) -> None:
                         "CUDA RNG not restored", len(cuda), torch.cuda.device_count())
 
 
+@dataclass
+class CheckpointPart:
+    """One trainable policy in a checkpoint: its named trainable tensors and optimizer state.
+
+    A single-model run has one part (the model's parameters that require grad); a multi-policy
+    run (one LoRA adapter per role, or one model per role) has one part per policy.
+    """
+
+    parameters: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    peft_model: Any = None  # also save this model's adapters in peft's own format, if given
+
+
+def model_part(model: torch.nn.Module, optimizer=None, scheduler=None) -> CheckpointPart:
+    """The part of a single-model run: every parameter that requires grad."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    peft_model = model if hasattr(model, "peft_config") and hasattr(model, "save_pretrained") else None
+    return CheckpointPart(params, optimizer, scheduler, peft_model)
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
     *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
     trainer_state: dict[str, Any],
     keep_last_n: int | None = None,
+    parts: dict[str, CheckpointPart] | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/step-{step:06d}` atomically and return its path.
 
+    Either `model` (+ optimizer, scheduler) for a single-model run, whose files sit at the top of
+    the folder, or `parts` (name -> CheckpointPart) for several policies, each in `policy-<name>/`.
     `trainer_state` is any JSON-serialisable dict (data position, MLflow run id, best metric...);
     `step` is added to it. With `keep_last_n`, older `step-*` folders beyond the newest n are
     deleted (never the one just written, never `best`).
     """
     if keep_last_n is not None and keep_last_n < 1:
         raise ValueError(f"keep_last_n must be >= 1 or None, got {keep_last_n}")
+    parts = _parts(model, optimizer, scheduler, parts)
     ckpt_dir = Path(run_dir) / "checkpoints"
     target = ckpt_dir / f"step-{step:06d}"
     tmp = _fresh_tmp(ckpt_dir, target.name)
     try:
-        # named_parameters() lists a tied weight once; the copy gives each tensor its own storage,
-        # which safetensors requires
-        weights = {
-            name: p.detach().to("cpu", copy=True).contiguous()
-            for name, p in model.named_parameters()
-            if p.requires_grad
-        }
-        save_file(weights, str(tmp / "trainable.safetensors"))
-        if hasattr(model, "peft_config") and hasattr(model, "save_pretrained"):
-            model.save_pretrained(str(tmp / "adapter"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict() if scheduler is not None else None, tmp / "scheduler.pt")
+        for name, part in parts.items():
+            folder = tmp / f"policy-{name}" if name else tmp
+            folder.mkdir(exist_ok=True)
+            _save_part(folder, part)
         torch.save(_rng_state(), tmp / "rng.pt")
         _write_json(tmp / _STATE_FILE, {**trainer_state, "step": step})  # last: marks it complete
         _swap_into_place(tmp, target)
@@ -140,25 +158,51 @@ def save_checkpoint(
     return target
 
 
+def _parts(model, optimizer, scheduler, parts) -> dict[str, CheckpointPart]:
+    if (model is None) == (parts is None):
+        raise ValueError("give either model (with optimizer and scheduler) or parts, not both")
+    return parts if parts is not None else {"": model_part(model, optimizer, scheduler)}
+
+
+def _save_part(folder: Path, part: CheckpointPart) -> None:
+    # named_parameters() lists a tied weight once; the copy gives each tensor its own storage,
+    # which safetensors requires
+    weights = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in part.parameters.items()}
+    save_file(weights, str(folder / "trainable.safetensors"))
+    if part.peft_model is not None:
+        part.peft_model.save_pretrained(str(folder / "adapter"))
+    torch.save(part.optimizer.state_dict() if part.optimizer is not None else None, folder / "optimizer.pt")
+    torch.save(part.scheduler.state_dict() if part.scheduler is not None else None, folder / "scheduler.pt")
+
+
 def load_checkpoint(
     path: Path,
     *,
-    model: torch.nn.Module,
+    model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     restore_rng: bool = True,
+    parts: dict[str, CheckpointPart] | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint written by `save_checkpoint` into the given objects; return trainer_state.
 
-    Every trainable parameter of `model` must be in the checkpoint, and every saved tensor must
-    match a parameter by name and shape; anything else is a ValueError listing the names.
+    Every trainable parameter must be in the checkpoint, and every saved tensor must match a
+    parameter by name and shape; anything else is a ValueError listing the names.
     """
     path = Path(path)
     if not (path / _STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_STATE_FILE})")
-    saved = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in saved)
+    for name, part in _parts(model, optimizer, scheduler, parts).items():
+        _load_part(path / f"policy-{name}" if name else path, part, path)
+    if restore_rng:
+        _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return json.loads((path / _STATE_FILE).read_text())
+
+
+def _load_part(folder: Path, part: CheckpointPart, path: Path) -> None:
+    saved = load_file(str(folder / "trainable.safetensors"))
+    params = part.parameters
+    missing = sorted(n for n in params if n not in saved)
     unexpected = sorted(n for n in saved if n not in params)
     if missing or unexpected:
         raise ValueError(
@@ -172,13 +216,10 @@ def load_checkpoint(
                 raise ValueError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
                                  f"the model expects {tuple(params[name].shape)}")
             params[name].copy_(tensor)
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    if scheduler is not None:
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    if restore_rng:
-        _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / _STATE_FILE).read_text())
+    if part.optimizer is not None:
+        part.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    if part.scheduler is not None:
+        part.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
 
 
 def _complete_checkpoints(ckpt_dir: Path) -> list[Path]:

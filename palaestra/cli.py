@@ -22,38 +22,48 @@ USAGE = """usage: palaestra <command> [key=value ...] [hydra flags]
 
 commands:
   run     the main job: evaluate the model on the task's test split, train it with GRPO, evaluate again
-  train   train with GRPO (palaestra train task=countdown train.steps=100 ...)
-  eval    evaluate a model or a checkpoint (eval.checkpoint=runs/.../checkpoints/step-000040)
+  train   train: GRPO on a task (palaestra train task=countdown train.steps=100 ...) or a team of
+          agents with AT-GRPO (palaestra train algo=at_grpo env=plan_path policy=per_role)
+  eval    evaluate a model or a checkpoint (eval.checkpoint=runs/.../checkpoints/step-000040;
+          add algo=at_grpo env=... for a team in an environment)
 
 hydra flags: --cfg job (print the config), --multirun (sweep a,b,c values), +experiment=quick_test,
              --help (all config groups and keys)
 """
 
 
-def _train(config: PalaestraConfig) -> int:
-    from palaestra.recipes import grpo
+def _recipe(config: PalaestraConfig):
+    """The recipe module of ``algo.name`` (one readable loop each)."""
+    from palaestra.recipes import at_grpo, grpo
 
-    results = grpo.main(config)
-    _print_where(results)
+    return {"grpo": grpo, "at_grpo": at_grpo}[config.algo.name]
+
+
+def _train(config: PalaestraConfig) -> int:
+    results = _recipe(config).main(config, evaluate_before_after=config.algo.name == "at_grpo")
+    _report(results, config)
     return 0
 
 
 def _run(config: PalaestraConfig) -> int:
-    from palaestra.recipes import grpo
-
-    results = grpo.main(config, evaluate_before_after=True)
-    before, after = results.get("before"), results.get("after")
-    if before and after:
-        print(_before_after_table(before, after, config.task.name))
-    _print_where(results)
+    results = _recipe(config).main(config, evaluate_before_after=True)
+    _report(results, config)
     return 0
 
 
 def _eval(config: PalaestraConfig) -> int:
-    from palaestra.evaluation.cli import evaluate_command
+    from palaestra.evaluation.cli import evaluate_command, evaluate_team_command
 
-    print(evaluate_command(config))
+    print(evaluate_team_command(config) if config.algo.name == "at_grpo" else evaluate_command(config))
     return 0
+
+
+def _report(results: dict, config: PalaestraConfig) -> None:
+    before, after = results.get("before"), results.get("after")
+    if before and after:
+        subject = config.env.name if config.algo.name == "at_grpo" else config.task.name
+        print(_before_after_table(before, after, subject, config.algo.name))
+    _print_where(results)
 
 
 COMMANDS = {"run": _run, "train": _train, "eval": _eval}
@@ -95,11 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     hydra.main(version_base="1.3", config_path="conf", config_name="config")(task_function)()
 
 
-def _before_after_table(before: dict, after: dict, task_name: str) -> str:
-    lines = [f"\nheld-out {task_name}: before vs after GRPO", f"{'metric':<18}{'before':>10}{'after':>10}{'change':>10}"]
+def _before_after_table(before: dict, after: dict, subject: str, algo: str) -> str:
+    lines = [f"\nheld-out {subject}: before vs after {algo}", f"{'metric':<24}{'before':>10}{'after':>10}{'change':>10}"]
     for key in before:
-        change = after[key] - before[key]
-        lines.append(f"{key:<18}{before[key]:>10.3f}{after[key]:>10.3f}{change:>+10.3f}")
+        if key in after:
+            change = after[key] - before[key]
+            lines.append(f"{key:<24}{before[key]:>10.3f}{after[key]:>10.3f}{change:>+10.3f}")
     return "\n".join(lines)
 
 

@@ -133,6 +133,70 @@ class AlgoConfig:
 
 
 @dataclass
+class ATGRPOConfig:
+    """AT-GRPO: agent- and turn-wise grouped GRPO for teams of agents in multi-turn environments."""
+
+    name: str = "at_grpo"
+    """Algorithm name (recipe)."""
+    samples_per_state: int = 4
+    """K: answers per (turn, agent) of each environment (the group size); at least 2."""
+    alpha: float = 1.0
+    """Agent reward = alpha * team reward + the agent's own (local) reward."""
+    rollout: str = "tree"
+    """tree (K branches per state, the best carried forward) or no_tree (K independent episodes)."""
+    group_filter: str = "none"
+    """Which groups to train on: none, mean, std, dapo (drop zero-variance groups) or uid."""
+    filter_ratio: float = 0.0
+    """Fraction dropped by the mean, std and uid filters."""
+    beta: float = 0.0
+    """k3 KL penalty to the reference (the base with adapters off); off by default, as in the reference."""
+    epsilon: float = 0.2
+    """Lower clipping range of the importance ratio."""
+    epsilon_high: Optional[float] = None
+    """Upper clipping range; None uses epsilon."""
+    loss_type: str = "bnpo"
+    """Loss normalisation (bnpo: token mean over the batch, as in the reference)."""
+    scale_rewards: str = "group"
+    """Advantage scaling: group, batch or none."""
+    max_prompt_length: int = 768
+    """Observations longer than this many tokens are truncated from the left."""
+    max_completion_length: int = 96
+    """Maximum new tokens per answer."""
+    temperature: float = 1.0
+    """Training sampling temperature (the reference uses 1.5 with larger models)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Top-k sampling (0 disables)."""
+
+
+@dataclass
+class EnvConfig:
+    """A multi-agent environment."""
+
+    name: str = "plan_path"
+    """plan_path, sokoban, sudoku, math or code."""
+    params: dict = field(default_factory=dict)
+    """Constructor arguments (size, max_turns, turn_order, ...)."""
+    train_envs: int = 4
+    """Environments (problems) per training step."""
+    test_envs: int = 16
+    """Test episodes for evaluation (seeds offset by 100000 from training seeds)."""
+    seed: int = 0
+    """First training seed."""
+
+
+@dataclass
+class PolicyConfig:
+    """How agents map to trainable policies."""
+
+    mode: str = "shared"
+    """shared (one model, roles by prompt), per_role (one base, one LoRA adapter per role) or separate (one model per role)."""
+    role_models: dict = field(default_factory=dict)
+    """separate: role -> model path (a local HF folder); roles not listed use the model section."""
+
+
+@dataclass
 class TrainConfig:
     """The optimisation loop, checkpoints and outputs."""
 
@@ -232,12 +296,17 @@ class PalaestraConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    algo: Any = field(default_factory=AlgoConfig)
+    """AlgoConfig (grpo) or ATGRPOConfig (at_grpo), chosen by algo.name."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+ALGO_SCHEMAS = {"grpo": AlgoConfig, "at_grpo": ATGRPOConfig}
+"""algo.name -> its config schema (one recipe each)."""
 MODEL_NAMES = ("smollm2-135m", "tiny", "hf")
 TASK_SOURCES = ("reasoning_gym", "gsm8k")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
@@ -251,8 +320,14 @@ def to_config(cfg: DictConfig | dict) -> PalaestraConfig:
     Raises:
         ConfigError: a one-line message naming the bad key and value.
     """
+    algo_name = OmegaConf.select(cfg, "algo.name") if isinstance(cfg, DictConfig) else cfg.get("algo", {}).get("name")
+    algo_name = algo_name or "grpo"
+    if algo_name not in ALGO_SCHEMAS:
+        raise ConfigError(f"algo.name={algo_name!r} is unknown; use one of {', '.join(ALGO_SCHEMAS)}")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(PalaestraConfig), cfg)
+        schema = OmegaConf.structured(PalaestraConfig)
+        schema.algo = OmegaConf.structured(ALGO_SCHEMAS[algo_name])
+        merged = OmegaConf.merge(schema, cfg)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise ConfigError(_one_line_omegaconf_error(error)) from None
@@ -318,6 +393,61 @@ def validate(config: PalaestraConfig) -> None:
         except ValueError as error:
             raise ConfigError(str(error).splitlines()[0]) from None
 
+    if isinstance(algo, ATGRPOConfig):
+        _validate_at_grpo(config)
+    else:
+        _validate_grpo(config)
+    _check(train.steps > 0, f"train.steps={train.steps} must be positive")
+    _check(train.learning_rate >= 0, f"train.learning_rate={train.learning_rate} must be >= 0")
+    _check(train.weight_decay >= 0, f"train.weight_decay={train.weight_decay} must be >= 0")
+    _check(0 <= train.warmup_ratio < 1, f"train.warmup_ratio={train.warmup_ratio} must be in [0, 1)")
+    _check(train.lr_schedule in ("cosine", "constant"), f"train.lr_schedule={train.lr_schedule!r} is unknown; use cosine or constant")
+    _check(train.max_grad_norm >= 0, f"train.max_grad_norm={train.max_grad_norm} must be >= 0")
+    _check(train.max_seconds >= 0, f"train.max_seconds={train.max_seconds} must be >= 0")
+    for key in ("save_interval", "keep_last_n", "eval_interval", "early_stopping_patience", "log_samples_interval", "threads", "stop_after_steps"):
+        _check(getattr(train, key) >= 0, f"train.{key}={getattr(train, key)} must be >= 0")
+    _check(
+        train.early_stopping_patience == 0 or train.eval_interval > 0,
+        "train.early_stopping_patience needs train.eval_interval > 0 (it counts evaluations)",
+    )
+    _check(ev.num_samples >= 1, f"eval.num_samples={ev.num_samples} must be >= 1")
+    _check(not (ev.greedy and ev.num_samples > 1), f"eval.num_samples={ev.num_samples} needs eval.greedy=false (greedy samples are all the same)")
+    for k in ev.pass_k:
+        _check(isinstance(k, int) and 1 <= k <= ev.num_samples, f"eval.pass_k has k={k}; each k must be in [1, eval.num_samples={ev.num_samples}]")
+    _check(ev.batch_size > 0, f"eval.batch_size={ev.batch_size} must be positive")
+    _check(ev.max_examples >= 0, f"eval.max_examples={ev.max_examples} must be >= 0")
+
+
+def _validate_at_grpo(config: PalaestraConfig) -> None:
+    from palaestra.algorithms.at_grpo import GROUP_FILTERS
+    from palaestra.envs import resolve_env
+
+    algo, env, policy = config.algo, config.env, config.policy
+    try:
+        resolve_env(env.name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    _check(algo.samples_per_state >= 2, f"algo.samples_per_state={algo.samples_per_state} must be >= 2 (GRPO compares answers within a group)")
+    _check(algo.rollout in ("tree", "no_tree"), f"algo.rollout={algo.rollout!r} is unknown; use tree or no_tree")
+    _check(algo.group_filter in GROUP_FILTERS, f"algo.group_filter={algo.group_filter!r} is unknown; use one of {', '.join(GROUP_FILTERS)}")
+    _check(0 <= algo.filter_ratio < 1, f"algo.filter_ratio={algo.filter_ratio} must be in [0, 1)")
+    _check(algo.beta >= 0, f"algo.beta={algo.beta} must be >= 0")
+    _check(algo.epsilon > 0, f"algo.epsilon={algo.epsilon} must be > 0")
+    _check(algo.loss_type in LOSS_TYPES, f"algo.loss_type={algo.loss_type!r} is unknown; use one of {', '.join(LOSS_TYPES)}")
+    _check(algo.scale_rewards in SCALE_REWARDS, f"algo.scale_rewards={algo.scale_rewards!r} is unknown; use one of {', '.join(SCALE_REWARDS)}")
+    _check(algo.max_completion_length > 0, f"algo.max_completion_length={algo.max_completion_length} must be positive")
+    _check(algo.temperature > 0, f"algo.temperature={algo.temperature} must be > 0")
+    _check(env.train_envs > 0, f"env.train_envs={env.train_envs} must be positive")
+    _check(env.test_envs > 0, f"env.test_envs={env.test_envs} must be positive")
+    _check(policy.mode in ("shared", "per_role", "separate"), f"policy.mode={policy.mode!r} is unknown; use shared, per_role or separate")
+    _check(policy.mode != "per_role" or config.model.lora.enabled, "policy.mode=per_role needs model.lora.enabled=true (one adapter per role)")
+    for role, path in policy.role_models.items():
+        _check(policy.mode == "separate", f"policy.role_models is set for {role!r} but policy.mode={policy.mode}; use policy=separate")
+        _check(not path or os.path.isdir(path), f"policy.role_models.{role}={path} is not a folder; point it at a Hugging Face model folder")
+
+
+def _validate_grpo(config: PalaestraConfig) -> None:
+    algo, train = config.algo, config.train
     _check(algo.num_generations >= 2, f"algo.num_generations={algo.num_generations} must be >= 2 (GRPO compares completions within a group)")
     _check(algo.beta >= 0, f"algo.beta={algo.beta} must be >= 0")
     _check(algo.epsilon > 0, f"algo.epsilon={algo.epsilon} must be > 0")
@@ -332,7 +462,6 @@ def validate(config: PalaestraConfig) -> None:
     _check(0 < algo.top_p <= 1, f"algo.top_p={algo.top_p} must be in (0, 1]")
     _check(algo.top_k >= 0, f"algo.top_k={algo.top_k} must be >= 0")
 
-    _check(train.steps > 0, f"train.steps={train.steps} must be positive")
     _check(train.batch_size > 0, f"train.batch_size={train.batch_size} must be positive")
     _check(
         train.batch_size % algo.num_generations == 0,
@@ -343,22 +472,3 @@ def validate(config: PalaestraConfig) -> None:
         train.micro_batch_size > 0 and train.batch_size % train.micro_batch_size == 0,
         f"train.micro_batch_size={train.micro_batch_size} must divide train.batch_size={train.batch_size}",
     )
-    _check(train.learning_rate >= 0, f"train.learning_rate={train.learning_rate} must be >= 0")
-    _check(train.weight_decay >= 0, f"train.weight_decay={train.weight_decay} must be >= 0")
-    _check(0 <= train.warmup_ratio < 1, f"train.warmup_ratio={train.warmup_ratio} must be in [0, 1)")
-    _check(train.lr_schedule in ("cosine", "constant"), f"train.lr_schedule={train.lr_schedule!r} is unknown; use cosine or constant")
-    _check(train.max_grad_norm >= 0, f"train.max_grad_norm={train.max_grad_norm} must be >= 0")
-    _check(train.max_seconds >= 0, f"train.max_seconds={train.max_seconds} must be >= 0")
-    for key in ("save_interval", "keep_last_n", "eval_interval", "early_stopping_patience", "log_samples_interval", "threads", "stop_after_steps"):
-        _check(getattr(train, key) >= 0, f"train.{key}={getattr(train, key)} must be >= 0")
-    _check(
-        train.early_stopping_patience == 0 or train.eval_interval > 0,
-        "train.early_stopping_patience needs train.eval_interval > 0 (it counts evaluations)",
-    )
-
-    _check(ev.num_samples >= 1, f"eval.num_samples={ev.num_samples} must be >= 1")
-    _check(not (ev.greedy and ev.num_samples > 1), f"eval.num_samples={ev.num_samples} needs eval.greedy=false (greedy samples are all the same)")
-    for k in ev.pass_k:
-        _check(isinstance(k, int) and 1 <= k <= ev.num_samples, f"eval.pass_k has k={k}; each k must be in [1, eval.num_samples={ev.num_samples}]")
-    _check(ev.batch_size > 0, f"eval.batch_size={ev.batch_size} must be positive")
-    _check(ev.max_examples >= 0, f"eval.max_examples={ev.max_examples} must be >= 0")

@@ -17,21 +17,46 @@ from palaestra.envs.base import (
     test_seeds,
     train_seeds,
 )
+from palaestra.envs.code_env import CodeEnv
+from palaestra.envs.math_env import MathEnv
 from palaestra.envs.plan_path import PlanPathEnv
 from palaestra.envs.sokoban import SokobanEnv
 from palaestra.envs.sudoku import SudokuEnv
 
 ENVIRONMENTS: dict[str, type[MultiAgentEnv]] = {
+    "code": CodeEnv,
+    "math": MathEnv,
     "plan_path": PlanPathEnv,
     "sokoban": SokobanEnv,
     "sudoku": SudokuEnv,
 }
 """Environment name -> class."""
 
+
+def resolve_env(name: str) -> type[MultiAgentEnv]:
+    """The environment class for a name in ``ENVIRONMENTS`` or an import path "package.module:Class"."""
+    if name in ENVIRONMENTS:
+        return ENVIRONMENTS[name]
+    if ":" in name:
+        import importlib
+
+        module_name, _, attribute = name.partition(":")
+        try:
+            env_class = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"env.name={name!r} cannot be imported ({error})") from None
+        if isinstance(env_class, type) and issubclass(env_class, MultiAgentEnv):
+            return env_class
+        raise ValueError(f"env.name={name!r} is not a MultiAgentEnv subclass")
+    raise ValueError(f"env.name={name!r} is unknown; use one of {', '.join(ENVIRONMENTS)} or a 'package.module:Class' path")
+
 __all__ = [
     "ENVIRONMENTS",
+    "resolve_env",
     "TEST_SEED_OFFSET",
     "TRAIN_SEED_OFFSET",
+    "CodeEnv",
+    "MathEnv",
     "MultiAgentEnv",
     "PlanPathEnv",
     "SokobanEnv",

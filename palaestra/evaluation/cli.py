@@ -70,3 +70,53 @@ def evaluate_command(config: PalaestraConfig) -> str:
     lines = [f"{config.task.name} test split, {result.num_examples} questions, {decoding}"]
     lines += [f"  {key:<16}{value:.3f}" for key, value in figures.items()]
     return "\n".join(lines) + where
+
+
+def evaluate_team_command(config: PalaestraConfig) -> str:
+    """``palaestra eval algo=at_grpo env=...``: play the test problems with the (trained) team."""
+    from palaestra.envs import resolve_env
+    from palaestra.models.policies import build_policies
+    from palaestra.recipes.at_grpo import evaluate_team
+
+    checkpoint = None
+    if config.eval.checkpoint:
+        checkpoint = ckpt.resolve_resume(config.eval.checkpoint, Path(config.eval.checkpoint))
+        if checkpoint is None:
+            raise ConfigError(f"eval.checkpoint={config.eval.checkpoint} holds no checkpoint; point it at a run folder or step-* folder")
+    env_class = resolve_env(config.env.name)
+    make_env = lambda: env_class(**dict(config.env.params))  # noqa: E731
+    roles = tuple(make_env().turn_order)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lora = config.model.lora
+    lora_args = dict(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules) if lora.enabled else None
+    policies, role_policy = build_policies(
+        config.policy.mode, roles, model_name=config.model.name, model_path=config.model.path, dtype=config.model.dtype,
+        device=device, lora=lora_args, role_models=dict(config.policy.role_models),
+        max_prompt_length=config.algo.max_prompt_length, precision=resolve_precision(config.model.precision, device),
+    )
+    if checkpoint is not None:
+        parts = {name: ckpt.CheckpointPart(policy.parameters()) for name, policy in policies.items()}
+        ckpt.load_checkpoint(checkpoint, parts=parts, restore_rng=False)
+
+    def generate(agent, prompts, samples, sampling):
+        policy = policies[role_policy[agent]]
+        policy.activate()
+        return policy.generator.generate(prompts, samples, sampling)
+
+    figures, episodes = evaluate_team(make_env, generate, config.env.test_envs, config, base_seed=config.env.seed)
+    where = ""
+    if config.tracking.enabled:
+        from palaestra.tracking import MlflowTracker
+
+        tracker = MlflowTracker(config.tracking.experiment, run_name=config.tracking.run_name or f"eval-{config.env.name}",
+                                tracking_uri=config.tracking.tracking_uri)
+        tracker.set_tags({"env": config.env.name, "algo": "eval", "policy": config.policy.mode,
+                          "model": model_id(config.model.name, config.model.path), "checkpoint": str(checkpoint or "")})
+        tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=0)
+        tracker.log_dict({"episodes": [vars(e) for e in episodes[:8]]}, "transcripts/eval.json")
+        tracker.end()
+        where = f"\nMLflow run {tracker.run_id}: {tracker.run_url_hint()}"
+    decoding = "greedy" if config.eval.greedy else f"sampled x{config.eval.num_samples} (T={config.eval.temperature})"
+    lines = [f"{config.env.name} test problems: {config.env.test_envs}, policy {config.policy.mode}, {decoding}"]
+    lines += [f"  {key:<22}{value:.3f}" for key, value in figures.items()]
+    return "\n".join(lines) + where

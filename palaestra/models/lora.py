@@ -15,12 +15,16 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 
-def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list[str] | str) -> PeftModel:
+def apply_lora(
+    model, *, r: int, alpha: int, dropout: float, target_modules: list[str] | str, adapter_names: tuple[str, ...] = ("default",)
+) -> PeftModel:
     """Wrap ``model`` with fresh LoRA adapters; only the adapter weights stay trainable.
 
     ``target_modules`` lists module names (e.g. ``["q_proj", "v_proj"]``) or is ``"all-linear"``.
     The adapters start as a no-op (B = 0), so the wrapped model first computes exactly what
-    ``model`` did. The base model is modified in place (its layers are wrapped).
+    ``model`` did. The base model is modified in place (its layers are wrapped). Several
+    ``adapter_names`` give one adapter each over the one base (per-role policies); the first is
+    active, ``model.set_adapter(name)`` switches.
     """
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = LoraConfig(
@@ -28,7 +32,10 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: lis
     )
     with warnings.catch_warnings():  # peft still asks transformers the deprecated v5 spelling
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config, adapter_name=adapter_names[0])
+        for name in adapter_names[1:]:
+            peft_model.add_adapter(name, config)
+        return peft_model
 
 
 def reference_logits_context(model) -> AbstractContextManager:

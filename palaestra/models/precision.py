@@ -34,8 +34,8 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
-def autocast(precision: str, device: str):
+def autocast(precision: str, device: str | torch.device):
     """A fresh context manager running forward passes at ``precision`` ("bf16" or "fp32")."""
     if precision == "bf16":
-        return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type="cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16)
     return nullcontext()

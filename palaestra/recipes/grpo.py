@@ -19,15 +19,10 @@ log-probs, as in the paper's inner loop.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import random
-import signal
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
-from datetime import datetime
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +31,18 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from palaestra import checkpoint as ckpt
+from palaestra.recipes.common import (
+    StopSignals,
+    append_jsonl,
+    attach_log_file,
+    clip_gradients,
+    fmt,
+    lr_lambda,
+    remember,
+    resolve_run_dir,
+    seed_everything,
+    timed,
+)
 from palaestra.algorithms.grpo import group_advantages, masked_mean, policy_loss
 from palaestra.config import PalaestraConfig, reward_weights
 from palaestra.evaluation.evaluate import EvalResult, evaluate
@@ -57,7 +64,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     # ---- seed and threads
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
-    _seed_everything(train_cfg.seed)
+    seed_everything(train_cfg.seed)
 
     # ---- data (cheap, and fails before the model loads on a bad dataset)
     task = build_task(config.task)
@@ -77,9 +84,9 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     generator = HFGenerator(model, tokenizer, max_prompt_length=algo.max_prompt_length, precision=precision)
 
     # ---- run folder, optimizer, resume
-    run_dir, resume_from = _resolve_run_dir(config)
+    run_dir, resume_from = resolve_run_dir(config.train, Path("runs") / f"{config.task.name}-{config.algo.name}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    _attach_log_file(run_dir / "train.log")
+    attach_log_file(run_dir / "train.log")
     log.info("device %s, compute precision %s", device, precision)
     updates_total = train_cfg.steps * algo.num_iterations
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -88,7 +95,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         weight_decay=train_cfg.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(updates_total, train_cfg.warmup_ratio, train_cfg.lr_schedule)
+        optimizer, lr_lambda(updates_total, train_cfg.warmup_ratio, train_cfg.lr_schedule)
     )
     state = {"step": 0, "data_position": 0, "mlflow_run_id": None, "best_metric": None,
              "evals_without_improvement": 0, "history": {}}
@@ -114,8 +121,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             batch_size=config.eval.batch_size, seed=train_cfg.seed, show_progress=True,
         )
         figures = result.metrics()
-        log.info("eval (%s, step %d): %s", label, step, _fmt(figures))
-        _remember(state, {f"eval/{k}": v for k, v in figures.items()}, step)
+        log.info("eval (%s, step %d): %s", label, step, fmt(figures))
+        remember(state, {f"eval/{k}": v for k, v in figures.items()}, step)
         if tracker:
             tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=step)
             tracker.log_table(result.samples[:32], f"eval/samples_{label}_step{step:06d}.json")
@@ -124,7 +131,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     if evaluate_before_after and state["step"] == 0:
         results["before"] = run_eval(0, "before").metrics()
 
-    stop = _StopSignals()
+    stop = StopSignals()
     loop_started = time.perf_counter()
     out_of_time = False
     progress = tqdm(total=train_cfg.steps, initial=state["step"], desc="grpo", dynamic_ncols=True)
@@ -140,14 +147,14 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             examples, state["data_position"] = _next_examples(
                 task.train, state["data_position"], prompts_per_step, train_cfg.seed
             )
-            with _timed(timings, "generation"):
+            with timed(timings, "generation"):
                 rollout = generator.generate(
                     [task.prompt(e) for e in examples], algo.num_generations,
                     SamplingParams(algo.max_completion_length, temperature, algo.top_p, algo.top_k),
                 )
 
             # 2. score: weighted sum of reward functions, each component kept for logging
-            with _timed(timings, "rewards"):
+            with timed(timings, "rewards"):
                 columns = task.columns([e for e in examples for _ in range(algo.num_generations)])
                 rewards, components = combine_rewards(rollout.texts, columns, weights)
                 rewards = torch.tensor(rewards, dtype=torch.float32)
@@ -164,10 +171,10 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             old_logps = ref_logps = None
             with torch.no_grad():
                 if algo.num_iterations > 1:
-                    with _timed(timings, "old_logprobs"):
+                    with timed(timings, "old_logprobs"):
                         old_logps = [_logprobs(model, rollout, s, temperature, shared, precision)[0] for s in slices]
                 if algo.beta > 0:
-                    with _timed(timings, "reference"), _reference(model, reference):
+                    with timed(timings, "reference"), _reference(model, reference):
                         ref_model = reference if reference is not None else model
                         ref_logps = [_logprobs(ref_model, rollout, s, temperature, shared, precision)[0] for s in slices]
             num_items = loss_mask.sum().clamp(min=1)
@@ -177,7 +184,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 totals = {"loss": 0.0, "kl": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0,
                           "clip_ratio/region": 0.0, "entropy": 0.0}
                 for index, rows in enumerate(slices):
-                    with _timed(timings, "policy_forward_backward"):
+                    with timed(timings, "policy_forward_backward"):
                         logp, entropy = _logprobs(model, rollout, rows, temperature, shared, precision, with_entropy=True)
                         mask = loss_mask[rows]
                         loss, loss_stats = policy_loss(
@@ -193,8 +200,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                     totals["entropy"] += float(masked_mean(entropy, mask)) / micro_batches
                     for key, value in loss_stats.items():
                         totals[key] += value / micro_batches
-                with _timed(timings, "optimizer"):
-                    grad_norm = _clip_gradients(trainable, train_cfg.max_grad_norm)
+                with timed(timings, "optimizer"):
+                    grad_norm = clip_gradients(trainable, train_cfg.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                 stats = totals
@@ -220,9 +227,9 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 **{f"time/{name}": seconds for name, seconds in timings.items()},
                 "tokens_per_second": rollout.num_completion_tokens / elapsed,
             }
-            _remember(state, {"reward/mean": metrics["reward/mean"]}, step)
-            _append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
-            log.info("step %d: %s", step, _fmt(metrics), extra={"console": False})
+            remember(state, {"reward/mean": metrics["reward/mean"]}, step)
+            append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
+            log.info("step %d: %s", step, fmt(metrics), extra={"console": False})
             if tracker:
                 tracker.log_metrics(metrics, step=step)
                 if train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
@@ -300,37 +307,6 @@ def _reference(model, reference):
     return nullcontext() if reference is not None else reference_logits_context(model)
 
 
-@contextmanager
-def _timed(timings: dict[str, float], name: str):
-    """Add the wall time of the block to ``timings[name]`` (the per-step breakdown)."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _lr_lambda(total: int, warmup_ratio: float, schedule: str):
-    """Linear warmup over warmup_ratio of the updates, then cosine to 0 (or constant)."""
-    warmup = int(total * warmup_ratio)
-
-    def factor(update: int) -> float:
-        if update < warmup:
-            return (update + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (update - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def _temperature(algo, step: int) -> float:
     """Linear schedule from algo.temperature to algo.temperature_final over the schedule's steps."""
     if algo.temperature_final is None or algo.temperature_schedule_steps <= 0:
@@ -352,13 +328,6 @@ def _next_examples(examples: list, position: int, count: int, seed: int) -> tupl
     return chosen, position
 
 
-def _clip_gradients(parameters: list, max_norm: float) -> float:
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
-    norms = [p.grad.detach().norm() for p in parameters if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
 def _improved(state: dict, value: float | None) -> dict:
     """Update best-metric bookkeeping (for save_best and early stopping) and return the state."""
     if value is not None:
@@ -367,59 +336,6 @@ def _improved(state: dict, value: float | None) -> dict:
         else:
             state["evals_without_improvement"] += 1
     return state
-
-
-def _remember(state: dict, figures: dict, step: int) -> None:
-    """Keep curves in the trainer state so plots survive a resume."""
-    for key, value in figures.items():
-        state["history"].setdefault(key, []).append([step, float(value)])  # lists: JSON round-trips them
-
-
-def _resolve_run_dir(config: PalaestraConfig) -> tuple[Path, Path | None]:
-    train_cfg = config.train
-    runs_root = Path("runs") / f"{config.task.name}-{config.algo.name}"
-    resume = train_cfg.resume
-    if resume and resume != "auto":
-        checkpoint = ckpt.resolve_resume(resume, Path(resume))
-        if checkpoint is not None:
-            return checkpoint.parent.parent, checkpoint
-    if train_cfg.output_dir:
-        run_dir = Path(train_cfg.output_dir)
-        return run_dir, ckpt.resolve_resume(resume, run_dir) if resume else None
-    if resume == "auto":
-        for candidate in sorted(runs_root.glob("*"), reverse=True):
-            checkpoint = ckpt.latest_checkpoint(candidate)
-            if checkpoint is not None:
-                return candidate, checkpoint
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = runs_root / stamp
-    suffix = 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = runs_root / f"{stamp}-{suffix}"
-    return run_dir, None
-
-
-def _attach_log_file(path: Path) -> None:
-    """Log to train.log beside the checkpoints (appending on resume) and to the console."""
-    log.setLevel(logging.INFO)
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
-    file_handler = logging.FileHandler(path)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    console = _TqdmHandler()
-    console.addFilter(lambda record: getattr(record, "console", True))  # per-step lines go to the file only
-    log.addHandler(file_handler)
-    log.addHandler(console)
-    log.propagate = False
-
-
-class _TqdmHandler(logging.Handler):
-    """Console lines that do not break the progress bar."""
-
-    def emit(self, record):
-        tqdm.write(self.format(record))
 
 
 def _start_tracking(config: PalaestraConfig, task, run_id: str | None, run_dir: Path):
@@ -464,48 +380,7 @@ def _log_plots(tracker, state: dict, run_dir: Path) -> None:
         tracker.log_artifact(str(path), "plots")
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    """A local, exact record of every step's figures beside the checkpoints."""
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
 def _short(reward_name: str) -> str:
     """A reward's logging name: "pkg.module:my_reward" -> "my_reward"."""
     return reward_name.rsplit(":", 1)[-1]
 
-
-def _fmt(metrics: dict) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-
-
-class _StopSignals:
-    """SIGUSR1: save a checkpoint at the next step boundary. SIGINT/SIGTERM: save and stop there.
-
-    A second SIGINT interrupts immediately.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self.save_requested = False
-        self._previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-            if sig is None:
-                continue
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-
-    def _handle(self, sig, frame):
-        if sig == getattr(signal, "SIGUSR1", None):
-            self.save_requested = True
-            return
-        if self.requested and sig == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.info("signal %s received: saving at the end of this step", signal.Signals(sig).name)
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

@@ -166,3 +166,63 @@ def test_signals_save_at_a_step_boundary(tmp_path, sig):
     last_step = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
     assert saved[-1].name == f"step-{last_step:06d}"
     assert last_step < 2000
+
+
+TEAM = ["train", "algo=at_grpo", "env=math", "env.name=tests.recipes.envs:CountingEnv", "+env.params.max_turns=2",
+        "model=tiny", "env.train_envs=2", "env.test_envs=2", "algo.max_completion_length=6", "train.micro_batch_size=8",
+        "train.learning_rate=1e-2", "train.save_interval=1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["shared", "per_role", "separate"])
+def test_at_grpo_trains_every_policy_mode(tmp_path, mode):
+    result = run_cli([*TEAM, f"policy={mode}", "train.steps=2", "train.output_dir=run"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "success_rate" in result.stdout  # the before/after table
+    final = tmp_path / "run" / "checkpoints" / "step-000002"
+    parts = sorted(p.name for p in final.glob("policy-*"))
+    assert parts == (["policy-shared"] if mode == "shared" else ["policy-checker", "policy-proposer"])
+    for part in parts:
+        weights = load_file(final / part / "trainable.safetensors")
+        assert any(t.abs().sum() > 0 for name, t in weights.items() if "lora_B" in name), f"{part} did not train"
+    steps = _metrics(tmp_path / "run")
+    assert sorted(steps) == [1, 2] and "success_rate" in steps[2] and "reward/proposer" in steps[2]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    state = json.loads((final / "trainer_state.json").read_text())
+    run = client.get_run(state["mlflow_run_id"])
+    assert run.data.tags["policy"] == mode and "eval/success_rate" in run.data.metrics
+    transcripts = {a.path for a in client.list_artifacts(run.info.run_id, "transcripts")}
+    assert "transcripts/before_step000000.json" in transcripts
+
+
+@pytest.mark.slow
+def test_at_grpo_resume_restores_every_policy(tmp_path):
+    common = [*TEAM, "policy=per_role", "train.steps=2", "tracking.enabled=false"]
+    straight = run_cli([*common, "train.output_dir=straight"], tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = run_cli([*common, "train.output_dir=resumed", "train.stop_after_steps=1"], tmp_path)
+    second = run_cli([*common, "train.output_dir=resumed", "train.resume=auto"], tmp_path)
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-3000:]
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+    assert a[2]["proposer/loss"] == b[2]["proposer/loss"] and a[2]["checker/loss"] == b[2]["checker/loss"]
+    for part in ("policy-proposer", "policy-checker"):
+        wa = load_file(tmp_path / "straight" / "checkpoints" / "step-000002" / part / "trainable.safetensors")
+        wb = load_file(tmp_path / "resumed" / "checkpoints" / "step-000002" / part / "trainable.safetensors")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_at_grpo_eval_command(tmp_path):
+    trained = run_cli([*TEAM, "policy=per_role", "train.steps=1", "train.output_dir=run", "tracking.enabled=false"], tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    result = run_cli(["eval", *TEAM[1:], "policy=per_role", "eval.checkpoint=run", "tracking.enabled=false"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "success_rate" in result.stdout and "local_reward/checker" in result.stdout
+
+
+def test_at_grpo_bad_input(tmp_path):
+    result = run_cli(["train", "algo=at_grpo", "model=tiny", "algo.samples_per_state=1"], tmp_path, timeout=120)
+    assert result.returncode == 2 and "algo.samples_per_state=1 must be >= 2" in result.stderr
+    result = run_cli(["train", "algo=at_grpo", "model=tiny", "env.name=nowhere"], tmp_path, timeout=120)
+    assert result.returncode == 2 and "env.name='nowhere' is unknown" in result.stderr
+    assert list(tmp_path.iterdir()) == []

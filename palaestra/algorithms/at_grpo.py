@@ -1,0 +1,57 @@
+"""AT-GRPO math: agent rewards and group filters (agent- and turn-wise grouped GRPO).
+
+A group is the K answers one agent gave from one shared state: key (problem, turn, agent). The
+advantages inside a group are GRPO's (``grpo.group_advantages``); what is specific to AT-GRPO is
+how an answer's reward mixes the team's and the agent's own, and which groups are worth training on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+GROUP_FILTERS = ("none", "mean", "std", "dapo", "uid")
+
+
+def agent_reward(local: float, team: float, alpha: float) -> float:
+    """reward = alpha * team + local.
+
+    >>> agent_reward(local=0.5, team=1.0, alpha=0.7)
+    1.2
+    """
+    return alpha * team + local
+
+
+def select_samples(groups: list[Tensor], method: str = "none", ratio: float = 0.0) -> list[Tensor]:
+    """Which answers to train on: one bool mask per group (groups may differ in size).
+
+    - ``none``: all.
+    - ``mean``: drop the ``ratio`` fraction of groups with the lowest mean reward.
+    - ``std``: drop the ``ratio`` fraction of groups with the lowest reward std (least signal).
+    - ``dapo``: drop every group whose rewards are all equal (zero advantage, no gradient).
+    - ``uid``: in every group drop the ``ratio`` fraction of answers furthest from the group mean.
+
+    Rounding: ``int(ratio * count)`` items are dropped, so a small ratio on few groups drops none.
+
+    >>> [m.tolist() for m in select_samples([torch.tensor([1., 1.]), torch.tensor([0., 1.])], "dapo")]
+    [[False, False], [True, True]]
+    """
+    if method not in GROUP_FILTERS:
+        raise ValueError(f"group filter {method!r} is unknown; use one of {', '.join(GROUP_FILTERS)}")
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"filter_ratio={ratio} must be in [0, 1)")
+    keep = [torch.ones(len(rewards), dtype=torch.bool) for rewards in groups]
+    if method == "none" or not groups:
+        return keep
+    if method == "dapo":
+        return [mask & (rewards.max() > rewards.min()) for mask, rewards in zip(keep, groups)]
+    if method == "uid":
+        for mask, rewards in zip(keep, groups):
+            drop = int(ratio * len(rewards))
+            if drop:
+                mask[(rewards - rewards.mean()).abs().topk(drop).indices] = False
+        return keep
+    scores = torch.tensor([float(r.mean()) if method == "mean" else float(r.std(unbiased=False)) for r in groups])
+    for index in scores.argsort()[: int(ratio * len(groups))].tolist():
+        keep[index][:] = False
+    return keep

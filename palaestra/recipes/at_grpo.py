@@ -1,0 +1,329 @@
+"""AT-GRPO: train a team of LLM agents in a multi-turn environment (PettingLLMs, arXiv 2510.11062).
+
+Launch::
+
+    palaestra train algo=at_grpo env=plan_path policy=shared
+    palaestra train algo=at_grpo env=sokoban policy=per_role algo.samples_per_state=8
+    palaestra eval algo=at_grpo env=plan_path eval.checkpoint=runs/plan_path-at_grpo/<stamp>
+
+Each step plays ``env.train_envs`` fresh problems. Every turn, every agent in the environment's
+turn order answers K times from the same state; each answer is applied to its own copy of the
+environment and scored (agent reward = alpha * team + local); the best branch is carried forward.
+The K answers of one (problem, turn, agent) form a GRPO group; their normalised rewards are the
+advantages. Each policy then takes a clipped policy-gradient step on the answers of the roles it
+serves — with ``policy=per_role`` each role's LoRA adapter learns only from its own answers.
+
+Simplifications relative to the paper: one optimizer step per policy per rollout batch (one PPO
+epoch, as in the reference) and no critic; evaluation plays each test problem without branching.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from palaestra import checkpoint as ckpt
+from palaestra.algorithms.at_grpo import select_samples
+from palaestra.algorithms.grpo import group_advantages, policy_loss
+from palaestra.config import ConfigError, PalaestraConfig
+from palaestra.envs import resolve_env, test_seeds, train_seeds
+from palaestra.models import model_id
+from palaestra.models.logprobs import completion_logprobs
+from palaestra.models.policies import Policy, build_policies
+from palaestra.models.precision import autocast, resolve_precision
+from palaestra.recipes.common import (
+    StopSignals,
+    append_jsonl,
+    attach_log_file,
+    clip_gradients,
+    fmt,
+    lr_lambda,
+    remember,
+    resolve_run_dir,
+    seed_everything,
+    timed,
+)
+from palaestra.rollout import SamplingParams
+from palaestra.rollout.tree import AgentGroup, Episode, independent_groups, stack_rows, tree_rollout
+from palaestra.tracking import MlflowTracker, flatten_config, plot_curves
+
+log = logging.getLogger("palaestra")
+
+
+def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict:
+    """Train a team with AT-GRPO; return the run folder, the MLflow run id and the figures."""
+    train_cfg, algo, env_cfg = config.train, config.algo, config.env
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    seed_everything(train_cfg.seed)
+
+    # ---- environments (cheap; fails before any model loads on bad parameters)
+    env_class = resolve_env(env_cfg.name)
+    try:
+        make_env = lambda: env_class(**dict(env_cfg.params))  # noqa: E731 - a factory, one env per problem
+        make_env()
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"env.params for {env_cfg.name}: {str(error).splitlines()[0]}") from None
+    roles = tuple(make_env().turn_order)
+
+    # ---- policies: models, adapters, optimizers
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(config.model.precision, device)
+    lora = config.model.lora
+    lora_args = dict(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules) if lora.enabled else None
+    policies, role_policy = build_policies(
+        config.policy.mode, roles, model_name=config.model.name, model_path=config.model.path, dtype=config.model.dtype,
+        device=device, lora=lora_args, role_models=dict(config.policy.role_models),
+        max_prompt_length=algo.max_prompt_length, precision=precision,
+    )
+    for policy in policies.values():
+        policy.activate()
+        policy.optimizer = torch.optim.AdamW(
+            list(policy.parameters().values()), lr=train_cfg.learning_rate,
+            betas=(train_cfg.adam_beta1, train_cfg.adam_beta2), weight_decay=train_cfg.weight_decay,
+        )
+        policy.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            policy.optimizer, lr_lambda(train_cfg.steps, train_cfg.warmup_ratio, train_cfg.lr_schedule)
+        )
+
+    # ---- run folder, resume, tracking
+    run_dir, resume_from = resolve_run_dir(train_cfg, Path("runs") / f"{env_cfg.name}-{algo.name}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    attach_log_file(run_dir / "train.log")
+    log.info("env %s, roles %s -> policies %s, device %s, precision %s", env_cfg.name, roles, role_policy, device, precision)
+    parts = {name: policy.checkpoint_part() for name, policy in policies.items()}
+    state = {"step": 0, "mlflow_run_id": None, "history": {}}
+    if resume_from is not None:
+        state.update(ckpt.load_checkpoint(resume_from, parts=parts))
+        log.info("resumed from %s at step %d", resume_from, state["step"])
+    tracker = _start_tracking(config, state["mlflow_run_id"], run_dir)
+    state["mlflow_run_id"] = tracker.run_id if tracker else None
+
+    train_sampling = SamplingParams(algo.max_completion_length, algo.temperature, algo.top_p, algo.top_k)
+    results: dict = {"run_dir": str(run_dir), "mlflow_run_id": state["mlflow_run_id"]}
+
+    def generate(agent: str, prompts: list[list[dict]], samples: int, sampling: SamplingParams):
+        policy = policies[role_policy[agent]]
+        policy.activate()
+        return policy.generator.generate(prompts, samples, sampling)
+
+    def run_eval(step: int, label: str) -> dict:
+        figures, episodes = evaluate_team(make_env, generate, env_cfg.test_envs, config, base_seed=env_cfg.seed)
+        log.info("eval (%s, step %d): %s", label, step, fmt(figures))
+        remember(state, {f"eval/{k_}": v for k_, v in figures.items()}, step)
+        if tracker:
+            tracker.log_metrics({f"eval/{k_}": v for k_, v in figures.items()}, step=step)
+            tracker.log_dict({"episodes": [vars(e) for e in episodes[:4]]}, f"transcripts/{label}_step{step:06d}.json")
+        return figures
+
+    if evaluate_before_after and state["step"] == 0:
+        results["before"] = run_eval(0, "before")
+
+    stop = StopSignals()
+    progress = tqdm(total=train_cfg.steps, initial=state["step"], desc="at_grpo", dynamic_ncols=True)
+    loop_started, steps_this_run, out_of_time = time.perf_counter(), 0, False
+    try:
+        while state["step"] < train_cfg.steps and not stop.requested:
+            step = state["step"] + 1
+            started = time.perf_counter()
+            timings: dict[str, float] = {}
+
+            # 1. roll out: a tree of K answers per (turn, agent) over fresh training problems
+            seeds = train_seeds(env_cfg.train_envs, base=env_cfg.seed + (step - 1) * env_cfg.train_envs)
+            with timed(timings, "rollout"):
+                groups, episodes = _rollout(make_env, seeds, generate, train_sampling, algo)
+
+            # 2. score and 3. advantages: normalised inside each (problem, turn, agent) group
+            keep = select_samples([torch.tensor(g.rewards) for g in groups], algo.group_filter, algo.filter_ratio)
+            advantages = [group_advantages(torch.tensor(g.rewards), len(g.rewards), scale="none" if len(g.rewards) < 2 else algo.scale_rewards)
+                          for g in groups]
+
+            # 4. loss and step: each policy on the answers of the roles it serves
+            stats: dict[str, float] = {}
+            with timed(timings, "train"):
+                for name, policy in policies.items():
+                    stats.update(_train_policy(policy, groups, advantages, keep, role_policy, config))
+            state["step"] = step
+
+            # 5. log / eval / checkpoint
+            elapsed = time.perf_counter() - started
+            metrics = {**stats, **_rollout_metrics(groups, episodes), "time/step": elapsed,
+                       **{f"time/{n}": s for n, s in timings.items()},
+                       "learning_rate": next(iter(policies.values())).scheduler.get_last_lr()[0]}
+            tokens = sum(int(rollout.completion_mask[row].sum()) for g in groups for rollout, row in g.answers)
+            metrics["tokens_per_second"] = tokens / elapsed
+            remember(state, {"success_rate": metrics["success_rate"], "reward/mean": metrics["reward/mean"]}, step)
+            append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
+            log.info("step %d: %s", step, fmt(metrics), extra={"console": False})
+            if tracker:
+                tracker.log_metrics(metrics, step=step)
+                if train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
+                    tracker.log_dict({"episodes": [vars(e) for e in episodes[:2]]}, f"transcripts/train_step{step:06d}.json")
+            progress.update(1)
+            progress.set_postfix(success=f"{metrics['success_rate']:.2f}", reward=f"{metrics['reward/mean']:.2f}",
+                                 tok_s=f"{metrics['tokens_per_second']:.0f}")
+
+            if train_cfg.eval_interval and step % train_cfg.eval_interval == 0:
+                run_eval(step, "train")
+            steps_this_run += 1
+            out_of_time = bool(train_cfg.max_seconds) and time.perf_counter() - loop_started >= train_cfg.max_seconds
+            interrupted = stop.requested or out_of_time or (
+                train_cfg.stop_after_steps and steps_this_run >= train_cfg.stop_after_steps
+            )
+            if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or stop.save_requested or interrupted \
+                    or step == train_cfg.steps:
+                stop.save_requested = False
+                ckpt.save_checkpoint(run_dir, step, parts=parts, trainer_state=state, keep_last_n=train_cfg.keep_last_n or None)
+            if interrupted:
+                log.info("stopping at step %d (checkpoint saved); resume with train.resume=auto train.output_dir=%s", step, run_dir)
+                break
+    except BaseException:
+        if tracker:
+            tracker.end("KILLED" if stop.requested else "FAILED")
+        raise
+    finally:
+        progress.close()
+        stop.restore()
+
+    finished = state["step"] >= train_cfg.steps
+    if evaluate_before_after and (finished or out_of_time):
+        results["after"] = run_eval(state["step"], "after")
+    if tracker:
+        curves = {k_: [tuple(p) for p in v] for k_, v in state["history"].items() if k_ in ("success_rate", "eval/success_rate")}
+        if curves:
+            tracker.log_artifact(str(plot_curves(curves, run_dir / "success_curve.png", "AT-GRPO: success rate", smooth=5)), "plots")
+        tracker.log_artifact(str(run_dir / "train.log"))
+        tracker.end("FINISHED" if finished or not stop.requested else "KILLED")
+        results["mlflow_hint"] = tracker.run_url_hint()
+    results.update(step=state["step"], finished=finished, train_seconds=time.perf_counter() - loop_started)
+    return results
+
+
+# ------------------------------------------------------------------------------------------ pieces
+
+
+def _rollout(make_env, seeds: list[int], generate, sampling: SamplingParams, algo) -> tuple[list[AgentGroup], list[Episode]]:
+    """Tree rollout (K branches per state), or K independent episodes per problem (no_tree)."""
+    k = algo.samples_per_state
+    gen = lambda agent, prompts, n: generate(agent, prompts, n, sampling)  # noqa: E731
+    if algo.rollout == "tree":
+        envs = [make_env() for _ in seeds]
+        return tree_rollout(envs, seeds, gen, samples_per_state=k, alpha=algo.alpha)
+    copies = [s for s in seeds for _ in range(k)]
+    groups, episodes = tree_rollout([make_env() for _ in copies], copies, gen, samples_per_state=1, alpha=algo.alpha, branch=False)
+    return [g for g in independent_groups(groups, k) if len(g.rewards) > 1], episodes
+
+
+def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config) -> dict[str, float]:
+    """One clipped policy-gradient step of ``policy`` on the kept answers of its roles."""
+    algo, train_cfg = config.algo, config.train
+    pairs, advs = [], []
+    for group, group_adv, mask in zip(groups, advantages, keep):
+        if role_policy[group.agent] != policy.name:
+            continue
+        for answer, adv, kept in zip(group.answers, group_adv.tolist(), mask.tolist()):
+            if kept:
+                pairs.append(answer)
+                advs.append(adv)
+    name = policy.name
+    if not pairs:
+        return {f"{name}/loss": 0.0, f"{name}/samples": 0.0}
+    policy.activate()
+    batch = stack_rows(pairs, policy.tokenizer.pad_token_id)
+    advantages_t = torch.tensor(advs, dtype=torch.float32)
+    device = next(policy.model.parameters()).device
+    mask = batch.completion_mask.float().to(device)
+    precision = policy.generator.precision
+    size = train_cfg.micro_batch_size
+    slices = [slice(i, i + size) for i in range(0, len(pairs), size)]
+    num_items = mask.sum().clamp(min=1)
+    policy.optimizer.zero_grad(set_to_none=True)
+    totals = {"loss": 0.0, "kl": 0.0, "clip_ratio/region": 0.0}
+    for rows in slices:
+        args = (batch.prompt_ids[rows], batch.prompt_mask[rows], batch.completion_ids[rows], batch.completion_mask[rows])
+        ref = None
+        if algo.beta > 0:
+            with torch.no_grad(), policy.model.disable_adapter(), autocast(precision, device):
+                ref = completion_logprobs(policy.model, *args, temperature=algo.temperature)[0]
+        with autocast(precision, device):
+            logp, _ = completion_logprobs(policy.model, *args, temperature=algo.temperature)
+        loss, loss_stats = policy_loss(
+            logp, logp.detach(), advantages_t[rows].to(device), mask[rows], loss_type=algo.loss_type,
+            epsilon=algo.epsilon, epsilon_high=algo.epsilon_high, beta=algo.beta, ref_logp=ref,
+            max_completion_length=algo.max_completion_length, num_items_in_batch=num_items,
+        )
+        share = len(range(*rows.indices(len(pairs)))) / len(pairs)
+        scaled = loss if algo.loss_type == "dapo" else loss * share
+        scaled.backward()
+        totals["loss"] += float(scaled.detach())
+        totals["kl"] += loss_stats["kl"] * share
+        totals["clip_ratio/region"] += loss_stats["clip_ratio/region"] * share
+    grad_norm = clip_gradients(list(policy.parameters().values()), train_cfg.max_grad_norm)
+    policy.optimizer.step()
+    policy.scheduler.step()
+    return {f"{name}/{key}": value for key, value in totals.items()} | {
+        f"{name}/grad_norm": grad_norm, f"{name}/samples": float(len(pairs))}
+
+
+def _rollout_metrics(groups: list[AgentGroup], episodes: list[Episode]) -> dict[str, float]:
+    """Success rate, episode length, and reward per agent and per turn of a batch of episodes."""
+    metrics = {
+        "success_rate": float(np.mean([e.success for e in episodes])),
+        "episode_length": float(np.mean([e.turns for e in episodes])),
+        "reward/mean": float(np.mean([r for g in groups for r in g.rewards])) if groups else 0.0,
+    }
+    for key in sorted({g.agent for g in groups}):
+        rewards = [r for g in groups if g.agent == key for r in g.rewards]
+        metrics[f"reward/{key}"] = float(np.mean(rewards))
+    for turn in sorted({g.turn for g in groups}):
+        rewards = [r for g in groups if g.turn == turn for r in g.rewards]
+        metrics[f"reward/turn{turn + 1}"] = float(np.mean(rewards))
+    return metrics
+
+
+def evaluate_team(make_env, generate, count: int, config: PalaestraConfig, *, base_seed: int = 0) -> tuple[dict, list[Episode]]:
+    """Play ``count`` test problems without branching: success rate, episode length, per-agent
+    and per-turn rewards (means of the acting agent's local and the team reward).
+
+    Greedy by default; with ``eval.greedy=false`` each problem is played ``eval.num_samples``
+    times at ``eval.temperature`` and the figures average over all plays.
+    """
+    ev, algo = config.eval, config.algo
+    sampling = SamplingParams(ev.max_new_tokens or algo.max_completion_length, ev.temperature, ev.top_p, ev.top_k,
+                              greedy=ev.greedy)
+    plays = 1 if ev.greedy else ev.num_samples
+    seeds = [s for s in test_seeds(count, base=base_seed) for _ in range(plays)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        groups, episodes = tree_rollout([make_env() for _ in seeds], seeds,
+                                        lambda agent, prompts, n: generate(agent, prompts, n, sampling),
+                                        samples_per_state=1, alpha=algo.alpha, branch=False)
+    figures = _rollout_metrics(groups, episodes)
+    for agent in sorted({g.agent for g in groups}):
+        results = [r for g in groups if g.agent == agent for r in g.results]
+        figures[f"local_reward/{agent}"] = float(np.mean([r.local_reward for r in results]))
+        figures[f"team_reward/{agent}"] = float(np.mean([r.team_reward for r in results]))
+    return figures, episodes
+
+
+def _start_tracking(config: PalaestraConfig, run_id: str | None, run_dir: Path):
+    if not config.tracking.enabled:
+        return None
+    name = config.tracking.run_name or f"{config.env.name}-{config.algo.name}-{config.policy.mode}-{config.model.name}"
+    tracker = MlflowTracker(config.tracking.experiment, run_name=name, run_id=run_id, tracking_uri=config.tracking.tracking_uri)
+    if run_id is None:
+        resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+        resolved.pop("task", None)  # single-turn task settings do not apply to environments
+        tracker.log_params(flatten_config(resolved))
+        tracker.set_tags({"env": config.env.name, "task": config.env.name, "algo": config.algo.name,
+                          "policy": config.policy.mode, "model": model_id(config.model.name, config.model.path),
+                          "dataset_version": f"{config.env.name}:{sorted(dict(config.env.params).items())}:seed={config.env.seed}",
+                          "run_dir": str(run_dir.resolve())})
+        tracker.log_dict(resolved, "config.yaml")
+    return tracker

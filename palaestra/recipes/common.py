@@ -1,0 +1,158 @@
+"""Pieces every training recipe shares: run folders, logging, signals, schedules, timing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import signal
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger("palaestra")
+
+
+@contextmanager
+def timed(timings: dict[str, float], name: str):
+    """Add the wall time of the block to ``timings[name]`` (the per-step breakdown)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(total: int, warmup_ratio: float, schedule: str):
+    """Linear warmup over warmup_ratio of the updates, then cosine to 0 (or constant)."""
+    warmup = int(total * warmup_ratio)
+
+    def factor(update: int) -> float:
+        if update < warmup:
+            return (update + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (update - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def clip_gradients(parameters: list, max_norm: float) -> float:
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    norms = [p.grad.detach().norm() for p in parameters if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def remember(state: dict, figures: dict, step: int) -> None:
+    """Keep curves in the trainer state so plots survive a resume."""
+    for key, value in figures.items():
+        state["history"].setdefault(key, []).append([step, float(value)])  # lists: JSON round-trips them
+
+
+def attach_log_file(path: Path) -> None:
+    """Log to train.log beside the checkpoints (appending on resume) and to the console."""
+    log.setLevel(logging.INFO)
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    console = TqdmHandler()
+    console.addFilter(lambda record: getattr(record, "console", True))  # per-step lines go to the file only
+    log.addHandler(file_handler)
+    log.addHandler(console)
+    log.propagate = False
+
+
+class TqdmHandler(logging.Handler):
+    """Console lines that do not break the progress bar."""
+
+    def emit(self, record):
+        tqdm.write(self.format(record))
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """A local, exact record of every step's figures beside the checkpoints."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def fmt(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+
+
+class StopSignals:
+    """SIGUSR1: save a checkpoint at the next step boundary. SIGINT/SIGTERM: save and stop there.
+
+    A second SIGINT interrupts immediately.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.save_requested = False
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is None:
+                continue
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, sig, frame):
+        if sig == getattr(signal, "SIGUSR1", None):
+            self.save_requested = True
+            return
+        if self.requested and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.info("signal %s received: saving at the end of this step", signal.Signals(sig).name)
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resolve_run_dir(train_cfg, runs_root: Path) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to resume from (None: a fresh start).
+
+    ``train.resume`` = a path: that checkpoint (its run folder continues). ``train.output_dir``:
+    that folder (with ``resume=auto``, its latest checkpoint). Otherwise a new timestamped folder
+    under ``runs_root``, or with ``resume=auto`` the newest run there that has a checkpoint.
+    """
+    from palaestra import checkpoint as ckpt
+
+    resume = train_cfg.resume
+    if resume and resume != "auto":
+        checkpoint = ckpt.resolve_resume(resume, Path(resume))
+        if checkpoint is not None:
+            return checkpoint.parent.parent, checkpoint
+    if train_cfg.output_dir:
+        run_dir = Path(train_cfg.output_dir)
+        return run_dir, ckpt.resolve_resume(resume, run_dir) if resume else None
+    if resume == "auto":
+        for candidate in sorted(runs_root.glob("*"), reverse=True):
+            checkpoint = ckpt.latest_checkpoint(candidate)
+            if checkpoint is not None:
+                return candidate, checkpoint
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = runs_root / stamp
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = runs_root / f"{stamp}-{suffix}"
+    return run_dir, None
