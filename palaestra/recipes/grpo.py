@@ -47,7 +47,7 @@ from palaestra.algorithms.grpo import group_advantages, masked_mean, policy_loss
 from palaestra.config import PalaestraConfig, reward_weights
 from palaestra.evaluation.evaluate import EvalResult, evaluate
 from palaestra.models import apply_lora, frozen_reference_copy, load_model_and_tokenizer, model_id, reference_logits_context
-from palaestra.models.precision import autocast, resolve_precision
+from palaestra.models.precision import autocast, resolve_precision, weights_dtype
 from palaestra.models.logprobs import completion_logprobs, grouped_completion_logprobs
 from palaestra.rewards import combine_rewards
 from palaestra.rollout import HFGenerator, SamplingParams
@@ -72,7 +72,9 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
     # ---- model, adapter, reference
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype=config.model.dtype, device=device)
+    precision = resolve_precision(config.model.precision, device)
+    dtype = weights_dtype(config.model.dtype, precision, config.model.lora.enabled)
+    model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype=dtype, device=device)
     if config.model.lora.enabled:
         lora = config.model.lora
         model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
@@ -80,14 +82,13 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     if algo.beta > 0 and not config.model.lora.enabled:
         reference = frozen_reference_copy(model)  # full fine-tuning needs a frozen copy; LoRA does not
     model.train()
-    precision = resolve_precision(config.model.precision, device)
     generator = HFGenerator(model, tokenizer, max_prompt_length=algo.max_prompt_length, precision=precision)
 
     # ---- run folder, optimizer, resume
     run_dir, resume_from = resolve_run_dir(config.train, Path("runs") / f"{config.task.name}-{config.algo.name}")
     run_dir.mkdir(parents=True, exist_ok=True)
     attach_log_file(run_dir / "train.log")
-    log.info("device %s, compute precision %s", device, precision)
+    log.info("device %s, compute precision %s, weights %s", device, precision, dtype)
     updates_total = train_cfg.steps * algo.num_iterations
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(

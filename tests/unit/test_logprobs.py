@@ -71,3 +71,28 @@ def test_bf16_autocast_logprobs_stay_close_to_fp32():
     # bf16 keeps 8 bits of mantissa: log-probs of a ~5.5-nat distribution move by a few hundredths
     assert (exact - mixed)[mask].abs().max() < 0.1
     assert (exact - mixed)[mask].abs().mean() < 0.03
+
+
+def test_weights_dtype_auto_keeps_fp32_master_weights_where_needed():
+    from palaestra.models.precision import resolve_precision, weights_dtype
+
+    assert weights_dtype("auto", "bf16", lora=True) == "bfloat16"  # frozen base: bf16 is enough
+    assert weights_dtype("auto", "bf16", lora=False) == "float32"  # full fine-tuning: fp32 master weights
+    assert weights_dtype("auto", "fp32", lora=True) == "float32"
+    assert weights_dtype("float16", "bf16", lora=True) == "float16"  # an explicit choice wins
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", "cpu") in ("bf16", "fp32")
+
+
+def test_lora_over_a_bf16_base_keeps_fp32_adapters_and_trains():
+    model, _ = build_tiny_model(seed=0)
+    model = apply_lora(model.to(torch.bfloat16), r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert adapters and all(p.dtype == torch.float32 and p.requires_grad for p in adapters)
+    batch = _grouped_batch()
+    from palaestra.models.precision import autocast
+
+    with autocast("bf16", "cpu"):
+        logp, _ = grouped_completion_logprobs(model, *batch, 4)
+    (logp * batch[3]).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
