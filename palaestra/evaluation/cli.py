@@ -28,13 +28,19 @@ def load_trained_weights(model, checkpoint: Path):
     return model
 
 
+def _checkpoint(path: str | None) -> Path | None:
+    """The checkpoint named by eval.checkpoint (a step folder, or a run folder's latest), or None."""
+    if not path:
+        return None
+    checkpoint = ckpt.resolve_resume(path, Path(path))
+    if checkpoint is None:
+        raise ConfigError(f"eval.checkpoint={path} holds no checkpoint; point it at a run folder or step-* folder")
+    return checkpoint
+
+
 def evaluate_command(config: PalaestraConfig) -> str:
     """Run the evaluation, log it to MLflow, and return a printable summary."""
-    checkpoint = None
-    if config.eval.checkpoint:
-        checkpoint = ckpt.resolve_resume(config.eval.checkpoint, Path(config.eval.checkpoint))
-        if checkpoint is None:
-            raise ConfigError(f"eval.checkpoint={config.eval.checkpoint} holds no checkpoint; point it at a run folder or step-* folder")
+    checkpoint = _checkpoint(config.eval.checkpoint)
     task = build_task(config.task)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(config.model.precision, device)
@@ -79,11 +85,7 @@ def evaluate_team_command(config: PalaestraConfig) -> str:
     from palaestra.models.policies import build_policies
     from palaestra.recipes.at_grpo import evaluate_team
 
-    checkpoint = None
-    if config.eval.checkpoint:
-        checkpoint = ckpt.resolve_resume(config.eval.checkpoint, Path(config.eval.checkpoint))
-        if checkpoint is None:
-            raise ConfigError(f"eval.checkpoint={config.eval.checkpoint} holds no checkpoint; point it at a run folder or step-* folder")
+    checkpoint = _checkpoint(config.eval.checkpoint)
     env_class = resolve_env(config.env.name)
     make_env = lambda: env_class(**dict(config.env.params))  # noqa: E731
     roles = tuple(make_env().turn_order)

@@ -14,6 +14,8 @@ MODULES = [
     "palaestra.tasks.answers",
     "palaestra.evaluation.metrics",
     "palaestra.rollout.hf",
+    "palaestra.algorithms.at_grpo",
+    "palaestra.planner.metrics",
     "tests.recipes.rewards",
 ]
 
