@@ -44,8 +44,9 @@ from palaestra.recipes.common import (
     timed,
 )
 from palaestra.algorithms.grpo import group_advantages, masked_mean, policy_loss
-from palaestra.config import PalaestraConfig, reward_weights
-from palaestra.evaluation.evaluate import EvalResult, evaluate
+from palaestra.config import ConfigError, PalaestraConfig, reward_weights
+from palaestra.distributed import Distributed
+from palaestra.evaluation.evaluate import evaluate
 from palaestra.models import apply_lora, frozen_reference_copy, load_model_and_tokenizer, model_id, reference_logits_context
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
 from palaestra.models.logprobs import completion_logprobs, grouped_completion_logprobs
@@ -61,17 +62,26 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     """Train with GRPO; return the run folder, the MLflow run id and the final figures."""
     train_cfg, algo = config.train, config.algo
 
-    # ---- seed and threads
+    # ---- processes, seed and threads
+    dist = Distributed.from_environment()
+    prompts_per_step = train_cfg.batch_size // algo.num_generations
+    if prompts_per_step % dist.world or (train_cfg.batch_size // dist.world) % train_cfg.micro_batch_size:
+        raise ConfigError(
+            f"{prompts_per_step} prompts per step (train.batch_size={train_cfg.batch_size}) cannot be split over {dist.world} "
+            f"processes in micro-batches of {train_cfg.micro_batch_size}; use a batch that divides evenly"
+        )
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     seed_everything(train_cfg.seed)
+    if dist.rank:  # every process samples differently; rank 0 samples exactly like a single process
+        torch.manual_seed(train_cfg.seed + 1000 * dist.rank)
 
     # ---- data (cheap, and fails before the model loads on a bad dataset)
     task = build_task(config.task)
     eval_examples = task.test[: config.eval.max_examples or None]
 
     # ---- model, adapter, reference
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = dist.device()
     precision = resolve_precision(config.model.precision, device)
     dtype = weights_dtype(config.model.dtype, precision, config.model.lora.enabled)
     model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype=dtype, device=device)
@@ -85,9 +95,11 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     generator = HFGenerator(model, tokenizer, max_prompt_length=algo.max_prompt_length, precision=precision)
 
     # ---- run folder, optimizer, resume
-    run_dir, resume_from = resolve_run_dir(config.train, Path("runs") / f"{config.task.name}-{config.algo.name}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    attach_log_file(run_dir / "train.log")
+    run_dir, resume_from = dist.broadcast(resolve_run_dir(config.train, Path("runs") / f"{config.task.name}-{config.algo.name}"))
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        attach_log_file(run_dir / "train.log")
+    dist.barrier()
     log.info("device %s, compute precision %s, weights %s", device, precision, dtype)
     updates_total = train_cfg.steps * algo.num_iterations
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -101,21 +113,27 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     state = {"step": 0, "data_position": 0, "mlflow_run_id": None, "best_metric": None,
              "evals_without_improvement": 0, "history": {}}
     if resume_from is not None:
-        state.update(ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler))
+        state.update(ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
+                                          restore_rng=dist.is_main))
+        if dist.rank:
+            torch.manual_seed(train_cfg.seed + 1000 * dist.rank + state["step"])
         log.info("resumed from %s at step %d", resume_from, state["step"])
 
-    # ---- tracking
-    tracker = _start_tracking(config, task, state["mlflow_run_id"], run_dir)
+    # ---- tracking (the main process only)
+    tracker = _start_tracking(config, task, state["mlflow_run_id"], run_dir) if dist.is_main else None
     state["mlflow_run_id"] = tracker.run_id if tracker else None
 
     weights = reward_weights(config.task)
-    prompts_per_step = train_cfg.batch_size // algo.num_generations
-    micro_batches = train_cfg.batch_size // train_cfg.micro_batch_size
+    micro_batches = train_cfg.batch_size // dist.world // train_cfg.micro_batch_size
     shared = _shared_rows(train_cfg.micro_batch_size, algo.num_generations, train_cfg.share_prompt_forward)
     eval_sampling = _eval_sampling(config)
     results: dict = {"run_dir": str(run_dir), "mlflow_run_id": state["mlflow_run_id"]}
 
-    def run_eval(step: int, label: str) -> EvalResult:
+    def run_eval(step: int, label: str) -> dict | None:
+        """Evaluate on the main process (the others wait); figures on the main process, else None."""
+        if not dist.is_main:
+            dist.barrier()
+            return None
         result = evaluate(
             generator, task, eval_examples, reward_weights=weights, format_reward=config.task.format_reward,
             sampling=eval_sampling, num_samples=config.eval.num_samples, pass_k=list(config.eval.pass_k),
@@ -127,15 +145,16 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         if tracker:
             tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=step)
             tracker.log_table(result.samples[:32], f"eval/samples_{label}_step{step:06d}.json")
-        return result
+        dist.barrier()
+        return figures
 
     if evaluate_before_after and state["step"] == 0:
-        results["before"] = run_eval(0, "before").metrics()
+        results["before"] = run_eval(0, "before")
 
     stop = StopSignals()
     loop_started = time.perf_counter()
     out_of_time = False
-    progress = tqdm(total=train_cfg.steps, initial=state["step"], desc="grpo", dynamic_ncols=True)
+    progress = tqdm(total=train_cfg.steps, initial=state["step"], desc="grpo", dynamic_ncols=True, disable=not dist.is_main)
     steps_this_run = 0
     try:
         while state["step"] < train_cfg.steps and not stop.requested:
@@ -148,6 +167,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             examples, state["data_position"] = _next_examples(
                 task.train, state["data_position"], prompts_per_step, train_cfg.seed
             )
+            examples = dist.share(examples)  # every process draws the same prompts and keeps its share
             with timed(timings, "generation"):
                 rollout = generator.generate(
                     [task.prompt(e) for e in examples], algo.num_generations,
@@ -160,8 +180,10 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 rewards, components = combine_rewards(rollout.texts, columns, weights)
                 rewards = torch.tensor(rewards, dtype=torch.float32)
 
-            # 3. advantages: normalised within each prompt's group
-            advantages = group_advantages(rewards, algo.num_generations, scale=algo.scale_rewards).to(device)
+            # 3. advantages: normalised within each prompt's group (batch scaling sees every process)
+            all_rewards = dist.gather(rewards)
+            advantages = group_advantages(all_rewards, algo.num_generations, scale=algo.scale_rewards)
+            advantages = advantages.chunk(dist.world)[dist.rank].to(device)
             loss_mask = rollout.completion_mask.float()
             if algo.mask_truncated_completions:
                 loss_mask = loss_mask * (~rollout.truncated).float().unsqueeze(1)
@@ -178,34 +200,13 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                     with timed(timings, "reference"), _reference(model, reference):
                         ref_model = reference if reference is not None else model
                         ref_logps = [_logprobs(ref_model, rollout, s, temperature, shared, precision)[0] for s in slices]
-            num_items = loss_mask.sum().clamp(min=1)
             stats: dict[str, float] = {}
             for _ in range(algo.num_iterations):
-                optimizer.zero_grad(set_to_none=True)
-                totals = {"loss": 0.0, "kl": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0,
-                          "clip_ratio/region": 0.0, "entropy": 0.0}
-                for index, rows in enumerate(slices):
-                    with timed(timings, "policy_forward_backward"):
-                        logp, entropy = _logprobs(model, rollout, rows, temperature, shared, precision, with_entropy=True)
-                        mask = loss_mask[rows]
-                        loss, loss_stats = policy_loss(
-                            logp, old_logps[index] if old_logps else logp.detach(), advantages[rows], mask,
-                            loss_type=algo.loss_type, epsilon=algo.epsilon, epsilon_high=algo.epsilon_high,
-                            beta=algo.beta, ref_logp=ref_logps[index] if ref_logps else None,
-                            max_completion_length=algo.max_completion_length, num_items_in_batch=num_items,
-                        )
-                        # dapo already divides by the tokens of the whole batch; the others average micro-batches
-                        scaled = loss if algo.loss_type == "dapo" else loss / micro_batches
-                        scaled.backward()
-                    totals["loss"] += float(scaled.detach())
-                    totals["entropy"] += float(masked_mean(entropy, mask)) / micro_batches
-                    for key, value in loss_stats.items():
-                        totals[key] += value / micro_batches
-                with timed(timings, "optimizer"):
-                    grad_norm = clip_gradients(trainable, train_cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                stats = totals
+                stats, grad_norm = update_policy(
+                    model, optimizer, scheduler, trainable, rollout, advantages, loss_mask, algo=algo, slices=slices,
+                    shared=shared, precision=precision, temperature=temperature, old_logps=old_logps,
+                    ref_logps=ref_logps, max_grad_norm=train_cfg.max_grad_norm, dist=dist, timings=timings,
+                )
             state["step"] = step
 
             # 5. log / eval / checkpoint
@@ -214,8 +215,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             timings["other"] = elapsed - sum(timings.values())
             metrics = {
                 **stats,
-                "reward/mean": float(rewards.mean()),
-                "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+                "reward/mean": float(all_rewards.mean()),
+                "reward/std": float(all_rewards.std()) if len(all_rewards) > 1 else 0.0,
                 **{f"reward/{_short(name)}/mean": float(np.mean(values)) for name, values in components.items()},
                 "completion_length/mean": float(lengths.mean()),
                 "completion_length/max": float(lengths.max()),
@@ -226,10 +227,11 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 "temperature": temperature,
                 "time/step": elapsed,
                 **{f"time/{name}": seconds for name, seconds in timings.items()},
-                "tokens_per_second": rollout.num_completion_tokens / elapsed,
+                "tokens_per_second": float(dist.sum(torch.tensor(float(rollout.num_completion_tokens)))) / elapsed,
             }
             remember(state, {"reward/mean": metrics["reward/mean"]}, step)
-            append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
+            if dist.is_main:
+                append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
             log.info("step %d: %s", step, fmt(metrics), extra={"console": False})
             if tracker:
                 tracker.log_metrics(metrics, step=step)
@@ -241,19 +243,24 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
             evaluated = None
             if train_cfg.eval_interval and step % train_cfg.eval_interval == 0:
-                evaluated = run_eval(step, "train").metrics().get(train_cfg.best_metric)
+                figures = run_eval(step, "train")
+                evaluated = dist.broadcast(figures.get(train_cfg.best_metric) if figures else None)
             steps_this_run += 1
-            out_of_time = bool(train_cfg.max_seconds) and time.perf_counter() - loop_started >= train_cfg.max_seconds
-            interrupted = stop.requested or out_of_time or (
+            out_of_time = dist.any(bool(train_cfg.max_seconds) and time.perf_counter() - loop_started >= train_cfg.max_seconds)
+            interrupted = dist.any(bool(stop.requested or out_of_time or (
                 train_cfg.stop_after_steps and steps_this_run >= train_cfg.stop_after_steps
-            )
+            )))
+            stop.save_requested = dist.any(stop.save_requested)
             last = step == train_cfg.steps
             if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or stop.save_requested or interrupted or last or evaluated is not None:
                 stop.save_requested = False
-                path = ckpt.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                            trainer_state=_improved(state, evaluated), keep_last_n=train_cfg.keep_last_n or None)
-                if evaluated is not None and train_cfg.save_best:
-                    ckpt.save_best(run_dir, path, train_cfg.best_metric, evaluated)
+                _improved(state, evaluated)
+                if dist.is_main:
+                    path = ckpt.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                                trainer_state=state, keep_last_n=train_cfg.keep_last_n or None)
+                    if evaluated is not None and train_cfg.save_best:
+                        ckpt.save_best(run_dir, path, train_cfg.best_metric, evaluated)
+                dist.barrier()
             if interrupted:
                 log.info("stopping at step %d (checkpoint saved); resume with train.resume=auto train.output_dir=%s", step, run_dir)
                 break
@@ -271,7 +278,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     # ---- final evaluation, plots, cleanup
     finished = state["step"] >= train_cfg.steps
     if evaluate_before_after and (finished or out_of_time):
-        results["after"] = run_eval(state["step"], "after").metrics()
+        results["after"] = run_eval(state["step"], "after")
     if tracker:
         _log_plots(tracker, state, run_dir)
         tracker.log_artifact(str(run_dir / "train.log"))
@@ -283,6 +290,46 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+def update_policy(
+    model, optimizer, scheduler, trainable, rollout, advantages, loss_mask, *, algo, slices, shared, precision,
+    temperature, old_logps, ref_logps, max_grad_norm, dist: Distributed, timings: dict,
+) -> tuple[dict[str, float], float]:
+    """One optimizer update on this process's share of the batch, gradients averaged over processes.
+
+    Every micro-batch's loss is scaled so that the summed gradients equal those of the whole
+    batch in one process: the mean over micro-batches (and, after ``average_gradients``, over
+    processes) for grpo, bnpo and dr_grpo; dapo divides by the completion tokens of the whole
+    batch across processes instead.
+    """
+    micro_batches = len(slices)
+    num_items = dist.sum(loss_mask.sum()).clamp(min=1)
+    optimizer.zero_grad(set_to_none=True)
+    totals = {"loss": 0.0, "kl": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0, "clip_ratio/region": 0.0,
+              "entropy": 0.0}
+    for index, rows in enumerate(slices):
+        with timed(timings, "policy_forward_backward"):
+            logp, entropy = _logprobs(model, rollout, rows, temperature, shared, precision, with_entropy=True)
+            mask = loss_mask[rows]
+            loss, loss_stats = policy_loss(
+                logp, old_logps[index] if old_logps else logp.detach(), advantages[rows], mask,
+                loss_type=algo.loss_type, epsilon=algo.epsilon, epsilon_high=algo.epsilon_high,
+                beta=algo.beta, ref_logp=ref_logps[index] if ref_logps else None,
+                max_completion_length=algo.max_completion_length, num_items_in_batch=num_items,
+            )
+            scaled = loss * dist.world if algo.loss_type == "dapo" else loss / micro_batches
+            scaled.backward()
+        totals["loss"] += float(scaled.detach()) / (dist.world if algo.loss_type == "dapo" else 1)
+        totals["entropy"] += float(masked_mean(entropy, mask)) / micro_batches
+        for key, value in loss_stats.items():
+            totals[key] += value / micro_batches
+    with timed(timings, "optimizer"):
+        dist.average_gradients(trainable)
+        grad_norm = clip_gradients(trainable, max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+    return totals, grad_norm
 
 
 def _logprobs(model, rollout, rows: slice, temperature: float, shared_rows: int, precision: str, with_entropy: bool = False):
