@@ -20,6 +20,7 @@ from palaestra.envs.base import (
 from palaestra.envs.code_env import CodeEnv
 from palaestra.envs.math_env import MathEnv
 from palaestra.envs.plan_path import PlanPathEnv
+from palaestra.plugins import lookup
 from palaestra.envs.sokoban import SokobanEnv
 from palaestra.envs.sudoku import SudokuEnv
 
@@ -35,20 +36,11 @@ ENVIRONMENTS: dict[str, type[MultiAgentEnv]] = {
 
 def resolve_env(name: str) -> type[MultiAgentEnv]:
     """The environment class for a name in ``ENVIRONMENTS`` or an import path "package.module:Class"."""
-    if name in ENVIRONMENTS:
-        return ENVIRONMENTS[name]
-    if ":" in name:
-        import importlib
+    env_class = lookup(name, ENVIRONMENTS, "env.name")
+    if isinstance(env_class, type) and issubclass(env_class, MultiAgentEnv):
+        return env_class
+    raise ValueError(f"env.name={name!r} is not a MultiAgentEnv subclass")
 
-        module_name, _, attribute = name.partition(":")
-        try:
-            env_class = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as error:
-            raise ValueError(f"env.name={name!r} cannot be imported ({error})") from None
-        if isinstance(env_class, type) and issubclass(env_class, MultiAgentEnv):
-            return env_class
-        raise ValueError(f"env.name={name!r} is not a MultiAgentEnv subclass")
-    raise ValueError(f"env.name={name!r} is unknown; use one of {', '.join(ENVIRONMENTS)} or a 'package.module:Class' path")
 
 __all__ = [
     "ENVIRONMENTS",

@@ -8,9 +8,9 @@ import path, ``"my_package.my_module:my_reward"``.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
+from palaestra.plugins import lookup
 from palaestra.rewards.correctness import answer_format_reward, correctness_reward, number_only_reward
 from palaestra.rewards.tiered import (
     snap_to_tier,
@@ -65,19 +65,10 @@ def resolve_reward(name: str) -> RewardFunction:
     >>> resolve_reward("correctness") is correctness_reward
     True
     """
-    if name in REWARD_FUNCTIONS:
-        return REWARD_FUNCTIONS[name]
-    if ":" in name:
-        module_name, _, attribute = name.partition(":")
-        try:
-            function = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as error:
-            raise ValueError(f"reward {name!r} could not be imported: {error}") from None
-        if not callable(function):
-            raise ValueError(f"reward {name!r} is not a function")
-        return function
-    valid = ", ".join(REWARD_FUNCTIONS)
-    raise ValueError(f"unknown reward {name!r}; use one of {valid} or 'package.module:function'")
+    function = lookup(name, REWARD_FUNCTIONS, "reward")
+    if not callable(function):
+        raise ValueError(f"reward {name!r} is not a function")
+    return function
 
 
 def combine_rewards(

@@ -224,5 +224,5 @@ def test_at_grpo_bad_input(tmp_path):
     result = run_cli(["train", "algo=at_grpo", "model=tiny", "algo.samples_per_state=1"], tmp_path, timeout=120)
     assert result.returncode == 2 and "algo.samples_per_state=1 must be >= 2" in result.stderr
     result = run_cli(["train", "algo=at_grpo", "model=tiny", "env.name=nowhere"], tmp_path, timeout=120)
-    assert result.returncode == 2 and "env.name='nowhere' is unknown" in result.stderr
+    assert result.returncode == 2 and "unknown env.name 'nowhere'" in result.stderr
     assert list(tmp_path.iterdir()) == []
