@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -79,7 +80,11 @@ def test_two_processes_update_like_one_process_on_the_whole_batch(tmp_path, loss
 @pytest.mark.slow
 def test_torchrun_two_processes_train_and_checkpoint(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    with socket.socket() as probe:  # a free port on this machine for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port),
                "-m", "palaestra.cli", "train", "model=tiny", "task.train_size=32", "task.test_size=8",
                "algo.num_generations=4", "algo.max_completion_length=6", "train.batch_size=16", "train.micro_batch_size=4",
                "train.steps=2", "train.output_dir=run", "tracking.enabled=false"]
