@@ -26,6 +26,8 @@ commands:
           agents with AT-GRPO (palaestra train algo=at_grpo env=plan_path policy=per_role)
   eval    evaluate a model or a checkpoint (eval.checkpoint=runs/.../checkpoints/step-000040;
           add algo=at_grpo env=... for a team in an environment)
+  export  write a trained checkpoint as a Hugging Face folder, LoRA merged (export.merge=false: adapter)
+          (palaestra export eval.checkpoint=runs/... export.output_dir=exported/my_model)
 
 hydra flags: --cfg job (print the config), --multirun (sweep a,b,c values), +experiment=quick_test,
              --help (all config groups and keys)
@@ -66,7 +68,14 @@ def _report(results: dict, config: PalaestraConfig) -> None:
     _print_where(results)
 
 
-COMMANDS = {"run": _run, "train": _train, "eval": _eval}
+def _export(config: PalaestraConfig) -> int:
+    from palaestra.evaluation.cli import export_command
+
+    print(export_command(config))
+    return 0
+
+
+COMMANDS = {"run": _run, "train": _train, "eval": _eval, "export": _export}
 
 # Mistakes a user can make in what they pass: reported in one line, exit code 2.
 _USER_ERRORS = (ConfigError, FileNotFoundError)

@@ -291,6 +291,16 @@ class TrackingConfig:
 
 
 @dataclass
+class ExportConfig:
+    """palaestra export: where and how to write the trained policy."""
+
+    output_dir: str = "exported"
+    """Folder to write (replaced atomically if it exists)."""
+    merge: bool = True
+    """Merge the LoRA adapter into the base (a plain Hugging Face model) or save the adapter alone."""
+
+
+@dataclass
 class PalaestraConfig:
     """The whole configuration of one run."""
 
@@ -303,6 +313,7 @@ class PalaestraConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 ALGO_SCHEMAS = {"grpo": AlgoConfig, "at_grpo": ATGRPOConfig}

@@ -125,3 +125,17 @@ def evaluate_team_command(config: PalaestraConfig) -> str:
     lines = [f"{config.env.name} test problems: {config.env.test_envs}, policy {config.policy.mode}, {decoding}"]
     lines += [f"  {key:<22}{value:.3f}" for key, value in figures.items()]
     return "\n".join(lines) + where
+
+
+def export_command(config: PalaestraConfig) -> str:
+    """``palaestra export eval.checkpoint=...``: the trained policy as a Hugging Face folder."""
+    from palaestra.export import export_policy
+
+    checkpoint = _checkpoint(config.eval.checkpoint)
+    if checkpoint is None:
+        raise ConfigError("palaestra export needs eval.checkpoint=<run folder or step-* folder>")
+    model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype="float32")
+    model = load_trained_weights(model, checkpoint)
+    folder = export_policy(model, tokenizer, Path(config.export.output_dir), merge=config.export.merge)
+    kind = "merged model" if config.export.merge else "adapter"
+    return f"exported the {kind} of {checkpoint} to {folder}"

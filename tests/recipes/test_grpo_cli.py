@@ -226,3 +226,29 @@ def test_at_grpo_bad_input(tmp_path):
     result = run_cli(["train", "algo=at_grpo", "model=tiny", "env.name=nowhere"], tmp_path, timeout=120)
     assert result.returncode == 2 and "unknown env.name 'nowhere'" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_export_merged_model_loads_with_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trained = run_cli(["train", *TINY, "train.steps=1", "train.output_dir=run", "tracking.enabled=false"], tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    merged = run_cli(["export", *TINY, "eval.checkpoint=run", "export.output_dir=merged"], tmp_path)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    adapter = run_cli(["export", *TINY, "eval.checkpoint=run", "export.output_dir=adapter", "export.merge=false"], tmp_path)
+    assert adapter.returncode == 0, adapter.stderr[-3000:]
+    assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "adapter" / "adapter_config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    # the merged model computes what base + adapter computed: compare with the checkpoint's adapter
+    from peft import PeftModel
+
+    from palaestra.models import build_tiny_model
+
+    base, _ = build_tiny_model(seed=0)
+    with_adapter = PeftModel.from_pretrained(base, tmp_path / "run" / "checkpoints" / "step-000001" / "adapter")
+    ids = tokenizer("What is 2 + 3?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, with_adapter(ids).logits, atol=1e-4)
