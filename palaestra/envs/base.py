@@ -309,6 +309,22 @@ class ToolPlanEnv(MultiAgentEnv):
     def _summary(self) -> str:
         """A few words on the state after a turn, for the history lines."""
 
+    def _play_moves(self, actions: list, move) -> tuple[float, int] | None:
+        """Apply string moves one by one with ``move(m) -> reward`` until the game ends.
+
+        Returns (total reward, moves applied), or None when an action is not a string. The shared
+        loop of move-based games (plan_path, sokoban); their ``_apply`` adds its own info.
+        """
+        if not all(isinstance(a, str) for a in actions):
+            return None
+        total, applied = 0.0, 0
+        for action in actions:
+            if self.success or self._game_over:
+                break
+            total += move(action)
+            applied += 1
+        return total, applied
+
     def _format_actions(self, actions) -> str:
         """An action list, briefly, for the history lines."""
         return _short(actions, 40)

@@ -144,14 +144,10 @@ class PlanPathEnv(ToolPlanEnv):
         return reward
 
     def _apply(self, actions: list) -> tuple[float, dict] | None:
-        if not all(isinstance(a, str) for a in actions):
+        played = self._play_moves(actions, self._move)
+        if played is None:
             return None
-        total, applied = 0.0, 0
-        for move in actions:
-            if self.success or self._out_of_moves:
-                break
-            total += self._move(move)
-            applied += 1
+        total, applied = played
         return total, {"moves_applied": applied, "pos": self.pos, "invalid_moves": self.invalid_moves}
 
     # -- text ----------------------------------------------------------------------------------

@@ -218,14 +218,10 @@ class SokobanEnv(ToolPlanEnv):
         return reward
 
     def _apply(self, actions: list) -> tuple[float, dict] | None:
-        if not all(isinstance(a, str) for a in actions):
+        played = self._play_moves(actions, self._move)
+        if played is None:
             return None
-        total, applied = 0.0, 0
-        for move in actions:
-            if self.success or self._out_of_moves:
-                break
-            total += self._move(move)
-            applied += 1
+        total, applied = played
         info = {"moves_applied": applied, "boxes_on_goals": len(self.boxes & self.goals),
                 "invalid_moves": self.invalid_moves}
         return total, info
