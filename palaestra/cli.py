@@ -1,11 +1,14 @@
 """The ``palaestra`` command: subcommands from one explicit table, each configured by Hydra.
 
     palaestra run                         # the main job: evaluate, train with GRPO, evaluate again
-    palaestra train [key=value ...]       # train (algo=grpo) with Hydra overrides
+    palaestra train [key=value ...]       # train (algo=grpo) with Hydra overrides; --target=sft|reward|dpo|ppo|grpo|at_grpo
     palaestra eval [eval.checkpoint=PATH] # evaluate the model (or a checkpoint) on the test split
+    palaestra pipeline rlhf|full          # SFT -> reward model -> PPO -> evaluation -> export, one MLflow parent run
+    palaestra registry | replay | policy  # MLflow model registry, offline replay gate, policy versions
+    palaestra data planner                # write a dated planner dataset folder
 
 Every subcommand accepts Hydra's flags: ``--cfg job`` prints the resolved config, ``--multirun``
-sweeps comma-separated values, ``+experiment=quick_test`` applies a preset.
+sweeps comma-separated values, ``experiment=quick_test`` applies a preset.
 """
 
 from __future__ import annotations
@@ -28,17 +31,35 @@ commands:
           add algo=at_grpo env=... for a team in an environment)
   export  write a trained checkpoint as a Hugging Face folder, LoRA merged (export.merge=false: adapter)
           (palaestra export eval.checkpoint=runs/... export.output_dir=exported/my_model)
+  pipeline  palaestra pipeline rlhf (sft -> reward -> ppo -> evaluate -> export) or full (data ->
+          sft -> reward -> dpo -> ppo -> grpo -> evaluate -> export); pipeline.skip=[reward],
+          pipeline.stages=[sft,evaluate]; a re-run resumes at the failed stage
+  registry  list registered models and their versions (palaestra registry [--name planner_model])
+  replay  offline gate: palaestra replay --model planner_model --version 2 --dataset datasets/planner/2026-11-22
+          [--baseline 1]; on pass the version is tagged as a candidate
+  policy  policy versions: palaestra policy create|promote|retire|list ...
+  data    palaestra data planner [--date YYYY-MM-DD] [--root .]: generate the planner dataset
 
-hydra flags: --cfg job (print the config), --multirun (sweep a,b,c values), +experiment=quick_test,
+  train --target=X is short for algo=X (sft, reward, dpo, ppo, grpo, at_grpo); experiment=planner
+  runs the planner template's SFT contract.
+
+hydra flags: --cfg job (print the config), --multirun (sweep a,b,c values), experiment=quick_test,
              --help (all config groups and keys)
 """
 
 
+RECIPES = {
+    "grpo": "palaestra.recipes.grpo", "at_grpo": "palaestra.recipes.at_grpo", "sft": "palaestra.recipes.sft",
+    "reward": "palaestra.recipes.reward_model", "dpo": "palaestra.recipes.dpo", "ppo": "palaestra.recipes.ppo",
+}
+"""algo.name -> the recipe module; each has ``main(config, *, evaluate_before_after) -> results``."""
+
+
 def _recipe(config: PalaestraConfig):
     """The recipe module of ``algo.name`` (one readable loop each)."""
-    from palaestra.recipes import at_grpo, grpo
+    import importlib
 
-    return {"grpo": grpo, "at_grpo": at_grpo}[config.algo.name]
+    return importlib.import_module(RECIPES[config.algo.name])
 
 
 def _train(config: PalaestraConfig) -> int:
@@ -63,7 +84,9 @@ def _eval(config: PalaestraConfig) -> int:
 def _report(results: dict, config: PalaestraConfig) -> None:
     before, after = results.get("before"), results.get("after")
     if before and after:
-        subject = config.env.name if config.algo.name == "at_grpo" else config.task.name
+        from palaestra.config import DATA_ALGOS
+
+        subject = config.env.name if config.algo.name == "at_grpo" else config.data.name if config.algo.name in DATA_ALGOS else config.task.name
         print(_before_after_table(before, after, subject, config.algo.name))
     _print_where(results)
 
@@ -75,7 +98,24 @@ def _export(config: PalaestraConfig) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "train": _train, "eval": _eval, "export": _export}
+def _pipeline(config: PalaestraConfig, name: str, overrides: list[str], stage_overrides: dict) -> int:
+    from palaestra.pipeline import run_pipeline
+
+    history = run_pipeline(name, config, overrides, stage_overrides)
+    return 0 if history.succeeded else 1
+
+
+COMMANDS = {"run": _run, "train": _train, "eval": _eval, "export": _export, "pipeline": _pipeline}
+"""Commands configured by Hydra (key=value overrides)."""
+
+PLAIN_COMMANDS = {
+    "registry": "palaestra.registry.cli:registry_main",
+    "replay": "palaestra.registry.cli:replay_main",
+    "policy": "palaestra.registry.cli:policy_main",
+    "data": "palaestra.planner.cli:data_main",
+}
+"""Commands with ordinary --flags (argparse), not a training config."""
+PIPELINES = ("rlhf", "full")
 
 # Mistakes a user can make in what they pass: reported in one line, exit code 2.
 _USER_ERRORS = (ConfigError, FileNotFoundError)
@@ -94,15 +134,30 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         raise SystemExit(0)
     command, rest = argv[0], argv[1:]
+    if command in PLAIN_COMMANDS:
+        raise SystemExit(_plain_command(command, rest))
     if command not in COMMANDS:
-        print(f"palaestra: error: unknown command {command!r}; use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"palaestra: error: unknown command {command!r}; use one of {', '.join([*COMMANDS, *PLAIN_COMMANDS])}", file=sys.stderr)
         raise SystemExit(2)
+    run_command = COMMANDS[command]
+    if command == "pipeline":
+        if not rest or rest[0] not in PIPELINES:
+            print(f"palaestra: error: say which pipeline: palaestra pipeline {'|'.join(PIPELINES)} [key=value ...]", file=sys.stderr)
+            raise SystemExit(2)
+        from palaestra.pipeline import split_stage_overrides
+
+        pipeline_name = rest[0]
+        rest, stage_overrides = split_stage_overrides(rest[1:])
+        overrides = [arg for arg in rest if not arg.startswith("-")]
+        rest = ["algo=sft", *rest]  # the pipeline's own config: validated like a data stage (not GRPO's batch rules)
+        run_command = lambda config: _pipeline(config, pipeline_name, overrides, stage_overrides)  # noqa: E731
+    rest = [_target_override(arg) for arg in rest]
 
     def task_function(cfg: DictConfig) -> None:
         logging.getLogger("palaestra").setLevel(logging.INFO)
         try:
             config = to_config(cfg)
-            code = COMMANDS[command](config)
+            code = run_command(config)
         except _user_error_types() as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             print(f"palaestra: error: {message}", file=sys.stderr)
@@ -112,6 +167,28 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.argv = [f"palaestra {command}", *rest]
     hydra.main(version_base="1.3", config_path="conf", config_name="config")(task_function)()
+
+
+def _target_override(arg: str) -> str:
+    """``--target=sft`` (the MARK spelling) is ``algo=sft``; anything else passes through."""
+    if arg.startswith("--target="):
+        return "algo=" + arg.split("=", 1)[1]
+    return arg
+
+
+def _plain_command(command: str, argv: list[str]) -> int:
+    """Run an argparse command; user mistakes are one line on stderr and exit code 2."""
+    import importlib
+
+    module_name, function_name = PLAIN_COMMANDS[command].split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return int(function(argv) or 0)
+    except _user_error_types() as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"palaestra {command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 def _before_after_table(before: dict, after: dict, subject: str, algo: str) -> str:

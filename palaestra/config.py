@@ -171,6 +171,140 @@ class ATGRPOConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning on chat data: loss on the assistant's tokens only."""
+
+    name: str = "sft"
+    """Algorithm name (recipe)."""
+    epochs: int = 3
+    """Passes over the training split."""
+    max_steps: int = 0
+    """Stop after this many optimizer updates (0: the epochs decide)."""
+    packing: bool = True
+    """Pack several short examples into one sequence of up to data.max_length tokens (no cross-attention between them)."""
+    assistant_only_loss: bool = True
+    """Score only the assistant's tokens (False: every token of the conversation)."""
+    early_stopping_patience: int = 3
+    """Stop after this many epochs without a lower validation loss (0 disables)."""
+
+
+@dataclass
+class RewardModelConfig:
+    """A reward model: a sequence-classification head on the policy's architecture, trained on preference pairs."""
+
+    name: str = "reward"
+    """Algorithm name (recipe)."""
+    epochs: int = 1
+    """Passes over the training pairs."""
+    max_steps: int = 0
+    """Stop after this many optimizer updates (0: the epochs decide)."""
+    margin: float = 0.0
+    """Bradley-Terry margin: the chosen reward must beat the rejected one by this much."""
+    center_rewards_coefficient: float = 0.0
+    """Weight of a penalty on (r_chosen + r_rejected)^2 that keeps rewards centred on 0."""
+
+
+@dataclass
+class DPOConfig:
+    """Direct Preference Optimization on preference pairs; the reference is the model with its adapter off."""
+
+    name: str = "dpo"
+    """Algorithm name (recipe)."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint (DPO temperature)."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO) or ipo."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: assumed probability that a pair's label is flipped (sigmoid only)."""
+    epochs: int = 1
+    """Passes over the training pairs."""
+    max_steps: int = 0
+    """Stop after this many optimizer updates (0: the epochs decide)."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO with a value head, GAE and a KL penalty to the reference (the model with its adapter off)."""
+
+    name: str = "ppo"
+    """Algorithm name (recipe)."""
+    reward_model: Optional[str] = None
+    """Folder of a trained reward model (palaestra train --target=reward); None scores with data.rewards instead."""
+    prompts_per_step: int = 8
+    """Prompts sampled per step (one completion each)."""
+    ppo_epochs: int = 2
+    """Optimisation passes over each rollout batch."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    kl_coef: float = 0.05
+    """Per-token KL penalty to the reference, folded into the rewards."""
+    cliprange: float = 0.2
+    """Clipping range of the policy ratio."""
+    cliprange_value: float = 0.2
+    """Clipping range of the value update."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    whiten_advantages: bool = True
+    """Normalise advantages over the batch."""
+    max_prompt_length: int = 384
+    """Prompts longer than this many tokens are truncated from the left."""
+    max_completion_length: int = 96
+    """Maximum new tokens per completion."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Top-k sampling (0 disables)."""
+
+
+@dataclass
+class DataConfig:
+    """Chat and preference data for the sft, reward, dpo and ppo targets (GRPO uses task instead)."""
+
+    name: str = "planner"
+    """Short name used in tags and run names (the planner metrics apply when it is planner)."""
+    path: str = "datasets/planner/2026-11-22"
+    """A folder of JSONL splits (a dated folder YYYY-MM-DD gives the dataset version) or one JSONL file (split by val_fraction)."""
+    train_file: str = "train.jsonl"
+    """Chat examples for training: {"messages": [...]} or {"prompt": ..., "completion": ...} per line."""
+    val_file: str = "val.jsonl"
+    """Chat examples for validation (missing: val_fraction of train)."""
+    test_file: str = "test.jsonl"
+    """Held-out chat examples for generation metrics and replay."""
+    preference_train_file: str = "preferences_train.jsonl"
+    """Preference pairs for training: {"prompt" or "messages", "chosen", "rejected"} per line."""
+    preference_val_file: str = "preferences_val.jsonl"
+    """Held-out preference pairs (pairwise accuracy)."""
+    val_fraction: float = 0.1
+    """Share of the training file held out when there is no validation file."""
+    version: Optional[str] = None
+    """dataset_version; None uses the dated folder's name (or the file's stem)."""
+    max_length: int = 512
+    """Token budget per sequence; longer examples are truncated from the left of the prompt."""
+    rewards: list = field(default_factory=lambda: ["planner_quality"])
+    """PPO without a reward model: reward functions by name or import path, summed."""
+
+
+@dataclass
+class PipelineConfig:
+    """palaestra pipeline: stages run in order, each an MLflow child run of one parent run."""
+
+    stages: Optional[list] = None
+    """Stages to run (default: all of the pipeline's stages, in order)."""
+    skip: list = field(default_factory=list)
+    """Stages to leave out."""
+    continue_on_failure: bool = False
+    """Go on with the next stage after a failed one (default: stop; a re-run resumes at the failed stage)."""
+    output_dir: Optional[str] = None
+    """Pipeline folder (history.json and one folder per stage); default runs/pipeline-<name>/<timestamp>."""
+    resume: Optional[str] = "auto"
+    """auto: continue the latest unfinished pipeline folder of this name at its failed stage; null: always start fresh."""
+
+
+@dataclass
 class EnvConfig:
     """A multi-agent environment."""
 
@@ -288,6 +422,12 @@ class TrackingConfig:
     """MLflow URI; default MLFLOW_TRACKING_URI or a local SQLite store (mlflow.db) in the working directory."""
     run_name: Optional[str] = None
     """MLflow run name; default <task>-<algo>-<model>."""
+    parent_run_id: Optional[str] = None
+    """Nest the run under this MLflow run (set by palaestra pipeline for its stages)."""
+    registered_model: Optional[str] = None
+    """Register the trained model under this name in MLflow's model registry (None: do not register)."""
+    policy_id: Optional[str] = None
+    """policy_id tag of the run (planner contract); None uses <data.name>-<algo>."""
 
 
 @dataclass
@@ -307,16 +447,21 @@ class PalaestraConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     algo: Any = field(default_factory=AlgoConfig)
-    """AlgoConfig (grpo) or ATGRPOConfig (at_grpo), chosen by algo.name."""
+    """The schema of algo.name: AlgoConfig (grpo), ATGRPOConfig (at_grpo), SFTConfig, RewardModelConfig, DPOConfig or PPOConfig."""
+    data: DataConfig = field(default_factory=DataConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
-ALGO_SCHEMAS = {"grpo": AlgoConfig, "at_grpo": ATGRPOConfig}
+ALGO_SCHEMAS = {
+    "grpo": AlgoConfig, "at_grpo": ATGRPOConfig, "sft": SFTConfig, "reward": RewardModelConfig,
+    "dpo": DPOConfig, "ppo": PPOConfig,
+}
 """algo.name -> its config schema (one recipe each)."""
 MODEL_NAMES = ("smollm2-135m", "tiny", "hf")
 TASK_SOURCES = ("reasoning_gym", "gsm8k")
@@ -369,6 +514,35 @@ def validate(config: PalaestraConfig) -> None:
     _check(model.lora.r > 0, f"model.lora.r={model.lora.r} must be a positive rank")
     _check(0 <= model.lora.dropout < 1, f"model.lora.dropout={model.lora.dropout} must be in [0, 1)")
 
+    if isinstance(algo, ATGRPOConfig):
+        _validate_at_grpo(config)
+    elif isinstance(algo, AlgoConfig):
+        _validate_task(task)  # only GRPO reads the task section (and importing reasoning-gym is slow)
+        _validate_grpo(config)
+    else:
+        _validate_data_recipe(config)
+    _check(train.steps > 0, f"train.steps={train.steps} must be positive")
+    _check(train.learning_rate >= 0, f"train.learning_rate={train.learning_rate} must be >= 0")
+    _check(train.weight_decay >= 0, f"train.weight_decay={train.weight_decay} must be >= 0")
+    _check(0 <= train.warmup_ratio < 1, f"train.warmup_ratio={train.warmup_ratio} must be in [0, 1)")
+    _check(train.lr_schedule in ("cosine", "constant"), f"train.lr_schedule={train.lr_schedule!r} is unknown; use cosine or constant")
+    _check(train.max_grad_norm >= 0, f"train.max_grad_norm={train.max_grad_norm} must be >= 0")
+    _check(train.max_seconds >= 0, f"train.max_seconds={train.max_seconds} must be >= 0")
+    for key in ("save_interval", "keep_last_n", "eval_interval", "early_stopping_patience", "log_samples_interval", "threads", "stop_after_steps"):
+        _check(getattr(train, key) >= 0, f"train.{key}={getattr(train, key)} must be >= 0")
+    _check(
+        train.early_stopping_patience == 0 or train.eval_interval > 0,
+        "train.early_stopping_patience needs train.eval_interval > 0 (it counts evaluations)",
+    )
+    _check(ev.num_samples >= 1, f"eval.num_samples={ev.num_samples} must be >= 1")
+    _check(not (ev.greedy and ev.num_samples > 1), f"eval.num_samples={ev.num_samples} needs eval.greedy=false (greedy samples are all the same)")
+    for k in ev.pass_k:
+        _check(isinstance(k, int) and 1 <= k <= ev.num_samples, f"eval.pass_k has k={k}; each k must be in [1, eval.num_samples={ev.num_samples}]")
+    _check(ev.batch_size > 0, f"eval.batch_size={ev.batch_size} must be positive")
+    _check(ev.max_examples >= 0, f"eval.max_examples={ev.max_examples} must be >= 0")
+
+
+def _validate_task(task: TaskConfig) -> None:
     _check(task.source in TASK_SOURCES, f"task.source={task.source!r} is unknown; use one of {', '.join(TASK_SOURCES)}")
     if task.source == "reasoning_gym":
         from reasoning_gym.factory import DATASETS
@@ -403,30 +577,6 @@ def validate(config: PalaestraConfig) -> None:
             resolve_reward(name)
         except ValueError as error:
             raise ConfigError(str(error).splitlines()[0]) from None
-
-    if isinstance(algo, ATGRPOConfig):
-        _validate_at_grpo(config)
-    else:
-        _validate_grpo(config)
-    _check(train.steps > 0, f"train.steps={train.steps} must be positive")
-    _check(train.learning_rate >= 0, f"train.learning_rate={train.learning_rate} must be >= 0")
-    _check(train.weight_decay >= 0, f"train.weight_decay={train.weight_decay} must be >= 0")
-    _check(0 <= train.warmup_ratio < 1, f"train.warmup_ratio={train.warmup_ratio} must be in [0, 1)")
-    _check(train.lr_schedule in ("cosine", "constant"), f"train.lr_schedule={train.lr_schedule!r} is unknown; use cosine or constant")
-    _check(train.max_grad_norm >= 0, f"train.max_grad_norm={train.max_grad_norm} must be >= 0")
-    _check(train.max_seconds >= 0, f"train.max_seconds={train.max_seconds} must be >= 0")
-    for key in ("save_interval", "keep_last_n", "eval_interval", "early_stopping_patience", "log_samples_interval", "threads", "stop_after_steps"):
-        _check(getattr(train, key) >= 0, f"train.{key}={getattr(train, key)} must be >= 0")
-    _check(
-        train.early_stopping_patience == 0 or train.eval_interval > 0,
-        "train.early_stopping_patience needs train.eval_interval > 0 (it counts evaluations)",
-    )
-    _check(ev.num_samples >= 1, f"eval.num_samples={ev.num_samples} must be >= 1")
-    _check(not (ev.greedy and ev.num_samples > 1), f"eval.num_samples={ev.num_samples} needs eval.greedy=false (greedy samples are all the same)")
-    for k in ev.pass_k:
-        _check(isinstance(k, int) and 1 <= k <= ev.num_samples, f"eval.pass_k has k={k}; each k must be in [1, eval.num_samples={ev.num_samples}]")
-    _check(ev.batch_size > 0, f"eval.batch_size={ev.batch_size} must be positive")
-    _check(ev.max_examples >= 0, f"eval.max_examples={ev.max_examples} must be >= 0")
 
 
 def _validate_at_grpo(config: PalaestraConfig) -> None:
@@ -483,3 +633,50 @@ def _validate_grpo(config: PalaestraConfig) -> None:
         train.micro_batch_size > 0 and train.batch_size % train.micro_batch_size == 0,
         f"train.micro_batch_size={train.micro_batch_size} must divide train.batch_size={train.batch_size}",
     )
+
+
+DATA_ALGOS = ("sft", "reward", "dpo", "ppo")
+"""The targets that read the data section (chat or preference JSONL)."""
+
+
+def _validate_data_recipe(config: PalaestraConfig) -> None:
+    """sft / reward / dpo / ppo: the data files exist and the numbers make sense."""
+    algo, data, train = config.algo, config.data, config.train
+    from pathlib import Path
+
+    root = Path(data.path)
+    hint = "generate the planner data with: palaestra data planner" if data.name == "planner" else "point data.path at a folder of JSONL splits or a JSONL file"
+    _check(root.exists(), f"data.path={data.path} does not exist; {hint}")
+    if root.is_dir():
+        needed = [data.train_file] if algo.name in ("sft", "ppo") else [data.preference_train_file]
+        for name in needed:
+            _check((root / name).is_file(), f"{root / name} is missing; {hint}")
+    _check(data.max_length > 16, f"data.max_length={data.max_length} must be > 16")
+    _check(0 < data.val_fraction < 1, f"data.val_fraction={data.val_fraction} must be in (0, 1)")
+    if isinstance(algo, PPOConfig):  # PPO: prompts_per_step rollouts per step, micro_batch_size per minibatch
+        _check(train.micro_batch_size > 0, f"train.micro_batch_size={train.micro_batch_size} must be positive")
+    else:
+        _check(train.batch_size > 0, f"train.batch_size={train.batch_size} must be positive")
+        _check(
+            train.micro_batch_size > 0 and train.batch_size % train.micro_batch_size == 0,
+            f"train.micro_batch_size={train.micro_batch_size} must divide train.batch_size={train.batch_size}",
+        )
+    if hasattr(algo, "epochs"):
+        _check(algo.epochs > 0, f"algo.epochs={algo.epochs} must be positive")
+        _check(algo.max_steps >= 0, f"algo.max_steps={algo.max_steps} must be >= 0")
+    if isinstance(algo, DPOConfig):
+        _check(algo.beta > 0, f"algo.beta={algo.beta} must be > 0")
+        _check(algo.loss_type in ("sigmoid", "ipo"), f"algo.loss_type={algo.loss_type!r} is unknown; use sigmoid or ipo")
+        _check(0 <= algo.label_smoothing < 0.5, f"algo.label_smoothing={algo.label_smoothing} must be in [0, 0.5)")
+    if isinstance(algo, PPOConfig):
+        _check(algo.prompts_per_step > 0, f"algo.prompts_per_step={algo.prompts_per_step} must be positive")
+        _check(algo.ppo_epochs > 0, f"algo.ppo_epochs={algo.ppo_epochs} must be positive")
+        _check(0 <= algo.gamma <= 1 and 0 <= algo.lam <= 1, f"algo.gamma={algo.gamma} and algo.lam={algo.lam} must be in [0, 1]")
+        _check(algo.kl_coef >= 0, f"algo.kl_coef={algo.kl_coef} must be >= 0")
+        _check(algo.temperature > 0, f"algo.temperature={algo.temperature} must be > 0")
+        _check(
+            algo.reward_model is None or Path(algo.reward_model).is_dir(),
+            f"algo.reward_model={algo.reward_model} is not a folder; train one with palaestra train --target=reward",
+        )
+        if algo.reward_model is None:
+            _check(bool(data.rewards), "data.rewards is empty and algo.reward_model is not set; PPO needs one of them")

@@ -260,6 +260,12 @@ class ToolPlanEnv(MultiAgentEnv):
         code_runner: a plain function ``answer -> (output, ok)`` (copied by reference with the
             environment); defaults to ``run_tool_code``, the sandbox.
         history_turns: how many previous turns the observations recall (one line each).
+        format_penalty: None (the reference) accepts only the exact answer format. A number turns
+            on lenient reading for small models: an answer without the ``####`` list (or the tool
+            agent's program) whose text still names actions (``move right, then down``; a bare
+            list) is applied, scored, and charged this much on top. Such answers earn more than
+            an unreadable one (the -2 penalty) and less than the same answer in the right format,
+            so GRPO has a signal from the first step and a reason to learn the format.
     """
 
     name = "tool_plan"
@@ -275,6 +281,7 @@ class ToolPlanEnv(MultiAgentEnv):
         tool_timeout: float = 20.0,
         code_runner: Callable[[str], tuple[str, bool]] | None = None,
         history_turns: int = 2,
+        format_penalty: float | None = None,
     ):
         turn_order = tuple(turn_order)
         if PLAN not in turn_order or not set(turn_order) <= {TOOL, PLAN} or len(set(turn_order)) != len(turn_order):
@@ -287,6 +294,7 @@ class ToolPlanEnv(MultiAgentEnv):
         self.tool_timeout = tool_timeout
         self.code_runner = code_runner
         self.history_turns = history_turns
+        self.format_penalty = format_penalty
         self.seed: int | None = None
         self._ready = False
         self._start_episode()
@@ -324,6 +332,27 @@ class ToolPlanEnv(MultiAgentEnv):
             total += move(action)
             applied += 1
         return total, applied
+
+    def _lenient_actions(self, text: str) -> list | None:
+        """Actions named in free text (format_penalty mode): by default the last bare ``[...]`` list.
+
+        Move games override this to read direction words as well.
+        """
+        for start in reversed([i for i, char in enumerate(text) if char == "["]):
+            snippet = _bracketed(text, start)
+            if snippet:
+                value = parse_action_list("#### " + snippet)
+                if value:
+                    return value
+        return None
+
+    def _read_actions(self, text: str) -> tuple[list | None, bool]:
+        """(actions, lenient): the exact format first, then (with format_penalty) free text."""
+        actions = parse_action_list(text)
+        if actions or self.format_penalty is None:
+            return actions, False
+        actions = self._lenient_actions(text or "")
+        return actions, bool(actions)
 
     def _format_actions(self, actions) -> str:
         """An action list, briefly, for the history lines."""
@@ -369,10 +398,12 @@ class ToolPlanEnv(MultiAgentEnv):
         code = extract_python_code(answer) or ""
         runner = self.code_runner or (lambda text: run_tool_code(text, timeout=self.tool_timeout))
         output, ok = runner(answer) if code else ("", False)
-        proposal = parse_action_list(output)
+        proposal, lenient = self._read_actions(output) if code else (None, False)
+        if not proposal and self.format_penalty is not None:  # no program, or it printed no list
+            proposal, lenient = self._lenient_actions(answer) or None, True
         self._tool = {"code": code, "output": output, "proposal": proposal}
-        info = {"proposal": proposal, "code_ok": ok, "output": output}
-        if not code:
+        info = {"proposal": proposal, "code_ok": ok, "output": output, "lenient": lenient}
+        if not code and not proposal:
             return self._penalty(info, "no ```python``` code block")
         if not proposal:
             return self._penalty(info, "the output has no non-empty **Actions List**: [...]")
@@ -381,13 +412,16 @@ class ToolPlanEnv(MultiAgentEnv):
         if scored is None:
             return self._penalty(info, "the proposed actions are malformed")
         reward, details = scored
+        reward -= self.format_penalty if lenient else 0.0
         self._tool["score"] = reward
         info.update(details, proposal_success=trial.success, success=self.success)
         return StepResult(float(reward), 0.0, self.done, info)
 
     def _plan_step(self, answer: str) -> StepResult:
-        actions = parse_action_list(answer)
+        actions, lenient = self._read_actions(answer)
         scored = self._apply(actions) if actions else None
+        if scored is not None and lenient:
+            scored = (scored[0] - self.format_penalty, {**scored[1], "lenient": True})
         tool = self._tool or {}
         record = {"turn": self.turn + 1, "proposal": tool.get("proposal"), "actions": actions}
         if scored is None:

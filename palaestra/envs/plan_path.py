@@ -16,14 +16,33 @@ Unknown move strings count as invalid moves; a list with non-strings is malforme
 from __future__ import annotations
 
 import random
+import re
 from collections import deque
 
 from palaestra.envs.base import ToolPlanEnv, _short
 
-__all__ = ["PlanPathEnv"]
+__all__ = ["PlanPathEnv", "read_moves"]
 
 MOVES = {"U": (-1, 0), "D": (1, 0), "L": (0, -1), "R": (0, 1)}
 _WORDS = {"UP": "U", "DOWN": "D", "LEFT": "L", "RIGHT": "R"}
+_MOVE_TOKEN = re.compile(r"\b(up|down|left|right|[UDLR])\b", flags=re.IGNORECASE)
+
+
+def read_moves(text: str, limit: int = 40) -> list[str]:
+    """Moves named in free text, in order: direction words, or single U/D/L/R letters.
+
+    >>> read_moves("Move right twice, then go down: R, R, D")
+    ['R', 'D', 'R', 'R', 'D']
+    >>> read_moves("I think the answer is 42")
+    []
+    """
+    moves = []
+    for match in _MOVE_TOKEN.finditer(text or ""):
+        token = match.group(1)
+        if len(token) == 1 and token != token.upper():  # a lone lowercase letter is a word, not a move
+            continue
+        moves.append(_WORDS.get(token.upper(), token.upper()))
+    return moves[:limit]
 
 
 class PlanPathEnv(ToolPlanEnv):
@@ -149,6 +168,10 @@ class PlanPathEnv(ToolPlanEnv):
             return None
         total, applied = played
         return total, {"moves_applied": applied, "pos": self.pos, "invalid_moves": self.invalid_moves}
+
+    def _lenient_actions(self, text: str) -> list | None:
+        """Moves named in free text: direction words or U/D/L/R letters, in order (at most 4 x size)."""
+        return read_moves(text, limit=4 * self.size) or super()._lenient_actions(text)
 
     # -- text ----------------------------------------------------------------------------------
 

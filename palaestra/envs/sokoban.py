@@ -24,7 +24,7 @@ import random
 from collections import deque
 
 from palaestra.envs.base import ToolPlanEnv, _short
-from palaestra.envs.plan_path import MOVES, _WORDS
+from palaestra.envs.plan_path import MOVES, _WORDS, read_moves
 
 __all__ = ["SokobanEnv"]
 
@@ -225,6 +225,10 @@ class SokobanEnv(ToolPlanEnv):
         info = {"moves_applied": applied, "boxes_on_goals": len(self.boxes & self.goals),
                 "invalid_moves": self.invalid_moves}
         return total, info
+
+    def _lenient_actions(self, text: str) -> list | None:
+        """Moves named in free text (format_penalty mode), as in plan_path."""
+        return read_moves(text, limit=4 * self.size) or super()._lenient_actions(text)
 
     # -- text ----------------------------------------------------------------------------------
 

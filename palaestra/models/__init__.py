@@ -16,6 +16,7 @@ from palaestra.models.lora import (
     reference_logits_context,
     trainable_state_dict,
 )
+from palaestra.models.value_head import ValueHead, explained_variance, logprobs_and_values
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -31,4 +32,7 @@ __all__ = [
     "model_id",
     "reference_logits_context",
     "trainable_state_dict",
+    "ValueHead",
+    "explained_variance",
+    "logprobs_and_values",
 ]

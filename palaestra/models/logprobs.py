@@ -104,3 +104,16 @@ def grouped_completion_logprobs(
         with torch.no_grad():
             entropy = entropy_from_logits(logits.detach())
     return logprobs, entropy
+
+
+def shared_prompt_rows(micro_batch_size: int, group_size: int, enabled: bool = True) -> int:
+    """How many consecutive rows of every micro-batch share one prompt (1: none, or disabled).
+
+    >>> shared_prompt_rows(8, 4), shared_prompt_rows(2, 4), shared_prompt_rows(6, 4), shared_prompt_rows(8, 4, False)
+    (4, 2, 1, 1)
+    """
+    if not enabled:
+        return 1
+    if micro_batch_size % group_size == 0:
+        return group_size
+    return micro_batch_size if group_size % micro_batch_size == 0 else 1

@@ -219,10 +219,13 @@ def make_example(household: dict, pantry: dict[str, int], constraints: dict, pla
 
 
 def make_planner_dataset(root: Path, date: str = "2026-01-15", n_train: int = 400, n_val: int = 50,
-                         n_test: int = 50, seed: int = 0) -> Path:
+                         n_test: int = 50, seed: int = 0, *, preferences: bool = True) -> Path:
     """Write ``root/datasets/planner/<date>/{train,val,test}.jsonl`` and ``manifest.json``.
 
-    No two examples share a user message, so the splits never overlap. Returns the dated folder.
+    No two examples share a user message, so the splits never overlap. With ``preferences`` also
+    ``preferences_train.jsonl`` and ``preferences_val.jsonl``: one (accepted plan, corrupted plan)
+    pair per train / val example (``palaestra.planner.preferences``; none from test). Returns the
+    dated folder.
     """
     datetime.date.fromisoformat(date)  # a clear ValueError for anything but YYYY-MM-DD
     counts = {"train": n_train, "val": n_val, "test": n_test}
@@ -242,9 +245,13 @@ def make_planner_dataset(root: Path, date: str = "2026-01-15", n_train: int = 40
     folder = Path(root) / "datasets" / "planner" / date
     folder.mkdir(parents=True, exist_ok=True)
     ends = {"train": n_train, "val": n_train + n_val, "test": total}
-    for split in SPLITS:
-        chunk = rows[ends[split] - counts[split] : ends[split]]
+    chunks = {split: rows[ends[split] - counts[split] : ends[split]] for split in SPLITS}
+    for split, chunk in chunks.items():
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in chunk))
+    if preferences:
+        from palaestra.planner.preferences import write_preference_files  # it imports this module
+
+        write_preference_files(folder, {"train": chunks["train"], "val": chunks["val"]}, seed=seed)
     manifest = {"task": "planner", "date": date, "seed": seed, "counts": counts,
                 "generator_version": GENERATOR_VERSION, "recipes": len(RECIPES)}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

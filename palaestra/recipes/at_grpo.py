@@ -34,7 +34,7 @@ from palaestra.algorithms.grpo import group_advantages, policy_loss
 from palaestra.config import ConfigError, PalaestraConfig
 from palaestra.envs import resolve_env, test_seeds, train_seeds
 from palaestra.models import model_id
-from palaestra.models.logprobs import completion_logprobs
+from palaestra.models.logprobs import completion_logprobs, grouped_completion_logprobs, shared_prompt_rows
 from palaestra.models.policies import Policy, build_policies
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
 from palaestra.recipes.common import (
@@ -224,14 +224,14 @@ def _rollout(make_env, seeds: list[int], generate, sampling: SamplingParams, alg
 def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config) -> dict[str, float]:
     """One clipped policy-gradient step of ``policy`` on the kept answers of its roles."""
     algo, train_cfg = config.algo, config.train
-    pairs, advs = [], []
+    pairs, advs, block_sizes = [], [], []
     for group, group_adv, mask in zip(groups, advantages, keep):
         if role_policy[group.agent] != policy.name:
             continue
-        for answer, adv, kept in zip(group.answers, group_adv.tolist(), mask.tolist()):
-            if kept:
-                pairs.append(answer)
-                advs.append(adv)
+        kept_rows = [(answer, adv) for answer, adv, kept in zip(group.answers, group_adv.tolist(), mask.tolist()) if kept]
+        pairs += [answer for answer, _ in kept_rows]
+        advs += [adv for _, adv in kept_rows]
+        block_sizes.append(len(kept_rows))
     name = policy.name
     if not pairs:
         return {f"{name}/loss": 0.0, f"{name}/samples": 0.0}
@@ -243,6 +243,7 @@ def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config)
     precision = policy.generator.precision
     size = train_cfg.micro_batch_size
     slices = [slice(i, i + size) for i in range(0, len(pairs), size)]
+    shared = _rows_sharing_prompt(batch, block_sizes, size, algo.samples_per_state, train_cfg.share_prompt_forward)
     num_items = mask.sum().clamp(min=1)
     policy.optimizer.zero_grad(set_to_none=True)
     totals = {"loss": 0.0, "kl": 0.0, "clip_ratio/region": 0.0}
@@ -253,7 +254,10 @@ def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config)
             with torch.no_grad(), policy.model.disable_adapter(), autocast(precision, device):
                 ref = completion_logprobs(policy.model, *args, temperature=algo.temperature)[0]
         with autocast(precision, device):
-            logp, _ = completion_logprobs(policy.model, *args, temperature=algo.temperature)
+            if shared > 1:  # the K answers of a state share its prompt: run it once (same numbers)
+                logp, _ = grouped_completion_logprobs(policy.model, *args, shared, temperature=algo.temperature)
+            else:
+                logp, _ = completion_logprobs(policy.model, *args, temperature=algo.temperature)
         loss, loss_stats = policy_loss(
             logp, logp.detach(), advantages_t[rows].to(device), mask[rows], loss_type=algo.loss_type,
             epsilon=algo.epsilon, epsilon_high=algo.epsilon_high, beta=algo.beta, ref_logp=ref,
@@ -270,6 +274,21 @@ def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config)
     policy.scheduler.step()
     return {f"{name}/{key}": value for key, value in totals.items()} | {
         f"{name}/grad_norm": grad_norm, f"{name}/samples": float(len(pairs))}
+
+
+def _rows_sharing_prompt(batch, block_sizes: list[int], micro_batch_size: int, group_size: int, enabled: bool) -> int:
+    """Rows per shared-prompt block of the training batch (1: run every row's prompt).
+
+    Tree rollout gives every (state, agent) group K answers to one prompt; when every group kept
+    all K answers and the micro-batches split into whole blocks, each block's prompt can go through
+    the model once. No-tree groups (diverged episodes) have different prompts and fall back.
+    """
+    shared = shared_prompt_rows(micro_batch_size, group_size, enabled)
+    if shared == 1 or any(size != group_size for size in block_sizes):
+        return 1
+    ids, mask = batch.prompt_ids.view(-1, shared, batch.prompt_ids.shape[1]), batch.prompt_mask.view(-1, shared, batch.prompt_mask.shape[1])
+    same = (ids == ids[:, :1]).all() and (mask == mask[:, :1]).all()
+    return shared if bool(same) else 1
 
 
 def _rollout_metrics(groups: list[AgentGroup], episodes: list[Episode]) -> dict[str, float]:

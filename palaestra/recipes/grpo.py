@@ -4,7 +4,7 @@ Launch::
 
     palaestra train                                  # embedded SmolLM2-135M on chain_sum
     palaestra train task=countdown algo.beta=0.04 train.steps=100
-    palaestra train model=tiny +experiment=quick_test
+    palaestra train model=tiny experiment=quick_test
 
 The loop, top to bottom: sample ``num_generations`` completions per prompt, score them with the
 task's reward functions, normalise rewards within each group into advantages, and take a clipped
@@ -49,7 +49,7 @@ from palaestra.distributed import Distributed
 from palaestra.evaluation.evaluate import evaluate
 from palaestra.models import apply_lora, frozen_reference_copy, load_model_and_tokenizer, model_id, reference_logits_context
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
-from palaestra.models.logprobs import completion_logprobs, grouped_completion_logprobs
+from palaestra.models.logprobs import completion_logprobs, grouped_completion_logprobs, shared_prompt_rows
 from palaestra.rewards import combine_rewards
 from palaestra.rollout import HFGenerator, SamplingParams
 from palaestra.tasks.build import build_task
@@ -125,7 +125,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
     weights = reward_weights(config.task)
     micro_batches = train_cfg.batch_size // dist.world // train_cfg.micro_batch_size
-    shared = _shared_rows(train_cfg.micro_batch_size, algo.num_generations, train_cfg.share_prompt_forward)
+    shared = shared_prompt_rows(train_cfg.micro_batch_size, algo.num_generations, train_cfg.share_prompt_forward)
     eval_sampling = _eval_sampling(config)
     results: dict = {"run_dir": str(run_dir), "mlflow_run_id": state["mlflow_run_id"]}
 
@@ -339,15 +339,6 @@ def _logprobs(model, rollout, rows: slice, temperature: float, shared_rows: int,
         if shared_rows > 1:
             return grouped_completion_logprobs(model, *batch, shared_rows, temperature=temperature, with_entropy=with_entropy)
         return completion_logprobs(model, *batch, temperature=temperature, with_entropy=with_entropy)
-
-
-def _shared_rows(micro_batch_size: int, group_size: int, enabled: bool) -> int:
-    """How many consecutive rows of every micro-batch share one prompt (1: none, or disabled)."""
-    if not enabled:
-        return 1
-    if micro_batch_size % group_size == 0:
-        return group_size
-    return micro_batch_size if group_size % micro_batch_size == 0 else 1
 
 
 def _reference(model, reference):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from palaestra.plugins import lookup
 from palaestra.rewards.correctness import answer_format_reward, correctness_reward, number_only_reward
+from palaestra.rewards.planner import planner_quality_reward
 from palaestra.rewards.tiered import (
     snap_to_tier,
     tiered_code_reward,
@@ -38,6 +39,7 @@ REWARD_FUNCTIONS: dict[str, RewardFunction] = {
     "tiered_math": tiered_math_reward,
     "tiered_code": tiered_code_reward,
     "tiered_qa": tiered_qa_reward,
+    "planner_quality": planner_quality_reward,
 }
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "combine_rewards",
     "correctness_reward",
     "number_only_reward",
+    "planner_quality_reward",
     "resolve_reward",
     "snap_to_tier",
     "tiered_code_reward",
@@ -62,9 +65,15 @@ __all__ = [
 def resolve_reward(name: str) -> RewardFunction:
     """The reward function called ``name`` in ``REWARD_FUNCTIONS``, or at "package.module:function".
 
+    ``"reward_model:<folder>"`` scores with a trained reward model (it needs a ``prompt`` column).
+
     >>> resolve_reward("correctness") is correctness_reward
     True
     """
+    if name.startswith("reward_model:"):
+        from palaestra.rewards.reward_model import reward_model_function
+
+        return reward_model_function(name.split(":", 1)[1])
     function = lookup(name, REWARD_FUNCTIONS, "reward")
     if not callable(function):
         raise ValueError(f"reward {name!r} is not a function")

@@ -1,4 +1,4 @@
-"""Generation with Hugging Face ``generate``: chat prompts in, padded token tensors and texts out.
+"""Generation from a Hugging Face model: chat prompts in, padded token tensors and texts out.
 
 The engine renders each chat prompt once with the tokenizer's chat template, repeats it for the
 group, samples, and returns a :class:`Rollout` whose tensors the training step consumes directly
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from palaestra.models.precision import autocast
+from palaestra.rollout.decode import decode
 
 
 @dataclass
@@ -47,13 +48,21 @@ class Rollout:
 
 
 class HFGenerator:
-    """Samples completions from a (possibly LoRA-wrapped) causal LM with ``model.generate``."""
+    """Samples completions from a (possibly LoRA-wrapped) Hugging Face causal LM.
 
-    def __init__(self, model, tokenizer, max_prompt_length: int = 512, precision: str = "fp32"):
+    ``decoder="palaestra"`` (default) runs our own decode loop (:mod:`palaestra.rollout.decode`:
+    finished rows leave the batch, no per-step processor chain); ``decoder="hf"`` calls
+    ``model.generate``. Both prefill each distinct prompt once and sample on merged weights.
+    """
+
+    def __init__(self, model, tokenizer, max_prompt_length: int = 512, precision: str = "fp32", decoder: str = "palaestra"):
+        if decoder not in ("palaestra", "hf"):
+            raise ValueError(f"decoder must be 'palaestra' or 'hf', got {decoder!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_length = max_prompt_length
         self.precision = precision  # "bf16": sample under bf16 autocast
+        self.decoder = decoder
         self.tokenizer.padding_side = "left"
         eos = tokenizer.eos_token_id
         self.stop_ids = sorted({eos} | set(_as_list(getattr(model.generation_config, "eos_token_id", None))))
@@ -95,17 +104,35 @@ class HFGenerator:
         self.model.eval()
         cast = torch.bfloat16 if self.precision == "bf16" else None
         with _inference_weights(self.model, cast), autocast(self.precision, device.type):
-            if num_samples > 1 and width > 1:
-                kwargs["past_key_values"] = self._prefill(unique_ids[:, :-1].to(device), unique_mask[:, :-1].to(device), num_samples)
-            output = self.model.generate(
-                input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), **kwargs
-            ).cpu()
+            if self.decoder == "palaestra":
+                completion_ids = self._decode(unique_ids.to(device), unique_mask.to(device), prompt_mask, num_samples, sampling)
+            else:
+                if num_samples > 1 and width > 1:
+                    kwargs["past_key_values"] = self._prefill(unique_ids[:, :-1].to(device), unique_mask[:, :-1].to(device), num_samples)
+                output = self.model.generate(
+                    input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), **kwargs
+                ).cpu()
+                completion_ids = output[:, width:]
         self.model.train(was_training)
-        completion_ids = output[:, width:]
         completion_mask, truncated = completion_mask_from_ids(completion_ids, self.stop_ids)
         completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
+
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, prompt_mask: torch.Tensor, repeats: int, sampling: SamplingParams):
+        """Prefill the distinct prompts once, repeat their cache per sample, run the decode loop."""
+        # Adapters are merged into the weights (or absent): call the plain model under the peft wrapper.
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(repeats)
+        first_logits = out.logits[:, -1].repeat_interleave(repeats, dim=0)
+        return decode(
+            model, cache, first_logits, prompt_mask, max_new_tokens=sampling.max_new_tokens, stop_ids=self.stop_ids,
+            pad_id=self.tokenizer.pad_token_id, temperature=sampling.temperature, top_k=sampling.top_k,
+            top_p=sampling.top_p, greedy=sampling.greedy,
+        )
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int):
         """The key/value cache of all prompt tokens but the last, repeated for each sample."""

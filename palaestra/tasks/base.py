@@ -68,13 +68,15 @@ class Task:
     def columns(self, examples: Sequence[Example]) -> dict[str, list]:
         """Per-example columns passed as ``**kwargs`` to reward functions.
 
-        Always ``answer``; plus every ``meta`` key that any of the examples has (None where an
-        example lacks it), so a batch always has the same keys.
+        Always ``answer`` and ``prompt`` (the chat messages, which a reward model scores); plus
+        every ``meta`` key that any of the examples has (None where an example lacks it), so a
+        batch always has the same keys.
         """
-        columns: dict[str, list] = {"answer": [example.answer for example in examples]}
+        columns: dict[str, list] = {"answer": [example.answer for example in examples],
+                                    "prompt": [self.prompt(example) for example in examples]}
         keys = sorted({key for example in examples for key in example.meta})
         for key in keys:
-            if key == "answer":
-                raise ValueError("Example.meta may not use the key 'answer'; it is the gold answer")
+            if key in ("answer", "prompt"):
+                raise ValueError(f"Example.meta may not use the key {key!r}; the task fills it")
             columns[key] = [example.meta.get(key) for example in examples]
         return columns

@@ -219,6 +219,11 @@ class MlflowTracker:
         with self._guard(f"logging artifact {local_path}"):
             self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        """Log the contents of a folder (e.g. a model folder as the run's `model` artifact)."""
+        with self._guard(f"logging artifacts {local_dir}"):
+            self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
     def log_figure(self, fig: Any, artifact_file: str) -> None:
         """Log a matplotlib figure as an image (e.g. `curves/reward.png`)."""
         with self._guard(f"logging figure {artifact_file}"):

@@ -125,3 +125,21 @@ def test_per_role_policy_updates_only_the_acting_roles_adapter():
     moved = lambda name: any(not torch.equal(before[name][k], v) for k, v in policies[name].parameters().items())  # noqa: E731
     assert moved("proposer")
     assert not moved("checker")
+
+
+def test_shared_prompt_training_only_for_whole_groups_with_one_prompt():
+    from palaestra.recipes.at_grpo import _rows_sharing_prompt
+
+    same = torch.tensor([[0, 5, 6]] * 4 + [[7, 8, 9]] * 4)
+    batch = Rollout(same, (same > 0).long(), same, same, torch.zeros(8, dtype=torch.bool), [""] * 8)
+    # two tree groups of K=4, micro-batches of 4 or 8: each group's prompt runs once
+    assert _rows_sharing_prompt(batch, [4, 4], 8, 4, True) == 4
+    assert _rows_sharing_prompt(batch, [4, 4], 2, 4, True) == 2
+    assert _rows_sharing_prompt(batch, [4, 4], 8, 4, False) == 1
+    # a filter dropped answers of a group: blocks no longer line up
+    assert _rows_sharing_prompt(batch, [3, 4], 8, 4, True) == 1
+    # no-tree groups: the answers of a group were given to different prompts
+    mixed = same.clone()
+    mixed[1, 2] = 42
+    diverged = Rollout(mixed, (mixed > 0).long(), mixed, mixed, torch.zeros(8, dtype=torch.bool), [""] * 8)
+    assert _rows_sharing_prompt(diverged, [4, 4], 8, 4, True) == 1

@@ -31,7 +31,7 @@ def test_every_shipped_yaml_composes_and_validates(group, tmp_path):
     files = sorted((CONF / group).glob("*.yaml"))
     assert files, f"no configs in {group}/"
     for path in files:
-        option = f"+experiment={path.stem}" if group == "experiment" else f"{group}={path.stem}"
+        option = f"{group}={path.stem}"
         extra = [f"task.path={data}"] if path.stem in ("gsm8k", "gsm8k_tunix") else []
         if path.stem == "hf":
             extra.append("model.path=some/model")

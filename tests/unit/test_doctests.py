@@ -16,6 +16,13 @@ MODULES = [
     "palaestra.rollout.hf",
     "palaestra.algorithms.at_grpo",
     "palaestra.planner.metrics",
+    "palaestra.data.chat",
+    "palaestra.pipeline",
+    "palaestra.rollout.decode",
+    "palaestra.envs.plan_path",
+    "palaestra.models.logprobs",
+    "palaestra.rewards.planner",
+    "palaestra.models.value_head",
     "tests.recipes.rewards",
 ]
 

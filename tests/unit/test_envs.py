@@ -130,6 +130,24 @@ def test_plan_path_invalid_move_costs_and_stays_put_and_loses_the_optimal_bonus(
     assert result.info["moves_applied"] == 4 and env.success
 
 
+def test_format_penalty_reads_free_text_moves_and_charges_for_the_format():
+    strict = PlanPathEnv.from_layout(LAYOUT, code_runner=exec_runner)
+    assert strict.step("plan", "Go down, down, right, right.").local_reward == -2.0  # the reference: unreadable
+    env = PlanPathEnv.from_layout(LAYOUT, code_runner=exec_runner, format_penalty=0.5)
+    # the optimal path read from words scores 5.52 (as above) minus the 0.5 format charge
+    result = env.step("plan", "Go down, down, right, right.")
+    assert result.local_reward == pytest.approx(5.52 - 0.5) and result.info["lenient"] and env.success
+    # the exact format pays no charge, nothing readable is still the -2 penalty
+    exact = PlanPathEnv.from_layout(LAYOUT, code_runner=exec_runner, format_penalty=0.5)
+    assert exact.step("plan", plan_answer(["D", "D", "R", "R"])).local_reward == pytest.approx(5.52)
+    other = PlanPathEnv.from_layout(LAYOUT, code_runner=exec_runner, format_penalty=0.5)
+    assert other.step("plan", "I am not sure.").local_reward == -2.0
+    # a tool answer without a program proposes the moves its text names (scored on a copy, charged)
+    tool = other.step("tool", "Move D then D.")
+    assert tool.info["proposal"] == ["D", "D"] and tool.local_reward == pytest.approx(1.02 + 1.01 - 0.5)
+    assert other.pos == (0, 0)
+
+
 def test_plan_path_optimal_bonus_counts_moves_over_the_whole_episode():
     env = PlanPathEnv.from_layout(LAYOUT, code_runner=exec_runner)
     assert env.step("plan", plan_answer(["D", "D"])).local_reward == pytest.approx(1.02 + 1.01)

@@ -96,3 +96,47 @@ def test_lora_over_a_bf16_base_keeps_fp32_adapters_and_trains():
         logp, _ = grouped_completion_logprobs(model, *batch, 4)
     (logp * batch[3]).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
+
+
+def test_own_decode_loop_gives_generates_greedy_tokens_and_drops_finished_rows():
+    torch.manual_seed(0)
+    model, tokenizer = _lora_model()
+    questions = ["What is 2 + 3?", "Hi", "Tell me a story about cats", "zzz 9"]
+    prompts = [[{"role": "user", "content": question}] for question in questions]
+    greedy = SamplingParams(max_new_tokens=12, greedy=True)
+    reference = HFGenerator(model, tokenizer, decoder="hf")
+    first = reference.generate(prompts, 2, greedy).completion_ids
+    # make a token that the greedy completions produce at different steps a stop token, so rows
+    # finish at different steps and the loop has to drop them from its batch
+    def first_step(row, token):
+        hits = (row == token).nonzero()
+        return int(hits[0]) if len(hits) else len(row)
+
+    stop = next(t for t in first.flatten().tolist() if len({first_step(row, t) for row in first}) > 1)
+    ours = HFGenerator(model, tokenizer, decoder="palaestra")
+    for engine in (reference, ours):
+        engine.stop_ids = sorted(set(engine.stop_ids) | {stop})
+    expected, got = reference.generate(prompts, 2, greedy), ours.generate(prompts, 2, greedy)
+    assert len(set(expected.completion_mask.sum(1).tolist())) > 1  # rows stopped at different steps
+    assert torch.equal(got.completion_mask, expected.completion_mask)
+    assert torch.equal(got.completion_ids, expected.completion_ids)
+    assert got.texts == expected.texts and torch.equal(got.truncated, expected.truncated)
+
+
+def test_sampling_follows_temperature_top_k_and_top_p_by_hand():
+    from palaestra.rollout.decode import sample_next
+
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(20000, 1)
+
+    def frequencies(**kwargs):
+        return torch.bincount(sample_next(logits, greedy=False, **kwargs), minlength=3).float() / len(logits)
+
+    # plain sampling: 0.5 / 0.3 / 0.2
+    assert torch.allclose(frequencies(temperature=1.0, top_k=0, top_p=1.0), torch.tensor([0.5, 0.3, 0.2]), atol=0.015)
+    # top_p 0.6: 0.5 alone is short of 0.6, 0.5 + 0.3 reaches it -> keep two: 0.5/0.8, 0.3/0.8
+    assert torch.allclose(frequencies(temperature=1.0, top_k=0, top_p=0.6), torch.tensor([0.625, 0.375, 0.0]), atol=0.015)
+    # top_k 1 is greedy; temperature 0.5 squares the odds: 0.25 : 0.09 : 0.04 over 0.38
+    assert frequencies(temperature=1.0, top_k=1, top_p=1.0).tolist() == [1.0, 0.0, 0.0]
+    expected = torch.tensor([0.25, 0.09, 0.04]) / 0.38
+    assert torch.allclose(frequencies(temperature=0.5, top_k=0, top_p=1.0), expected, atol=0.015)

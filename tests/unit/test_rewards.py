@@ -229,7 +229,7 @@ def test_number_only_accepts_a_bare_number_and_nothing_else():
 def test_reward_table_names():
     assert set(REWARD_FUNCTIONS) == {
         "correctness", "answer_format", "number_only", "tunix_exact_format", "tunix_approx_format",
-        "tunix_answer", "tunix_number", "tiered_math", "tiered_code", "tiered_qa",
+        "tunix_answer", "tunix_number", "tiered_math", "tiered_code", "tiered_qa", "planner_quality",
     }
 
 

@@ -112,7 +112,8 @@ def test_prompt_and_columns():
 def test_columns_fill_missing_meta_keys():
     task = Task("t", [], [], instruction="", system_prompt=None, dataset_version="v")
     columns = task.columns([Example("q1", "1", {"pass_rate": 0.5}), Example("q2", "2")])
-    assert columns == {"answer": ["1", "2"], "pass_rate": [0.5, None]}
+    assert columns == {"answer": ["1", "2"], "pass_rate": [0.5, None],
+                       "prompt": [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]}
     assert task.prompt(Example("q", "1")) == [{"role": "user", "content": "q"}]  # no instruction
 
 

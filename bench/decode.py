@@ -1,0 +1,98 @@
+"""Decoding speed: palaestra's own decode loop vs Hugging Face ``generate``, same model, same prompts.
+
+    .venv/bin/python bench/decode.py                 # 5 timed calls each after a warm-up
+    .venv/bin/python bench/decode.py --calls 3 --groups 2 --samples 4 --max-tokens 64
+
+The embedded SmolLM2-135M-Instruct with a LoRA adapter (r 16 on all linear layers, as a GRPO run
+samples from it), compute precision as palaestra picks it on this machine, chain_sum prompts, G
+samples per prompt at temperature 1.0. Both engines go through ``HFGenerator`` (shared-prompt
+prefill, merged LoRA weights), so the difference is the decode loop alone. The two engines
+alternate call by call (a drifting machine load hits both alike), with the same seed per call.
+Reports seconds per call, completion tokens/s and milliseconds per decode step; appends a dated
+entry to ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--groups", type=int, default=2, help="distinct prompts per call")
+    parser.add_argument("--samples", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", default=str(HERE / "out" / "decode.json"))
+    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    args = parser.parse_args()
+
+    from palaestra.config import TaskConfig
+    from palaestra.models import apply_lora, load_model_and_tokenizer
+    from palaestra.models.precision import resolve_precision, weights_dtype
+    from palaestra.rollout import HFGenerator, SamplingParams
+    from palaestra.tasks.build import build_task
+
+    precision = resolve_precision("auto", "cpu")
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype=weights_dtype("auto", precision, lora=True))
+    model = apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules="all-linear")
+    task = build_task(TaskConfig(params={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}, train_size=200, test_size=8))
+    engines = {name: HFGenerator(model, tokenizer, max_prompt_length=256, precision=precision, decoder=name) for name in ("hf", "palaestra")}
+    sampling = SamplingParams(args.max_tokens, temperature=1.0)
+
+    figures = {name: {"seconds": [], "tokens": [], "steps": []} for name in engines}
+    for call in range(args.calls + 1):  # call 0 warms up both
+        prompts = [task.prompt(e) for e in task.train[call * args.groups : (call + 1) * args.groups]]
+        for name, engine in engines.items():
+            torch.manual_seed(call)
+            started = time.perf_counter()
+            rollout = engine.generate(prompts, args.samples, sampling)
+            seconds = time.perf_counter() - started
+            if call:
+                figures[name]["seconds"].append(seconds)
+                figures[name]["tokens"].append(rollout.num_completion_tokens)
+                figures[name]["steps"].append(rollout.completion_ids.shape[1])
+
+    summary = {}
+    for name, f in figures.items():
+        total = sum(f["seconds"])
+        summary[name] = {
+            "seconds_per_call": statistics.mean(f["seconds"]),
+            "completion_tokens_per_s": sum(f["tokens"]) / total,
+            "ms_per_decode_step": 1000 * total / sum(f["steps"]),
+            "mean_completion_tokens": statistics.mean(f["tokens"]),
+        }
+    ratio = summary["palaestra"]["completion_tokens_per_s"] / summary["hf"]["completion_tokens_per_s"]
+    setting = f"{args.groups} prompts x {args.samples} samples, up to {args.max_tokens} tokens, {args.calls} calls, precision {precision}"
+    lines = [
+        "| | HF generate | palaestra loop | palaestra/HF |", "|---|---|---|---|",
+        f"| seconds per call | {summary['hf']['seconds_per_call']:.2f} | {summary['palaestra']['seconds_per_call']:.2f} | "
+        f"{summary['palaestra']['seconds_per_call'] / summary['hf']['seconds_per_call']:.2f} |",
+        f"| completion tokens/s | {summary['hf']['completion_tokens_per_s']:.1f} | {summary['palaestra']['completion_tokens_per_s']:.1f} | {ratio:.2f}x |",
+        f"| ms per decode step | {summary['hf']['ms_per_decode_step']:.1f} | {summary['palaestra']['ms_per_decode_step']:.1f} | |",
+        f"| completion tokens per call | {summary['hf']['mean_completion_tokens']:.1f} | {summary['palaestra']['mean_completion_tokens']:.1f} | |",
+    ]
+    table = "\n".join(lines)
+    print(f"\n{setting}\n{table}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"setting": setting, **summary}, indent=2) + "\n")
+    if not args.no_record:
+        command = "python bench/decode.py" + (f" --calls {args.calls}" if args.calls != 5 else "")
+        entry = (f"\n### {date.today().isoformat()}: decoding, palaestra loop vs HF generate ({platform.machine()}, "
+                 f"{torch.get_num_threads()} threads)\n`{command}` ({setting})\n\n{table}\n")
+        with open(HERE / "RESULTS.md", "a") as handle:
+            handle.write(entry)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""Pipelines: training stages run in order, each feeding the next, each one MLflow child run.
+
+    palaestra pipeline rlhf model=tiny                       # sft -> reward -> ppo -> evaluate -> export
+    palaestra pipeline full                                  # data -> sft -> reward -> dpo -> ppo -> evaluate -> export
+    palaestra pipeline rlhf pipeline.skip=[reward]           # PPO on data.rewards instead of a reward model
+    palaestra pipeline rlhf pipeline.stages=[sft,evaluate]   # any selection, in pipeline order
+    palaestra pipeline rlhf sft.algo.epochs=1 ppo.train.steps=20   # keys for one stage only
+
+What flows between stages: the *policy* (a Hugging Face folder: SFT's, then DPO's, then PPO's
+output becomes the next stage's ``model=hf model.path=...``), the *reward model* folder (into PPO's
+``algo.reward_model``) and the *data* folder (the data stage's output becomes ``data.path``).
+
+The pipeline folder holds ``history.json`` (stage, status, seconds, outputs, error, MLflow run)
+written atomically after every change, and one run folder per stage. A failed stage stops the
+pipeline (``pipeline.continue_on_failure=true`` goes on with the stages that do not need its
+output); running the same command again resumes: finished stages are kept and the failed stage
+continues from its own latest checkpoint. Every stage's config is composed and validated before the
+first model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+
+from palaestra.config import ConfigError, PalaestraConfig, to_config
+
+log = logging.getLogger("palaestra")
+
+PIPELINES: dict[str, tuple[str, ...]] = {
+    "rlhf": ("sft", "reward", "ppo", "evaluate", "export"),
+    "full": ("data", "sft", "reward", "dpo", "ppo", "evaluate", "export"),
+}
+"""Pipeline name -> its stages in order."""
+TRAINING_STAGES = ("sft", "reward", "dpo", "ppo", "grpo", "at_grpo")
+"""Stages that run a recipe (algo=<stage>)."""
+STAGES = ("data", *TRAINING_STAGES, "evaluate", "export")
+"""Every stage name, in the order a pipeline runs them."""
+
+
+@dataclass
+class StageRecord:
+    """What happened to one stage (the rows of history.json)."""
+
+    stage: str
+    status: str = "pending"
+    """pending, running, succeeded, failed or skipped."""
+    seconds: float = 0.0
+    """Wall time of the last attempt."""
+    outputs: dict = field(default_factory=dict)
+    """Folders the stage produced: model_dir, reward_model_dir, data_path, export_dir."""
+    metrics: dict = field(default_factory=dict)
+    """Headline figures (the recipe's final evaluation, or the evaluate stage's metrics)."""
+    mlflow_run_id: str | None = None
+    error: str | None = None
+    """The last line of the error of a failed attempt."""
+    attempts: int = 0
+
+
+@dataclass
+class PipelineHistory:
+    """The state of one pipeline folder; saved after every change so that a re-run can resume."""
+
+    name: str
+    folder: str
+    stages: list[StageRecord]
+    parent_run_id: str | None = None
+    started: str = ""
+    finished: bool = False
+
+    @property
+    def succeeded(self) -> bool:
+        return all(r.status in ("succeeded", "skipped") for r in self.stages)
+
+    def record(self, stage: str) -> StageRecord:
+        return next(r for r in self.stages if r.stage == stage)
+
+    def save(self) -> None:
+        path = Path(self.folder) / "history.json"
+        tmp = path.with_name(f".history.json.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, folder: Path) -> PipelineHistory:
+        raw = json.loads((Path(folder) / "history.json").read_text())
+        raw["stages"] = [StageRecord(**r) for r in raw["stages"]]
+        return cls(**raw)
+
+    def table(self) -> str:
+        lines = [f"\npipeline {self.name}: {self.folder}", f"{'stage':<10}{'status':<11}{'seconds':>9}  outputs / error"]
+        for r in self.stages:
+            detail = r.error if r.status == "failed" else ", ".join(f"{k}={v}" for k, v in r.outputs.items())
+            figures = "  " + " ".join(f"{k}={v:.3f}" for k, v in list(r.metrics.items())[:4]) if r.metrics else ""
+            lines.append(f"{r.stage:<10}{r.status:<11}{r.seconds:>9.1f}  {detail}{figures}")
+        return "\n".join(lines)
+
+
+def split_stage_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Separate ``<stage>.<section>.<key>=`` overrides (one stage only) from those every stage gets.
+
+    A key is for one stage when it starts with a stage name followed by a config section, so
+    ``data.path=`` and ``export.output_dir=`` stay ordinary keys.
+
+    >>> split_stage_overrides(["model=tiny", "ppo.train.steps=3", "data.path=d", "sft.algo.epochs=1"])
+    (['model=tiny', 'data.path=d'], {'ppo': ['train.steps=3'], 'sft': ['algo.epochs=1']})
+    """
+    from dataclasses import fields
+
+    sections = {f.name for f in fields(PalaestraConfig)}
+    common, per_stage = [], {}
+    for override in overrides:
+        prefix = override[: len(override) - len(override.lstrip("+~"))]
+        key = override[len(prefix):].split("=", 1)[0]
+        parts = key.split(".")
+        if len(parts) >= 3 and parts[0] in STAGES and parts[1] in sections:
+            per_stage.setdefault(parts[0], []).append(prefix + override[len(prefix) + len(parts[0]) + 1 :])
+        else:
+            common.append(override)
+    return common, per_stage
+
+
+def plan_stages(name: str, stages: list | None, skip: list) -> list[str]:
+    """The stages to run: ``stages`` (default: the pipeline's), minus ``skip``, in pipeline order."""
+    if name not in PIPELINES:
+        raise ConfigError(f"unknown pipeline {name!r}; use one of {', '.join(PIPELINES)}")
+    chosen = list(stages) if stages else list(PIPELINES[name])
+    for stage in [*chosen, *skip]:
+        if stage not in STAGES:
+            raise ConfigError(f"unknown pipeline stage {stage!r}; use some of {', '.join(STAGES)}")
+    planned = [s for s in STAGES if s in chosen and s not in skip]
+    if not planned:
+        raise ConfigError("pipeline.stages minus pipeline.skip leaves nothing to run")
+    return planned
+
+
+def run_pipeline(
+    name: str, config: PalaestraConfig, overrides: list[str], stage_overrides: dict[str, list[str]] | None = None
+) -> PipelineHistory:
+    """Run (or resume) pipeline ``name``; print and return its history.
+
+    ``overrides`` are the command line's key=value strings (given to every stage) and
+    ``stage_overrides`` the ones for a single stage (``{"ppo": ["train.steps=3"]}``).
+    """
+    stage_overrides = stage_overrides or {}
+    stages = plan_stages(name, config.pipeline.stages, list(config.pipeline.skip))
+    for stage in stage_overrides:
+        if stage not in stages:
+            raise ConfigError(f"overrides given for stage {stage!r}, which this pipeline does not run ({', '.join(stages)})")
+    history = _open_history(name, config, stages)
+    folder = Path(history.folder)
+    from palaestra.recipes.common import attach_log_file
+
+    attach_log_file(folder / "pipeline.log")
+
+    # Every stage's config, composed and validated before any model loads (the data stage, cheap,
+    # runs first when it is pending, so that the others can check the files it writes).
+    if "data" in stages and history.record("data").status != "succeeded":
+        _run_stage("data", history, lambda: _data_stage(config, folder), None)
+        if history.record("data").status == "failed" and not config.pipeline.continue_on_failure:
+            return _finish(history, None)
+    for stage in stages:
+        if stage in TRAINING_STAGES and history.record(stage).status != "succeeded":
+            _stage_config(stage, history, overrides, stage_overrides, None, chain=False)
+    tracker = _parent_tracker(config, history, stages)
+
+    for stage in stages:
+        record = history.record(stage)
+        if record.status == "succeeded":
+            log.info("stage %s: already done (%s)", stage, ", ".join(f"{k}={v}" for k, v in record.outputs.items()))
+            continue
+        missing = _missing_inputs(stage, history)
+        if missing:
+            record.status, record.error = "skipped", f"needs the output of the failed stage {missing}"
+            history.save()
+            continue
+        if stage in TRAINING_STAGES:
+            work = lambda s=stage: _training_stage(s, history, overrides, stage_overrides, tracker)  # noqa: E731
+        elif stage == "evaluate":
+            work = lambda: _evaluate_stage(config, history, overrides, stage_overrides, tracker)  # noqa: E731
+        elif stage == "export":
+            work = lambda: _export_stage(config, history)  # noqa: E731
+        else:
+            work = lambda: _data_stage(config, folder)  # noqa: E731
+        _run_stage(stage, history, work, tracker)
+        if record.status == "failed" and not config.pipeline.continue_on_failure:
+            break
+    return _finish(history, tracker)
+
+
+# ---------------------------------------------------------------------------------------------
+# the history folder and the parent run
+
+
+def _open_history(name: str, config: PalaestraConfig, stages: list[str]) -> PipelineHistory:
+    """A new pipeline folder, or (pipeline.resume=auto) the latest unfinished one of this name."""
+    pipe = config.pipeline
+    folder = Path(pipe.output_dir) if pipe.output_dir else None
+    if folder is None and pipe.resume == "auto":
+        root = Path("runs") / f"pipeline-{name}"
+        for candidate in sorted(root.glob("*"), reverse=True):
+            if (candidate / "history.json").is_file() and not PipelineHistory.load(candidate).finished:
+                folder = candidate
+                break
+    if folder is not None and (folder / "history.json").is_file() and pipe.resume:
+        history = PipelineHistory.load(folder)
+        known = {r.stage: r for r in history.stages}
+        history.stages = [known.get(s) or StageRecord(s) for s in stages]
+        for record in history.stages:
+            if record.status in ("failed", "running", "skipped"):
+                record.status = "pending"
+        history.finished = False
+        log.info("pipeline %s: resuming %s", name, folder)
+        history.save()
+        return history
+    if folder is None:
+        folder = Path("runs") / f"pipeline-{name}" / datetime.now().strftime("%Y%m%d-%H%M%S")
+        while folder.exists():
+            folder = folder.with_name(folder.name + "-1")
+    folder.mkdir(parents=True, exist_ok=True)
+    history = PipelineHistory(name, str(folder), [StageRecord(s) for s in stages], started=datetime.now().isoformat(timespec="seconds"))
+    history.save()
+    return history
+
+
+def _parent_tracker(config: PalaestraConfig, history: PipelineHistory, stages: list[str]):
+    if not config.tracking.enabled:
+        return None
+    from palaestra.tracking import MlflowTracker
+
+    tracker = MlflowTracker(
+        config.tracking.experiment, run_name=config.tracking.run_name or f"pipeline-{history.name}",
+        run_id=history.parent_run_id, tracking_uri=config.tracking.tracking_uri,
+    )
+    if history.parent_run_id is None:
+        history.parent_run_id = tracker.run_id
+        tracker.log_params({"pipeline": history.name, "stages": ",".join(stages), "folder": str(Path(history.folder).resolve())})
+        tracker.set_tags({"pipeline": history.name, "kind": "pipeline"})
+        history.save()
+    return tracker
+
+
+def _run_stage(stage: str, history: PipelineHistory, work, tracker) -> None:
+    """Run one stage's work, timing it and recording success or failure in the history."""
+    record = history.record(stage)
+    record.status, record.error, record.attempts = "running", None, record.attempts + 1
+    history.save()
+    log.info("stage %s: starting (attempt %d)", stage, record.attempts)
+    started = time.perf_counter()
+    try:
+        outputs, metrics, run_id = work()
+        record.outputs, record.metrics, record.mlflow_run_id = outputs, metrics, run_id or record.mlflow_run_id
+        record.status = "succeeded"
+    except KeyboardInterrupt:
+        record.status, record.error = "failed", "interrupted"
+        record.seconds = time.perf_counter() - started
+        history.save()
+        raise
+    except Exception as error:  # a stage's failure is recorded, not a crash of the pipeline
+        record.status = "failed"
+        record.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        log.error("stage %s failed: %s\n%s", stage, record.error, traceback.format_exc())
+    record.seconds = time.perf_counter() - started
+    history.save()
+    log.info("stage %s: %s in %.1f s", stage, record.status, record.seconds)
+    if tracker:
+        tracker.log_metrics({f"stage/{stage}/seconds": record.seconds, f"stage/{stage}/succeeded": float(record.status == "succeeded")},
+                            step=record.attempts)
+
+
+def _finish(history: PipelineHistory, tracker) -> PipelineHistory:
+    history.finished = history.succeeded
+    history.save()
+    if tracker:
+        tracker.log_artifact(Path(history.folder) / "history.json")
+        tracker.end("FINISHED" if history.succeeded else "FAILED")
+    print(history.table())
+    if not history.succeeded:
+        failed = [r.stage for r in history.stages if r.status == "failed"]
+        print(f"\nstage(s) {', '.join(failed)} failed; run the same command again to resume from there")
+    return history
+
+
+# ---------------------------------------------------------------------------------------------
+# what flows between stages
+
+
+def _latest_output(history: PipelineHistory, key: str, before: str) -> str | None:
+    """The newest ``key`` output of a succeeded stage that runs before ``before``."""
+    value = None
+    for record in history.stages:
+        if record.stage == before:
+            break
+        if record.status == "succeeded" and key in record.outputs:
+            value = record.outputs[key]
+    return value
+
+
+def _missing_inputs(stage: str, history: PipelineHistory) -> str | None:
+    """The failed earlier stage whose output ``stage`` would have used, if any."""
+    needs = {"model_dir": ("sft", "dpo", "ppo", "grpo", "at_grpo"), "reward_model_dir": ("reward",), "data_path": ("data",)}
+    uses = {"reward": ("model_dir", "data_path"), "ppo": ("model_dir", "reward_model_dir", "data_path"),
+            "evaluate": ("model_dir", "data_path"), "export": ("model_dir",)}.get(stage, ("model_dir", "data_path"))
+    for record in history.stages:
+        if record.stage == stage:
+            return None
+        if record.status in ("failed", "skipped") and any(record.stage in needs[key] for key in uses):
+            return record.stage
+    return None
+
+
+def _chain_overrides(stage: str, history: PipelineHistory) -> list[str]:
+    """The overrides that feed earlier outputs into ``stage``."""
+    chained = [f"train.output_dir={Path(history.folder) / stage}", "train.resume=auto"]
+    data_path = _latest_output(history, "data_path", stage)
+    if data_path:
+        chained.append(f"data.path={data_path}")
+    policy = _latest_output(history, "model_dir", stage)
+    if policy:
+        chained += ["model.name=hf", f"model.path={policy}"]
+    reward_model = _latest_output(history, "reward_model_dir", stage)
+    if stage == "ppo" and reward_model:
+        chained.append(f"algo.reward_model={reward_model}")
+    if history.parent_run_id:
+        chained.append(f"tracking.parent_run_id={history.parent_run_id}")
+    chained.append(f"tracking.run_name={history.name}/{stage}")
+    return chained
+
+
+def compose_config(overrides: list[str]) -> PalaestraConfig:
+    """Compose palaestra's Hydra config with ``overrides`` and validate it (inside or outside a Hydra app)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return to_config(compose(config_name="config", overrides=overrides))
+    with initialize_config_module(config_module="palaestra.conf", version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=overrides))
+
+
+def _stage_config(stage, history, overrides, stage_overrides, tracker, *, chain: bool = True) -> PalaestraConfig:
+    algo = [f"algo={stage}" if stage in TRAINING_STAGES else "algo=sft"]  # evaluate/export: validated as a data stage
+    chained = _chain_overrides(stage, history) if chain else [f"train.output_dir={Path(history.folder) / stage}"]
+    if not chain and _latest_output(history, "data_path", stage):
+        chained.append(f"data.path={_latest_output(history, 'data_path', stage)}")
+    try:
+        return compose_config([*overrides, *algo, *stage_overrides.get(stage, []), *chained])
+    except ConfigError as error:
+        raise ConfigError(f"stage {stage}: {error} (keys for one stage only: {stage}.<key>=<value>)") from None
+    except Exception as error:  # Hydra's own override errors
+        raise ConfigError(f"stage {stage}: {str(error).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# the stages
+
+
+def _training_stage(stage, history, overrides, stage_overrides, tracker):
+    """A recipe: compose its config with the earlier stages' outputs and run it."""
+    import importlib
+
+    from palaestra.cli import RECIPES
+
+    config = _stage_config(stage, history, overrides, stage_overrides, tracker)
+    results = importlib.import_module(RECIPES[stage]).main(config, evaluate_before_after=False)
+    if not results.get("finished", True):
+        raise RuntimeError(f"{stage} stopped at step {results.get('step')} before the end")
+    outputs = {key: str(Path(value).resolve()) for key, value in (results.get("outputs") or {}).items()}
+    if stage in ("grpo", "at_grpo") and "model_dir" not in outputs:
+        outputs["model_dir"] = _export_checkpoint(config, Path(results["run_dir"]))
+    figures = results.get("after") or {}
+    return outputs, {k: float(v) for k, v in figures.items() if isinstance(v, (int, float))}, results.get("mlflow_run_id")
+
+
+def _export_checkpoint(config: PalaestraConfig, run_dir: Path) -> str:
+    """GRPO/AT-GRPO keep checkpoints; the pipeline passes on a merged Hugging Face folder."""
+    from palaestra.evaluation.cli import export_command
+
+    config.eval.checkpoint = str(run_dir)
+    config.export.output_dir = str(run_dir / "model")
+    config.export.merge = True
+    export_command(config)
+    return str(run_dir / "model")
+
+
+def _data_stage(config: PalaestraConfig, folder: Path):
+    """Generate the planner dataset of today into the pipeline folder."""
+    if config.data.name != "planner":
+        if not Path(config.data.path).exists():
+            raise FileNotFoundError(f"data.path={config.data.path} does not exist")
+        return {"data_path": str(Path(config.data.path).resolve())}, {}, None
+    from palaestra.planner.data import make_planner_dataset
+
+    dated = make_planner_dataset(folder / "data", date=date.today().isoformat())
+    return {"data_path": str(dated.resolve())}, {}, None
+
+
+def _evaluate_stage(config, history, overrides, stage_overrides, tracker):
+    """Greedy answers of the current policy on the data's test split, scored by the task metrics."""
+    import torch
+
+    from palaestra.evaluation.chat_eval import evaluate_chat
+    from palaestra.models import load_model_and_tokenizer
+    from palaestra.registry.replay import load_replay_dataset
+    from palaestra.tracking import MlflowTracker
+
+    stage = _stage_config("evaluate", history, overrides, stage_overrides, tracker)
+    examples, _, version = load_replay_dataset(stage.data.path, stage.eval.max_examples)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model_and_tokenizer(stage.model.name, path=stage.model.path, device=device)
+    model.eval()
+    predictions: list[dict] = []
+    metrics = evaluate_chat(model, tokenizer, examples, stage.data.name, max_new_tokens=stage.eval.max_new_tokens or 256,
+                            batch_size=min(stage.eval.batch_size, 16), rows=predictions, show_progress=True)
+    log.info("evaluate: %s", " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+    run_id = None
+    if stage.tracking.enabled:
+        child = MlflowTracker(stage.tracking.experiment, run_name=f"{history.name}/evaluate", tracking_uri=stage.tracking.tracking_uri)
+        child.set_tags({"mlflow.parentRunId": history.parent_run_id or "", "stage": "evaluate", "dataset_version": version,
+                        "model_path": str(stage.model.path or stage.model.name)})
+        child.log_params({"model": str(stage.model.path or stage.model.name), "dataset_version": version, "examples": len(examples)})
+        child.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=0)
+        child.log_table(predictions, "eval/predictions.json")
+        child.end()
+        run_id = child.run_id
+    return {}, metrics, run_id
+
+
+def _export_stage(config: PalaestraConfig, history: PipelineHistory):
+    """Copy the final policy (already a merged Hugging Face folder) to export.output_dir, atomically."""
+    policy = _latest_output(history, "model_dir", "export")
+    if policy is None:
+        raise ConfigError("nothing to export: no earlier stage produced a model (run sft, dpo, ppo or grpo)")
+    target = Path(config.export.output_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(policy, tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return {"export_dir": str(target.resolve()), "model_dir": policy}, {}, None

@@ -1,0 +1,553 @@
+"""PPO: Proximal Policy Optimization of a chat policy, with a value head, GAE and a KL penalty.
+
+Launch::
+
+    palaestra train --target=ppo                                  # planner data, planner_quality reward
+    palaestra train --target=ppo algo.reward_model=runs/planner-reward/<stamp>/model
+    palaestra train --target=ppo model=tiny train.steps=5 algo.prompts_per_step=4 train.micro_batch_size=2
+
+The loop, top to bottom: sample one completion for each of ``algo.prompts_per_step`` prompts (the
+system and user messages of the chat data), score each whole completion (a trained reward model,
+or the sum of ``data.rewards`` functions over the row's structured columns), and compute, without
+gradients, the sampling policy's log-probs and values (one forward: the value head reads the
+policy's own final hidden states) and the reference's log-probs (the same model with its LoRA
+adapter off). Each token's reward is a KL penalty to the reference, plus the score on the last
+token; GAE turns rewards and values into advantages and value targets. Then ``algo.ppo_epochs``
+passes over shuffled minibatches of ``train.micro_batch_size`` completions, each one AdamW update
+of the clipped policy loss plus ``vf_coef`` times the clipped value loss. Every ``save_interval``
+steps a checkpoint (adapter, value head, optimizer, scheduler, RNG, data position) is written
+atomically; ``train.resume=auto`` continues bit for bit. At the end the policy is exported, LoRA
+merged, as a plain Hugging Face folder ``<run>/model``.
+
+Simplifications relative to InstructGPT (Ouyang et al., 2022): the critic is a linear head on the
+policy's trunk (sharing its adapter) rather than a separate model started from the reward model;
+the KL coefficient is fixed (no adaptive controller); no pretraining-data term (PPO-ptx); one
+process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from palaestra import checkpoint as ckpt
+from palaestra.algorithms.grpo import masked_mean
+from palaestra.algorithms.ppo import gae, kl_penalty_rewards, ppo_policy_loss, value_loss, whiten
+from palaestra.config import ConfigError, PalaestraConfig
+from palaestra.data.chat import dataset_version, to_messages
+from palaestra.export import export_policy
+from palaestra.models import apply_lora, frozen_reference_copy, load_model_and_tokenizer, model_id, reference_logits_context
+from palaestra.models.logprobs import completion_logprobs
+from palaestra.models.precision import autocast, resolve_precision, weights_dtype
+from palaestra.models.value_head import ValueHead, explained_variance, logprobs_and_values
+from palaestra.recipes.common import (
+    StopSignals,
+    append_jsonl,
+    attach_log_file,
+    clip_gradients,
+    fmt,
+    lr_lambda,
+    remember,
+    resolve_run_dir,
+    seed_everything,
+    timed,
+)
+from palaestra.rewards import combine_rewards, resolve_reward
+from palaestra.rollout import HFGenerator, SamplingParams
+from palaestra.tracking import MlflowTracker, flatten_config, plot_curves
+
+log = logging.getLogger("palaestra")
+
+DEFAULT_EVAL_EXAMPLES = 16
+"""Held-out prompts scored per evaluation when eval.max_examples is 0."""
+
+
+def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dict:
+    """Train with PPO; return the run folder, the MLflow run id, the figures and the exported model."""
+    train_cfg, algo, data_cfg = config.train, config.algo, config.data
+
+    # ---- one process, seed and threads
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("algo=ppo runs in one process; launch it without torchrun")
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    seed_everything(train_cfg.seed)
+    prompt_budget = min(algo.max_prompt_length, data_cfg.max_length - algo.max_completion_length)
+    if prompt_budget < 1:
+        raise ConfigError(f"data.max_length={data_cfg.max_length} leaves no room for a prompt beside "
+                          f"algo.max_completion_length={algo.max_completion_length}; raise data.max_length")
+
+    # ---- data and reward functions (cheap, and fail before the model loads)
+    train_rows, heldout_rows, version = _load_prompts(data_cfg)
+    heldout_rows = heldout_rows[: config.eval.max_examples or DEFAULT_EVAL_EXAMPLES]
+    reward_names = [] if algo.reward_model else _resolve_rewards(data_cfg.rewards)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    score = _scorer(algo.reward_model, reward_names, device)
+
+    # ---- model, adapter, reference, value head
+    precision = resolve_precision(config.model.precision, device)
+    dtype = weights_dtype(config.model.dtype, precision, config.model.lora.enabled)
+    model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype=dtype, device=device)
+    if config.model.lora.enabled:
+        lora = config.model.lora
+        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    reference = None
+    if algo.kl_coef > 0 and not config.model.lora.enabled:
+        reference = frozen_reference_copy(model)  # full fine-tuning needs a frozen copy; LoRA does not
+    value_head = ValueHead.for_model(model)
+    model.train()
+    generator = HFGenerator(model, tokenizer, max_prompt_length=prompt_budget, precision=precision)
+
+    # ---- run folder, optimizer, resume
+    run_dir, resume_from = resolve_run_dir(train_cfg, Path("runs") / f"{data_cfg.name}-{algo.name}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    attach_log_file(run_dir / "train.log")
+    log.info("device %s, compute precision %s, weights %s, %d train prompts, %d held-out",
+             device, precision, dtype, len(train_rows), len(heldout_rows))
+    minibatches = math.ceil(algo.prompts_per_step / train_cfg.micro_batch_size)
+    updates_total = train_cfg.steps * algo.ppo_epochs * minibatches
+    policy_params = [p for p in model.parameters() if p.requires_grad]
+    trainable = policy_params + list(value_head.parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": policy_params}, {"params": list(value_head.parameters())}], lr=train_cfg.learning_rate,
+        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2), weight_decay=train_cfg.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(updates_total, train_cfg.warmup_ratio, train_cfg.lr_schedule))
+    parts = _checkpoint_parts(model, value_head, optimizer, scheduler)
+    state = {"step": 0, "data_position": 0, "mlflow_run_id": None, "best_metric": None,
+             "evals_without_improvement": 0, "history": {}}
+    if resume_from is not None:
+        state.update(ckpt.load_checkpoint(resume_from, parts=parts))
+        log.info("resumed from %s at step %d", resume_from, state["step"])
+
+    # ---- tracking
+    tracker = _start_tracking(config, version, state["mlflow_run_id"], run_dir)
+    state["mlflow_run_id"] = tracker.run_id if tracker else None
+    results: dict = {"run_dir": str(run_dir), "mlflow_run_id": state["mlflow_run_id"], "outputs": {}}
+    sampling = SamplingParams(algo.max_completion_length, algo.temperature, algo.top_p, algo.top_k)
+    eval_sampling = SamplingParams(config.eval.max_new_tokens or algo.max_completion_length, greedy=True)
+
+    def run_eval(step: int, label: str) -> dict | None:
+        """Mean reward (and the planner metrics on planner data) of greedy completions on held-out prompts."""
+        if not heldout_rows:
+            return None
+        texts = []
+        for start in range(0, len(heldout_rows), config.eval.batch_size):
+            batch = heldout_rows[start : start + config.eval.batch_size]
+            texts += generator.generate([row.messages for row in batch], 1, eval_sampling).texts
+        rewards, components = score(heldout_rows, texts)
+        figures = {"reward": float(np.mean(rewards)),
+                   **{f"reward/{_short(name)}": float(np.mean(values)) for name, values in components.items()}}
+        figures.update(_planner_figures(data_cfg.name, heldout_rows, texts))
+        log.info("eval (%s, step %d): %s", label, step, fmt(figures))
+        remember(state, {f"eval/{k}": v for k, v in figures.items()}, step)
+        if tracker:
+            tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=step)
+            tracker.log_table(_sample_rows(step, heldout_rows, texts, rewards, components), f"eval/samples_{label}_step{step:06d}.json")
+        return figures
+
+    if evaluate_before_after and state["step"] == 0:
+        results["before"] = run_eval(0, "before")
+
+    stop = StopSignals()
+    loop_started = time.perf_counter()
+    out_of_time = False
+    progress = tqdm(total=train_cfg.steps, initial=state["step"], desc="ppo", dynamic_ncols=True)
+    steps_this_run = 0
+    try:
+        while state["step"] < train_cfg.steps and not stop.requested:
+            step = state["step"] + 1
+            started = time.perf_counter()
+            timings: dict[str, float] = {}  # where this step's time goes, in seconds
+
+            # 1. roll out: one completion for each prompt of this step
+            rows, state["data_position"] = _next_rows(train_rows, state["data_position"], algo.prompts_per_step, train_cfg.seed)
+            with timed(timings, "generation"):
+                rollout = generator.generate([row.messages for row in rows], 1, sampling)
+
+            # 2. score: each whole completion gets one number
+            with timed(timings, "rewards"):
+                scores, components = score(rows, rollout.texts)
+                scores = torch.tensor(scores, dtype=torch.float32, device=device)
+
+            # 3. old log-probs and values (one forward), reference log-probs, KL-shaped rewards, GAE
+            batch = {
+                "prompt_ids": rollout.prompt_ids.to(device), "prompt_mask": rollout.prompt_mask.to(device),
+                "completion_ids": rollout.completion_ids.to(device), "mask": rollout.completion_mask.to(device),
+            }
+            with torch.no_grad(), timed(timings, "old_logprobs_values"):
+                batch["old_logp"], batch["old_values"] = _rollout_pass(
+                    batch, train_cfg.micro_batch_size, precision,
+                    lambda mb: logprobs_and_values(model, value_head, *_inputs(mb), temperature=algo.temperature)[:2],
+                )
+            with torch.no_grad(), timed(timings, "reference"):
+                ref_logp = batch["old_logp"]  # no penalty: the reference pass is skipped
+                if algo.kl_coef > 0:
+                    ref_logp = _reference_logprobs(model, reference, batch, train_cfg.micro_batch_size, precision, algo.temperature)
+            mask = batch["mask"].float()
+            # r_t = -kl_coef * (log pi_old - log pi_ref), plus the score on the last token
+            token_rewards = kl_penalty_rewards(scores, batch["old_logp"], ref_logp, mask, kl_coef=algo.kl_coef)
+            advantages, batch["returns"] = gae(token_rewards, batch["old_values"], mask, gamma=algo.gamma, lam=algo.lam)
+            batch["advantages"] = whiten(advantages, mask) if algo.whiten_advantages else advantages
+
+            # 4. loss and step: ppo_epochs passes over shuffled minibatches, one AdamW update each
+            stats = ppo_update(
+                model, value_head, optimizer, scheduler, trainable, batch, algo=algo,
+                minibatch_size=train_cfg.micro_batch_size, max_grad_norm=train_cfg.max_grad_norm,
+                precision=precision, order_seed=(train_cfg.seed, step), timings=timings,
+            )
+            state["step"] = step
+
+            # 5. log / eval / checkpoint
+            kl_tokens = (batch["old_logp"] - ref_logp) * mask  # k1 estimate of KL(pi_old || pi_ref) per token
+            lengths = mask.sum(dim=1)
+            elapsed = time.perf_counter() - started
+            timings["other"] = elapsed - sum(timings.values())
+            metrics = {
+                **stats,
+                "reward/mean": float(scores.mean()),
+                "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
+                **{f"reward/{_short(name)}/mean": float(np.mean(values)) for name, values in components.items()},
+                "reward/kl_penalty": float((token_rewards.sum(dim=1) - scores * (lengths > 0)).mean()),
+                "kl": float(masked_mean(kl_tokens, mask)),
+                "kl/sequence": float(kl_tokens.sum(dim=1).mean()),
+                "explained_variance": explained_variance(batch["old_values"], batch["returns"], mask),
+                "values/mean": float(masked_mean(batch["old_values"], mask)),
+                "returns/mean": float(masked_mean(batch["returns"], mask)),
+                "completion_length/mean": float(lengths.mean()),
+                "truncated_fraction": float(rollout.truncated.float().mean()),
+                "learning_rate": scheduler.get_last_lr()[0],
+                "time/step": elapsed,
+                **{f"time/{name}": seconds for name, seconds in timings.items()},
+                "tokens_per_second": rollout.num_completion_tokens / elapsed,
+            }
+            remember(state, {"reward/mean": metrics["reward/mean"]}, step)
+            append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
+            log.info("step %d: %s", step, fmt(metrics), extra={"console": False})
+            if tracker:
+                tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
+                if train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
+                    tracker.log_table(_sample_rows(step, rows, rollout.texts, scores.tolist(), components),
+                                      f"samples/step{step:06d}.json")
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.3f}",
+                                 vloss=f"{metrics['value_loss']:.3f}")
+
+            evaluated = None
+            if train_cfg.eval_interval and step % train_cfg.eval_interval == 0:
+                figures = run_eval(step, "train")
+                if figures:  # the held-out reward unless train.best_metric names another eval figure
+                    evaluated = figures.get(train_cfg.best_metric, figures["reward"])
+            steps_this_run += 1
+            out_of_time = bool(train_cfg.max_seconds) and time.perf_counter() - loop_started >= train_cfg.max_seconds
+            interrupted = stop.requested or out_of_time or bool(
+                train_cfg.stop_after_steps and steps_this_run >= train_cfg.stop_after_steps
+            )
+            last = step == train_cfg.steps
+            if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or stop.save_requested or interrupted or last or evaluated is not None:
+                stop.save_requested = False
+                _improved(state, evaluated)
+                path = ckpt.save_checkpoint(run_dir, step, parts=parts, trainer_state=state,
+                                            keep_last_n=train_cfg.keep_last_n or None)
+                if evaluated is not None and train_cfg.save_best:
+                    metric = train_cfg.best_metric if train_cfg.best_metric in figures else "reward"
+                    ckpt.save_best(run_dir, path, metric, evaluated)
+            if interrupted:
+                log.info("stopping at step %d (checkpoint saved); resume with train.resume=auto train.output_dir=%s", step, run_dir)
+                break
+            if train_cfg.early_stopping_patience and state["evals_without_improvement"] >= train_cfg.early_stopping_patience:
+                log.info("early stopping at step %d: no eval improvement in %d evaluations", step, state["evals_without_improvement"])
+                break
+    except BaseException:
+        if tracker:
+            tracker.end("KILLED" if stop.requested else "FAILED")
+        raise
+    finally:
+        progress.close()
+        stop.restore()
+
+    # ---- final evaluation, export, plots, cleanup
+    finished = state["step"] >= train_cfg.steps
+    if evaluate_before_after and (finished or out_of_time):
+        results["after"] = run_eval(state["step"], "after")
+    if finished or out_of_time:
+        if config.model.lora.enabled:
+            model = model.float()  # merge in fp32: bf16 base weights would round most of a small update away
+        model_dir = export_policy(model, tokenizer, run_dir / "model")
+        value_dir = value_head.save(run_dir / "value_head")
+        results["outputs"] = {"model_dir": str(model_dir), "value_head_dir": str(value_dir)}
+        log.info("policy exported to %s", model_dir)
+    if tracker:
+        _log_plots(tracker, state, run_dir)
+        tracker.log_artifact(str(run_dir / "train.log"))
+        tracker.end("FINISHED" if finished or not stop.requested else "KILLED")
+        results["mlflow_hint"] = tracker.run_url_hint()
+    results.update(step=state["step"], finished=finished, out_of_time=out_of_time,
+                   train_seconds=time.perf_counter() - loop_started)
+    return results
+
+
+# ---------------------------------------------------------------------------------------- the update
+
+
+def ppo_update(
+    model, value_head, optimizer, scheduler, trainable, batch: dict, *, algo, minibatch_size: int,
+    max_grad_norm: float, precision: str, order_seed: tuple[int, int], timings: dict,
+) -> dict[str, float]:
+    """``algo.ppo_epochs`` passes over the rollout batch in shuffled minibatches, one update each.
+
+    ``batch`` holds [B, P] prompt tensors and [B, C] completion tensors: ``mask``, ``old_logp``,
+    ``old_values``, ``advantages`` and ``returns``. Each minibatch's loss is the clipped policy
+    loss plus ``vf_coef`` times the clipped value loss, both token means over the minibatch. The
+    shuffle depends only on ``order_seed`` (seed, step), so a resumed run repeats it exactly.
+    Returns the figures averaged over all updates.
+    """
+    rows = batch["mask"].shape[0]
+    totals: dict[str, float] = {}
+    updates = 0
+    for epoch in range(algo.ppo_epochs):
+        order = torch.from_numpy(np.random.default_rng([*order_seed, epoch]).permutation(rows)).to(batch["mask"].device)
+        for start in range(0, rows, minibatch_size):
+            mb = _trim({key: value[order[start : start + minibatch_size]] for key, value in batch.items()})
+            mask = mb["mask"].float()
+            with timed(timings, "forward_backward"):
+                with autocast(precision, mask.device.type):
+                    logp, values, entropy = logprobs_and_values(model, value_head, *_inputs(mb), temperature=algo.temperature,
+                                                                with_entropy=True)
+                policy_loss, policy_stats = ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mask, epsilon=algo.cliprange)
+                critic_loss, value_stats = value_loss(values, mb["old_values"], mb["returns"], mask, clip_range=algo.cliprange_value)
+                loss = policy_loss + algo.vf_coef * critic_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            with timed(timings, "optimizer"):
+                grad_norm = clip_gradients(trainable, max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+            figures = {
+                "loss": float(loss.detach()), "policy_loss": float(policy_loss.detach()),
+                "value_loss": float(critic_loss.detach()), "clipfrac": policy_stats["clip_fraction"],
+                "approx_kl": policy_stats["approx_kl"], "value_clipfrac": value_stats["value_clip_fraction"],
+                "entropy": float(masked_mean(entropy, mask)), "grad_norm": grad_norm,
+            }
+            for key, value in figures.items():
+                totals[key] = totals.get(key, 0.0) + value
+            updates += 1
+    return {key: value / updates for key, value in totals.items()}
+
+
+def _inputs(mb: dict) -> tuple:
+    return mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"], mb["mask"]
+
+
+def _trim(mb: dict) -> dict:
+    """Drop the columns that are padding in every row: left of the prompts, right of the completions."""
+    first = int((mb["prompt_mask"].sum(dim=0) > 0).nonzero()[0])
+    width = max(1, int(mb["mask"].sum(dim=1).max()))
+    return {key: value[:, first:] if key.startswith("prompt") else value[:, :width] for key, value in mb.items()}
+
+
+def _rollout_pass(batch: dict, size: int, precision: str, forward) -> list[torch.Tensor]:
+    """Run ``forward`` (returning [b, c] tensors) over the batch in chunks; each output padded back to [B, C]."""
+    rows, width = batch["mask"].shape
+    outputs: list[list[torch.Tensor]] = []
+    for start in range(0, rows, size):
+        mb = _trim({key: batch[key][start : start + size] for key in ("prompt_ids", "prompt_mask", "completion_ids", "mask")})
+        with autocast(precision, mb["mask"].device.type):
+            pieces = forward(mb)
+        outputs.append([F.pad(piece.float(), (0, width - piece.shape[1])) for piece in pieces])
+    return [torch.cat(column, dim=0) for column in zip(*outputs)]
+
+
+def _reference_logprobs(model, reference, batch: dict, size: int, precision: str, temperature: float) -> torch.Tensor:
+    """[B, C] log-probs under the reference: the frozen copy (full fine-tuning) or the model with its adapter off."""
+    ref_model = reference if reference is not None else model
+    with nullcontext() if reference is not None else reference_logits_context(model):
+        (logp,) = _rollout_pass(batch, size, precision,
+                                lambda mb: completion_logprobs(ref_model, *_inputs(mb), temperature=temperature)[:1])
+    return logp
+
+
+# ---------------------------------------------------------------------------------------- data and rewards
+
+
+@dataclass
+class _Prompt:
+    """One chat prompt and the row's other columns (what reward functions read)."""
+
+    messages: list[dict]
+    """The conversation up to the assistant's answer (system and user messages)."""
+    columns: dict
+    """Every other field of the row, e.g. household, pantry, constraints and plan for the planner."""
+
+
+def _load_prompts(data) -> tuple[list[_Prompt], list[_Prompt], str]:
+    """Train prompts, held-out prompts (test split, else val, else the tail of train) and the dataset version.
+
+    The splits are those of :func:`palaestra.data.chat.load_chat_data`, read here row by row
+    because PPO also needs each row's structured columns (the reward functions' inputs).
+    """
+    root = Path(data.path)
+    if root.is_dir():
+        train = _read_prompts(root / data.train_file)
+        heldout_file = next((root / name for name in (data.test_file, data.val_file) if (root / name).is_file()), None)
+        heldout = _read_prompts(heldout_file) if heldout_file else []
+    else:
+        train, heldout = _read_prompts(root), []
+    if not heldout:
+        keep = max(1, round(len(train) * (1 - data.val_fraction)))
+        train, heldout = train[:keep], train[keep:]
+    if not train:
+        raise ConfigError(f"data.path={data.path} has no training prompts")
+    return train, heldout, dataset_version(root, data.version)
+
+
+def _read_prompts(path: Path) -> list[_Prompt]:
+    """The chat rows of a JSONL file as prompts: the messages before the (last) assistant answer."""
+    prompts = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+            messages = to_messages(row, f"{path}:{number}")
+            while messages and messages[-1]["role"] == "assistant":
+                messages.pop()  # the answer is what PPO samples
+            if not messages:
+                raise ConfigError(f"{path}:{number}: the conversation has no prompt before the assistant's answer")
+            columns = {k: v for k, v in row.items() if k not in ("messages", "prompt", "completion")}
+            prompts.append(_Prompt(messages, columns))
+    return prompts
+
+
+def _resolve_rewards(names: list) -> list[str]:
+    for name in names:
+        try:
+            resolve_reward(name)
+        except ValueError as error:
+            raise ConfigError(f"data.rewards: {str(error).splitlines()[0]}") from None
+    return list(names)
+
+
+def _scorer(reward_model: str | None, reward_names: list[str], device: str):
+    """``score(rows, texts) -> (rewards, components)`` from a reward model or the summed reward functions."""
+    if reward_model:
+        from palaestra.rewards.reward_model import load_reward_model
+
+        scorer = load_reward_model(reward_model, device=device)
+
+        def score(rows: list[_Prompt], texts: list[str]):
+            values = [float(v) for v in scorer.score([row.messages for row in rows], texts)]
+            return values, {"reward_model": values}
+
+        return score
+
+    weights = {name: 1.0 for name in reward_names}
+
+    def score(rows: list[_Prompt], texts: list[str]):
+        keys = dict.fromkeys(key for row in rows for key in row.columns)
+        columns = {key: [row.columns.get(key) for row in rows] for key in keys}
+        columns["prompt"] = [row.messages for row in rows]  # as reward_model:<folder> rewards expect
+        return combine_rewards(texts, columns, weights)
+
+    return score
+
+
+def _planner_figures(data_name: str, rows: list[_Prompt], texts: list[str]) -> dict[str, float]:
+    """The planner task metrics (constraint respect, alignment, parse rate, ...) on planner data, else nothing."""
+    needed = ("household", "pantry", "constraints", "plan")
+    if data_name != "planner" or not rows or not all(all(k in row.columns for k in needed) for row in rows):
+        return {}
+    from palaestra.planner.metrics import aggregate_planner_metrics
+
+    return {f"planner/{k}": v for k, v in aggregate_planner_metrics(texts, [row.columns for row in rows]).items()}
+
+
+def _next_rows(rows: list, position: int, count: int, seed: int) -> tuple[list, int]:
+    """The next ``count`` rows of a seeded shuffle per epoch; ``position`` counts rows consumed."""
+    chosen = []
+    while len(chosen) < count:
+        epoch, offset = divmod(position, len(rows))
+        order = list(range(len(rows)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        take = order[offset : offset + count - len(chosen)]
+        chosen.extend(rows[i] for i in take)
+        position += len(take)
+    return chosen, position
+
+
+# ---------------------------------------------------------------------------------------- checkpoints and tracking
+
+
+def _checkpoint_parts(model, value_head, optimizer, scheduler) -> dict[str, ckpt.CheckpointPart]:
+    """The policy (adapter, optimizer, scheduler) at the top of a checkpoint; the value head in policy-value_head/."""
+    return {"": ckpt.model_part(model, optimizer, scheduler),
+            "value_head": ckpt.CheckpointPart(dict(value_head.named_parameters()))}
+
+
+def _improved(state: dict, value: float | None) -> dict:
+    """Update best-metric bookkeeping (for save_best and early stopping) and return the state."""
+    if value is not None:
+        if state["best_metric"] is None or value > state["best_metric"]:
+            state["best_metric"], state["evals_without_improvement"] = value, 0
+        else:
+            state["evals_without_improvement"] += 1
+    return state
+
+
+def _start_tracking(config: PalaestraConfig, version: str, run_id: str | None, run_dir: Path):
+    tracking = config.tracking
+    if not tracking.enabled:
+        return None
+    name = tracking.run_name or f"{config.data.name}-{config.algo.name}-{config.model.name}"
+    tracker = MlflowTracker(tracking.experiment, run_name=name, run_id=run_id, tracking_uri=tracking.tracking_uri)
+    if run_id is None:
+        resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+        tracker.log_params(flatten_config(resolved))
+        tags = {
+            "task": config.data.name, "algo": config.algo.name, "model": model_id(config.model.name, config.model.path),
+            "dataset_version": version, "policy_id": tracking.policy_id or f"{config.data.name}-{config.algo.name}",
+            "run_dir": str(run_dir.resolve()),
+        }
+        if tracking.parent_run_id:
+            tags["mlflow.parentRunId"] = tracking.parent_run_id
+        tracker.set_tags(tags)
+        tracker.log_dict(resolved, "config.yaml")
+    return tracker
+
+
+def _sample_rows(step: int, rows: list[_Prompt], texts: list[str], rewards: list[float], components: dict) -> list[dict]:
+    samples = []
+    for index, (row, text) in enumerate(zip(rows, texts)):
+        sample = {"step": step, "prompt": row.messages[-1]["content"], "completion": text, "reward": float(rewards[index])}
+        sample.update({f"reward/{_short(name)}": float(values[index]) for name, values in components.items()})
+        samples.append(sample)
+    return samples
+
+
+def _log_plots(tracker, state: dict, run_dir: Path) -> None:
+    history = state["history"]
+    curves = {k: [tuple(point) for point in v] for k, v in history.items() if k in ("reward/mean", "eval/reward")}
+    if curves:
+        path = plot_curves(curves, run_dir / "reward_curve.png", title="PPO: reward and held-out reward", ylabel="reward", smooth=5)
+        tracker.log_artifact(str(path), "plots")
+
+
+def _short(reward_name: str) -> str:
+    """A reward's logging name: "pkg.module:my_reward" -> "my_reward"."""
+    return reward_name.rsplit(":", 1)[-1]

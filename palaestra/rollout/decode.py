@@ -1,0 +1,99 @@
+"""palaestra's own decode loop: sample completions token by token from a prefilled key/value cache.
+
+Why not ``model.generate``: on a CPU a small model's decode step is dominated by per-call overhead,
+and ``generate`` adds its own on top of the forward (input preparation, a logits-processor chain,
+stopping criteria, a growing attention mask). This loop does only what sampling needs:
+
+1. one forward of one new token per live row, with a preallocated attention mask sliced per step;
+2. temperature, top-k and top-p applied to the last logits only, then one ``multinomial``;
+3. rows that produced a stop token leave the batch (their cache rows are dropped), so the last
+   long completion does not drag the finished ones through every remaining step.
+
+Greedy decoding gives exactly ``generate``'s tokens (tested); sampling draws from the same
+distribution (temperature, top-k, top-p as Hugging Face defines them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["decode", "sample_next"]
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, greedy: bool) -> torch.Tensor:
+    """Next token per row from last-position logits [B, V]: greedy argmax, or a sample.
+
+    Sampling: logits / temperature, keep the top_k largest (0: all), then the smallest set whose
+    probability reaches top_p (1.0: all), renormalise, draw.
+
+    >>> sample_next(torch.tensor([[0.0, 3.0, 1.0]]), 1.0, 0, 1.0, greedy=True).tolist()
+    [1]
+    >>> _ = torch.manual_seed(0)
+    >>> sample_next(torch.tensor([[0.0, 3.0, 1.0]]), 1.0, 1, 1.0, greedy=False).tolist()  # top-1 is greedy
+    [1]
+    """
+    if greedy:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / temperature
+    if top_k and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first one always stays)
+        drop_sorted = (cumulative - sorted_scores.softmax(dim=-1)) >= top_p
+        scores = scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+
+
+@torch.no_grad()
+def decode(
+    model,
+    cache,
+    first_logits: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+) -> torch.Tensor:
+    """Completion tokens [B, C <= max_new_tokens], right-padded with ``pad_id`` after each row's stop token.
+
+    Args:
+        model: the causal LM to call (a plain Hugging Face model; adapters merged or disabled).
+        cache: the key/value cache of every prompt token, one row per completion (B rows).
+        first_logits: [B, V] logits at each prompt's last token (they predict completion token 0).
+        prompt_mask: [B, P] 1 on real (left-padded) prompt tokens, as in the cache.
+    """
+    device = first_logits.device
+    batch, prompt_width = prompt_mask.shape
+    out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long)
+    stops = torch.tensor(stop_ids, device=device)
+    live = torch.arange(batch, device=device)  # original row of each row still decoding
+    mask = torch.cat([prompt_mask.to(device), torch.ones(batch, max_new_tokens, dtype=prompt_mask.dtype, device=device)], dim=1)
+    positions = prompt_mask.sum(dim=1).to(device)  # position id of completion token 0 of each row
+    logits = first_logits
+    step = 0
+    for step in range(max_new_tokens):
+        tokens = sample_next(logits, temperature, top_k, top_p, greedy)
+        out[live.cpu(), step] = tokens.cpu()
+        finished = torch.isin(tokens, stops)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        if bool(finished.any()):  # finished rows leave the batch, cache rows included
+            keep = (~finished).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            live, tokens, mask, positions = live[keep], tokens[keep], mask[keep], positions[keep]
+        logits = model(
+            input_ids=tokens.unsqueeze(1),
+            attention_mask=mask[:, : prompt_width + step + 1],
+            position_ids=(positions + step).unsqueeze(1),
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1]
+    return out[:, : step + 1]  # as wide as the longest completion
