@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ ROOT = HERE.parent
 
 def run(env: str, mode: str, steps: int, budget_s: float, test_envs: int, extra: list[str]) -> dict:
     out_dir = HERE / "out" / f"at_grpo-{env}-{mode}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run: its log and metrics are this run's alone
     command = [
         sys.executable, "-m", "palaestra.cli", "train", "algo=at_grpo", f"env={env}", f"policy={mode}",
         f"train.steps={steps}", f"train.max_seconds={budget_s}", f"env.test_envs={test_envs}", "env.train_envs=2",

@@ -149,14 +149,13 @@ def main(argv: list[str] | None = None) -> None:
         pipeline_name = rest[0]
         rest, stage_overrides = split_stage_overrides(rest[1:])
         overrides = [arg for arg in rest if not arg.startswith("-")]
-        rest = ["algo=sft", *rest]  # the pipeline's own config: validated like a data stage (not GRPO's batch rules)
         run_command = lambda config: _pipeline(config, pipeline_name, overrides, stage_overrides)  # noqa: E731
     rest = [_target_override(arg) for arg in rest]
 
     def task_function(cfg: DictConfig) -> None:
         logging.getLogger("palaestra").setLevel(logging.INFO)
         try:
-            config = to_config(cfg)
+            config = to_config(cfg, check_values=command != "pipeline")  # a pipeline checks each stage's config
             code = run_command(config)
         except _user_error_types() as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

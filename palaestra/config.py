@@ -470,8 +470,11 @@ SCALE_REWARDS = ("group", "batch", "none")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
-def to_config(cfg: DictConfig | dict) -> PalaestraConfig:
+def to_config(cfg: DictConfig | dict, *, check_values: bool = True) -> PalaestraConfig:
     """Merge a composed Hydra config into the typed schema and validate it.
+
+    ``check_values=False`` checks keys and types only (a pipeline validates each stage's config
+    itself, once the stages before it have written what it reads).
 
     Raises:
         ConfigError: a one-line message naming the bad key and value.
@@ -487,7 +490,8 @@ def to_config(cfg: DictConfig | dict) -> PalaestraConfig:
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise ConfigError(_one_line_omegaconf_error(error)) from None
-    validate(config)
+    if check_values:
+        validate(config)
     return config
 
 

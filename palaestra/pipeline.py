@@ -168,7 +168,7 @@ def run_pipeline(
             return _finish(history, None)
     for stage in stages:
         if stage in TRAINING_STAGES and history.record(stage).status != "succeeded":
-            _stage_config(stage, history, overrides, stage_overrides, None, chain=False)
+            _stage_config(stage, history, overrides, stage_overrides, chain=False)
     tracker = _parent_tracker(config, history, stages)
 
     for stage in stages:
@@ -182,9 +182,9 @@ def run_pipeline(
             history.save()
             continue
         if stage in TRAINING_STAGES:
-            work = lambda s=stage: _training_stage(s, history, overrides, stage_overrides, tracker)  # noqa: E731
+            work = lambda s=stage: _training_stage(s, history, overrides, stage_overrides)  # noqa: E731
         elif stage == "evaluate":
-            work = lambda: _evaluate_stage(config, history, overrides, stage_overrides, tracker)  # noqa: E731
+            work = lambda: _evaluate_stage(history, overrides, stage_overrides)  # noqa: E731
         elif stage == "export":
             work = lambda: _export_stage(config, history)  # noqa: E731
         else:
@@ -345,7 +345,7 @@ def compose_config(overrides: list[str]) -> PalaestraConfig:
         return to_config(compose(config_name="config", overrides=overrides))
 
 
-def _stage_config(stage, history, overrides, stage_overrides, tracker, *, chain: bool = True) -> PalaestraConfig:
+def _stage_config(stage, history, overrides, stage_overrides, *, chain: bool = True) -> PalaestraConfig:
     algo = [f"algo={stage}" if stage in TRAINING_STAGES else "algo=sft"]  # evaluate/export: validated as a data stage
     chained = _chain_overrides(stage, history) if chain else [f"train.output_dir={Path(history.folder) / stage}"]
     if not chain and _latest_output(history, "data_path", stage):
@@ -362,13 +362,13 @@ def _stage_config(stage, history, overrides, stage_overrides, tracker, *, chain:
 # the stages
 
 
-def _training_stage(stage, history, overrides, stage_overrides, tracker):
+def _training_stage(stage, history, overrides, stage_overrides):
     """A recipe: compose its config with the earlier stages' outputs and run it."""
     import importlib
 
     from palaestra.cli import RECIPES
 
-    config = _stage_config(stage, history, overrides, stage_overrides, tracker)
+    config = _stage_config(stage, history, overrides, stage_overrides)
     results = importlib.import_module(RECIPES[stage]).main(config, evaluate_before_after=False)
     if not results.get("finished", True):
         raise RuntimeError(f"{stage} stopped at step {results.get('step')} before the end")
@@ -402,7 +402,7 @@ def _data_stage(config: PalaestraConfig, folder: Path):
     return {"data_path": str(dated.resolve())}, {}, None
 
 
-def _evaluate_stage(config, history, overrides, stage_overrides, tracker):
+def _evaluate_stage(history, overrides, stage_overrides):
     """Greedy answers of the current policy on the data's test split, scored by the task metrics."""
     import torch
 
@@ -411,7 +411,7 @@ def _evaluate_stage(config, history, overrides, stage_overrides, tracker):
     from palaestra.registry.replay import load_replay_dataset
     from palaestra.tracking import MlflowTracker
 
-    stage = _stage_config("evaluate", history, overrides, stage_overrides, tracker)
+    stage = _stage_config("evaluate", history, overrides, stage_overrides)
     examples, _, version = load_replay_dataset(stage.data.path, stage.eval.max_examples)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model_and_tokenizer(stage.model.name, path=stage.model.path, device=device)

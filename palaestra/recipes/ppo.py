@@ -3,7 +3,7 @@
 Launch::
 
     palaestra train --target=ppo                                  # planner data, planner_quality reward
-    palaestra train --target=ppo algo.reward_model=runs/planner-reward/<stamp>/model
+    palaestra train --target=ppo algo.reward_model=runs/planner-reward/<stamp>/reward_model
     palaestra train --target=ppo model=tiny train.steps=5 algo.prompts_per_step=4 train.micro_batch_size=2
 
 The loop, top to bottom: sample one completion for each of ``algo.prompts_per_step`` prompts (the

@@ -89,3 +89,26 @@ def test_bad_stage_key_fails_in_one_line_before_any_model_loads(tmp_path):
     assert "no_such_key" in result.stderr and "Traceback" not in result.stderr
     history = json.loads((tmp_path / "pipe" / "history.json").read_text())
     assert all(s["status"] == "pending" for s in history["stages"])
+
+
+@pytest.mark.slow
+def test_full_pipeline_prepares_its_data_and_chains_dpo_into_ppo(tmp_path):
+    result = run_cli([
+        "pipeline", "full", "model=tiny", "data.max_length=160", "train.threads=1", "train.batch_size=4",
+        "train.micro_batch_size=4", "sft.algo.max_steps=1", "reward.algo.max_steps=1", "dpo.algo.max_steps=1",
+        "ppo.train.steps=1", "ppo.algo.prompts_per_step=2", "ppo.algo.max_completion_length=8",
+        "eval.max_examples=2", "eval.max_new_tokens=8", "export.output_dir=exported", "pipeline.output_dir=pipe",
+    ], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stages = {s["stage"]: s for s in json.loads((tmp_path / "pipe" / "history.json").read_text())["stages"]}
+    assert list(stages) == ["data", "sft", "reward", "dpo", "ppo", "evaluate", "export"]
+    data_path = Path(stages["data"]["outputs"]["data_path"])
+    assert (data_path / "train.jsonl").is_file() and (data_path / "preferences_train.jsonl").is_file()
+    assert data_path.is_relative_to((tmp_path / "pipe").resolve())  # generated inside the pipeline folder
+    # the policy went sft -> dpo -> ppo, and PPO's is the exported one
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    dpo_run = client.get_run(stages["dpo"]["mlflow_run_id"])
+    ppo_run = client.get_run(stages["ppo"]["mlflow_run_id"])
+    assert dpo_run.data.params["model.path"] == stages["sft"]["outputs"]["model_dir"]
+    assert ppo_run.data.params["model.path"] == stages["dpo"]["outputs"]["model_dir"]
+    assert stages["export"]["outputs"]["model_dir"] == stages["ppo"]["outputs"]["model_dir"]

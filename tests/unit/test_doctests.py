@@ -19,6 +19,7 @@ MODULES = [
     "palaestra.data.chat",
     "palaestra.pipeline",
     "palaestra.rollout.decode",
+    "palaestra.rollout.vllm_engine",
     "palaestra.envs.plan_path",
     "palaestra.models.logprobs",
     "palaestra.rewards.planner",

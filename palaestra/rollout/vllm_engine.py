@@ -1,0 +1,129 @@
+"""A vLLM rollout engine behind the same ``generate(prompts, num_samples, sampling) -> Rollout`` call.
+
+GPU only (``pip install -e ".[gpu]"``). The base model is loaded once into vLLM; the trained LoRA
+adapters are *served*, not merged: after each optimizer step the trainer calls
+:meth:`VLLMGenerator.sync_adapter`, which saves the adapter (a few MB) to a fresh folder and points
+a new ``LoRARequest`` at it, so the next ``generate`` samples from the updated policy. Several
+adapters (one per role of a ``per_role`` team) live side by side; ``generate(..., adapter=role)``
+picks one. vLLM's prefix caching gives the shared-prompt prefill of a group for free.
+
+Status: designed against vLLM's offline ``LLM`` API and tested on the CPU only in its pure parts
+(the Rollout it builds from token ids); it has not been run on a GPU yet.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from palaestra.rollout.hf import Rollout, SamplingParams, completion_mask_from_ids
+
+__all__ = ["VLLMGenerator", "rollout_from_token_ids"]
+
+
+def rollout_from_token_ids(
+    prompts: list[list[int]], completions: list[list[int]], num_samples: int, truncated: list[bool],
+    *, pad_id: int, stop_ids: list[int], decode,
+) -> Rollout:
+    """A :class:`Rollout` from unpadded token lists (rows grouped prompt by prompt, as HFGenerator's).
+
+    >>> r = rollout_from_token_ids([[5, 6], [7]], [[1, 2], [3], [4, 2, 9], [2]], 2, [False, True, False, False],
+    ...                            pad_id=0, stop_ids=[2], decode=lambda ids: " ".join(map(str, ids)))
+    >>> r.prompt_ids.tolist(), r.completion_ids.tolist(), r.completion_mask.tolist(), r.truncated.tolist()
+    ([[5, 6], [5, 6], [0, 7], [0, 7]], [[1, 2, 0], [3, 0, 0], [4, 2, 0], [2, 0, 0]], [[1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0]], [False, True, False, False])
+    """
+    width = max(len(ids) for ids in prompts)
+    rows = len(prompts) * num_samples
+    prompt_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((rows, width), dtype=torch.long)
+    for row in range(rows):
+        ids = prompts[row // num_samples]
+        prompt_ids[row, width - len(ids):] = torch.tensor(ids)
+        prompt_mask[row, width - len(ids):] = 1
+    length = max(1, max(len(ids) for ids in completions))
+    completion_ids = torch.full((rows, length), pad_id, dtype=torch.long)
+    for row, ids in enumerate(completions):
+        completion_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    mask, _ = completion_mask_from_ids(completion_ids, stop_ids)
+    lengths = torch.tensor([len(ids) for ids in completions])
+    mask = mask * (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()  # nothing past the row's own tokens
+    completion_ids = completion_ids.masked_fill(mask == 0, pad_id)
+    texts = [decode(ids) for ids in completions]
+    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, torch.tensor(truncated, dtype=torch.bool), texts)
+
+
+class VLLMGenerator:
+    """Samples from a vLLM engine with the trainer's LoRA adapters served unmerged.
+
+    Args:
+        model: the peft-wrapped policy being trained (its adapters are what ``sync_adapter`` saves).
+        tokenizer: its tokenizer (prompts are rendered with the chat template, as in HFGenerator).
+        base_path: the base model folder vLLM loads (the same weights the policy started from).
+        max_prompt_length: prompts keep their last this many tokens.
+        max_lora_rank, max_loras: vLLM's LoRA capacity (ranks up to this; this many adapters at once).
+        gpu_memory_utilization: the share of GPU memory vLLM may take (the trainer needs the rest).
+    """
+
+    def __init__(self, model, tokenizer, base_path: str, *, max_prompt_length: int = 512, max_lora_rank: int = 64,
+                 max_loras: int = 4, gpu_memory_utilization: float = 0.3, seed: int = 0):
+        from vllm import LLM
+
+        self.model, self.tokenizer, self.max_prompt_length = model, tokenizer, max_prompt_length
+        self.llm = LLM(model=str(base_path), enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
+                       gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True, seed=seed, dtype="bfloat16")
+        eos = tokenizer.eos_token_id
+        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        extra = generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos] if generation_eos is not None else []
+        self.stop_ids = sorted({eos, *extra})
+        self._folder = Path(tempfile.mkdtemp(prefix="palaestra-vllm-adapters-"))
+        self._ids = itertools.count(1)
+        self._requests: dict[str, object] = {}
+
+    def sync_adapter(self, adapter: str = "default") -> None:
+        """Publish the current weights of ``adapter`` to vLLM (call after every optimizer step)."""
+        from vllm.lora.request import LoRARequest
+
+        version = next(self._ids)
+        folder = self._folder / f"{adapter}-{version}"
+        self.model.save_pretrained(str(folder), selected_adapters=[adapter])
+        saved = folder / adapter if (folder / adapter).is_dir() else folder  # peft nests non-default adapters
+        previous = self._requests.get(adapter)
+        self._requests[adapter] = LoRARequest(f"{adapter}-{version}", version, str(saved))
+        if previous is not None:  # the old adapter's files are no longer needed
+            shutil.rmtree(Path(previous.lora_path), ignore_errors=True)
+
+    def encode_prompts(self, prompts: list[list[dict]]) -> list[list[int]]:
+        encoded = []
+        for messages in prompts:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            encoded.append(self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_prompt_length:])
+        return encoded
+
+    def generate(self, prompts: list[list[dict]], num_samples: int, sampling: SamplingParams, adapter: str = "default") -> Rollout:
+        """``num_samples`` completions per prompt from the latest synced ``adapter``."""
+        from vllm import SamplingParams as VllmSampling
+        from vllm.inputs import TokensPrompt
+
+        if adapter not in self._requests:
+            self.sync_adapter(adapter)
+        unique = self.encode_prompts(prompts)
+        params = VllmSampling(
+            n=num_samples, max_tokens=sampling.max_new_tokens, stop_token_ids=self.stop_ids,
+            temperature=0.0 if sampling.greedy else sampling.temperature, top_p=1.0 if sampling.greedy else sampling.top_p,
+            top_k=-1 if sampling.greedy or not sampling.top_k else sampling.top_k,
+        )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in unique], params,
+                                    lora_request=self._requests[adapter], use_tqdm=False)
+        completions, truncated = [], []
+        for request in outputs:
+            for sample in request.outputs:
+                completions.append(list(sample.token_ids))
+                truncated.append(sample.finish_reason == "length")
+        return rollout_from_token_ids(
+            unique, completions, num_samples, truncated, pad_id=self.tokenizer.pad_token_id, stop_ids=self.stop_ids,
+            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+        )
