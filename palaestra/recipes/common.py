@@ -156,3 +156,11 @@ def resolve_run_dir(train_cfg, runs_root: Path) -> tuple[Path, Path | None]:
         suffix += 1
         run_dir = runs_root / f"{stamp}-{suffix}"
     return run_dir, None
+
+
+def stop_now(train_cfg, stop: "StopSignals", loop_started: float, steps_this_run: int) -> tuple[bool, bool]:
+    """(out_of_time, interrupted) after a step: the time budget is spent; this invocation should
+    stop here (a signal, the time budget or ``train.stop_after_steps``), saving a checkpoint first."""
+    out_of_time = bool(train_cfg.max_seconds) and time.perf_counter() - loop_started >= train_cfg.max_seconds
+    interrupted = stop.requested or out_of_time or bool(train_cfg.stop_after_steps and steps_this_run >= train_cfg.stop_after_steps)
+    return out_of_time, interrupted

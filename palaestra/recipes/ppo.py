@@ -55,6 +55,7 @@ from palaestra.models.precision import autocast, resolve_precision, weights_dtyp
 from palaestra.models.value_head import ValueHead, explained_variance, logprobs_and_values
 from palaestra.recipes.common import (
     StopSignals,
+    stop_now,
     append_jsonl,
     attach_log_file,
     clip_gradients,
@@ -252,10 +253,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 if figures:  # the held-out reward unless train.best_metric names another eval figure
                     evaluated = figures.get(train_cfg.best_metric, figures["reward"])
             steps_this_run += 1
-            out_of_time = bool(train_cfg.max_seconds) and time.perf_counter() - loop_started >= train_cfg.max_seconds
-            interrupted = stop.requested or out_of_time or bool(
-                train_cfg.stop_after_steps and steps_this_run >= train_cfg.stop_after_steps
-            )
+            out_of_time, interrupted = stop_now(train_cfg, stop, loop_started, steps_this_run)
             last = step == train_cfg.steps
             if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or stop.save_requested or interrupted or last or evaluated is not None:
                 stop.save_requested = False

@@ -46,6 +46,7 @@ from palaestra.models import load_model_and_tokenizer, model_id
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
 from palaestra.recipes.common import (
     StopSignals,
+    stop_now,
     append_jsonl,
     attach_log_file,
     clip_gradients,
@@ -186,8 +187,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 evaluated = state["last_eval"].get(train_cfg.best_metric, state["last_eval"]["pairwise_accuracy"])
             steps_this_run += 1
             more = step < total_steps  # past the last step there is nothing left to stop
-            out_of_time = more and bool(train_cfg.max_seconds) and time.perf_counter() - loop_started >= train_cfg.max_seconds
-            interrupted = more and (stop.requested or out_of_time or bool(train_cfg.stop_after_steps and steps_this_run >= train_cfg.stop_after_steps))
+            out_of_time, interrupted = stop_now(train_cfg, stop, loop_started, steps_this_run)
+            out_of_time, interrupted = more and out_of_time, more and interrupted
             if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or stop.save_requested or interrupted \
                     or step == total_steps or evaluated is not None:
                 stop.save_requested = False

@@ -54,6 +54,7 @@ from palaestra.models import apply_lora, load_model_and_tokenizer, model_id
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
 from palaestra.recipes.common import (
     StopSignals,
+    stop_now,
     append_jsonl,
     attach_log_file,
     clip_gradients,
@@ -203,10 +204,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
             # 5. checkpoint
             steps_this_run += 1
-            out_of_time = bool(train_cfg.max_seconds) and time.perf_counter() - loop_started >= train_cfg.max_seconds
-            interrupted = stop.requested or out_of_time or bool(
-                train_cfg.stop_after_steps and steps_this_run >= train_cfg.stop_after_steps
-            )
+            out_of_time, interrupted = stop_now(train_cfg, stop, loop_started, steps_this_run)
             last = step == total_updates or state["early_stopped"]
             interval = bool(train_cfg.save_interval) and step % train_cfg.save_interval == 0
             if interval or epoch_done or stop.save_requested or interrupted or last:
