@@ -1,4 +1,4 @@
-"""Decoding speed: palaestra's own decode loop vs Hugging Face ``generate``, same model, same prompts.
+"""Decoding speed: palaestra's own decode loop (HF forward step, lean step) vs Hugging Face ``generate``.
 
     .venv/bin/python bench/decode.py                 # 5 timed calls each after a warm-up
     .venv/bin/python bench/decode.py --calls 3 --groups 2 --samples 4 --max-tokens 64
@@ -6,7 +6,9 @@
 The embedded SmolLM2-135M-Instruct with a LoRA adapter (r 16 on all linear layers, as a GRPO run
 samples from it), compute precision as palaestra picks it on this machine, chain_sum prompts, G
 samples per prompt at temperature 1.0. Both engines go through ``HFGenerator`` (shared-prompt
-prefill, merged LoRA weights), so the difference is the decode loop alone. The two engines
+prefill, merged LoRA weights), so the difference is the decode loop and step alone: ``generate``,
+our loop calling the Hugging Face forward per token, and our loop with the lean fused Llama step
+(:mod:`palaestra.rollout.fast_llama`, the default). The engines
 alternate call by call (a drifting machine load hits both alike), with the same seed per call.
 Reports seconds per call, completion tokens/s and milliseconds per decode step; appends a dated
 entry to ``bench/RESULTS.md``.
@@ -47,7 +49,11 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype=weights_dtype("auto", precision, lora=True))
     model = apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules="all-linear")
     task = build_task(TaskConfig(params={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}, train_size=200, test_size=8))
-    engines = {name: HFGenerator(model, tokenizer, max_prompt_length=256, precision=precision, decoder=name) for name in ("hf", "palaestra")}
+    engines = {
+        "hf": HFGenerator(model, tokenizer, max_prompt_length=256, precision=precision, decoder="hf"),
+        "loop": HFGenerator(model, tokenizer, max_prompt_length=256, precision=precision, fast_step=False),
+        "palaestra": HFGenerator(model, tokenizer, max_prompt_length=256, precision=precision),
+    }
     sampling = SamplingParams(args.max_tokens, temperature=1.0)
 
     figures = {name: {"seconds": [], "tokens": [], "steps": []} for name in engines}
@@ -74,13 +80,15 @@ def main() -> None:
         }
     ratio = summary["palaestra"]["completion_tokens_per_s"] / summary["hf"]["completion_tokens_per_s"]
     setting = f"{args.groups} prompts x {args.samples} samples, up to {args.max_tokens} tokens, {args.calls} calls, precision {precision}"
+    hf, loop, ours = summary["hf"], summary["loop"], summary["palaestra"]
     lines = [
-        "| | HF generate | palaestra loop | palaestra/HF |", "|---|---|---|---|",
-        f"| seconds per call | {summary['hf']['seconds_per_call']:.2f} | {summary['palaestra']['seconds_per_call']:.2f} | "
-        f"{summary['palaestra']['seconds_per_call'] / summary['hf']['seconds_per_call']:.2f} |",
-        f"| completion tokens/s | {summary['hf']['completion_tokens_per_s']:.1f} | {summary['palaestra']['completion_tokens_per_s']:.1f} | {ratio:.2f}x |",
-        f"| ms per decode step | {summary['hf']['ms_per_decode_step']:.1f} | {summary['palaestra']['ms_per_decode_step']:.1f} | |",
-        f"| completion tokens per call | {summary['hf']['mean_completion_tokens']:.1f} | {summary['palaestra']['mean_completion_tokens']:.1f} | |",
+        "| | HF generate | own loop, HF forward step | own loop, lean step (default) | default/HF |", "|---|---|---|---|---|",
+        f"| seconds per call | {hf['seconds_per_call']:.2f} | {loop['seconds_per_call']:.2f} | {ours['seconds_per_call']:.2f} | "
+        f"{ours['seconds_per_call'] / hf['seconds_per_call']:.2f} |",
+        f"| completion tokens/s | {hf['completion_tokens_per_s']:.1f} | {loop['completion_tokens_per_s']:.1f} | "
+        f"{ours['completion_tokens_per_s']:.1f} | {ratio:.2f}x |",
+        f"| ms per decode step | {hf['ms_per_decode_step']:.1f} | {loop['ms_per_decode_step']:.1f} | {ours['ms_per_decode_step']:.1f} | |",
+        f"| completion tokens per call | {hf['mean_completion_tokens']:.1f} | {loop['mean_completion_tokens']:.1f} | {ours['mean_completion_tokens']:.1f} | |",
     ]
     table = "\n".join(lines)
     print(f"\n{setting}\n{table}")

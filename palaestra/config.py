@@ -359,7 +359,8 @@ class TrainConfig:
     threads: int = 0
     """CPU threads for torch (0 leaves torch's default)."""
     share_prompt_forward: bool = True
-    """Run each group's shared prompt through the model once in the training forward (same numbers, less work)."""
+    """Pack the training forward: each group's shared prompt once, completions without padding
+    (same numbers, less work); false runs the plain padded batch."""
     output_dir: Optional[str] = None
     """Run folder (checkpoints, train.log); default runs/<task>-<algo>/<timestamp>."""
     resume: Optional[str] = None

@@ -51,69 +51,87 @@ def grouped_completion_logprobs(
     prompt_mask: torch.Tensor,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
-    group_size: int,
+    group_size: int = 1,
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same result as :func:`completion_logprobs` when rows come in groups sharing one prompt.
+    """:func:`completion_logprobs` without padding, each shared prompt computed once.
 
-    Shapes: prompt_ids/prompt_mask [B, P] (rows ``g*G .. g*G+G-1`` hold the same prompt),
-    completion_ids/completion_mask [B, C]; returns [B, C]. The prompt goes through the model
-    once per group instead of once per row: its key/value cache is computed for the B/G unique
-    prompts and repeated G times (``repeat_interleave`` keeps it in the autograd graph, so
-    gradients from all G completions flow back into the one prompt pass). With a 58-token prompt,
-    24-token completions and G=8 this removes about 60% of the forward and backward work.
+    Shapes: prompt_ids/prompt_mask [B, P] (rows ``g*G .. g*G+G-1`` hold the same prompt; G = 1:
+    every row its own), completion_ids/completion_mask [B, C]; returns [B, C], equal to
+    :func:`completion_logprobs` where ``completion_mask`` is 1 and 0 elsewhere.
+
+    The whole micro-batch becomes one packed row: each group's prompt once (its real tokens, no
+    left padding), then the real tokens of each of its completions (no right padding). A 4D mask
+    lets a completion token see its group's prompt and its own earlier tokens and nothing else,
+    and position ids restart after the prompt for every completion, exactly as generation numbered
+    them. The LM head runs only at the positions that predict a completion token. A group of
+    G completions of mean length m under a longest completion M costs P + G*m tokens instead of
+    G*(P + M): with a 150-token prompt, G = 4 and completions of 25 tokens under a 64-token cap,
+    about a sixth of the padded batch.
     """
-    batch = prompt_ids.shape[0]
+    batch, width = completion_ids.shape
     if batch % group_size:
         raise ValueError(f"batch of {batch} rows is not a whole number of groups of {group_size}")
     device = next(model.parameters()).device
-    unique_ids = prompt_ids[::group_size].to(device)
-    unique_mask = prompt_mask[::group_size].to(device)
-    prompt_out = model(
-        input_ids=unique_ids,
-        attention_mask=unique_mask,
-        position_ids=(unique_mask.cumsum(dim=1) - 1).clamp(min=0),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = prompt_out.past_key_values
-    cache.batch_repeat_interleave(group_size)
-    first_logits = prompt_out.logits[:, -1:, :].repeat_interleave(group_size, dim=0)  # predicts completion token 0
-
-    completion_ids = completion_ids.to(device)
-    completion_mask = completion_mask.to(device)
-    width = completion_ids.shape[1]
-    logits = first_logits
-    if width > 1:
-        prompt_lengths = unique_mask.sum(dim=1).repeat_interleave(group_size)
-        positions = prompt_lengths.unsqueeze(1) + torch.arange(width - 1, device=device).unsqueeze(0)
-        rest = model(
-            input_ids=completion_ids[:, :-1],
-            attention_mask=torch.cat([unique_mask.repeat_interleave(group_size, dim=0), completion_mask[:, :-1]], dim=1),
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        ).logits
-        logits = torch.cat([first_logits, rest], dim=1)
+    lengths = completion_mask.sum(dim=1).tolist()
+    scored = torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)  # [B, C] real completion tokens
+    if not torch.equal(scored, completion_mask.bool().cpu()):
+        raise ValueError("completion_mask must cover a prefix of each row (tokens up to the end token)")
+    tokens, positions, groups, owners, sources = [], [], [], [], []
+    offset = 0
+    for group in range(batch // group_size):
+        first = group * group_size
+        prompt = prompt_ids[first][prompt_mask[first].bool()]
+        prompt_length = len(prompt)
+        tokens.append(prompt)
+        positions.append(torch.arange(prompt_length))
+        groups.append(torch.full((prompt_length,), group))
+        owners.append(torch.full((prompt_length,), -1))  # prompt tokens belong to every completion of the group
+        last_prompt_token = offset + prompt_length - 1
+        offset += prompt_length
+        for row in range(first, first + group_size):
+            length = int(lengths[row])
+            tokens.append(completion_ids[row, :length])
+            positions.append(torch.arange(prompt_length, prompt_length + length))
+            groups.append(torch.full((length,), group))
+            owners.append(torch.full((length,), row))
+            # token j is predicted at the position before it: the prompt's last token for j = 0
+            sources.append(torch.cat([torch.tensor([last_prompt_token]), torch.arange(offset, offset + length - 1)])[:length])
+            offset += length
+    groups, owners = torch.cat(groups), torch.cat(owners)
+    causal = torch.ones(offset, offset, dtype=torch.bool).tril()
+    visible = causal & (groups[:, None] == groups[None, :]) & ((owners[None, :] == -1) | (owners[:, None] == owners[None, :]))
+    mask_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else next(model.parameters()).dtype
+    mask = torch.zeros(offset, offset, dtype=mask_dtype).masked_fill(~visible, torch.finfo(mask_dtype).min)
+    logits = model(
+        input_ids=torch.cat(tokens).unsqueeze(0).to(device),
+        attention_mask=mask[None, None].to(device),
+        position_ids=torch.cat(positions).unsqueeze(0).to(device),
+        logits_to_keep=torch.cat(sources).to(device),
+        use_cache=False,
+    ).logits[0]
     logits = logits.float() / temperature
-    logprobs = selective_log_softmax(logits, completion_ids)
+    targets = completion_ids[scored].to(device)
+    logprobs = torch.zeros(batch, width, device=device, dtype=logits.dtype)
+    logprobs = logprobs.masked_scatter(scored.to(device), selective_log_softmax(logits, targets))
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach())
+            entropy = torch.zeros(batch, width, device=device).masked_scatter(scored.to(device), entropy_from_logits(logits.detach()))
     return logprobs, entropy
 
 
 def shared_prompt_rows(micro_batch_size: int, group_size: int, enabled: bool = True) -> int:
-    """How many consecutive rows of every micro-batch share one prompt (1: none, or disabled).
+    """How many consecutive rows of every micro-batch share one prompt (1: none; 0: packing disabled,
+    the plain padded forward).
 
     >>> shared_prompt_rows(8, 4), shared_prompt_rows(2, 4), shared_prompt_rows(6, 4), shared_prompt_rows(8, 4, False)
-    (4, 2, 1, 1)
+    (4, 2, 1, 0)
     """
     if not enabled:
-        return 1
+        return 0
     if micro_batch_size % group_size == 0:
         return group_size
     return micro_batch_size if group_size % micro_batch_size == 0 else 1

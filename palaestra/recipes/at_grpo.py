@@ -252,12 +252,9 @@ def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config)
         ref = None
         if algo.beta > 0:
             with torch.no_grad(), policy.model.disable_adapter(), autocast(precision, device):
-                ref = completion_logprobs(policy.model, *args, temperature=algo.temperature)[0]
+                ref = _logprobs(policy.model, args, shared, algo.temperature)
         with autocast(precision, device):
-            if shared > 1:  # the K answers of a state share its prompt: run it once (same numbers)
-                logp, _ = grouped_completion_logprobs(policy.model, *args, shared, temperature=algo.temperature)
-            else:
-                logp, _ = completion_logprobs(policy.model, *args, temperature=algo.temperature)
+            logp = _logprobs(policy.model, args, shared, algo.temperature)
         loss, loss_stats = policy_loss(
             logp, logp.detach(), advantages_t[rows].to(device), mask[rows], loss_type=algo.loss_type,
             epsilon=algo.epsilon, epsilon_high=algo.epsilon_high, beta=algo.beta, ref_logp=ref,
@@ -276,16 +273,24 @@ def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config)
         f"{name}/grad_norm": grad_norm, f"{name}/samples": float(len(pairs))}
 
 
+def _logprobs(model, args: tuple, shared: int, temperature: float) -> torch.Tensor:
+    """Packed log-probs, the K answers of a state sharing one prompt pass (same numbers), or with
+    ``shared`` 0 the plain padded forward."""
+    if shared:
+        return grouped_completion_logprobs(model, *args, shared, temperature=temperature)[0]
+    return completion_logprobs(model, *args, temperature=temperature)[0]
+
+
 def _rows_sharing_prompt(batch, block_sizes: list[int], micro_batch_size: int, group_size: int, enabled: bool) -> int:
-    """Rows per shared-prompt block of the training batch (1: run every row's prompt).
+    """Rows per shared-prompt block of the training batch (1: run every row's prompt; 0: no packing).
 
     Tree rollout gives every (state, agent) group K answers to one prompt; when every group kept
     all K answers and the micro-batches split into whole blocks, each block's prompt can go through
     the model once. No-tree groups (diverged episodes) have different prompts and fall back.
     """
     shared = shared_prompt_rows(micro_batch_size, group_size, enabled)
-    if shared == 1 or any(size != group_size for size in block_sizes):
-        return 1
+    if shared <= 1 or any(size != group_size for size in block_sizes):
+        return min(shared, 1)
     ids, mask = batch.prompt_ids.view(-1, shared, batch.prompt_ids.shape[1]), batch.prompt_mask.view(-1, shared, batch.prompt_mask.shape[1])
     same = (ids == ids[:, :1]).all() and (mask == mask[:, :1]).all()
     return shared if bool(same) else 1

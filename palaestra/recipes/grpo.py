@@ -333,10 +333,11 @@ def update_policy(
 
 
 def _logprobs(model, rollout, rows: slice, temperature: float, shared_rows: int, precision: str, with_entropy: bool = False):
-    """Log-probs of a micro-batch; ``shared_rows`` > 1 runs each shared prompt once (the fast path)."""
+    """Log-probs of a micro-batch: packed, each run of ``shared_rows`` rows sharing one prompt computed
+    once (the fast path), or ``shared_rows`` 0: the plain padded batch."""
     batch = (rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows], rollout.completion_mask[rows])
     with autocast(precision, next(model.parameters()).device.type):
-        if shared_rows > 1:
+        if shared_rows:
             return grouped_completion_logprobs(model, *batch, shared_rows, temperature=temperature, with_entropy=with_entropy)
         return completion_logprobs(model, *batch, temperature=temperature, with_entropy=with_entropy)
 

@@ -4,7 +4,9 @@ Why not ``model.generate``: on a CPU a small model's decode step is dominated by
 and ``generate`` adds its own on top of the forward (input preparation, a logits-processor chain,
 stopping criteria, a growing attention mask). This loop does only what sampling needs:
 
-1. one forward of one new token per live row, with a preallocated attention mask sliced per step;
+1. one forward of one new token per live row, with a preallocated attention mask sliced per step
+   (for Llama-family models the lean fused step of :mod:`palaestra.rollout.fast_llama`, for any
+   other model the Hugging Face forward);
 2. temperature, top-k and top-p applied to the last logits only, then one ``multinomial``;
 3. rows that produced a stop token leave the batch (their cache rows are dropped), so the last
    long completion does not drag the finished ones through every remaining step.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["decode", "sample_next"]
+__all__ = ["HFDecodeState", "decode", "sample_next"]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, greedy: bool) -> torch.Tensor:
@@ -47,10 +49,27 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
 
 
+class HFDecodeState:
+    """One decode step through the Hugging Face forward and its key/value cache object."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [b, V] for one new token per row (``attention_mask``: [b, slots so far + 1])."""
+        return self.model(
+            input_ids=tokens.unsqueeze(1), attention_mask=attention_mask, position_ids=positions.unsqueeze(1),
+            past_key_values=self.cache, use_cache=True,
+        ).logits[:, -1]
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Drop finished rows from the cache."""
+        self.cache.batch_select_indices(keep)
+
+
 @torch.no_grad()
 def decode(
-    model,
-    cache,
+    state,
     first_logits: torch.Tensor,
     prompt_mask: torch.Tensor,
     *,
@@ -65,8 +84,10 @@ def decode(
     """Completion tokens [B, C <= max_new_tokens], right-padded with ``pad_id`` after each row's stop token.
 
     Args:
-        model: the causal LM to call (a plain Hugging Face model; adapters merged or disabled).
-        cache: the key/value cache of every prompt token, one row per completion (B rows).
+        state: what runs one decode step over the prompts' key/value cache (B rows, one per
+            completion): an :class:`HFDecodeState`, or the lean
+            :class:`~palaestra.rollout.fast_llama.LlamaDecodeState`; it has ``step(tokens,
+            positions, attention_mask) -> logits`` and ``keep_rows(indices)``.
         first_logits: [B, V] logits at each prompt's last token (they predict completion token 0).
         prompt_mask: [B, P] 1 on real (left-padded) prompt tokens, as in the cache.
     """
@@ -87,13 +108,7 @@ def decode(
             break
         if bool(finished.any()):  # finished rows leave the batch, cache rows included
             keep = (~finished).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
+            state.keep_rows(keep)
             live, tokens, mask, positions = live[keep], tokens[keep], mask[keep], positions[keep]
-        logits = model(
-            input_ids=tokens.unsqueeze(1),
-            attention_mask=mask[:, : prompt_width + step + 1],
-            position_ids=(positions + step).unsqueeze(1),
-            past_key_values=cache,
-            use_cache=True,
-        ).logits[:, -1]
+        logits = state.step(tokens, positions + step, mask[:, : prompt_width + step + 1])
     return out[:, : step + 1]  # as wide as the longest completion

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from palaestra.models.precision import autocast
-from palaestra.rollout.decode import decode
+from palaestra.rollout.decode import HFDecodeState, decode
+from palaestra.rollout.fast_llama import LlamaDecodeState, supports_fast_decode
 
 
 @dataclass
@@ -51,11 +52,14 @@ class HFGenerator:
     """Samples completions from a (possibly LoRA-wrapped) Hugging Face causal LM.
 
     ``decoder="palaestra"`` (default) runs our own decode loop (:mod:`palaestra.rollout.decode`:
-    finished rows leave the batch, no per-step processor chain); ``decoder="hf"`` calls
-    ``model.generate``. Both prefill each distinct prompt once and sample on merged weights.
+    finished rows leave the batch, no per-step processor chain) with, for Llama-family models, the
+    lean fused decode step of :mod:`palaestra.rollout.fast_llama` (``fast_step=False``: the Hugging
+    Face forward per step instead); ``decoder="hf"`` calls ``model.generate``. All prefill each
+    distinct prompt once and sample on merged weights.
     """
 
-    def __init__(self, model, tokenizer, max_prompt_length: int = 512, precision: str = "fp32", decoder: str = "palaestra"):
+    def __init__(self, model, tokenizer, max_prompt_length: int = 512, precision: str = "fp32", decoder: str = "palaestra",
+                 fast_step: bool = True):
         if decoder not in ("palaestra", "hf"):
             raise ValueError(f"decoder must be 'palaestra' or 'hf', got {decoder!r}")
         self.model = model
@@ -63,6 +67,7 @@ class HFGenerator:
         self.max_prompt_length = max_prompt_length
         self.precision = precision  # "bf16": sample under bf16 autocast
         self.decoder = decoder
+        self.fast_step = fast_step
         self.tokenizer.padding_side = "left"
         eos = tokenizer.eos_token_id
         self.stop_ids = sorted({eos} | set(_as_list(getattr(model.generation_config, "eos_token_id", None))))
@@ -103,9 +108,15 @@ class HFGenerator:
         was_training = self.model.training
         self.model.eval()
         cast = torch.bfloat16 if self.precision == "bf16" else None
-        with _inference_weights(self.model, cast), autocast(self.precision, device.type):
+        plain = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        lean = self.decoder == "palaestra" and self.fast_step and supports_fast_decode(plain)
+        # the lean step packs (and merges adapters into) its own copy of the weights; the other
+        # paths sample from temporary merged (and cast) weights
+        weights = torch.no_grad() if lean else _inference_weights(self.model, cast)
+        with weights, autocast(self.precision, device.type):
             if self.decoder == "palaestra":
-                completion_ids = self._decode(unique_ids.to(device), unique_mask.to(device), prompt_mask, num_samples, sampling)
+                completion_ids = self._decode(unique_ids.to(device), unique_mask.to(device), prompt_mask, num_samples,
+                                              sampling, lean)
             else:
                 if num_samples > 1 and width > 1:
                     kwargs["past_key_values"] = self._prefill(unique_ids[:, :-1].to(device), unique_mask[:, :-1].to(device), num_samples)
@@ -119,17 +130,24 @@ class HFGenerator:
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
 
-    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, prompt_mask: torch.Tensor, repeats: int, sampling: SamplingParams):
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, prompt_mask: torch.Tensor, repeats: int,
+                sampling: SamplingParams, lean: bool):
         """Prefill the distinct prompts once, repeat their cache per sample, run the decode loop."""
-        # Adapters are merged into the weights (or absent): call the plain model under the peft wrapper.
+        # The plain model under the peft wrapper: its LoRA layers apply the active adapters (the lean
+        # path) or see them merged into the weights (the Hugging Face step).
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
                     use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         cache.batch_repeat_interleave(repeats)
         first_logits = out.logits[:, -1].repeat_interleave(repeats, dim=0)
+        if lean:
+            dtype = torch.bfloat16 if self.precision == "bf16" else None
+            state = LlamaDecodeState(model, cache, sampling.max_new_tokens, dtype=dtype)
+        else:
+            state = HFDecodeState(model, cache)
         return decode(
-            model, cache, first_logits, prompt_mask, max_new_tokens=sampling.max_new_tokens, stop_ids=self.stop_ids,
+            state, first_logits, prompt_mask, max_new_tokens=sampling.max_new_tokens, stop_ids=self.stop_ids,
             pad_id=self.tokenizer.pad_token_id, temperature=sampling.temperature, top_k=sampling.top_k,
             top_p=sampling.top_p, greedy=sampling.greedy,
         )

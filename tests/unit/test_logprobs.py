@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from palaestra.models import apply_lora, build_tiny_model
@@ -32,19 +33,29 @@ def _grouped_batch(group_size: int = 4):
             completions, completion_mask)
 
 
-def test_grouped_logprobs_match_per_row_values_and_gradients():
+@pytest.mark.parametrize("group_size", [4, 2, 1])
+def test_grouped_logprobs_match_per_row_values_and_gradients(group_size):
     model, _ = _lora_model()
     batch = _grouped_batch()
     mask = batch[3].float()
-    plain, _ = completion_logprobs(model, *batch, temperature=0.7)
-    grouped, _ = grouped_completion_logprobs(model, *batch, 4, temperature=0.7)
-    assert torch.allclose(plain * mask, grouped * mask, atol=1e-5)
+    plain, plain_entropy = completion_logprobs(model, *batch, temperature=0.7, with_entropy=True)
+    grouped, entropy = grouped_completion_logprobs(model, *batch, group_size, temperature=0.7, with_entropy=True)
+    assert torch.allclose(plain * mask, grouped, atol=1e-5)  # and exactly 0 past each completion's end
+    assert torch.allclose(plain_entropy * mask, entropy, atol=1e-4)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     grads_plain = torch.autograd.grad((plain * mask).sum(), trainable)
     grads_grouped = torch.autograd.grad((grouped * mask).sum(), trainable)
     for a, b in zip(grads_plain, grads_grouped):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_grouped_logprobs_reject_a_completion_mask_with_holes():
+    batch = list(_grouped_batch())
+    batch[3] = batch[3].clone()
+    batch[3][0, 1] = 0
+    with pytest.raises(ValueError, match="prefix"):
+        grouped_completion_logprobs(_lora_model()[0], *batch, 4)
 
 
 def test_shared_prefill_generation_matches_plain_generation():
@@ -98,7 +109,8 @@ def test_lora_over_a_bf16_base_keeps_fp32_adapters_and_trains():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
 
 
-def test_own_decode_loop_gives_generates_greedy_tokens_and_drops_finished_rows():
+@pytest.mark.parametrize("fast_step", [True, False])
+def test_own_decode_loop_gives_generates_greedy_tokens_and_drops_finished_rows(fast_step):
     torch.manual_seed(0)
     model, tokenizer = _lora_model()
     questions = ["What is 2 + 3?", "Hi", "Tell me a story about cats", "zzz 9"]
@@ -113,7 +125,7 @@ def test_own_decode_loop_gives_generates_greedy_tokens_and_drops_finished_rows()
         return int(hits[0]) if len(hits) else len(row)
 
     stop = next(t for t in first.flatten().tolist() if len({first_step(row, t) for row in first}) > 1)
-    ours = HFGenerator(model, tokenizer, decoder="palaestra")
+    ours = HFGenerator(model, tokenizer, decoder="palaestra", fast_step=fast_step)
     for engine in (reference, ours):
         engine.stop_ids = sorted(set(engine.stop_ids) | {stop})
     expected, got = reference.generate(prompts, 2, greedy), ours.generate(prompts, 2, greedy)

@@ -1,0 +1,280 @@
+"""A lean decode step for Llama-family models (Llama, Qwen2): one fused forward per new token.
+
+On a CPU, a small model's decode step is bound by per-operation overhead, not by arithmetic: the
+Hugging Face forward runs ~40 tensor operations and a dozen module calls per layer for one token
+(separate q/k/v and gate/up projections, a rotary embedding recomputed from the positions, a
+cache object that concatenates keys and values, a mask rebuilt per call). This step does the same
+mathematics in ~20 operations per layer:
+
+* q, k and v come from one matrix multiply (their weights concatenated once per ``generate``);
+  gate and up likewise;
+* cos/sin of every position are computed once per ``generate`` by the model's own rotary module
+  (so every rope variant the model supports is honoured) and gathered per step;
+* keys and values go into a preallocated cache, written in place at the step's slot;
+* attention is one ``scaled_dot_product_attention`` with grouped key/value heads;
+* on a CPU every projection runs on weights packed once for the CPU's matrix-multiply library
+  (oneDNN for bf16, MKL for fp32; the layout PyTorch's own compiler uses), which a one-token step
+  reads 1.7-2.3x faster than a plain ``linear`` that re-lays-out the weight on every call. A
+  packing that this PyTorch build lacks, or whose output differs from ``F.linear`` on a probe,
+  is not used.
+
+Packings of weights without an active adapter (a LoRA run's frozen base) are cached for the run;
+adapted projections get their adapters merged into a fresh packed copy once per ``generate``.
+
+The prompt is still prefilled by the Hugging Face model (once per distinct prompt); its cache is
+copied into the static cache. The step computes what the Hugging Face forward computes (tested:
+logits within float tolerance step by step, with padding, dropped rows, LoRA and q/k/v biases;
+greedy tokens identical to ``generate``).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LlamaDecodeState", "packed_linear", "supports_fast_decode"]
+
+_FAST_MODEL_TYPES = ("llama", "qwen2")
+
+
+def supports_fast_decode(model) -> bool:
+    """Whether ``model`` (a plain Hugging Face causal LM) has the layout the lean step implements."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in _FAST_MODEL_TYPES:
+        return False
+    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "use_sliding_window", False):
+        return False
+    if getattr(config, "mlp_bias", False):
+        return False
+    inner = getattr(model, "model", None)
+    return inner is not None and hasattr(inner, "layers") and hasattr(inner, "rotary_emb") and _lora_supported(model)
+
+
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, batch_hint: int = 8):
+    """``x -> F.linear(x, weight, bias)`` on a weight packed once for the CPU's GEMM library.
+
+    Falls back to plain ``F.linear`` off the CPU, for dtypes other than bf16/fp32, when this PyTorch
+    build has no packing operator, or when packed products differ from ``F.linear`` (checked once
+    per dtype on a probe).
+
+    >>> w, x = torch.randn(6, 4), torch.randn(2, 4)
+    >>> torch.allclose(packed_linear(w)(x), torch.nn.functional.linear(x, w), atol=1e-5)
+    True
+    """
+    def plain(x):
+        return F.linear(x, weight, bias)
+
+    if weight.device.type != "cpu" or not _packing_works(weight.dtype):
+        return plain
+    try:
+        return _pack(weight, bias, batch_hint)
+    except (RuntimeError, AttributeError):
+        return plain
+
+
+def _pack(weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int):
+    """The packed product (oneDNN for bf16, MKL for fp32); raises where this build lacks the operator."""
+    if weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if weight.dtype == torch.float32 and torch.backends.mkl.is_available():
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, batch_hint)
+        return lambda x: torch.ops.mkl._mkl_linear(x, packed, weight, bias, batch_hint)
+    raise RuntimeError(f"no packed linear for {weight.dtype}")
+
+
+_PACKING_WORKS: dict[torch.dtype, bool] = {}
+
+
+def _packing_works(dtype: torch.dtype) -> bool:
+    """Whether packed products equal ``F.linear`` in ``dtype`` on this build (probed once)."""
+    if dtype not in _PACKING_WORKS:
+        generator = torch.Generator().manual_seed(0)
+        weight, bias, x = (torch.randn(*shape, generator=generator).to(dtype) for shape in ((24, 16), (24,), (3, 16)))
+        tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-4
+        try:
+            got, expected = _pack(weight, bias, 8)(x).float(), F.linear(x, weight, bias).float()
+            _PACKING_WORKS[dtype] = torch.allclose(got, expected, atol=tolerance, rtol=tolerance)
+        except (RuntimeError, AttributeError):  # no such operator in this build
+            _PACKING_WORKS[dtype] = False
+    return _PACKING_WORKS[dtype]
+
+
+def _weight(module) -> torch.Tensor:
+    return getattr(module, "base_layer", module).weight  # peft wrappers keep the base weight in base_layer
+
+
+def _bias(module) -> torch.Tensor | None:
+    return getattr(getattr(module, "base_layer", module), "bias", None)
+
+
+def _lora_delta(module) -> torch.Tensor | None:
+    """The weight change ``module``'s active LoRA adapters make now (fp32), or None."""
+    if not hasattr(module, "lora_A") or module.disable_adapters or module.merged:
+        return None  # no adapter, adapters switched off, or already merged into the base weight
+    names = [name for name in module.active_adapters if name in module.lora_A]
+    return sum(module.get_delta_weight(name).float() for name in names) if names else None
+
+
+def _lora_supported(model) -> bool:
+    """Plain LoRA on linear layers only: no DoRA or other variant, no LoRA bias, no adapted embeddings."""
+    for module in model.modules():
+        if getattr(module, "lora_embedding_A", None):
+            return False
+        if hasattr(module, "lora_A"):
+            if getattr(module, "lora_variant", None) or any(b.bias is not None for b in module.lora_B.values()):
+                return False
+            if not isinstance(getattr(module, "base_layer", None), torch.nn.Linear):
+                return False
+    return True
+
+
+# Packed copies of frozen weights, kept while the weight is alive and unchanged: a LoRA run's base
+# never changes, so its packing is paid once instead of at every generate call.
+_FROZEN_PACKS: dict[int, tuple[weakref.ref, dict]] = {}  # id(first weight) -> (its weakref, role -> (stamp, projection))
+
+
+def _frozen_entries(weight: torch.Tensor) -> dict:
+    for key in [key for key, (ref, _) in _FROZEN_PACKS.items() if ref() is None]:
+        del _FROZEN_PACKS[key]  # the weight is gone (its model was freed)
+    ref, entries = _FROZEN_PACKS.get(id(weight), (None, None))
+    if ref is None or ref() is not weight:
+        entries = {}
+        _FROZEN_PACKS[id(weight)] = (weakref.ref(weight), entries)
+    return entries
+
+
+def _base_projection(weights: list[torch.Tensor], biases: list, dtype: torch.dtype, role: str):
+    """``packed_linear`` of the row-concatenated ``weights`` in ``dtype``; reused while they stay frozen."""
+    frozen = all(not w.requires_grad for w in weights) and all(b is None or not b.requires_grad for b in biases)
+    stamp = (role, dtype, tuple((id(t), t.data_ptr(), t._version) for t in weights + [b for b in biases if b is not None]))
+    entries = _frozen_entries(weights[0]) if frozen else {}
+    if role in entries and entries[role][0] == stamp:
+        return entries[role][1]
+    fused = torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype)
+    bias = torch.cat([b.to(dtype) for b in biases]) if all(b is not None for b in biases) else None
+    projection = packed_linear(fused.detach(), None if bias is None else bias.detach())
+    entries[role] = (stamp, projection)
+    return projection
+
+
+def _projection(modules: list, dtype: torch.dtype, role: str):
+    """One fused projection over ``modules`` (q/k/v, gate/up or one), packed.
+
+    Without active adapters the packing of the (frozen) weights is cached for the run; with them,
+    the adapters are merged into a fresh packed copy (a LoRA run's adapters change every step).
+    Merging once per ``generate`` costs less than applying the adapters at every decode step.
+    """
+    weights, biases = [_weight(m) for m in modules], [_bias(m) for m in modules]
+    deltas = [_lora_delta(m) for m in modules]
+    if all(delta is None for delta in deltas):
+        return _base_projection(weights, biases, dtype, role)
+    merged = [(w.detach().float() + d).to(dtype) if d is not None else w.detach().to(dtype) for w, d in zip(weights, deltas)]
+    bias = torch.cat([b.detach().to(dtype) for b in biases]) if all(b is not None for b in biases) else None
+    return packed_linear(torch.cat(merged) if len(merged) > 1 else merged[0], bias)
+
+
+class LlamaDecodeState:
+    """Fused weights, a static key/value cache and the rotary table for one batch of decoding.
+
+    Args:
+        model: the plain causal LM (``LlamaForCausalLM`` / ``Qwen2ForCausalLM``), possibly with
+            peft LoRA layers inside (their active adapters are merged into the packed weights).
+        prefill_cache: the Hugging Face cache of the prompts (``[B, kv_heads, P, head_dim]`` per layer).
+        max_new_tokens: how many completion tokens the static cache must hold.
+        dtype: the compute dtype (default: the embedding's dtype).
+    """
+
+    @torch.no_grad()
+    def __init__(self, model, prefill_cache, max_new_tokens: int, dtype: torch.dtype | None = None):
+        config = model.config
+        inner = model.model
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.dtype = dtype or inner.embed_tokens.weight.dtype
+        self.embed = inner.embed_tokens.weight.detach().to(self.dtype)
+        self.final_norm = inner.norm.weight.detach().to(self.dtype)
+        self.lm_head = _projection([model.lm_head], self.dtype, "lm_head")
+        self.layers = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append((
+                layer.input_layernorm.weight.detach().to(self.dtype),
+                _projection([attn.q_proj, attn.k_proj, attn.v_proj], self.dtype, "qkv"),
+                _projection([attn.o_proj], self.dtype, "o"),
+                layer.post_attention_layernorm.weight.detach().to(self.dtype),
+                _projection([mlp.gate_proj, mlp.up_proj], self.dtype, "gate_up"),
+                _projection([mlp.down_proj], self.dtype, "down"),
+            ))
+        self.keys, self.values = [], []
+        for index in range(len(self.layers)):
+            keys, values = _layer_kv(prefill_cache, index)
+            batch, kv_heads, prompt_width, head_dim = keys.shape
+            width = prompt_width + max_new_tokens
+            self.keys.append(keys.new_zeros(batch, kv_heads, width, head_dim))
+            self.values.append(values.new_zeros(batch, kv_heads, width, head_dim))
+            self.keys[-1][:, :, :prompt_width] = keys
+            self.values[-1][:, :, :prompt_width] = values
+        self.cache_dtype = self.keys[0].dtype
+        positions = torch.arange(width, device=self.embed.device).unsqueeze(0)
+        probe = torch.zeros(1, 1, self.head_dim, dtype=self.cache_dtype, device=self.embed.device)
+        cos, sin = inner.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0], sin[0]  # [width, head_dim]
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Drop finished rows from the cache (``keep``: the row indices that go on decoding)."""
+        self.keys = [k.index_select(0, keep) for k in self.keys]
+        self.values = [v.index_select(0, keep) for v in self.values]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [b, V] for one new token per row; dtypes are explicit here, so autocast is off."""
+        with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):
+            return self._step(tokens, positions, attention_mask)
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [b, V] for one new token per row.
+
+        Args:
+            tokens: [b] the newest token of each row.
+            positions: [b] its position id (rotary position).
+            attention_mask: [b, slot + 1] 1 on cache slots the token may attend to; the token is
+                written at slot ``attention_mask.shape[1] - 1``.
+        """
+        batch = tokens.shape[0]
+        slot = attention_mask.shape[1] - 1
+        heads, kv_heads, head_dim, half = self.heads, self.kv_heads, self.head_dim, self.head_dim // 2
+        cos = self.cos[positions].unsqueeze(1)  # [b, 1, head_dim], shared by every head and layer
+        sin = self.sin[positions].unsqueeze(1)
+        visible = attention_mask.bool().view(batch, 1, 1, slot + 1)
+        hidden = F.embedding(tokens, self.embed)  # [b, d]
+        qk_width = (heads + kv_heads) * head_dim
+        for index, (norm_in, qkv_proj, o_proj, norm_post, gate_up_proj, down_proj) in enumerate(self.layers):
+            normed = F.rms_norm(hidden, norm_in.shape, norm_in, self.eps)
+            qkv = qkv_proj(normed)
+            qk = qkv[:, :qk_width].view(batch, heads + kv_heads, head_dim).to(self.cache_dtype)
+            rotated = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            keys, values = self.keys[index], self.values[index]
+            keys[:, :, slot] = rotated[:, heads:]
+            values[:, :, slot] = qkv[:, qk_width:].view(batch, kv_heads, head_dim)
+            attended = F.scaled_dot_product_attention(
+                rotated[:, :heads].unsqueeze(2), keys[:, :, : slot + 1], values[:, :, : slot + 1],
+                attn_mask=visible, enable_gqa=heads != kv_heads,
+            )
+            hidden = hidden + o_proj(attended.reshape(batch, heads * head_dim).to(hidden.dtype))
+            normed = F.rms_norm(hidden, norm_post.shape, norm_post, self.eps)
+            gate, up = gate_up_proj(normed).chunk(2, dim=-1)
+            hidden = hidden + down_proj(F.silu(gate) * up)
+        hidden = F.rms_norm(hidden, self.final_norm.shape, self.final_norm, self.eps)
+        return self.lm_head(hidden)
+
+
+def _layer_kv(cache, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of layer ``index`` from a Hugging Face cache (new ``layers`` API or legacy)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return layers[index].keys, layers[index].values
+    return cache.key_cache[index], cache.value_cache[index]
