@@ -223,7 +223,7 @@ def run_tool_code(answer: str, timeout: float = 20.0) -> tuple[str, bool]:
     if not result.ok:
         lines = (result.stderr or "").strip().splitlines()
         error = "timed out" if result.timed_out else (lines[-1] if lines else f"exit code {result.exit_code}")
-        output = f"{output.rstrip()}\n[error] {error[-200:]}".strip()
+        output = f"{output.rstrip()}\nError: {error[-200:]}".strip()  # no brackets: never read as an action list
     return output, bool(result.ok)
 
 
@@ -246,6 +246,8 @@ _SYSTEM = {
     PLAN: "You are the plan agent of a team of two. Check the tool agent's answer and give the final one.",
 }
 _SYSTEM_ALONE = "You solve puzzles. Reason briefly, then give the final answer."
+ANSWER_PREFIX = {TOOL: "```python\nprint('**Actions List**:', [", PLAN: "#### ["}
+"""How each agent's answer starts when ``answer_prefix`` is on."""
 
 
 class ToolPlanEnv(MultiAgentEnv):
@@ -266,6 +268,11 @@ class ToolPlanEnv(MultiAgentEnv):
             list) is applied, scored, and charged this much on top. Such answers earn more than
             an unreadable one (the -2 penalty) and less than the same answer in the right format,
             so GRPO has a signal from the first step and a reason to learn the format.
+        answer_prefix: start each answer for the model (off in the reference): the observation
+            ends with the beginning of the answer as an assistant message (the plan agent's
+            ``#### [``, the tool agent's ``print('**Actions List**:', [`` in a python block), the
+            model writes the rest, and ``step`` reads prefix + continuation. For small models that
+            cannot yet produce the format at all, it turns the task into choosing the actions.
     """
 
     name = "tool_plan"
@@ -282,6 +289,7 @@ class ToolPlanEnv(MultiAgentEnv):
         code_runner: Callable[[str], tuple[str, bool]] | None = None,
         history_turns: int = 2,
         format_penalty: float | None = None,
+        answer_prefix: bool = False,
     ):
         turn_order = tuple(turn_order)
         if PLAN not in turn_order or not set(turn_order) <= {TOOL, PLAN} or len(set(turn_order)) != len(turn_order):
@@ -295,6 +303,7 @@ class ToolPlanEnv(MultiAgentEnv):
         self.code_runner = code_runner
         self.history_turns = history_turns
         self.format_penalty = format_penalty
+        self.answer_prefix = answer_prefix
         self.seed: int | None = None
         self._ready = False
         self._start_episode()
@@ -390,6 +399,8 @@ class ToolPlanEnv(MultiAgentEnv):
             raise ValueError(f"unknown agent {agent!r}; this environment's agents are {self.turn_order}")
         if self.done:
             return StepResult(0.0, 0.0, True, {"error": "episode is over", "success": self.success})
+        if self.answer_prefix:
+            action = ANSWER_PREFIX[agent] + (action or "")
         if agent == TOOL:
             return self._tool_step(action)
         return self._plan_step(action)
@@ -469,4 +480,7 @@ class ToolPlanEnv(MultiAgentEnv):
                 parts.append(section + f"Its proposal: {proposal}")
             parts.append(f"Reason briefly, then end with the final answer like:\n#### {self.action_example}")
             system = _SYSTEM[PLAN] if TOOL in self.turn_order else _SYSTEM_ALONE
-        return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
+        if self.answer_prefix:  # the answer's start; the model continues it
+            messages.append({"role": "assistant", "content": ANSWER_PREFIX[agent]})
+        return messages

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import threading
 from collections.abc import Callable, Sequence
 
@@ -37,7 +38,7 @@ from palaestra.envs.base import (
     run_tool_code,
 )
 
-__all__ = ["MathEnv", "extract_boxed", "load_math_problems", "math_equal"]
+__all__ = ["MathEnv", "extract_boxed", "last_number", "load_math_problems", "math_equal"]
 
 TOOL, REASONER = "tool", "reasoner"
 R_CORRECT, R_WRONG = 1.0, 0.0
@@ -48,6 +49,9 @@ _SYSTEM = {
     REASONER: "You are the reasoner of a team of two. Check the tool agent's result and give the final answer.",
 }
 _SYSTEM_ALONE = "You solve math problems. Reason briefly, then give the final answer."
+ANSWER_PREFIX = {TOOL: "```python\nprint("}
+"""How an agent's answer starts when ``answer_prefix`` is on (the tool agent only: a reasoner made to
+start with ``\\boxed{`` copies whatever number the prompt shows, e.g. the format example)."""
 _BOXED = "\\boxed{"
 _SMALL = {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}
 
@@ -98,6 +102,19 @@ def math_equal(gold: str, answer: str) -> bool:
     return " ".join(str(gold).split()).lower() == " ".join(str(answer).split()).lower()
 
 
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in ``text`` (integer, decimal or fraction), or None.
+
+    >>> last_number("The output of the code is -8446."), last_number("about 1/2 or 0.5"), last_number("none")
+    ('-8446', '0.5', None)
+    """
+    found = _NUMBER.findall(text or "")
+    return found[-1] if found else None
+
+
 def load_math_problems(path: str) -> list[dict]:
     """``{"question", "answer"}`` records from a JSONL file (other fields are ignored)."""
     problems = []
@@ -139,6 +156,12 @@ class MathEnv(MultiAgentEnv):
         tool_timeout: seconds the tool agent's program may run (reference: 20).
         code_runner: a plain function ``answer -> (output, ok)``; defaults to ``run_tool_code``.
         history_turns: how many previous turns the observations recall (one line each).
+        answer_prefix: start the tool agent's answer for the model (off in the reference): a python
+            block opening with ``print(``; the model writes the rest and ``step`` reads prefix +
+            continuation (see ``ToolPlanEnv``).
+        format_penalty: None (the reference) accepts only a ``\\boxed{}`` answer from the reasoner.
+            A number turns on lenient reading for small models: without a box, the last number in
+            the text is the answer, scored, and charged this much (see ``ToolPlanEnv``).
     """
 
     name = "math"
@@ -157,6 +180,8 @@ class MathEnv(MultiAgentEnv):
         tool_timeout: float = 20.0,
         code_runner: Callable[[str], tuple[str, bool]] | None = None,
         history_turns: int = 2,
+        answer_prefix: bool = False,
+        format_penalty: float | None = None,
     ):
         turn_order = tuple(turn_order)
         if turn_order not in ((TOOL, REASONER), (REASONER,)):
@@ -177,6 +202,8 @@ class MathEnv(MultiAgentEnv):
         self.tool_timeout = tool_timeout
         self.code_runner = code_runner
         self.history_turns = history_turns
+        self.answer_prefix = answer_prefix
+        self.format_penalty = format_penalty
         self.seed: int | None = None
         self.problem: dict | None = None
         self._start_episode()
@@ -226,6 +253,8 @@ class MathEnv(MultiAgentEnv):
             raise ValueError(f"unknown agent {agent!r}; this environment's agents are {self.turn_order}")
         if self.done:
             return StepResult(0.0, 0.0, True, {"error": "episode is over", "success": self.success})
+        if self.answer_prefix and agent in ANSWER_PREFIX:
+            action = ANSWER_PREFIX[agent] + (action or "")
         return self._tool_step(action) if agent == TOOL else self._reasoner_step(action)
 
     def _tool_step(self, answer: str) -> StepResult:
@@ -246,6 +275,10 @@ class MathEnv(MultiAgentEnv):
 
     def _reasoner_step(self, answer: str) -> StepResult:
         boxed = extract_boxed(answer)
+        lenient = boxed is None and self.format_penalty is not None
+        if lenient:
+            boxed = last_number(answer)
+            lenient = boxed is not None
         tool_answer = (self._tool or {}).get("answer")
         self.answer = boxed
         self.correct = boxed is not None and math_equal(self.problem["answer"], boxed)
@@ -253,8 +286,8 @@ class MathEnv(MultiAgentEnv):
         if boxed is None:
             result = StepResult(float(self.invalid_action_penalty), 0.0, False, {"error": "no \\boxed{} answer"})
         else:
-            reward = R_CORRECT if self.correct else R_WRONG
-            info = {"correct": self.correct, "agreed": self.agreed}
+            reward = (R_CORRECT if self.correct else R_WRONG) - (self.format_penalty if lenient else 0.0)
+            info = {"correct": self.correct, "agreed": self.agreed, "lenient": lenient}
             result = StepResult(reward, 1.0 if self.correct else 0.0, False, info)
         self.history.append({"turn": self.turn + 1, "tool": tool_answer, "reasoner": boxed, "agreed": self.agreed})
         self.turn += 1
@@ -286,7 +319,10 @@ class MathEnv(MultiAgentEnv):
                 parts.append(f"Tool agent's code:\n```python\n{code}\n```\nIts output: {output}")
             parts.append("Reason briefly, then end with the final answer like: \\boxed{42}")
             system = _SYSTEM[REASONER] if TOOL in self.turn_order else _SYSTEM_ALONE
-        return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
+        if self.answer_prefix and agent in ANSWER_PREFIX:  # the answer's start; the model continues it
+            messages.append({"role": "assistant", "content": ANSWER_PREFIX[agent]})
+        return messages
 
     def _history_line(self, record: dict) -> str:
         reasoner = _short(record["reasoner"], 30) if record["reasoner"] is not None else "(no \\boxed{})"

@@ -73,13 +73,12 @@ class HFGenerator:
         self.stop_ids = sorted({eos} | set(_as_list(getattr(model.generation_config, "eos_token_id", None))))
 
     def encode_prompts(self, prompts: list[list[dict]]) -> list[list[int]]:
-        """Render chat prompts with the chat template; keep the last max_prompt_length tokens."""
-        encoded = []
-        for messages in prompts:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            encoded.append(ids[-self.max_prompt_length :])
-        return encoded
+        """Render chat prompts with the chat template; keep the last max_prompt_length tokens.
+
+        A prompt that ends with an assistant message is the start of the answer: it is rendered
+        open (no end-of-turn) and the model continues it.
+        """
+        return [encode_chat(self.tokenizer, messages)[-self.max_prompt_length :] for messages in prompts]
 
     @torch.no_grad()
     def generate(self, prompts: list[list[dict]], num_samples: int, sampling: SamplingParams) -> Rollout:
@@ -161,6 +160,16 @@ class HFGenerator:
         cache = out.past_key_values
         cache.batch_repeat_interleave(repeats)
         return cache
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a chat prompt, ready for the model to answer: the generation prompt appended, or,
+    when the last message is the assistant's (the start of its answer), that message left open."""
+    if messages and messages[-1]["role"] == "assistant":
+        text = tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+    else:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @contextmanager

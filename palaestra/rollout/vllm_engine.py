@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from palaestra.rollout.hf import Rollout, SamplingParams, completion_mask_from_ids
+from palaestra.rollout.hf import Rollout, SamplingParams, completion_mask_from_ids, encode_chat
 
 __all__ = ["VLLMGenerator", "rollout_from_token_ids"]
 
@@ -97,11 +97,7 @@ class VLLMGenerator:
             shutil.rmtree(Path(previous.lora_path), ignore_errors=True)
 
     def encode_prompts(self, prompts: list[list[dict]]) -> list[list[int]]:
-        encoded = []
-        for messages in prompts:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            encoded.append(self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_prompt_length:])
-        return encoded
+        return [encode_chat(self.tokenizer, messages)[-self.max_prompt_length :] for messages in prompts]
 
     def generate(self, prompts: list[list[dict]], num_samples: int, sampling: SamplingParams, adapter: str = "default") -> Rollout:
         """``num_samples`` completions per prompt from the latest synced ``adapter``."""

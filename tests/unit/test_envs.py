@@ -148,6 +148,23 @@ def test_format_penalty_reads_free_text_moves_and_charges_for_the_format():
     assert other.pos == (0, 0)
 
 
+def test_answer_prefix_starts_the_answer_and_step_reads_prefix_plus_continuation():
+    env = PlanPathEnv.from_layout(LAYOUT, code_runner=exec_runner, answer_prefix=True)
+    tool_prompt, plan_prompt = env.observation("tool"), env.observation("plan")
+    assert tool_prompt[-1] == {"role": "assistant", "content": "```python\nprint('**Actions List**:', ["}
+    assert plan_prompt[-1] == {"role": "assistant", "content": "#### ["}
+    # the model writes only the rest; rewards are those of the whole answer (5.52: the optimal path)
+    tool = env.step("tool", "'D', 'D', 'R', 'R'])\n```")
+    assert tool.info["proposal"] == ["D", "D", "R", "R"] and tool.local_reward == pytest.approx(5.52)
+    plan = env.step("plan", "'D', 'D', 'R', 'R']")
+    assert plan.local_reward == pytest.approx(5.52) and env.success
+    # a failed program's error line is shown, never read as a proposal
+    failing = PlanPathEnv.from_layout(LAYOUT, format_penalty=0.5)
+    crashed = failing.step("tool", "```python\nraise ValueError('no path')\n```")
+    assert not crashed.info["code_ok"] and "Error: ValueError: no path" in crashed.info["output"]
+    assert crashed.info["proposal"] is None and crashed.local_reward == -2.0
+
+
 def test_plan_path_optimal_bonus_counts_moves_over_the_whole_episode():
     env = PlanPathEnv.from_layout(LAYOUT, code_runner=exec_runner)
     assert env.step("plan", plan_answer(["D", "D"])).local_reward == pytest.approx(1.02 + 1.01)

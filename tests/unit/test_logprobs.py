@@ -152,3 +152,12 @@ def test_sampling_follows_temperature_top_k_and_top_p_by_hand():
     assert frequencies(temperature=1.0, top_k=1, top_p=1.0).tolist() == [1.0, 0.0, 0.0]
     expected = torch.tensor([0.25, 0.09, 0.04]) / 0.38
     assert torch.allclose(frequencies(temperature=0.5, top_k=0, top_p=1.0), expected, atol=0.015)
+
+
+def test_a_prompt_ending_with_an_assistant_message_is_continued_not_closed():
+    _, tokenizer = _lora_model()
+    generator = HFGenerator(*_lora_model())
+    question = [{"role": "user", "content": "Which way?"}]
+    opened = tokenizer.decode(generator.encode_prompts([question])[0])
+    started = tokenizer.decode(generator.encode_prompts([question + [{"role": "assistant", "content": "#### ["}]])[0])
+    assert started == opened + "#### ["  # the generation prompt, then the answer's start, left open

@@ -88,6 +88,24 @@ def test_math_tool_rewards():
     assert math_env(invalid_action_penalty=-0.5).step("tool", "no code").local_reward == -0.5
 
 
+def test_math_answer_prefix_starts_the_tool_answer_and_format_penalty_reads_a_bare_number():
+    env = math_env(answer_prefix=True)
+    assert env.observation("tool")[-1] == {"role": "assistant", "content": "```python\nprint("}
+    tool = env.step("tool", "6 * 7)\n```")
+    assert tool.local_reward == 1.0 and tool.info["answer"] == "42"
+    assert env.observation("reasoner")[-1]["role"] == "user"  # the reasoner writes its whole answer
+    strict = env.copy()
+    assert strict.step("reasoner", "The output of the code is 42.").local_reward == -2.0  # the reference: no box
+    lenient = math_env(format_penalty=0.5)
+    lenient.step("tool", code("print(42)"))
+    result = lenient.step("reasoner", "The output of the code is 42.")  # right, read without a box: 1 - 0.5
+    assert (result.local_reward, result.team_reward, result.done) == (0.5, 1.0, True) and lenient.success
+    assert result.info["lenient"] and result.info["agreed"]
+    wrong = math_env(format_penalty=0.5)
+    assert wrong.step("reasoner", "It is 41").local_reward == -0.5  # wrong: 0 - 0.5
+    assert math_env(format_penalty=0.5).step("reasoner", "no idea").local_reward == -2.0
+
+
 def test_math_reasoner_rewards_early_stop_and_success():
     env = math_env()
     env.step("tool", code("print(42)"))
