@@ -130,6 +130,12 @@ class AlgoConfig:
     """Nucleus sampling threshold."""
     top_k: int = 0
     """Top-k sampling (0 disables)."""
+    rollout_engine: str = "hf"
+    """What samples the completions: hf (palaestra's decode loop on the training model, any device)
+    or vllm (a CUDA GPU and the gpu extra: vLLM serves the LoRA adapter, re-synced every step)."""
+
+
+ROLLOUT_ENGINES = ("hf", "vllm")
 
 
 @dataclass
@@ -627,6 +633,10 @@ def _validate_grpo(config: PalaestraConfig) -> None:
     _check(algo.temperature_final is None or algo.temperature_final > 0, f"algo.temperature_final={algo.temperature_final} must be > 0")
     _check(0 < algo.top_p <= 1, f"algo.top_p={algo.top_p} must be in (0, 1]")
     _check(algo.top_k >= 0, f"algo.top_k={algo.top_k} must be >= 0")
+    _check(algo.rollout_engine in ROLLOUT_ENGINES,
+           f"algo.rollout_engine={algo.rollout_engine!r} is unknown; use one of {', '.join(ROLLOUT_ENGINES)}")
+    if algo.rollout_engine == "vllm":
+        _check_vllm(config)
 
     _check(train.batch_size > 0, f"train.batch_size={train.batch_size} must be positive")
     _check(
@@ -638,6 +648,19 @@ def _validate_grpo(config: PalaestraConfig) -> None:
         train.micro_batch_size > 0 and train.batch_size % train.micro_batch_size == 0,
         f"train.micro_batch_size={train.micro_batch_size} must divide train.batch_size={train.batch_size}",
     )
+
+
+def _check_vllm(config: PalaestraConfig) -> None:
+    """vLLM rollouts serve the trained LoRA adapter over a base model folder, on a CUDA GPU."""
+    import importlib.util
+
+    _check(importlib.util.find_spec("vllm") is not None,
+           "algo.rollout_engine=vllm needs the vllm package: pip install -e '.[gpu]' (or use algo.rollout_engine=hf)")
+    _check(config.model.lora.enabled, "algo.rollout_engine=vllm serves LoRA adapters; set model.lora.enabled=true or use algo.rollout_engine=hf")
+    _check(config.model.name != "tiny", "algo.rollout_engine=vllm needs a model folder; model=tiny exists only in memory")
+    import torch
+
+    _check(torch.cuda.is_available(), "algo.rollout_engine=vllm needs a CUDA GPU; use algo.rollout_engine=hf on this machine")
 
 
 DATA_ALGOS = ("sft", "reward", "dpo", "ppo")

@@ -47,7 +47,9 @@ from palaestra.algorithms.grpo import group_advantages, masked_mean, policy_loss
 from palaestra.config import ConfigError, PalaestraConfig, reward_weights
 from palaestra.distributed import Distributed
 from palaestra.evaluation.evaluate import evaluate
-from palaestra.models import apply_lora, frozen_reference_copy, load_model_and_tokenizer, model_id, reference_logits_context
+from palaestra.models import (
+    apply_lora, embedded_model_dir, frozen_reference_copy, load_model_and_tokenizer, model_id, reference_logits_context,
+)
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
 from palaestra.models.logprobs import completion_logprobs, grouped_completion_logprobs, shared_prompt_rows
 from palaestra.rewards import combine_rewards
@@ -92,7 +94,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     if algo.beta > 0 and not config.model.lora.enabled:
         reference = frozen_reference_copy(model)  # full fine-tuning needs a frozen copy; LoRA does not
     model.train()
-    generator = HFGenerator(model, tokenizer, max_prompt_length=algo.max_prompt_length, precision=precision)
+    generator = _generator(config, model, tokenizer, precision)
 
     # ---- run folder, optimizer, resume
     run_dir, resume_from = dist.broadcast(resolve_run_dir(config.train, Path("runs") / f"{config.task.name}-{config.algo.name}"))
@@ -169,6 +171,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             )
             examples = dist.share(examples)  # every process draws the same prompts and keeps its share
             with timed(timings, "generation"):
+                if algo.rollout_engine == "vllm":
+                    generator.sync_adapter()  # vLLM samples from the adapter as the last update left it
                 rollout = generator.generate(
                     [task.prompt(e) for e in examples], algo.num_generations,
                     SamplingParams(algo.max_completion_length, temperature, algo.top_p, algo.top_k),
@@ -340,6 +344,18 @@ def _logprobs(model, rollout, rows: slice, temperature: float, shared_rows: int,
         if shared_rows:
             return grouped_completion_logprobs(model, *batch, shared_rows, temperature=temperature, with_entropy=with_entropy)
         return completion_logprobs(model, *batch, temperature=temperature, with_entropy=with_entropy)
+
+
+def _generator(config: PalaestraConfig, model, tokenizer, precision: str):
+    """The rollout engine: palaestra's decode loop on the training model, or vLLM serving its adapter."""
+    algo = config.algo
+    if algo.rollout_engine == "vllm":
+        from palaestra.rollout.vllm_engine import VLLMGenerator
+
+        base = config.model.path or embedded_model_dir(config.model.name)
+        return VLLMGenerator(model, tokenizer, str(base), max_prompt_length=algo.max_prompt_length,
+                             max_lora_rank=max(8, config.model.lora.r), seed=config.train.seed)
+    return HFGenerator(model, tokenizer, max_prompt_length=algo.max_prompt_length, precision=precision)
 
 
 def _reference(model, reference):

@@ -7,8 +7,11 @@ a new ``LoRARequest`` at it, so the next ``generate`` samples from the updated p
 adapters (one per role of a ``per_role`` team) live side by side; ``generate(..., adapter=role)``
 picks one. vLLM's prefix caching gives the shared-prompt prefill of a group for free.
 
+The GRPO recipe uses it with ``algo.rollout_engine=vllm`` (checked before any model loads: the
+package, a CUDA GPU, LoRA, a model folder) and re-syncs the adapter before every rollout.
+
 Status: designed against vLLM's offline ``LLM`` API and tested on the CPU only in its pure parts
-(the Rollout it builds from token ids); it has not been run on a GPU yet.
+(the Rollout it builds from token ids) and the configuration checks; it has not been run on a GPU yet.
 """
 
 from __future__ import annotations
