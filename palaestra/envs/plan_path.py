@@ -1,6 +1,6 @@
 """Plan-Path: walk from S to G on a grid with walls, with the reference's shaped reward.
 
-The grid (reference: 10x10, 22% walls; default here 5x5 for small models) is drawn from the seed
+The grid (reference: 10x10, 22% walls; conf/env/plan_path.yaml: 4x4, 10%) is drawn from the seed
 until the goal is reachable from the start (BFS). Each move of an action list such as
 ``['R', 'D']`` earns, as in the reference:
 
