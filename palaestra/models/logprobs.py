@@ -55,6 +55,7 @@ def grouped_completion_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    max_packed_tokens: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`completion_logprobs` without padding, each shared prompt computed once.
 
@@ -62,57 +63,36 @@ def grouped_completion_logprobs(
     every row its own), completion_ids/completion_mask [B, C]; returns [B, C], equal to
     :func:`completion_logprobs` where ``completion_mask`` is 1 and 0 elsewhere.
 
-    The whole micro-batch becomes one packed row: each group's prompt once (its real tokens, no
-    left padding), then the real tokens of each of its completions (no right padding). A 4D mask
-    lets a completion token see its group's prompt and its own earlier tokens and nothing else,
-    and position ids restart after the prompt for every completion, exactly as generation numbered
-    them. The LM head runs only at the positions that predict a completion token. A group of
-    G completions of mean length m under a longest completion M costs P + G*m tokens instead of
+    The micro-batch becomes packed rows: each group's prompt once (its real tokens, no left
+    padding), then the real tokens of each of its completions (no right padding). A 4D mask lets a
+    completion token see its group's prompt and its own earlier tokens and nothing else, and
+    position ids restart after the prompt for every completion, exactly as generation numbered
+    them. The LM head runs only at the positions that predict a completion token. A group of G
+    completions of mean length m under a longest completion M costs P + G*m tokens instead of
     G*(P + M): with a 150-token prompt, G = 4 and completions of 25 tokens under a 64-token cap,
-    about a sixth of the padded batch.
+    about a sixth of the padded batch. Groups are packed together up to ``max_packed_tokens`` per
+    row (the mask is quadratic in the row's length); larger micro-batches take several forwards.
     """
     batch, width = completion_ids.shape
     if batch % group_size:
         raise ValueError(f"batch of {batch} rows is not a whole number of groups of {group_size}")
-    device = next(model.parameters()).device
     lengths = completion_mask.sum(dim=1).tolist()
     scored = torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)  # [B, C] real completion tokens
     if not torch.equal(scored, completion_mask.bool().cpu()):
         raise ValueError("completion_mask must cover a prefix of each row (tokens up to the end token)")
-    tokens, positions, groups, owners, sources = [], [], [], [], []
-    offset = 0
-    for group in range(batch // group_size):
-        first = group * group_size
-        prompt = prompt_ids[first][prompt_mask[first].bool()]
-        prompt_length = len(prompt)
-        tokens.append(prompt)
-        positions.append(torch.arange(prompt_length))
-        groups.append(torch.full((prompt_length,), group))
-        owners.append(torch.full((prompt_length,), -1))  # prompt tokens belong to every completion of the group
-        last_prompt_token = offset + prompt_length - 1
-        offset += prompt_length
-        for row in range(first, first + group_size):
-            length = int(lengths[row])
-            tokens.append(completion_ids[row, :length])
-            positions.append(torch.arange(prompt_length, prompt_length + length))
-            groups.append(torch.full((length,), group))
-            owners.append(torch.full((length,), row))
-            # token j is predicted at the position before it: the prompt's last token for j = 0
-            sources.append(torch.cat([torch.tensor([last_prompt_token]), torch.arange(offset, offset + length - 1)])[:length])
-            offset += length
-    groups, owners = torch.cat(groups), torch.cat(owners)
-    causal = torch.ones(offset, offset, dtype=torch.bool).tril()
-    visible = causal & (groups[:, None] == groups[None, :]) & ((owners[None, :] == -1) | (owners[:, None] == owners[None, :]))
-    mask_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else next(model.parameters()).dtype
-    mask = torch.zeros(offset, offset, dtype=mask_dtype).masked_fill(~visible, torch.finfo(mask_dtype).min)
-    logits = model(
-        input_ids=torch.cat(tokens).unsqueeze(0).to(device),
-        attention_mask=mask[None, None].to(device),
-        position_ids=torch.cat(positions).unsqueeze(0).to(device),
-        logits_to_keep=torch.cat(sources).to(device),
-        use_cache=False,
-    ).logits[0]
-    logits = logits.float() / temperature
+    prompts = [prompt_ids[g * group_size][prompt_mask[g * group_size].bool()] for g in range(batch // group_size)]
+    chunks, current, size = [], [], 0  # consecutive groups whose packed row stays within max_packed_tokens
+    for group, prompt in enumerate(prompts):
+        group_tokens = len(prompt) + sum(int(n) for n in lengths[group * group_size : (group + 1) * group_size])
+        if current and size + group_tokens > max_packed_tokens:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(group)
+        size += group_tokens
+    chunks.append(current)
+    device = next(model.parameters()).device
+    pieces = [_packed_row(model, prompts, completion_ids, lengths, group_size, chunk, device) for chunk in chunks]
+    logits = torch.cat(pieces).float() / temperature  # [real completion tokens, V], row by row
     targets = completion_ids[scored].to(device)
     logprobs = torch.zeros(batch, width, device=device, dtype=logits.dtype)
     logprobs = logprobs.masked_scatter(scored.to(device), selective_log_softmax(logits, targets))
@@ -121,6 +101,43 @@ def grouped_completion_logprobs(
         with torch.no_grad():
             entropy = torch.zeros(batch, width, device=device).masked_scatter(scored.to(device), entropy_from_logits(logits.detach()))
     return logprobs, entropy
+
+
+def _packed_row(model, prompts: list, completion_ids: torch.Tensor, lengths: list, group_size: int, groups: list[int],
+                device) -> torch.Tensor:
+    """Logits [n, V] predicting every real completion token of ``groups`` (row by row), from one packed row."""
+    tokens, positions, group_of, owners, sources = [], [], [], [], []
+    offset = 0
+    for group in groups:
+        prompt = prompts[group]
+        prompt_length = len(prompt)
+        tokens.append(prompt)
+        positions.append(torch.arange(prompt_length))
+        group_of.append(torch.full((prompt_length,), group))
+        owners.append(torch.full((prompt_length,), -1))  # prompt tokens belong to every completion of the group
+        last_prompt_token = offset + prompt_length - 1
+        offset += prompt_length
+        for row in range(group * group_size, (group + 1) * group_size):
+            length = int(lengths[row])
+            tokens.append(completion_ids[row, :length])
+            positions.append(torch.arange(prompt_length, prompt_length + length))
+            group_of.append(torch.full((length,), group))
+            owners.append(torch.full((length,), row))
+            # token j is predicted at the position before it: the prompt's last token for j = 0
+            sources.append(torch.cat([torch.tensor([last_prompt_token]), torch.arange(offset, offset + length - 1)])[:length])
+            offset += length
+    group_of, owners = torch.cat(group_of), torch.cat(owners)
+    causal = torch.ones(offset, offset, dtype=torch.bool).tril()
+    visible = causal & (group_of[:, None] == group_of[None, :]) & ((owners[None, :] == -1) | (owners[:, None] == owners[None, :]))
+    mask_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else next(model.parameters()).dtype
+    mask = torch.zeros(offset, offset, dtype=mask_dtype).masked_fill(~visible, torch.finfo(mask_dtype).min)
+    return model(
+        input_ids=torch.cat(tokens).unsqueeze(0).to(device),
+        attention_mask=mask[None, None].to(device),
+        position_ids=torch.cat(positions).unsqueeze(0).to(device),
+        logits_to_keep=torch.cat(sources).to(device),
+        use_cache=False,
+    ).logits[0]
 
 
 def shared_prompt_rows(micro_batch_size: int, group_size: int, enabled: bool = True) -> int:

@@ -42,6 +42,9 @@ def test_grouped_logprobs_match_per_row_values_and_gradients(group_size):
     grouped, entropy = grouped_completion_logprobs(model, *batch, group_size, temperature=0.7, with_entropy=True)
     assert torch.allclose(plain * mask, grouped, atol=1e-5)  # and exactly 0 past each completion's end
     assert torch.allclose(plain_entropy * mask, entropy, atol=1e-4)
+    # a packing budget smaller than one group: every group in its own forward, same numbers
+    split, _ = grouped_completion_logprobs(model, *batch, group_size, temperature=0.7, max_packed_tokens=8)
+    assert torch.allclose(split, grouped, atol=1e-5)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     grads_plain = torch.autograd.grad((plain * mask).sum(), trainable)
