@@ -70,7 +70,7 @@ def grouped_completion_logprobs(
     them. The LM head runs only at the positions that predict a completion token. A group of G
     completions of mean length m under a longest completion M costs P + G*m tokens instead of
     G*(P + M): with a 150-token prompt, G = 4 and completions of 25 tokens under a 64-token cap,
-    about a sixth of the padded batch. Groups are packed together up to ``max_packed_tokens`` per
+    250 tokens instead of 856. Groups are packed together up to ``max_packed_tokens`` per
     row (the mask is quadratic in the row's length); larger micro-batches take several forwards.
     """
     batch, width = completion_ids.shape
@@ -138,6 +138,17 @@ def _packed_row(model, prompts: list, completion_ids: torch.Tensor, lengths: lis
         logits_to_keep=torch.cat(sources).to(device),
         use_cache=False,
     ).logits[0]
+
+
+def batch_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, shared_rows: int, *,
+                   temperature: float = 1.0, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The recipes' choice: packed (:func:`grouped_completion_logprobs`, each run of ``shared_rows``
+    rows sharing one prompt) when ``shared_rows`` >= 1, the plain padded forward when it is 0
+    (see :func:`shared_prompt_rows`)."""
+    batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+    if shared_rows:
+        return grouped_completion_logprobs(model, *batch, shared_rows, temperature=temperature, with_entropy=with_entropy)
+    return completion_logprobs(model, *batch, temperature=temperature, with_entropy=with_entropy)
 
 
 def shared_prompt_rows(micro_batch_size: int, group_size: int, enabled: bool = True) -> int:

@@ -34,7 +34,7 @@ from palaestra.algorithms.grpo import group_advantages, policy_loss
 from palaestra.config import ConfigError, PalaestraConfig
 from palaestra.envs import resolve_env, test_seeds, train_seeds
 from palaestra.models import model_id
-from palaestra.models.logprobs import completion_logprobs, grouped_completion_logprobs, shared_prompt_rows
+from palaestra.models.logprobs import batch_logprobs, shared_prompt_rows
 from palaestra.models.policies import Policy, build_policies
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
 from palaestra.recipes.common import (
@@ -252,9 +252,9 @@ def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config)
         ref = None
         if algo.beta > 0:
             with torch.no_grad(), policy.model.disable_adapter(), autocast(precision, device):
-                ref = _logprobs(policy.model, args, shared, algo.temperature)
+                ref = batch_logprobs(policy.model, *args, shared, temperature=algo.temperature)[0]
         with autocast(precision, device):
-            logp = _logprobs(policy.model, args, shared, algo.temperature)
+            logp = batch_logprobs(policy.model, *args, shared, temperature=algo.temperature)[0]
         loss, loss_stats = policy_loss(
             logp, logp.detach(), advantages_t[rows].to(device), mask[rows], loss_type=algo.loss_type,
             epsilon=algo.epsilon, epsilon_high=algo.epsilon_high, beta=algo.beta, ref_logp=ref,
@@ -271,14 +271,6 @@ def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config)
     policy.scheduler.step()
     return {f"{name}/{key}": value for key, value in totals.items()} | {
         f"{name}/grad_norm": grad_norm, f"{name}/samples": float(len(pairs))}
-
-
-def _logprobs(model, args: tuple, shared: int, temperature: float) -> torch.Tensor:
-    """Packed log-probs, the K answers of a state sharing one prompt pass (same numbers), or with
-    ``shared`` 0 the plain padded forward."""
-    if shared:
-        return grouped_completion_logprobs(model, *args, shared, temperature=temperature)[0]
-    return completion_logprobs(model, *args, temperature=temperature)[0]
 
 
 def _rows_sharing_prompt(batch, block_sizes: list[int], micro_batch_size: int, group_size: int, enabled: bool) -> int:

@@ -51,7 +51,7 @@ from palaestra.models import (
     apply_lora, embedded_model_dir, frozen_reference_copy, load_model_and_tokenizer, model_id, reference_logits_context,
 )
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
-from palaestra.models.logprobs import completion_logprobs, grouped_completion_logprobs, shared_prompt_rows
+from palaestra.models.logprobs import batch_logprobs, shared_prompt_rows
 from palaestra.rewards import combine_rewards
 from palaestra.rollout import HFGenerator, SamplingParams
 from palaestra.tasks.build import build_task
@@ -341,9 +341,7 @@ def _logprobs(model, rollout, rows: slice, temperature: float, shared_rows: int,
     once (the fast path), or ``shared_rows`` 0: the plain padded batch."""
     batch = (rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows], rollout.completion_mask[rows])
     with autocast(precision, next(model.parameters()).device.type):
-        if shared_rows:
-            return grouped_completion_logprobs(model, *batch, shared_rows, temperature=temperature, with_entropy=with_entropy)
-        return completion_logprobs(model, *batch, temperature=temperature, with_entropy=with_entropy)
+        return batch_logprobs(model, *batch, shared_rows, temperature=temperature, with_entropy=with_entropy)
 
 
 def _generator(config: PalaestraConfig, model, tokenizer, precision: str):

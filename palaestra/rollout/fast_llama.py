@@ -1,10 +1,10 @@
 """A lean decode step for Llama-family models (Llama, Qwen2): one fused forward per new token.
 
-On a CPU, a small model's decode step is bound by per-operation overhead, not by arithmetic: the
-Hugging Face forward runs ~40 tensor operations and a dozen module calls per layer for one token
-(separate q/k/v and gate/up projections, a rotary embedding recomputed from the positions, a
-cache object that concatenates keys and values, a mask rebuilt per call). This step does the same
-mathematics in ~20 operations per layer:
+On a CPU, a small model's decode step is bound by per-operation overhead and weight reads, not by
+arithmetic: the Hugging Face forward runs many small tensor operations and module calls per layer
+for one token (separate q/k/v and gate/up projections, a rotary embedding recomputed from the
+positions, a cache object that concatenates keys and values, a mask rebuilt per call). This step
+does the same mathematics in fewer, larger operations:
 
 * q, k and v come from one matrix multiply (their weights concatenated once per ``generate``);
   gate and up likewise;
@@ -13,10 +13,11 @@ mathematics in ~20 operations per layer:
 * keys and values go into a preallocated cache, written in place at the step's slot;
 * attention is one ``scaled_dot_product_attention`` with grouped key/value heads;
 * on a CPU every projection runs on weights packed once for the CPU's matrix-multiply library
-  (oneDNN for bf16, MKL for fp32; the layout PyTorch's own compiler uses), which a one-token step
-  reads 1.7-2.3x faster than a plain ``linear`` that re-lays-out the weight on every call. A
-  packing that this PyTorch build lacks, or whose output differs from ``F.linear`` on a probe,
-  is not used.
+  (oneDNN for bf16, MKL for fp32; the layout PyTorch's own compiler uses) instead of a plain
+  ``linear`` that re-lays-out the weight on every call. A packing that this PyTorch build lacks,
+  or whose output differs from ``F.linear`` on a probe, is not used.
+
+``bench/decode.py`` measures the step against the Hugging Face forward in the same loop.
 
 Packings of weights without an active adapter (a LoRA run's frozen base) are cached for the run;
 adapted projections get their adapters merged into a fresh packed copy once per ``generate``.
@@ -146,34 +147,26 @@ def _frozen_entries(weight: torch.Tensor) -> dict:
     return entries
 
 
-def _base_projection(weights: list[torch.Tensor], biases: list, dtype: torch.dtype, role: str):
-    """``packed_linear`` of the row-concatenated ``weights`` in ``dtype``; reused while they stay frozen."""
-    frozen = all(not w.requires_grad for w in weights) and all(b is None or not b.requires_grad for b in biases)
-    stamp = (role, dtype, tuple((id(t), t.data_ptr(), t._version) for t in weights + [b for b in biases if b is not None]))
-    entries = _frozen_entries(weights[0]) if frozen else {}
-    if role in entries and entries[role][0] == stamp:
-        return entries[role][1]
-    fused = torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype)
-    bias = torch.cat([b.to(dtype) for b in biases]) if all(b is not None for b in biases) else None
-    projection = packed_linear(fused.detach(), None if bias is None else bias.detach())
-    entries[role] = (stamp, projection)
-    return projection
-
-
 def _projection(modules: list, dtype: torch.dtype, role: str):
     """One fused projection over ``modules`` (q/k/v, gate/up or one), packed.
 
-    Without active adapters the packing of the (frozen) weights is cached for the run; with them,
-    the adapters are merged into a fresh packed copy (a LoRA run's adapters change every step).
-    Merging once per ``generate`` costs less than applying the adapters at every decode step.
+    Active LoRA adapters are merged into a fresh packed copy (a LoRA run's adapters change every
+    step; merging once per ``generate`` costs less than applying them at every decode step).
+    Without adapters, the packing of frozen weights is cached while they stay unchanged.
     """
     weights, biases = [_weight(m) for m in modules], [_bias(m) for m in modules]
+    present_biases = [b for b in biases if b is not None]
     deltas = [_lora_delta(m) for m in modules]
-    if all(delta is None for delta in deltas):
-        return _base_projection(weights, biases, dtype, role)
-    merged = [(w.detach().float() + d).to(dtype) if d is not None else w.detach().to(dtype) for w, d in zip(weights, deltas)]
-    bias = torch.cat([b.detach().to(dtype) for b in biases]) if all(b is not None for b in biases) else None
-    return packed_linear(torch.cat(merged) if len(merged) > 1 else merged[0], bias)
+    frozen = all(d is None for d in deltas) and not any(t.requires_grad for t in weights + present_biases)
+    stamp = (role, dtype, tuple((id(t), t.data_ptr(), t._version) for t in weights + present_biases))
+    entries = _frozen_entries(weights[0]) if frozen else {}
+    if role in entries and entries[role][0] == stamp:
+        return entries[role][1]
+    parts = [(w.detach().float() + d).to(dtype) if d is not None else w.detach().to(dtype) for w, d in zip(weights, deltas)]
+    bias = torch.cat([b.detach().to(dtype) for b in biases]) if len(present_biases) == len(biases) else None
+    projection = packed_linear(torch.cat(parts) if len(parts) > 1 else parts[0], bias)
+    entries[role] = (stamp, projection)
+    return projection
 
 
 class LlamaDecodeState:
