@@ -44,6 +44,11 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def _task():
     from palaestra.config import TaskConfig
     from palaestra.tasks.build import build_task
@@ -126,7 +131,8 @@ def run_trl(settings: dict, steps: int, budget_s: float, evaluate: bool) -> dict
             self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.records.append({"seconds": time.perf_counter() - self.started})
+            self.records.append({"seconds": time.perf_counter() - self.started, "rss_mb": _rss_mb(),
+                                 "peak_rss_mb": _peak_rss_mb()})
             if budget_s and time.perf_counter() - self.loop_started >= budget_s:
                 control.should_training_stop = True
 
@@ -137,12 +143,13 @@ def run_trl(settings: dict, steps: int, budget_s: float, evaluate: bool) -> dict
 
     batch = settings["prompts"] * settings["generations"]
     args = GRPOConfig(
-        output_dir=f"bench/out/trl-{os.getpid()}", max_steps=steps, per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1, num_generations=settings["generations"],
+        output_dir=f"bench/out/trl-{os.getpid()}", max_steps=steps,
+        per_device_train_batch_size=settings.get("micro_batch", batch),
+        gradient_accumulation_steps=batch // settings.get("micro_batch", batch), num_generations=settings["generations"],
         max_completion_length=settings["max_tokens"], beta=settings["beta"], learning_rate=settings["lr"],
         lr_scheduler_type=settings["schedule"], temperature=settings["temperature"], loss_type="grpo",
         scale_rewards="group", logging_steps=1, report_to=[], save_strategy="no", seed=0, use_cpu=True,
-        bf16=False, disable_tqdm=True,
+        bf16=settings.get("bf16", False), disable_tqdm=True,
     )
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=settings["lora_targets"],
                              task_type="CAUSAL_LM")

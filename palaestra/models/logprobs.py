@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from palaestra.algorithms.grpo import entropy_from_logits, selective_log_softmax
+from palaestra.models.shapes import bucket_length
 
 
 def completion_logprobs(
@@ -24,18 +26,22 @@ def completion_logprobs(
     (``logits_to_keep``): prompt positions never need a vocabulary projection. Position ids follow
     the attention mask, exactly as ``generate`` numbered the tokens under left padding.
     """
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    width = completion_ids.shape[1]
+    # prompt and completion widths padded to bucketed lengths (a bounded set of matrix shapes; see
+    # models.shapes): left padding for the prompt, right padding for the completion, both masked
+    prompt_pad = bucket_length(prompt_ids.shape[1]) - prompt_ids.shape[1]
+    completion_pad = bucket_length(width + 1) - (width + 1)
+    input_ids = F.pad(torch.cat([prompt_ids, completion_ids], dim=1), (prompt_pad, completion_pad), value=int(prompt_ids[0, -1]))
+    attention_mask = F.pad(torch.cat([prompt_mask, completion_mask], dim=1), (prompt_pad, completion_pad), value=0)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     device = next(model.parameters()).device
-    width = completion_ids.shape[1]
     logits = model(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         position_ids=position_ids.to(device),
-        logits_to_keep=width + 1,
+        logits_to_keep=width + 1 + completion_pad,
         use_cache=False,
-    ).logits[:, :-1, :]
+    ).logits[:, :width, :]
     logits = logits.float() / temperature
     logprobs = selective_log_softmax(logits, completion_ids.to(device))
     entropy = None
@@ -126,18 +132,27 @@ def _packed_row(model, prompts: list, completion_ids: torch.Tensor, lengths: lis
             # token j is predicted at the position before it: the prompt's last token for j = 0
             sources.append(torch.cat([torch.tensor([last_prompt_token]), torch.arange(offset, offset + length - 1)])[:length])
             offset += length
-    group_of, owners = torch.cat(group_of), torch.cat(owners)
-    causal = torch.ones(offset, offset, dtype=torch.bool).tril()
+    # Pad the row and the LM-head positions to bucketed lengths (a bounded set of matrix shapes; see
+    # models.shapes): a padding token sees only itself and belongs to no group, so nothing real sees it.
+    width = bucket_length(offset)
+    tokens.append(torch.full((width - offset,), int(tokens[0][0])))
+    positions.append(torch.zeros(width - offset, dtype=torch.long))
+    group_of = torch.cat([*group_of, torch.arange(-2, -2 - (width - offset), -1)])
+    owners = torch.cat([*owners, torch.full((width - offset,), -2)])
+    sources = torch.cat(sources)
+    predicted = len(sources)
+    sources = torch.cat([sources, sources.new_full((bucket_length(predicted) - predicted,), width - 1)])
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
     visible = causal & (group_of[:, None] == group_of[None, :]) & ((owners[None, :] == -1) | (owners[:, None] == owners[None, :]))
     mask_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else next(model.parameters()).dtype
-    mask = torch.zeros(offset, offset, dtype=mask_dtype).masked_fill(~visible, torch.finfo(mask_dtype).min)
+    mask = torch.zeros(width, width, dtype=mask_dtype).masked_fill(~visible, torch.finfo(mask_dtype).min)
     return model(
         input_ids=torch.cat(tokens).unsqueeze(0).to(device),
         attention_mask=mask[None, None].to(device),
         position_ids=torch.cat(positions).unsqueeze(0).to(device),
-        logits_to_keep=torch.cat(sources).to(device),
+        logits_to_keep=sources.to(device),
         use_cache=False,
-    ).logits[0]
+    ).logits[0, :predicted]
 
 
 def batch_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, shared_rows: int, *,

@@ -44,6 +44,7 @@ from palaestra.recipes.common import (
     clip_gradients,
     fmt,
     lr_lambda,
+    memory_figures,
     remember,
     resolve_run_dir,
     seed_everything,
@@ -159,6 +160,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
                        "learning_rate": next(iter(policies.values())).scheduler.get_last_lr()[0]}
             tokens = sum(int(rollout.completion_mask[row].sum()) for g in groups for rollout, row in g.answers)
             metrics["tokens_per_second"] = tokens / elapsed
+            metrics.update(memory_figures())
             remember(state, {"success_rate": metrics["success_rate"], "reward/mean": metrics["reward/mean"]}, step)
             append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
             log.info("step %d: %s", step, fmt(metrics), extra={"console": False})

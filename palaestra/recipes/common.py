@@ -6,7 +6,9 @@ import json
 import logging
 import math
 import random
+import resource
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime
@@ -89,6 +91,18 @@ def append_jsonl(path: Path, record: dict) -> None:
     """A local, exact record of every step's figures beside the checkpoints."""
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def memory_figures() -> dict[str, float]:
+    """This process's resident memory now and its peak so far, in MB (``memory/rss_mb``,
+    ``memory/peak_rss_mb``): logged every step, so memory that grows with the steps shows in the run."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    try:
+        with open("/proc/self/statm") as handle:
+            current = int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:  # no /proc (macOS): the peak is the best figure there is
+        current = peak
+    return {"memory/rss_mb": current, "memory/peak_rss_mb": peak}
 
 
 def fmt(metrics: dict) -> str:

@@ -38,6 +38,7 @@ from palaestra.recipes.common import (
     clip_gradients,
     fmt,
     lr_lambda,
+    memory_figures,
     remember,
     resolve_run_dir,
     seed_everything,
@@ -232,6 +233,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 "time/step": elapsed,
                 **{f"time/{name}": seconds for name, seconds in timings.items()},
                 "tokens_per_second": float(dist.sum(torch.tensor(float(rollout.num_completion_tokens)))) / elapsed,
+                **memory_figures(),
             }
             remember(state, {"reward/mean": metrics["reward/mean"]}, step)
             if dist.is_main:

@@ -203,16 +203,18 @@ class LlamaDecodeState:
                 _projection([mlp.gate_proj, mlp.up_proj], self.dtype, "gate_up"),
                 _projection([mlp.down_proj], self.dtype, "down"),
             ))
+        # The cache holds keys and values in the compute dtype. A prefill under bf16 autocast over
+        # fp32 weights leaves fp32 keys (rotated with fp32 cos/sin) beside bf16 values: both are cast.
+        self.cache_dtype = self.dtype
         self.keys, self.values = [], []
         for index in range(len(self.layers)):
             keys, values = _layer_kv(prefill_cache, index)
             batch, kv_heads, prompt_width, head_dim = keys.shape
             width = prompt_width + max_new_tokens
-            self.keys.append(keys.new_zeros(batch, kv_heads, width, head_dim))
-            self.values.append(values.new_zeros(batch, kv_heads, width, head_dim))
+            self.keys.append(keys.new_zeros(batch, kv_heads, width, head_dim, dtype=self.cache_dtype))
+            self.values.append(values.new_zeros(batch, kv_heads, width, head_dim, dtype=self.cache_dtype))
             self.keys[-1][:, :, :prompt_width] = keys
             self.values[-1][:, :, :prompt_width] = values
-        self.cache_dtype = self.keys[0].dtype
         positions = torch.arange(width, device=self.embed.device).unsqueeze(0)
         probe = torch.zeros(1, 1, self.head_dim, dtype=self.cache_dtype, device=self.embed.device)
         cos, sin = inner.rotary_emb(probe, positions)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from palaestra.models.precision import autocast
+from palaestra.models.shapes import bucket_length
 from palaestra.rollout.decode import HFDecodeState, decode
 from palaestra.rollout.fast_llama import LlamaDecodeState, supports_fast_decode
 
@@ -90,7 +91,8 @@ class HFGenerator:
         """
         unique = self.encode_prompts(prompts)
         pad_id = self.tokenizer.pad_token_id
-        width = max(len(ids) for ids in unique)
+        # prompts left-padded to a bucketed width: the prefill meets a bounded set of shapes (models.shapes)
+        width = bucket_length(max(len(ids) for ids in unique))
         unique_ids = torch.full((len(unique), width), pad_id, dtype=torch.long)
         unique_mask = torch.zeros((len(unique), width), dtype=torch.long)
         for row, ids in enumerate(unique):

@@ -116,3 +116,25 @@ def test_lean_step_applies_the_active_lora_adapter_unmerged_and_sees_base_weight
     expected, got = both()
     assert torch.allclose(got, expected, atol=1e-4)
     assert not torch.allclose(got, outputs["executor"], atol=1e-3)
+
+
+@pytest.mark.parametrize(("weights", "precision"), [
+    (torch.float32, "bf16"),  # palaestra eval of a base model at the default precision on a bf16 CPU
+    (torch.bfloat16, "bf16"),  # a LoRA run computing in bf16 (bf16 base weights)
+    (torch.float32, "fp32"),
+])
+@torch.no_grad()
+def test_lean_step_decodes_every_weight_dtype_and_precision_like_generate(weights, precision):
+    from palaestra.rollout import HFGenerator, SamplingParams
+
+    model, tokenizer = build_tiny_model(seed=4)
+    model = model.to(weights)
+    prompts = [[{"role": "user", "content": text}] for text in ("What is 2 + 3?", "Hi", "Tell me a story about cats")]
+    greedy = SamplingParams(max_new_tokens=10, greedy=True)
+    lean = HFGenerator(model, tokenizer, precision=precision, decoder="palaestra")
+    assert supports_fast_decode(model)
+    expected = HFGenerator(model, tokenizer, precision=precision, decoder="hf").generate(prompts, 2, greedy)
+    got = lean.generate(prompts, 2, greedy)
+    assert got.completion_ids.shape[1] > 1
+    assert torch.equal(got.completion_ids, expected.completion_ids)
+    assert all(parameter.dtype == weights for parameter in model.parameters())  # the weights are left as they were

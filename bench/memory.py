@@ -1,0 +1,158 @@
+"""Memory over long runs: resident memory per step for GRPO and AT-GRPO, and the main job beside TRL.
+
+    .venv/bin/pip install -e ".[bench]"            # TRL is a benchmark-only extra
+    .venv/bin/python bench/memory.py               # 200 GRPO steps, 40 AT-GRPO steps, main job vs TRL
+    .venv/bin/python bench/memory.py --grpo-steps 40 --team-steps 10 --skip-main
+
+1. GRPO: ``palaestra train`` with the main job's training settings (embedded SmolLM2-135M, LoRA r16
+   on all linear layers, 4 prompts x 8 samples, 24 tokens; tracking off, no checkpoints) for
+   ``--grpo-steps`` steps. Every step logs ``memory/rss_mb`` and ``memory/peak_rss_mb``; the growth
+   of the peak from step 20 to the end is the figure to watch (the target: under 5%).
+2. AT-GRPO: ``palaestra train algo=at_grpo env=plan_path policy=per_role`` for ``--team-steps``.
+3. The main job as a user runs it (``palaestra run``: evaluation, 50 GRPO steps with MLflow tracking,
+   evaluation), its peak RSS from the operating system, beside TRL's ``GRPOTrainer`` on the same
+   settings (4 prompts x 8 generations in micro-batches of 8, 24 tokens, LoRA r16 all linear, lr 1e-4
+   cosine, beta 0, temperature 0.8) for ``--trl-steps`` steps and the same held-out evaluation.
+   TRL runs with ``bf16=False``, its faster setting on these settings on this kind of CPU (with
+   ``bf16=True`` its step took 22-26 s against about 16 s); ``--trl-bf16`` measures the other.
+
+Prints a table, draws ``bench/out/memory.png`` (RSS per step) and appends an entry to
+``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OUT = HERE / "out"
+MAIN_JOB_AS_TRL = dict(prompts=4, generations=8, micro_batch=8, max_tokens=24, lora_targets="all-linear", beta=0.0,
+                       lr=1e-4, temperature=0.8, schedule="cosine")
+QUIET = ["tracking.enabled=false", "train.save_interval=0", "train.log_samples_interval=0"]
+
+
+def _env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+
+
+def _train(name: str, overrides: list[str]) -> list[dict]:
+    """Run ``palaestra train`` in its own process; return its per-step records."""
+    out_dir = OUT / f"memory-{name}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    command = [sys.executable, "-m", "palaestra.cli", "train", *overrides, *QUIET, f"train.output_dir={out_dir}"]
+    print(f"running {name}: palaestra {' '.join(command[3:])}", flush=True)
+    subprocess.run(command, cwd=ROOT, env=_env(), check=True)
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _growth(records: list[dict], key: str, after_step: int = 20) -> dict:
+    """The figure at ``after_step`` and at the end, and the relative growth between them."""
+    values = {r["step"]: r[key] for r in records}
+    start = values[min(after_step, max(values))]
+    end = values[max(values)]
+    return {"at_step": min(after_step, max(values)), "start_mb": start, "end_mb": end, "growth": end / start - 1,
+            "steps": max(values)}
+
+
+def _main_job() -> dict:
+    """``palaestra run`` in a scratch folder; peak RSS from the kernel's accounting of the child."""
+    work = OUT / "memory-main-job"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    print("running the main job: palaestra run", flush=True)
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "palaestra.cli", "run"], cwd=work, env=_env())
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise SystemExit(f"palaestra run failed with exit code {process.returncode}")
+    return {"peak_rss_mb": usage.ru_maxrss / 1024, "wall_s": time.perf_counter() - started}
+
+
+def _trl(steps: int, bf16: bool) -> dict:
+    out = OUT / "memory-trl.json"
+    command = [sys.executable, __file__, "--worker", "--trl-steps", str(steps), *(["--trl-bf16"] if bf16 else [])]
+    print(f"running TRL GRPOTrainer for {steps} steps (bf16={bf16}) ...", flush=True)
+    subprocess.run(command, cwd=ROOT, env=_env(), check=True)
+    return json.loads(out.read_text())
+
+
+def _trl_worker(steps: int, bf16: bool) -> None:
+    sys.path.insert(0, str(HERE))
+    from grpo_vs_trl import run_trl
+
+    result = run_trl({**MAIN_JOB_AS_TRL, "bf16": bf16}, steps, 0.0, evaluate=True)
+    (OUT / "memory-trl.json").write_text(json.dumps(result))
+
+
+def _plot(series: dict[str, list[tuple[int, float]]]) -> Path:
+    from palaestra.tracking import plot_curves
+
+    return plot_curves(series, OUT / "memory.png", title="Resident memory per training step", ylabel="MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grpo-steps", type=int, default=200)
+    parser.add_argument("--team-steps", type=int, default=40)
+    parser.add_argument("--trl-steps", type=int, default=20, help="TRL steps beside the main job (about 16 s each)")
+    parser.add_argument("--trl-bf16", action="store_true", help="TRL with bf16=True instead of its faster bf16=False")
+    parser.add_argument("--skip-main", action="store_true", help="skip the main job and TRL")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        _trl_worker(args.trl_steps, args.trl_bf16)
+        return
+
+    report: dict = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+                    "command": " ".join(["python", "bench/memory.py", *sys.argv[1:]])}
+    grpo = _train("grpo", [f"train.steps={args.grpo_steps}"])
+    team = _train("at_grpo", ["algo=at_grpo", "env=plan_path", "policy=per_role", f"train.steps={args.team_steps}"])
+    report["grpo"] = {"peak": _growth(grpo, "memory/peak_rss_mb"), "rss": _growth(grpo, "memory/rss_mb")}
+    report["at_grpo"] = {"peak": _growth(team, "memory/peak_rss_mb"), "rss": _growth(team, "memory/rss_mb")}
+    series = {"GRPO RSS": [(r["step"], r["memory/rss_mb"]) for r in grpo],
+              "AT-GRPO per_role RSS": [(r["step"], r["memory/rss_mb"]) for r in team]}
+    if not args.skip_main:
+        report["main_job"] = _main_job()
+        trl = _trl(args.trl_steps, args.trl_bf16)
+        report["trl"] = {"peak_rss_mb": trl["peak_rss_mb"], "steps": len(trl["steps"]), "bf16": args.trl_bf16,
+                         "rss_per_step": [s["rss_mb"] for s in trl["steps"]]}
+        series["TRL RSS"] = [(i + 1, s["rss_mb"]) for i, s in enumerate(trl["steps"])]
+    report["plot"] = str(_plot(series).relative_to(ROOT))
+    (OUT / "memory.json").write_text(json.dumps(report, indent=2))
+    text = _render(report)
+    print(text)
+    with open(HERE / "RESULTS.md", "a") as handle:
+        handle.write("\n" + text + "\n")
+
+
+def _render(report: dict) -> str:
+    lines = [f"### {report['date']}: memory over long runs ({report['machine']})", f"`{report['command']}`", "",
+             "| run | steps | peak RSS at step 20 (MB) | peak RSS at the end (MB) | growth | RSS at step 20 -> end (MB) |",
+             "|---|---|---|---|---|---|"]
+    for name in ("grpo", "at_grpo"):
+        peak, rss = report[name]["peak"], report[name]["rss"]
+        lines.append(f"| {name} | {peak['steps']} | {peak['start_mb']:.0f} | {peak['end_mb']:.0f} | {100 * peak['growth']:+.1f}% "
+                     f"| {rss['start_mb']:.0f} -> {rss['end_mb']:.0f} |")
+    if "main_job" in report:
+        main, trl = report["main_job"], report["trl"]
+        lines += ["", f"The main job (`palaestra run`, {main['wall_s'] / 60:.1f} min) peaked at {main['peak_rss_mb']:.0f} MB; "
+                  f"TRL's GRPOTrainer on the same settings (bf16={trl['bf16']}, {trl['steps']} steps and the same "
+                  f"evaluation) at {trl['peak_rss_mb']:.0f} MB: ratio {main['peak_rss_mb'] / trl['peak_rss_mb']:.2f}."]
+    lines += ["", f"RSS per step: `{report['plot']}`."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
