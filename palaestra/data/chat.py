@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from palaestra.config import ConfigError
+from palaestra.models.shapes import bucket_length
 
 __all__ = [
     "IGNORE_INDEX", "Batch", "ChatData", "TokenizedExample", "block_causal_mask", "collate",
@@ -329,8 +330,9 @@ class Batch:
 
 
 def collate(rows: list[list[TokenizedExample]], pad_id: int, packed: bool) -> Batch:
-    """Concatenate each row's examples, pad rows on the right to the longest, build the ids."""
-    width = max(sum(len(e) for e in row) for row in rows)
+    """Concatenate each row's examples, pad rows on the right to the longest (its length bucketed:
+    a bounded set of matrix shapes, see models.shapes), build the ids."""
+    width = bucket_length(max(sum(len(e) for e in row) for row in rows))
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)

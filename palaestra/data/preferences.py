@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from palaestra.models.shapes import bucket_length
+
 __all__ = [
     "EncodedPair", "PreferenceBatch", "PreferencePair", "batch_for_step", "collate_pairs",
     "encode_pair", "encode_prompt_response", "identical_pairs", "load_preference_file", "load_preference_splits", "prompt_ids",
@@ -220,7 +222,7 @@ def encode_pair(tokenizer, pair: PreferencePair, max_length: int, *, add_eos: bo
 
 
 def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(r) for r in rows))
+    width = bucket_length(max(len(r) for r in rows))  # a bounded set of matrix shapes (models.shapes)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):

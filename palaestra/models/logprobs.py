@@ -27,21 +27,9 @@ def completion_logprobs(
     the attention mask, exactly as ``generate`` numbered the tokens under left padding.
     """
     width = completion_ids.shape[1]
-    # prompt and completion widths padded to bucketed lengths (a bounded set of matrix shapes; see
-    # models.shapes): left padding for the prompt, right padding for the completion, both masked
-    prompt_pad = bucket_length(prompt_ids.shape[1]) - prompt_ids.shape[1]
-    completion_pad = bucket_length(width + 1) - (width + 1)
-    input_ids = F.pad(torch.cat([prompt_ids, completion_ids], dim=1), (prompt_pad, completion_pad), value=int(prompt_ids[0, -1]))
-    attention_mask = F.pad(torch.cat([prompt_mask, completion_mask], dim=1), (prompt_pad, completion_pad), value=0)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     device = next(model.parameters()).device
-    logits = model(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        position_ids=position_ids.to(device),
-        logits_to_keep=width + 1 + completion_pad,
-        use_cache=False,
-    ).logits[:, :width, :]
+    inputs = padded_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, device)
+    logits = model(**inputs, use_cache=False).logits[:, :width, :]
     logits = logits.float() / temperature
     logprobs = selective_log_softmax(logits, completion_ids.to(device))
     entropy = None
@@ -49,6 +37,26 @@ def completion_logprobs(
         with torch.no_grad():
             entropy = entropy_from_logits(logits.detach())
     return logprobs, entropy
+
+
+def padded_inputs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                  completion_mask: torch.Tensor, device) -> dict[str, torch.Tensor | int]:
+    """Model inputs for left-padded prompts [B, P] followed by right-padded completions [B, C].
+
+    Both widths are padded further to bucketed lengths (a bounded set of matrix shapes, see
+    :mod:`palaestra.models.shapes`), masked out. Position ids follow the attention mask, exactly as
+    ``generate`` numbered the tokens under left padding. ``logits_to_keep`` keeps the positions from
+    the prompt's last token on: the first C of them predict completion tokens 0 .. C-1.
+    """
+    prompt_pad = bucket_length(prompt_ids.shape[1]) - prompt_ids.shape[1]
+    kept = bucket_length(completion_ids.shape[1] + 1)
+    completion_pad = kept - completion_ids.shape[1] - 1
+    filler = int(prompt_ids[0, -1])
+    input_ids = F.pad(torch.cat([prompt_ids, completion_ids], dim=1), (prompt_pad, completion_pad), value=filler)
+    attention_mask = F.pad(torch.cat([prompt_mask, completion_mask], dim=1), (prompt_pad, completion_pad), value=0)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "position_ids": position_ids.to(device), "logits_to_keep": kept}
 
 
 def grouped_completion_logprobs(

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from palaestra.algorithms.grpo import entropy_from_logits, masked_mean, selective_log_softmax
+from palaestra.models.logprobs import padded_inputs
 
 __all__ = ["ValueHead", "explained_variance", "logprobs_and_values"]
 
@@ -106,17 +107,14 @@ def logprobs_and_values(
         through the LM head; position ids follow the attention mask, as ``generate`` numbered them.
     """
     device = next(model.parameters()).device
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1).to(device)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     width = completion_ids.shape[1]
-    out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        logits_to_keep=width + 1, output_hidden_states=True, use_cache=False,
-    )
-    # positions P-1 .. P+C-2 predict completion tokens 0 .. C-1 and are the states they came from
-    logits = out.logits[:, :-1, :].float() / temperature
-    values = value_head(out.hidden_states[-1][:, -(width + 1) : -1, :])
+    inputs = padded_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, device)
+    out = model(**inputs, output_hidden_states=True, use_cache=False)
+    # the kept positions from the prompt's last token on: the first C predict completion tokens
+    # 0 .. C-1 and are the states they were sampled from
+    logits = out.logits[:, :width, :].float() / temperature
+    kept = inputs["logits_to_keep"]
+    values = value_head(out.hidden_states[-1][:, -kept : -kept + width, :])
     logp = selective_log_softmax(logits, completion_ids.to(device))
     entropy = None
     if with_entropy:

@@ -109,6 +109,16 @@ def test_eval_command_on_a_checkpoint(tmp_path):
     assert "pass@4" in result.stdout and "accuracy" in result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["auto", "bf16", "fp32"])
+def test_eval_command_on_the_base_model_at_every_precision(tmp_path, precision):
+    # no checkpoint: fp32 weights, and at auto/bf16 the decode step computes in bf16 (it crashed there)
+    result = run_cli(["eval", *TINY, f"model.precision={precision}", "eval.greedy=false", "eval.num_samples=4",
+                      "eval.pass_k=[1,4]"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pass@4" in result.stdout and "accuracy" in result.stdout
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [

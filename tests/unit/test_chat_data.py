@@ -182,11 +182,13 @@ def test_unpacked_batch_pads_right_with_ignored_labels(tiny):
     short = tokenize_conversation(tokenizer, [USER_HI, ANSWER_YO], max_length=100)
     long = tokenize_conversation(tokenizer, [{"role": "user", "content": "Hello"}, ANSWER_YO], max_length=100)
     batch = collate([[short], [long]], tokenizer.pad_token_id, packed=False)
-    assert batch.input_ids.shape == (2, 28)  # "Hello" is 3 bytes longer than "Hi"
-    assert batch.input_ids[0, 25:].tolist() == [tokenizer.pad_token_id] * 3
-    assert batch.labels[0, 25:].tolist() == [IGNORE_INDEX] * 3
+    # "Hello" is 3 bytes longer than "Hi": rows of 25 and 28 tokens, padded to the bucketed width 32
+    assert batch.input_ids.shape == (2, 32)
+    assert batch.input_ids[0, 25:].tolist() == [tokenizer.pad_token_id] * 7
+    assert batch.input_ids[1, 28:].tolist() == [tokenizer.pad_token_id] * 4
+    assert batch.labels[0, 25:].tolist() == [IGNORE_INDEX] * 7
     inputs = batch.model_inputs("cpu")
-    assert inputs["attention_mask"].tolist()[0] == [1] * 25 + [0] * 3
+    assert inputs["attention_mask"].tolist()[0] == [1] * 25 + [0] * 7
     assert batch.num_targets == 8
 
 
@@ -195,12 +197,14 @@ def test_packed_row_positions_restart_and_mask_is_block_diagonal(tiny):
     a = tokenize_conversation(tokenizer, [USER_HI, ANSWER_YO], max_length=100)
     b = tokenize_conversation(tokenizer, [USER_HI, {"role": "assistant", "content": "Y"}], max_length=100)
     batch = collate([[a, b]], tokenizer.pad_token_id, packed=True)
-    assert batch.position_ids[0].tolist() == list(range(25)) + list(range(24))
+    # 25 + 24 tokens, padded to the bucketed width 64: the padding's positions go on from 0
+    assert batch.position_ids[0].tolist() == list(range(25)) + list(range(24)) + list(range(15))
     mask = batch.model_inputs("cpu")["attention_mask"]
-    assert mask.shape == (1, 1, 49, 49)
+    assert mask.shape == (1, 1, 64, 64)
     visible = mask[0, 0] == 0
     assert visible[30, 25:31].all() and not visible[30, :25].any()  # b's tokens see b only, causally
     assert not visible[30, 31:].any()
+    assert not visible[48, 49:].any() and not visible[:49, 49:].any()  # nothing real sees the padding
 
 
 def _loss(model, batch) -> tuple[float, int]:

@@ -64,9 +64,11 @@ def test_values_and_logits_come_from_one_forward():
     batch = _batch()
     _, values, _ = logprobs_and_values(model, head, *batch)
     assert len(calls) == 1  # one pass of the trunk gives both heads their input
-    # values[:, t] reads the hidden state one position left of completion token t: positions 4..7 of 9
+    # values[:, t] reads the hidden state one position left of completion token t. The 5 prompt
+    # columns are left-padded to the bucketed width 16, so the prompt's last token sits at 15 and the
+    # 4 completion tokens at 16..19: values read positions 15..18
     hidden = calls[0].hidden_states[-1]
-    torch.testing.assert_close(values, head(hidden[:, 4:8]))
+    torch.testing.assert_close(values, head(hidden[:, 15:19]))
 
 
 def test_one_backward_reaches_the_adapter_and_the_head():

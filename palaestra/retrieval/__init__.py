@@ -1,0 +1,16 @@
+"""Retrieval (MARK's RAG target): an embedder, a dense / BM25 / hybrid index, data readers and metrics."""
+
+from palaestra.retrieval.data import Document, Query, RetrievalDataError, faq_retrieval_set, read_documents, read_queries
+from palaestra.retrieval.metrics import KS, ranked, retrieval_metrics
+
+__all__ = [
+    "KS",
+    "Document",
+    "Query",
+    "RetrievalDataError",
+    "faq_retrieval_set",
+    "ranked",
+    "read_documents",
+    "read_queries",
+    "retrieval_metrics",
+]
