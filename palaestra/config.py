@@ -377,8 +377,10 @@ class TrainConfig:
     """Keep this many step checkpoints (0 keeps all)."""
     save_best: bool = True
     """Keep a copy of the checkpoint with the best eval metric under checkpoints/best."""
-    best_metric: str = "accuracy"
-    """Eval metric for save_best and early stopping (higher is better)."""
+    best_metric: Optional[str] = None
+    """Eval figure for save_best and early stopping; None: the method's own (accuracy for grpo, success_rate
+    for at_grpo, val_loss for sft, pairwise_accuracy for reward, preference_accuracy for dpo, reward for
+    ppo). Lower is better for a loss (named loss or ending in _loss), higher for the rest."""
     eval_interval: int = 0
     """Evaluate on the held-out split every N steps (0: never during training)."""
     early_stopping_patience: int = 0

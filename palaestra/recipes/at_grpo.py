@@ -25,10 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
-from palaestra import checkpoint as ckpt
 from palaestra.algorithms.at_grpo import select_samples
 from palaestra.algorithms.grpo import group_advantages, policy_loss
 from palaestra.config import ConfigError, PalaestraConfig
@@ -37,22 +34,12 @@ from palaestra.models import model_id
 from palaestra.models.logprobs import batch_logprobs, shared_prompt_rows
 from palaestra.models.policies import Policy, build_policies
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
-from palaestra.recipes.common import (
-    StopSignals,
-    append_jsonl,
-    attach_log_file,
-    clip_gradients,
-    fmt,
-    lr_lambda,
-    memory_figures,
-    remember,
-    resolve_run_dir,
-    seed_everything,
-    timed,
-)
+from palaestra.recipes.common import clip_gradients, lr_lambda, seed_everything, timed
+from palaestra.recipes.methods import best_metric
+from palaestra.recipes.run import Run, config_dict
 from palaestra.rollout import SamplingParams
 from palaestra.rollout.tree import AgentGroup, Episode, independent_groups, stack_rows, tree_rollout
-from palaestra.tracking import MlflowTracker, flatten_config, plot_curves
+from palaestra.tracking import flatten_config
 
 log = logging.getLogger("palaestra")
 
@@ -95,20 +82,21 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
         )
 
     # ---- run folder, resume, tracking
-    run_dir, resume_from = resolve_run_dir(train_cfg, Path("runs") / f"{env_cfg.name}-{algo.name}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    attach_log_file(run_dir / "train.log")
+    run = Run(train_cfg, method="at_grpo", runs_root=Path("runs") / f"{env_cfg.name}-{algo.name}", total_steps=train_cfg.steps,
+              best=best_metric(config), progress=("success_rate", "reward/mean", "tokens_per_second"),
+              curves=("success_rate",), plot=("success_curve.png", "AT-GRPO: success rate"))
     log.info("env %s, roles %s -> policies %s, device %s, precision %s", env_cfg.name, roles, role_policy, device, precision)
-    parts = {name: policy.checkpoint_part() for name, policy in policies.items()}
-    state = {"step": 0, "mlflow_run_id": None, "history": {}}
-    if resume_from is not None:
-        state.update(ckpt.load_checkpoint(resume_from, parts=parts))
-        log.info("resumed from %s at step %d", resume_from, state["step"])
-    tracker = _start_tracking(config, state["mlflow_run_id"], run_dir)
-    state["mlflow_run_id"] = tracker.run_id if tracker else None
+    run.resume(parts={name: policy.checkpoint_part() for name, policy in policies.items()})
+    tracker = run.track(
+        config.tracking, run_name=f"{env_cfg.name}-{algo.name}-{config.policy.mode}-{config.model.name}",
+        tags={"env": env_cfg.name, "task": env_cfg.name, "algo": algo.name, "policy": config.policy.mode,
+              "model": model_id(config.model.name, config.model.path),
+              "dataset_version": f"{env_cfg.name}:{sorted(dict(env_cfg.params).items())}:seed={env_cfg.seed}"},
+        params=flatten_config(config_dict(config, omit=("task",))), config_dict=config_dict(config, omit=("task",)),
+    )
 
     train_sampling = SamplingParams(algo.max_completion_length, algo.temperature, algo.top_p, algo.top_k)
-    results: dict = {"run_dir": str(run_dir), "mlflow_run_id": state["mlflow_run_id"]}
+    results: dict = {}
 
     def generate(agent: str, prompts: list[list[dict]], samples: int, sampling: SamplingParams):
         policy = policies[role_policy[agent]]
@@ -117,22 +105,16 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
 
     def run_eval(step: int, label: str) -> dict:
         figures, episodes = evaluate_team(make_env, generate, env_cfg.test_envs, config, base_seed=env_cfg.seed)
-        log.info("eval (%s, step %d): %s", label, step, fmt(figures))
-        remember(state, {f"eval/{k_}": v for k_, v in figures.items()}, step)
         if tracker:
-            tracker.log_metrics({f"eval/{k_}": v for k_, v in figures.items()}, step=step)
             tracker.log_dict({"episodes": [vars(e) for e in episodes[:4]]}, f"transcripts/{label}_step{step:06d}.json")
-        return figures
+        return run.log_eval(step, label, figures)
 
-    if evaluate_before_after and state["step"] == 0:
+    if evaluate_before_after and run.step == 0:
         results["before"] = run_eval(0, "before")
 
-    stop = StopSignals()
-    progress = tqdm(total=train_cfg.steps, initial=state["step"], desc="at_grpo", dynamic_ncols=True)
-    loop_started, steps_this_run, out_of_time = time.perf_counter(), 0, False
-    try:
-        while state["step"] < train_cfg.steps and not stop.requested:
-            step = state["step"] + 1
+    with run:
+        while run.more():
+            step = run.step + 1
             started = time.perf_counter()
             timings: dict[str, float] = {}
 
@@ -151,61 +133,22 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
             with timed(timings, "train"):
                 for name, policy in policies.items():
                     stats.update(_train_policy(policy, groups, advantages, keep, role_policy, config))
-            state["step"] = step
 
             # 5. log / eval / checkpoint
             elapsed = time.perf_counter() - started
-            metrics = {**stats, **_rollout_metrics(groups, episodes), "time/step": elapsed,
-                       **{f"time/{n}": s for n, s in timings.items()},
-                       "learning_rate": next(iter(policies.values())).scheduler.get_last_lr()[0]}
             tokens = sum(int(rollout.completion_mask[row].sum()) for g in groups for rollout, row in g.answers)
-            metrics["tokens_per_second"] = tokens / elapsed
-            metrics.update(memory_figures())
-            remember(state, {"success_rate": metrics["success_rate"], "reward/mean": metrics["reward/mean"]}, step)
-            append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
-            log.info("step %d: %s", step, fmt(metrics), extra={"console": False})
-            if tracker:
-                tracker.log_metrics(metrics, step=step)
-                if train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
-                    tracker.log_dict({"episodes": [vars(e) for e in episodes[:2]]}, f"transcripts/train_step{step:06d}.json")
-            progress.update(1)
-            progress.set_postfix(success=f"{metrics['success_rate']:.2f}", reward=f"{metrics['reward/mean']:.2f}",
-                                 tok_s=f"{metrics['tokens_per_second']:.0f}")
-
-            if train_cfg.eval_interval and step % train_cfg.eval_interval == 0:
-                run_eval(step, "train")
-            steps_this_run += 1
-            out_of_time = bool(train_cfg.max_seconds) and time.perf_counter() - loop_started >= train_cfg.max_seconds
-            interrupted = stop.requested or out_of_time or (
-                train_cfg.stop_after_steps and steps_this_run >= train_cfg.stop_after_steps
-            )
-            if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or stop.save_requested or interrupted \
-                    or step == train_cfg.steps:
-                stop.save_requested = False
-                ckpt.save_checkpoint(run_dir, step, parts=parts, trainer_state=state, keep_last_n=train_cfg.keep_last_n or None)
-            if interrupted:
-                log.info("stopping at step %d (checkpoint saved); resume with train.resume=auto train.output_dir=%s", step, run_dir)
+            run.log(step, {**stats, **_rollout_metrics(groups, episodes), "time/step": elapsed,
+                           **{f"time/{n}": s for n, s in timings.items()},
+                           "learning_rate": next(iter(policies.values())).scheduler.get_last_lr()[0],
+                           "tokens_per_second": tokens / elapsed})
+            if tracker and train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
+                tracker.log_dict({"episodes": [vars(e) for e in episodes[:2]]}, f"transcripts/train_step{step:06d}.json")
+            if run.end_of_step(step, run_eval(step, "train") if run.eval_due(step) else None):
                 break
-    except BaseException:
-        if tracker:
-            tracker.end("KILLED" if stop.requested else "FAILED")
-        raise
-    finally:
-        progress.close()
-        stop.restore()
 
-    finished = state["step"] >= train_cfg.steps
-    if evaluate_before_after and (finished or out_of_time):
-        results["after"] = run_eval(state["step"], "after")
-    if tracker:
-        curves = {k_: [tuple(p) for p in v] for k_, v in state["history"].items() if k_ in ("success_rate", "eval/success_rate")}
-        if curves:
-            tracker.log_artifact(str(plot_curves(curves, run_dir / "success_curve.png", "AT-GRPO: success rate", smooth=5)), "plots")
-        tracker.log_artifact(str(run_dir / "train.log"))
-        tracker.end("FINISHED" if finished or not stop.requested else "KILLED")
-        results["mlflow_hint"] = tracker.run_url_hint()
-    results.update(step=state["step"], finished=finished, train_seconds=time.perf_counter() - loop_started)
-    return results
+    if evaluate_before_after and (run.finished or run.out_of_time):
+        results["after"] = run_eval(run.step, "after")
+    return {**run.finish(), **results}
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -329,20 +272,3 @@ def evaluate_team(make_env, generate, count: int, config: PalaestraConfig, *, ba
         figures[f"local_reward/{agent}"] = float(np.mean([r.local_reward for r in results]))
         figures[f"team_reward/{agent}"] = float(np.mean([r.team_reward for r in results]))
     return figures, episodes
-
-
-def _start_tracking(config: PalaestraConfig, run_id: str | None, run_dir: Path):
-    if not config.tracking.enabled:
-        return None
-    name = config.tracking.run_name or f"{config.env.name}-{config.algo.name}-{config.policy.mode}-{config.model.name}"
-    tracker = MlflowTracker(config.tracking.experiment, run_name=name, run_id=run_id, tracking_uri=config.tracking.tracking_uri)
-    if run_id is None:
-        resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
-        resolved.pop("task", None)  # single-turn task settings do not apply to environments
-        tracker.log_params(flatten_config(resolved))
-        tracker.set_tags({"env": config.env.name, "task": config.env.name, "algo": config.algo.name,
-                          "policy": config.policy.mode, "model": model_id(config.model.name, config.model.path),
-                          "dataset_version": f"{config.env.name}:{sorted(dict(config.env.params).items())}:seed={config.env.seed}",
-                          "run_dir": str(run_dir.resolve())})
-        tracker.log_dict(resolved, "config.yaml")
-    return tracker

@@ -178,3 +178,34 @@ def stop_now(train_cfg, stop: "StopSignals", loop_started: float, steps_this_run
     out_of_time = bool(train_cfg.max_seconds) and time.perf_counter() - loop_started >= train_cfg.max_seconds
     interrupted = stop.requested or out_of_time or bool(train_cfg.stop_after_steps and steps_this_run >= train_cfg.stop_after_steps)
     return out_of_time, interrupted
+
+
+def load_pairs(data, seed: int) -> tuple[list, list]:
+    """Training and held-out preference pairs of the ``data`` section; file problems become one-line ConfigErrors."""
+    from palaestra.config import ConfigError
+    from palaestra.data.preferences import load_preference_splits
+
+    try:
+        return load_preference_splits(data.path, train_file=data.preference_train_file, val_file=data.preference_val_file,
+                                      val_fraction=data.val_fraction, seed=seed)
+    except ValueError as error:
+        raise ConfigError(str(error).splitlines()[0]) from None
+
+
+def data_tags(config, dataset_version: str) -> dict[str, str]:
+    """The MLflow tags of a method trained on the ``data`` section (the planner contract's policy_id, task, dataset_version)."""
+    from palaestra.models import model_id
+
+    data, algo = config.data, config.algo.name
+    return {"task": data.name, "algo": algo, "model": model_id(config.model.name, config.model.path),
+            "dataset_version": dataset_version, "policy_id": config.tracking.policy_id or f"{data.name}-{algo}"}
+
+
+def register(tracker, name: str, results: dict) -> None:
+    """Register the run's ``model`` artifact as a new version of ``name`` in MLflow's model registry."""
+    from palaestra.registry.models import register_model
+
+    version = register_model(tracker, tracker.run_id, name)
+    tracker.set_tags({"registered_model": name, "registered_model_version": version})
+    results["registered_model_version"] = version
+    log.info("registered models:/%s/%s", name, version)

@@ -28,31 +28,19 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from palaestra import checkpoint as ckpt
 from palaestra.algorithms.preference import dpo_loss, sequence_logprob
 from palaestra.config import PalaestraConfig
+from palaestra.data.chat import dataset_version
 from palaestra.data.preferences import PreferenceBatch, batch_for_step, collate_pairs, encode_pair, identical_pairs
 from palaestra.export import export_policy
 from palaestra.models import apply_lora, frozen_reference_copy, load_model_and_tokenizer, reference_logits_context
 from palaestra.models.logprobs import completion_logprobs
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
-from palaestra.recipes.common import (
-    StopSignals,
-    stop_now,
-    append_jsonl,
-    attach_log_file,
-    clip_gradients,
-    fmt,
-    lr_lambda,
-    remember,
-    resolve_run_dir,
-    seed_everything,
-    timed,
-)
-from palaestra.recipes.reward_model import load_pairs, start_tracking, track_best
-from palaestra.tracking import plot_curves
+from palaestra.recipes.common import clip_gradients, data_tags, load_pairs, lr_lambda, register, seed_everything, timed
+from palaestra.recipes.methods import best_metric
+from palaestra.recipes.run import Run, config_dict
+from palaestra.tracking import flatten_config
 
 log = logging.getLogger("palaestra")
 
@@ -71,7 +59,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     seed_everything(train_cfg.seed)
 
     # ---- data (cheap, and fails before the model loads on a bad file)
-    train_pairs, val_pairs = load_pairs(config)
+    train_pairs, val_pairs = load_pairs(data, train_cfg.seed)
 
     # ---- policy, adapter, reference
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,12 +76,13 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     train_rows = [encode_pair(tokenizer, pair, data.max_length, add_eos=True) for pair in train_pairs]
     val_rows = [encode_pair(tokenizer, pair, data.max_length, add_eos=True) for pair in val_pairs]
 
-    # ---- run folder, optimizer, resume
-    run_dir, resume_from = resolve_run_dir(train_cfg, Path("runs") / f"{data.name}-{algo.name}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    attach_log_file(run_dir / "train.log")
+    # ---- run folder, optimizer, resume, tracking
     per_epoch = math.ceil(len(train_rows) / train_cfg.batch_size)
     total_steps = algo.max_steps or algo.epochs * per_epoch
+    run = Run(train_cfg, method="dpo", runs_root=Path("runs") / f"{data.name}-{algo.name}", total_steps=total_steps,
+              best=best_metric(config), state={"last_eval": None, "last_eval_step": None},
+              progress=("loss", "rewards/accuracies", "rewards/margins"), curves=("loss", "rewards/margins"),
+              plot=("dpo_curve.png", "DPO: loss, reward margin and held-out preference accuracy"))
     log.info("device %s, precision %s, weights %s; %d training pairs, %d held out; %d updates (%d per epoch)",
              device, precision, dtype, len(train_rows), len(val_rows), total_steps, per_epoch)
     if identical_pairs(train_rows):
@@ -105,38 +94,25 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         weight_decay=train_cfg.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, train_cfg.warmup_ratio, train_cfg.lr_schedule))
-    state = {"step": 0, "mlflow_run_id": None, "best_metric": None, "evals_without_improvement": 0, "history": {},
-             "last_eval": None, "last_eval_step": None}
-    if resume_from is not None:
-        state.update(ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler))
-        log.info("resumed from %s at step %d", resume_from, state["step"])
-
-    # ---- tracking
-    tracker = start_tracking(config, state["mlflow_run_id"], run_dir)
-    state["mlflow_run_id"] = tracker.run_id if tracker else None
-    results: dict = {"run_dir": str(run_dir), "mlflow_run_id": state["mlflow_run_id"], "outputs": {}}
+    run.resume(model=model, optimizer=optimizer, scheduler=scheduler)
+    tracker = run.track(config.tracking, run_name=f"{data.name}-{algo.name}-{config.model.name}",
+                        tags=data_tags(config, dataset_version(data.path, data.version)),
+                        params=flatten_config(config_dict(config)), config_dict=config_dict(config))
+    state, results = run.state, {"outputs": {}}
     loss_args = {"beta": algo.beta, "label_smoothing": algo.label_smoothing, "loss_type": algo.loss_type}
 
     def run_eval(step: int, label: str) -> dict:
         figures = preference_eval(model, reference, val_rows, pad_id, batch_pairs=train_cfg.micro_batch_size,
                                   precision=precision, **loss_args)
-        log.info("eval (%s, step %d): %s", label, step, fmt(figures))
-        remember(state, {f"eval/{k}": v for k, v in figures.items()}, step)
-        if tracker:
-            tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=step)
-        return figures
+        state["last_eval"], state["last_eval_step"] = figures, step
+        return run.log_eval(step, label, figures)
 
-    if evaluate_before_after and state["step"] == 0:
+    if evaluate_before_after and run.step == 0:
         results["before"] = run_eval(0, "before")
 
-    stop = StopSignals()
-    loop_started = time.perf_counter()
-    out_of_time = False
-    steps_this_run = 0
-    progress = tqdm(total=total_steps, initial=state["step"], desc="dpo", dynamic_ncols=True)
-    try:
-        while state["step"] < total_steps and not stop.requested:
-            step = state["step"] + 1
+    with run:
+        while run.more():
+            step = run.step + 1
             started = time.perf_counter()
             timings: dict[str, float] = {}
 
@@ -172,74 +148,30 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 grad_norm = clip_gradients(trainable, train_cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
-            state["step"] = step
 
-            # 5. log / eval / checkpoint
+            # 5. log / eval (every epoch) / checkpoint
             elapsed = time.perf_counter() - started
-            metrics = {**totals, "grad_norm": grad_norm, "learning_rate": scheduler.get_last_lr()[0],
-                       "epoch": epoch + min(((step - 1) % per_epoch + 1) * train_cfg.batch_size, len(train_rows)) / len(train_rows),
-                       "time/step": elapsed, **{f"time/{k}": v for k, v in timings.items()},
-                       "tokens_per_second": tokens / elapsed}
-            remember(state, {"loss": metrics["loss"], "rewards/margins": metrics["rewards/margins"]}, step)
-            append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
-            log.info("step %d: %s", step, fmt(metrics), extra={"console": False})
-            if tracker:
-                tracker.log_metrics(metrics, step=step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}",
-                                 margin=f"{metrics['rewards/margins']:.3f}")
-
-            evaluated = None
+            run.log(step, {**totals, "grad_norm": grad_norm, "learning_rate": scheduler.get_last_lr()[0],
+                           "epoch": epoch + min(((step - 1) % per_epoch + 1) * train_cfg.batch_size, len(train_rows)) / len(train_rows),
+                           "time/step": elapsed, **{f"time/{k}": v for k, v in timings.items()},
+                           "tokens_per_second": tokens / elapsed})
             epoch_done = step % per_epoch == 0 or step == total_steps
-            if epoch_done or (train_cfg.eval_interval and step % train_cfg.eval_interval == 0):
-                state["last_eval"], state["last_eval_step"] = run_eval(step, "epoch" if epoch_done else "train"), step
-                evaluated = state["last_eval"].get(train_cfg.best_metric, state["last_eval"]["preference_accuracy"])
-            steps_this_run += 1
-            more = step < total_steps  # past the last step there is nothing left to stop
-            out_of_time, interrupted = stop_now(train_cfg, stop, loop_started, steps_this_run)
-            out_of_time, interrupted = more and out_of_time, more and interrupted
-            if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or stop.save_requested or interrupted \
-                    or step == total_steps or evaluated is not None:
-                stop.save_requested = False
-                track_best(state, evaluated)
-                path = ckpt.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                            trainer_state=state, keep_last_n=train_cfg.keep_last_n or None)
-                if evaluated is not None and train_cfg.save_best:
-                    ckpt.save_best(run_dir, path, train_cfg.best_metric, evaluated)
-            if interrupted:
-                log.info("stopping at step %d (checkpoint saved); resume with train.resume=auto train.output_dir=%s", step, run_dir)
+            figures = run_eval(step, "epoch" if epoch_done else "train") if epoch_done or run.eval_due(step) else None
+            if run.end_of_step(step, figures):
                 break
-            if train_cfg.early_stopping_patience and state["evals_without_improvement"] >= train_cfg.early_stopping_patience:
-                log.info("early stopping at step %d: no improvement in %d evaluations", step, state["evals_without_improvement"])
-                break
-    except BaseException:
-        if tracker:
-            tracker.end("KILLED" if stop.requested else "FAILED")
-        raise
-    finally:
-        progress.close()
-        stop.restore()
 
-    # ---- final figures, the merged policy, plots, cleanup
-    early_stopped = bool(train_cfg.early_stopping_patience and state["evals_without_improvement"] >= train_cfg.early_stopping_patience)
-    finished = state["step"] >= total_steps or early_stopped
-    if finished or out_of_time:  # a spent time budget ends the run too (it can still be resumed)
-        fresh = state["last_eval"] is not None and state["last_eval_step"] == state["step"]
-        results["after"] = state["last_eval"] if fresh else run_eval(state["step"], "after")
-        folder = export_policy(model, tokenizer, run_dir / "model", merge=True)  # merges the adapter in place: last use
+    # ---- final figures, the merged policy, cleanup
+    if run.finished or run.out_of_time:  # a spent time budget ends the run too (it can still be resumed)
+        fresh = state["last_eval"] is not None and state["last_eval_step"] == run.step
+        results["after"] = state["last_eval"] if fresh else run_eval(run.step, "after")
+        folder = export_policy(model, tokenizer, run.run_dir / "model", merge=True)  # merges the adapter in place: last use
         results["outputs"]["model_dir"] = str(folder)
         log.info("policy written to %s", folder)
-    if tracker:
-        _log_plots(tracker, state, run_dir)
-        tracker.log_artifact(str(run_dir / "train.log"))
-        if results["outputs"]:  # the policy is the run's "model" artifact (tokenizer inside), as SFT's is
-            tracker.log_artifacts(results["outputs"]["model_dir"], "model")
+        if tracker:  # the policy is the run's "model" artifact (tokenizer inside), as SFT's is
+            tracker.log_artifacts(folder, "model")
             if config.tracking.registered_model:
-                _register(tracker, config.tracking.registered_model, results)
-        tracker.end("FINISHED" if finished or not stop.requested else "KILLED")
-        results["mlflow_hint"] = tracker.run_url_hint()
-    results.update(step=state["step"], finished=finished, out_of_time=out_of_time, train_seconds=time.perf_counter() - loop_started)
-    return results
+                register(tracker, config.tracking.registered_model, results)
+    return {**run.finish(), **results}
 
 
 # ---------------------------------------------------------------------------------------- building blocks
@@ -274,23 +206,3 @@ def preference_eval(model, reference, rows: list, pad_id: int, *, batch_pairs: i
                            beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)
     return {"preference_accuracy": stats["rewards/accuracy"], "reward_margin": stats["rewards/margin"], "loss": float(loss),
             "rewards/chosen": stats["rewards/chosen"], "rewards/rejected": stats["rewards/rejected"]}
-
-
-# ---------------------------------------------------------------------------------------- helpers
-
-
-def _register(tracker, name: str, results: dict) -> None:
-    from palaestra.registry.models import register_model
-
-    version = register_model(tracker, tracker.run_id, name)
-    tracker.set_tags({"registered_model": name, "registered_model_version": version})
-    results["registered_model_version"] = version
-    log.info("registered models:/%s/%s", name, version)
-
-
-def _log_plots(tracker, state: dict, run_dir: Path) -> None:
-    curves = {k: [tuple(p) for p in v] for k, v in state["history"].items()
-              if k in ("loss", "rewards/margins", "eval/preference_accuracy")}
-    if curves:
-        path = plot_curves(curves, run_dir / "dpo_curve.png", title="DPO: loss, reward margin and held-out preference accuracy", smooth=5)
-        tracker.log_artifact(str(path), "plots")

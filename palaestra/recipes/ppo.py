@@ -40,8 +40,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
 from palaestra import checkpoint as ckpt
 from palaestra.algorithms.grpo import masked_mean
@@ -49,26 +47,16 @@ from palaestra.algorithms.ppo import gae, kl_penalty_rewards, ppo_policy_loss, v
 from palaestra.config import ConfigError, PalaestraConfig
 from palaestra.data.chat import dataset_version, to_messages
 from palaestra.export import export_policy
-from palaestra.models import apply_lora, frozen_reference_copy, load_model_and_tokenizer, model_id, reference_logits_context
+from palaestra.models import apply_lora, frozen_reference_copy, load_model_and_tokenizer, reference_logits_context
 from palaestra.models.logprobs import completion_logprobs
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
 from palaestra.models.value_head import ValueHead, explained_variance, logprobs_and_values
-from palaestra.recipes.common import (
-    StopSignals,
-    stop_now,
-    append_jsonl,
-    attach_log_file,
-    clip_gradients,
-    fmt,
-    lr_lambda,
-    remember,
-    resolve_run_dir,
-    seed_everything,
-    timed,
-)
+from palaestra.recipes.common import clip_gradients, data_tags, lr_lambda, seed_everything, timed
+from palaestra.recipes.methods import best_metric
+from palaestra.recipes.run import Run, config_dict
 from palaestra.rewards import combine_rewards, resolve_reward
 from palaestra.rollout import HFGenerator, SamplingParams
-from palaestra.tracking import MlflowTracker, flatten_config, plot_curves
+from palaestra.tracking import flatten_config
 
 log = logging.getLogger("palaestra")
 
@@ -112,10 +100,10 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     model.train()
     generator = HFGenerator(model, tokenizer, max_prompt_length=prompt_budget, precision=precision)
 
-    # ---- run folder, optimizer, resume
-    run_dir, resume_from = resolve_run_dir(train_cfg, Path("runs") / f"{data_cfg.name}-{algo.name}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    attach_log_file(run_dir / "train.log")
+    # ---- run folder, optimizer, resume, tracking
+    run = Run(train_cfg, method="ppo", runs_root=Path("runs") / f"{data_cfg.name}-{algo.name}", total_steps=train_cfg.steps,
+              best=best_metric(config), state={"data_position": 0}, progress=("reward/mean", "kl", "value_loss"),
+              curves=("reward/mean",), plot=("reward_curve.png", "PPO: reward and held-out reward"))
     log.info("device %s, compute precision %s, weights %s, %d train prompts, %d held-out",
              device, precision, dtype, len(train_rows), len(heldout_rows))
     minibatches = math.ceil(algo.prompts_per_step / train_cfg.micro_batch_size)
@@ -127,17 +115,11 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         betas=(train_cfg.adam_beta1, train_cfg.adam_beta2), weight_decay=train_cfg.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(updates_total, train_cfg.warmup_ratio, train_cfg.lr_schedule))
-    parts = _checkpoint_parts(model, value_head, optimizer, scheduler)
-    state = {"step": 0, "data_position": 0, "mlflow_run_id": None, "best_metric": None,
-             "evals_without_improvement": 0, "history": {}}
-    if resume_from is not None:
-        state.update(ckpt.load_checkpoint(resume_from, parts=parts))
-        log.info("resumed from %s at step %d", resume_from, state["step"])
-
-    # ---- tracking
-    tracker = _start_tracking(config, version, state["mlflow_run_id"], run_dir)
-    state["mlflow_run_id"] = tracker.run_id if tracker else None
-    results: dict = {"run_dir": str(run_dir), "mlflow_run_id": state["mlflow_run_id"], "outputs": {}}
+    run.resume(parts=_checkpoint_parts(model, value_head, optimizer, scheduler))
+    tracker = run.track(config.tracking, run_name=f"{data_cfg.name}-{algo.name}-{config.model.name}",
+                        tags=data_tags(config, version), params=flatten_config(config_dict(config)),
+                        config_dict=config_dict(config))
+    results: dict = {"outputs": {}}
     sampling = SamplingParams(algo.max_completion_length, algo.temperature, algo.top_p, algo.top_k)
     eval_sampling = SamplingParams(config.eval.max_new_tokens or algo.max_completion_length, greedy=True)
 
@@ -153,29 +135,21 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         figures = {"reward": float(np.mean(rewards)),
                    **{f"reward/{_short(name)}": float(np.mean(values)) for name, values in components.items()}}
         figures.update(_planner_figures(data_cfg.name, heldout_rows, texts))
-        log.info("eval (%s, step %d): %s", label, step, fmt(figures))
-        remember(state, {f"eval/{k}": v for k, v in figures.items()}, step)
         if tracker:
-            tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=step)
             tracker.log_table(_sample_rows(step, heldout_rows, texts, rewards, components), f"eval/samples_{label}_step{step:06d}.json")
-        return figures
+        return run.log_eval(step, label, figures)
 
-    if evaluate_before_after and state["step"] == 0:
+    if evaluate_before_after and run.step == 0:
         results["before"] = run_eval(0, "before")
 
-    stop = StopSignals()
-    loop_started = time.perf_counter()
-    out_of_time = False
-    progress = tqdm(total=train_cfg.steps, initial=state["step"], desc="ppo", dynamic_ncols=True)
-    steps_this_run = 0
-    try:
-        while state["step"] < train_cfg.steps and not stop.requested:
-            step = state["step"] + 1
+    with run:
+        while run.more():
+            step = run.step + 1
             started = time.perf_counter()
             timings: dict[str, float] = {}  # where this step's time goes, in seconds
 
             # 1. roll out: one completion for each prompt of this step
-            rows, state["data_position"] = _next_rows(train_rows, state["data_position"], algo.prompts_per_step, train_cfg.seed)
+            rows, run.state["data_position"] = _next_rows(train_rows, run.state["data_position"], algo.prompts_per_step, train_cfg.seed)
             with timed(timings, "generation"):
                 rollout = generator.generate([row.messages for row in rows], 1, sampling)
 
@@ -210,14 +184,13 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 minibatch_size=train_cfg.micro_batch_size, max_grad_norm=train_cfg.max_grad_norm,
                 precision=precision, order_seed=(train_cfg.seed, step), timings=timings,
             )
-            state["step"] = step
 
             # 5. log / eval / checkpoint
             kl_tokens = (batch["old_logp"] - ref_logp) * mask  # k1 estimate of KL(pi_old || pi_ref) per token
             lengths = mask.sum(dim=1)
             elapsed = time.perf_counter() - started
             timings["other"] = elapsed - sum(timings.values())
-            metrics = {
+            run.log(step, {
                 **stats,
                 "reward/mean": float(scores.mean()),
                 "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
@@ -234,68 +207,23 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 "time/step": elapsed,
                 **{f"time/{name}": seconds for name, seconds in timings.items()},
                 "tokens_per_second": rollout.num_completion_tokens / elapsed,
-            }
-            remember(state, {"reward/mean": metrics["reward/mean"]}, step)
-            append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
-            log.info("step %d: %s", step, fmt(metrics), extra={"console": False})
-            if tracker:
-                tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
-                if train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
-                    tracker.log_table(_sample_rows(step, rows, rollout.texts, scores.tolist(), components),
-                                      f"samples/step{step:06d}.json")
-            progress.update(1)
-            progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.3f}",
-                                 vloss=f"{metrics['value_loss']:.3f}")
-
-            evaluated = None
-            if train_cfg.eval_interval and step % train_cfg.eval_interval == 0:
-                figures = run_eval(step, "train")
-                if figures:  # the held-out reward unless train.best_metric names another eval figure
-                    evaluated = figures.get(train_cfg.best_metric, figures["reward"])
-            steps_this_run += 1
-            out_of_time, interrupted = stop_now(train_cfg, stop, loop_started, steps_this_run)
-            last = step == train_cfg.steps
-            if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or stop.save_requested or interrupted or last or evaluated is not None:
-                stop.save_requested = False
-                _improved(state, evaluated)
-                path = ckpt.save_checkpoint(run_dir, step, parts=parts, trainer_state=state,
-                                            keep_last_n=train_cfg.keep_last_n or None)
-                if evaluated is not None and train_cfg.save_best:
-                    metric = train_cfg.best_metric if train_cfg.best_metric in figures else "reward"
-                    ckpt.save_best(run_dir, path, metric, evaluated)
-            if interrupted:
-                log.info("stopping at step %d (checkpoint saved); resume with train.resume=auto train.output_dir=%s", step, run_dir)
+            })
+            if tracker and train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
+                tracker.log_table(_sample_rows(step, rows, rollout.texts, scores.tolist(), components), f"samples/step{step:06d}.json")
+            if run.end_of_step(step, run_eval(step, "train") if run.eval_due(step) else None):
                 break
-            if train_cfg.early_stopping_patience and state["evals_without_improvement"] >= train_cfg.early_stopping_patience:
-                log.info("early stopping at step %d: no eval improvement in %d evaluations", step, state["evals_without_improvement"])
-                break
-    except BaseException:
-        if tracker:
-            tracker.end("KILLED" if stop.requested else "FAILED")
-        raise
-    finally:
-        progress.close()
-        stop.restore()
 
-    # ---- final evaluation, export, plots, cleanup
-    finished = state["step"] >= train_cfg.steps
-    if evaluate_before_after and (finished or out_of_time):
-        results["after"] = run_eval(state["step"], "after")
-    if finished or out_of_time:
+    # ---- final evaluation, export, cleanup
+    if evaluate_before_after and (run.finished or run.out_of_time):
+        results["after"] = run_eval(run.step, "after")
+    if run.finished or run.out_of_time:
         if config.model.lora.enabled:
             model = model.float()  # merge in fp32: bf16 base weights would round most of a small update away
-        model_dir = export_policy(model, tokenizer, run_dir / "model")
-        value_dir = value_head.save(run_dir / "value_head")
+        model_dir = export_policy(model, tokenizer, run.run_dir / "model")
+        value_dir = value_head.save(run.run_dir / "value_head")
         results["outputs"] = {"model_dir": str(model_dir), "value_head_dir": str(value_dir)}
         log.info("policy exported to %s", model_dir)
-    if tracker:
-        _log_plots(tracker, state, run_dir)
-        tracker.log_artifact(str(run_dir / "train.log"))
-        tracker.end("FINISHED" if finished or not stop.requested else "KILLED")
-        results["mlflow_hint"] = tracker.run_url_hint()
-    results.update(step=state["step"], finished=finished, out_of_time=out_of_time,
-                   train_seconds=time.perf_counter() - loop_started)
-    return results
+    return {**run.finish(), **results}
 
 
 # ---------------------------------------------------------------------------------------- the update
@@ -498,35 +426,6 @@ def _checkpoint_parts(model, value_head, optimizer, scheduler) -> dict[str, ckpt
             "value_head": ckpt.CheckpointPart(dict(value_head.named_parameters()))}
 
 
-def _improved(state: dict, value: float | None) -> dict:
-    """Update best-metric bookkeeping (for save_best and early stopping) and return the state."""
-    if value is not None:
-        if state["best_metric"] is None or value > state["best_metric"]:
-            state["best_metric"], state["evals_without_improvement"] = value, 0
-        else:
-            state["evals_without_improvement"] += 1
-    return state
-
-
-def _start_tracking(config: PalaestraConfig, version: str, run_id: str | None, run_dir: Path):
-    tracking = config.tracking
-    if not tracking.enabled:
-        return None
-    name = tracking.run_name or f"{config.data.name}-{config.algo.name}-{config.model.name}"
-    tracker = MlflowTracker(tracking.experiment, run_name=name, run_id=run_id, tracking_uri=tracking.tracking_uri)
-    if run_id is None:
-        resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
-        tracker.log_params(flatten_config(resolved))
-        tags = {
-            "task": config.data.name, "algo": config.algo.name, "model": model_id(config.model.name, config.model.path),
-            "dataset_version": version, "policy_id": tracking.policy_id or f"{config.data.name}-{config.algo.name}",
-            "run_dir": str(run_dir.resolve()),
-        }
-        if tracking.parent_run_id:
-            tags["mlflow.parentRunId"] = tracking.parent_run_id
-        tracker.set_tags(tags)
-        tracker.log_dict(resolved, "config.yaml")
-    return tracker
 
 
 def _sample_rows(step: int, rows: list[_Prompt], texts: list[str], rewards: list[float], components: dict) -> list[dict]:
@@ -537,13 +436,6 @@ def _sample_rows(step: int, rows: list[_Prompt], texts: list[str], rewards: list
         samples.append(sample)
     return samples
 
-
-def _log_plots(tracker, state: dict, run_dir: Path) -> None:
-    history = state["history"]
-    curves = {k: [tuple(point) for point in v] for k, v in history.items() if k in ("reward/mean", "eval/reward")}
-    if curves:
-        path = plot_curves(curves, run_dir / "reward_curve.png", title="PPO: reward and held-out reward", ylabel="reward", smooth=5)
-        tracker.log_artifact(str(path), "plots")
 
 
 def _short(reward_name: str) -> str:

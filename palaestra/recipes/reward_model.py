@@ -31,34 +31,21 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
-from palaestra import checkpoint as ckpt
 from palaestra.algorithms.preference import bradley_terry_loss
 from palaestra.config import ConfigError, PalaestraConfig
 from palaestra.data.chat import dataset_version
 from palaestra.data.preferences import (
-    PreferenceBatch, batch_for_step, collate_pairs, encode_pair, identical_pairs, load_preference_splits,
+    PreferenceBatch, batch_for_step, collate_pairs, encode_pair, identical_pairs,
 )
 from palaestra.export import export_policy
 from palaestra.models import load_model_and_tokenizer, model_id
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
-from palaestra.recipes.common import (
-    StopSignals,
-    stop_now,
-    append_jsonl,
-    attach_log_file,
-    clip_gradients,
-    fmt,
-    lr_lambda,
-    remember,
-    resolve_run_dir,
-    seed_everything,
-    timed,
-)
+from palaestra.recipes.common import clip_gradients, data_tags, load_pairs, lr_lambda, register, seed_everything, timed
+from palaestra.recipes.methods import best_metric
+from palaestra.recipes.run import Run, config_dict
 from palaestra.rewards.reward_model import METADATA_FILE
-from palaestra.tracking import MlflowTracker, flatten_config, plot_curves
+from palaestra.tracking import flatten_config
 
 log = logging.getLogger("palaestra")
 
@@ -73,7 +60,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     seed_everything(train_cfg.seed)
 
     # ---- data (cheap, and fails before the model loads on a bad file)
-    train_pairs, val_pairs = load_pairs(config)
+    train_pairs, val_pairs = load_pairs(data, train_cfg.seed)
 
     # ---- model: the policy's body with a one-output head; LoRA on the body, the head trains in full
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,12 +76,13 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     train_rows = [encode_pair(tokenizer, pair, data.max_length, add_eos=False) for pair in train_pairs]
     val_rows = [encode_pair(tokenizer, pair, data.max_length, add_eos=False) for pair in val_pairs]
 
-    # ---- run folder, optimizer, resume
-    run_dir, resume_from = resolve_run_dir(train_cfg, Path("runs") / f"{data.name}-{algo.name}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    attach_log_file(run_dir / "train.log")
+    # ---- run folder, optimizer, resume, tracking
     per_epoch = math.ceil(len(train_rows) / train_cfg.batch_size)
     total_steps = algo.max_steps or algo.epochs * per_epoch
+    run = Run(train_cfg, method="reward", runs_root=Path("runs") / f"{data.name}-{algo.name}", total_steps=total_steps,
+              best=best_metric(config), state={"last_eval": None, "last_eval_step": None},
+              progress=("loss", "accuracy", "margin"), curves=("loss", "accuracy"),
+              plot=("reward_model_curve.png", "Reward model: loss and pairwise accuracy"))
     log.info("device %s, precision %s, weights %s; %d training pairs, %d held out; %d updates (%d per epoch)",
              device, precision, dtype, len(train_rows), len(val_rows), total_steps, per_epoch)
     if identical_pairs(train_rows):
@@ -106,37 +94,24 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         weight_decay=train_cfg.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, train_cfg.warmup_ratio, train_cfg.lr_schedule))
-    state = {"step": 0, "mlflow_run_id": None, "best_metric": None, "evals_without_improvement": 0, "history": {},
-             "last_eval": None, "last_eval_step": None}
-    if resume_from is not None:
-        state.update(ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler))
-        log.info("resumed from %s at step %d", resume_from, state["step"])
-
-    # ---- tracking
-    tracker = start_tracking(config, state["mlflow_run_id"], run_dir)
-    state["mlflow_run_id"] = tracker.run_id if tracker else None
-    results: dict = {"run_dir": str(run_dir), "mlflow_run_id": state["mlflow_run_id"], "outputs": {}}
+    run.resume(model=model, optimizer=optimizer, scheduler=scheduler)
+    tracker = run.track(config.tracking, run_name=f"{data.name}-{algo.name}-{config.model.name}",
+                        tags=data_tags(config, dataset_version(data.path, data.version)),
+                        params=flatten_config(config_dict(config)), config_dict=config_dict(config))
+    state, results = run.state, {"outputs": {}}
 
     def run_eval(step: int, label: str) -> dict:
         figures = pairwise_eval(model, val_rows, pad_id, batch_pairs=train_cfg.micro_batch_size, precision=precision,
                                 margin=algo.margin)
-        log.info("eval (%s, step %d): %s", label, step, fmt(figures))
-        remember(state, {f"eval/{k}": v for k, v in figures.items()}, step)
-        if tracker:
-            tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=step)
-        return figures
+        state["last_eval"], state["last_eval_step"] = figures, step
+        return run.log_eval(step, label, figures)
 
-    if evaluate_before_after and state["step"] == 0:
+    if evaluate_before_after and run.step == 0:
         results["before"] = run_eval(0, "before")
 
-    stop = StopSignals()
-    loop_started = time.perf_counter()
-    out_of_time = False
-    steps_this_run = 0
-    progress = tqdm(total=total_steps, initial=state["step"], desc="reward model", dynamic_ncols=True)
-    try:
-        while state["step"] < total_steps and not stop.requested:
-            step = state["step"] + 1
+    with run:
+        while run.more():
+            step = run.step + 1
             started = time.perf_counter()
             timings: dict[str, float] = {}
 
@@ -164,90 +139,33 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 grad_norm = clip_gradients(trainable, train_cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
-            state["step"] = step
 
-            # 4. log / eval / checkpoint
+            # 4. log / eval (every epoch) / checkpoint
             elapsed = time.perf_counter() - started
-            metrics = {**totals, "grad_norm": grad_norm, "learning_rate": scheduler.get_last_lr()[0],
-                       "epoch": epoch + min(((step - 1) % per_epoch + 1) * train_cfg.batch_size, len(train_rows)) / len(train_rows),
-                       "time/step": elapsed, **{f"time/{k}": v for k, v in timings.items()},
-                       "pairs_per_second": len(rows) / elapsed}
-            remember(state, {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}, step)
-            append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
-            log.info("step %d: %s", step, fmt(metrics), extra={"console": False})
-            if tracker:
-                tracker.log_metrics(metrics, step=step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}", margin=f"{metrics['margin']:.2f}")
-
-            evaluated = None
+            run.log(step, {**totals, "grad_norm": grad_norm, "learning_rate": scheduler.get_last_lr()[0],
+                           "epoch": epoch + min(((step - 1) % per_epoch + 1) * train_cfg.batch_size, len(train_rows)) / len(train_rows),
+                           "time/step": elapsed, **{f"time/{k}": v for k, v in timings.items()},
+                           "pairs_per_second": len(rows) / elapsed})
             epoch_done = step % per_epoch == 0 or step == total_steps
-            if epoch_done or (train_cfg.eval_interval and step % train_cfg.eval_interval == 0):
-                state["last_eval"], state["last_eval_step"] = run_eval(step, "epoch" if epoch_done else "train"), step
-                evaluated = state["last_eval"].get(train_cfg.best_metric, state["last_eval"]["pairwise_accuracy"])
-            steps_this_run += 1
-            more = step < total_steps  # past the last step there is nothing left to stop
-            out_of_time, interrupted = stop_now(train_cfg, stop, loop_started, steps_this_run)
-            out_of_time, interrupted = more and out_of_time, more and interrupted
-            if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or stop.save_requested or interrupted \
-                    or step == total_steps or evaluated is not None:
-                stop.save_requested = False
-                track_best(state, evaluated)
-                path = ckpt.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                            trainer_state=state, keep_last_n=train_cfg.keep_last_n or None)
-                if evaluated is not None and train_cfg.save_best:
-                    ckpt.save_best(run_dir, path, train_cfg.best_metric, evaluated)
-            if interrupted:
-                log.info("stopping at step %d (checkpoint saved); resume with train.resume=auto train.output_dir=%s", step, run_dir)
+            figures = run_eval(step, "epoch" if epoch_done else "train") if epoch_done or run.eval_due(step) else None
+            if run.end_of_step(step, figures):
                 break
-            if train_cfg.early_stopping_patience and state["evals_without_improvement"] >= train_cfg.early_stopping_patience:
-                log.info("early stopping at step %d: no improvement in %d evaluations", step, state["evals_without_improvement"])
-                break
-    except BaseException:
-        if tracker:
-            tracker.end("KILLED" if stop.requested else "FAILED")
-        raise
-    finally:
-        progress.close()
-        stop.restore()
 
-    # ---- final figures, the merged reward model, plots, cleanup
-    early_stopped = bool(train_cfg.early_stopping_patience and state["evals_without_improvement"] >= train_cfg.early_stopping_patience)
-    finished = state["step"] >= total_steps or early_stopped
-    if finished or out_of_time:  # a spent time budget ends the run too (it can still be resumed)
-        fresh = state["last_eval"] is not None and state["last_eval_step"] == state["step"]
-        results["after"] = state["last_eval"] if fresh else run_eval(state["step"], "after")
-        folder = export_reward_model(model, tokenizer, run_dir / "reward_model", max_length=data.max_length)
+    # ---- final figures, the merged reward model, cleanup
+    if run.finished or run.out_of_time:  # a spent time budget ends the run too (it can still be resumed)
+        fresh = state["last_eval"] is not None and state["last_eval_step"] == run.step
+        results["after"] = state["last_eval"] if fresh else run_eval(run.step, "after")
+        folder = export_reward_model(model, tokenizer, run.run_dir / "reward_model", max_length=data.max_length)
         results["outputs"]["reward_model_dir"] = str(folder)
         log.info("reward model written to %s", folder)
-    if tracker:
-        _log_plots(tracker, state, run_dir)
-        tracker.log_artifact(str(run_dir / "train.log"))
-        if results["outputs"] and config.tracking.registered_model:  # the folder is large: logged only to register it
-            from palaestra.registry.models import register_model
-
-            tracker.log_artifacts(results["outputs"]["reward_model_dir"], "model")
-            version = register_model(tracker, tracker.run_id, config.tracking.registered_model)
-            tracker.set_tags({"registered_model": config.tracking.registered_model, "registered_model_version": version})
-            results["registered_model_version"] = version
-        tracker.end("FINISHED" if finished or not stop.requested else "KILLED")
-        results["mlflow_hint"] = tracker.run_url_hint()
-    results.update(step=state["step"], finished=finished, out_of_time=out_of_time, train_seconds=time.perf_counter() - loop_started)
-    return results
+        if tracker and config.tracking.registered_model:  # the folder is large: logged only to register it
+            tracker.log_artifacts(folder, "model")
+            register(tracker, config.tracking.registered_model, results)
+    return {**run.finish(), **results}
 
 
 # ---------------------------------------------------------------------------------------- building blocks
 
-
-def load_pairs(config: PalaestraConfig) -> tuple[list, list]:
-    """Training and held-out pairs of ``config.data``; file problems become one-line ConfigErrors."""
-    data = config.data
-    try:
-        train, val = load_preference_splits(data.path, train_file=data.preference_train_file, val_file=data.preference_val_file,
-                                            val_fraction=data.val_fraction, seed=config.train.seed)
-    except ValueError as error:
-        raise ConfigError(str(error).splitlines()[0]) from None
-    return train, val
 
 
 def build_reward_model(name: str, *, path: str | None = None, dtype: str = "float32", device: str = "cpu"):
@@ -341,42 +259,3 @@ def export_reward_model(model, tokenizer, folder: Path, *, max_length: int) -> P
     tmp.write_text(json.dumps({"max_length": max_length}) + "\n")
     os.replace(tmp, metadata)
     return folder
-
-
-# ---------------------------------------------------------------------------------------- helpers
-
-
-def track_best(state: dict, value: float | None) -> None:
-    """Best-metric bookkeeping for save_best and early stopping (higher is better)."""
-    if value is not None:
-        if state["best_metric"] is None or value > state["best_metric"]:
-            state["best_metric"], state["evals_without_improvement"] = value, 0
-        else:
-            state["evals_without_improvement"] += 1
-
-
-def start_tracking(config: PalaestraConfig, run_id: str | None, run_dir: Path):
-    """The MLflow run of a data recipe (reward, dpo): params, the planner contract's tags, a child run under a pipeline."""
-    if not config.tracking.enabled:
-        return None
-    data, algo = config.data, config.algo.name
-    name = config.tracking.run_name or f"{data.name}-{algo}-{config.model.name}"
-    tracker = MlflowTracker(config.tracking.experiment, run_name=name, run_id=run_id, tracking_uri=config.tracking.tracking_uri)
-    if run_id is None:
-        resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
-        tracker.log_params(flatten_config(resolved))
-        tags = {"task": data.name, "algo": algo, "model": model_id(config.model.name, config.model.path),
-                "dataset_version": dataset_version(data.path, data.version),
-                "policy_id": config.tracking.policy_id or f"{data.name}-{algo}", "run_dir": str(run_dir.resolve())}
-        if config.tracking.parent_run_id:
-            tags["mlflow.parentRunId"] = config.tracking.parent_run_id  # shows as a child run in the UI
-        tracker.set_tags(tags)
-        tracker.log_dict(resolved, "config.yaml")
-    return tracker
-
-
-def _log_plots(tracker, state: dict, run_dir: Path) -> None:
-    curves = {k: [tuple(p) for p in v] for k, v in state["history"].items() if k in ("loss", "accuracy", "eval/pairwise_accuracy")}
-    if curves:
-        path = plot_curves(curves, run_dir / "reward_model_curve.png", title="Reward model: loss and pairwise accuracy", smooth=5)
-        tracker.log_artifact(str(path), "plots")
