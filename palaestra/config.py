@@ -467,11 +467,6 @@ class PalaestraConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
-ALGO_SCHEMAS = {
-    "grpo": AlgoConfig, "at_grpo": ATGRPOConfig, "sft": SFTConfig, "reward": RewardModelConfig,
-    "dpo": DPOConfig, "ppo": PPOConfig,
-}
-"""algo.name -> its config schema (one recipe each)."""
 MODEL_NAMES = ("smollm2-135m", "tiny", "hf")
 TASK_SOURCES = ("reasoning_gym", "gsm8k")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
@@ -490,11 +485,13 @@ def to_config(cfg: DictConfig | dict, *, check_values: bool = True) -> Palaestra
     """
     algo_name = OmegaConf.select(cfg, "algo.name") if isinstance(cfg, DictConfig) else cfg.get("algo", {}).get("name")
     algo_name = algo_name or "grpo"
-    if algo_name not in ALGO_SCHEMAS:
-        raise ConfigError(f"algo.name={algo_name!r} is unknown; use one of {', '.join(ALGO_SCHEMAS)}")
+    from palaestra.recipes.methods import METHODS  # the table of methods (it imports the schemas above)
+
+    if algo_name not in METHODS:
+        raise ConfigError(f"algo.name={algo_name!r} is unknown; use one of {', '.join(METHODS)}")
     try:
         schema = OmegaConf.structured(PalaestraConfig)
-        schema.algo = OmegaConf.structured(ALGO_SCHEMAS[algo_name])
+        schema.algo = OmegaConf.structured(METHODS[algo_name].schema)
         merged = OmegaConf.merge(schema, cfg)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
@@ -663,10 +660,6 @@ def _check_vllm(config: PalaestraConfig) -> None:
     import torch
 
     _check(torch.cuda.is_available(), "algo.rollout_engine=vllm needs a CUDA GPU; use algo.rollout_engine=hf on this machine")
-
-
-DATA_ALGOS = ("sft", "reward", "dpo", "ppo")
-"""The targets that read the data section (chat or preference JSONL)."""
 
 
 def _validate_data_recipe(config: PalaestraConfig) -> None:

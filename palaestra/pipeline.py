@@ -31,6 +31,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 from palaestra.config import ConfigError, PalaestraConfig, to_config
+from palaestra.recipes.methods import METHODS
 
 log = logging.getLogger("palaestra")
 
@@ -39,8 +40,8 @@ PIPELINES: dict[str, tuple[str, ...]] = {
     "full": ("data", "sft", "reward", "dpo", "ppo", "evaluate", "export"),
 }
 """Pipeline name -> its stages in order."""
-TRAINING_STAGES = ("sft", "reward", "dpo", "ppo", "grpo", "at_grpo")
-"""Stages that run a recipe (algo=<stage>)."""
+TRAINING_STAGES = tuple(METHODS)
+"""Stages that run a method's recipe (algo=<stage>): every method of the table, in its order."""
 STAGES = ("data", *TRAINING_STAGES, "evaluate", "export")
 """Every stage name, in the order a pipeline runs them."""
 
@@ -364,12 +365,8 @@ def _stage_config(stage, history, overrides, stage_overrides, *, chain: bool = T
 
 def _training_stage(stage, history, overrides, stage_overrides):
     """A recipe: compose its config with the earlier stages' outputs and run it."""
-    import importlib
-
-    from palaestra.cli import RECIPES
-
     config = _stage_config(stage, history, overrides, stage_overrides)
-    results = importlib.import_module(RECIPES[stage]).main(config, evaluate_before_after=False)
+    results = METHODS[stage].main(config, evaluate_before_after=False)
     if not results.get("finished", True):
         raise RuntimeError(f"{stage} stopped at step {results.get('step')} before the end")
     outputs = {key: str(Path(value).resolve()) for key, value in (results.get("outputs") or {}).items()}
