@@ -20,7 +20,6 @@ epoch, as in the reference) and no critic; evaluation plays each test problem wi
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +33,11 @@ from palaestra.models import model_id
 from palaestra.models.logprobs import batch_logprobs, shared_prompt_rows
 from palaestra.models.policies import Policy, build_policies
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
-from palaestra.recipes.common import clip_gradients, lr_lambda, seed_everything, timed
+from palaestra.recipes.common import adamw, clip_gradients, seed_everything
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
 from palaestra.rollout import SamplingParams
 from palaestra.rollout.tree import AgentGroup, Episode, independent_groups, stack_rows, tree_rollout
-from palaestra.tracking import flatten_config
 
 log = logging.getLogger("palaestra")
 
@@ -47,9 +45,7 @@ log = logging.getLogger("palaestra")
 def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict:
     """Train a team with AT-GRPO; return the run folder, the MLflow run id and the figures."""
     train_cfg, algo, env_cfg = config.train, config.algo, config.env
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
-    seed_everything(train_cfg.seed)
+    seed_everything(train_cfg.seed, threads=train_cfg.threads)
 
     # ---- environments (cheap; fails before any model loads on bad parameters)
     env_class = resolve_env(env_cfg.name)
@@ -73,13 +69,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
     )
     for policy in policies.values():
         policy.activate()
-        policy.optimizer = torch.optim.AdamW(
-            list(policy.parameters().values()), lr=train_cfg.learning_rate,
-            betas=(train_cfg.adam_beta1, train_cfg.adam_beta2), weight_decay=train_cfg.weight_decay,
-        )
-        policy.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            policy.optimizer, lr_lambda(train_cfg.steps, train_cfg.warmup_ratio, train_cfg.lr_schedule)
-        )
+        policy.optimizer, policy.scheduler = adamw(list(policy.parameters().values()), train_cfg, train_cfg.steps)
 
     # ---- run folder, resume, tracking
     run = Run(train_cfg, method="at_grpo", runs_root=Path("runs") / f"{env_cfg.name}-{algo.name}", total_steps=train_cfg.steps,
@@ -92,7 +82,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
         tags={"env": env_cfg.name, "task": env_cfg.name, "algo": algo.name, "policy": config.policy.mode,
               "model": model_id(config.model.name, config.model.path),
               "dataset_version": f"{env_cfg.name}:{sorted(dict(env_cfg.params).items())}:seed={env_cfg.seed}"},
-        params=flatten_config(config_dict(config, omit=("task",))), config_dict=config_dict(config, omit=("task",)),
+        config=config_dict(config, omit=("task",)),
     )
 
     train_sampling = SamplingParams(algo.max_completion_length, algo.temperature, algo.top_p, algo.top_k)
@@ -113,14 +103,11 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
         results["before"] = run_eval(0, "before")
 
     with run:
-        while run.more():
-            step = run.step + 1
-            started = time.perf_counter()
-            timings: dict[str, float] = {}
+        for step in run.steps():
 
             # 1. roll out: a tree of K answers per (turn, agent) over fresh training problems
             seeds = train_seeds(env_cfg.train_envs, base=env_cfg.seed + (step - 1) * env_cfg.train_envs)
-            with timed(timings, "rollout"):
+            with run.timed("rollout"):
                 groups, episodes = _rollout(make_env, seeds, generate, train_sampling, algo)
 
             # 2. score and 3. advantages: normalised inside each (problem, turn, agent) group
@@ -130,15 +117,14 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
 
             # 4. loss and step: each policy on the answers of the roles it serves
             stats: dict[str, float] = {}
-            with timed(timings, "train"):
+            with run.timed("train"):
                 for name, policy in policies.items():
                     stats.update(_train_policy(policy, groups, advantages, keep, role_policy, config))
 
             # 5. log / eval / checkpoint
-            elapsed = time.perf_counter() - started
+            elapsed = run.step_seconds()
             tokens = sum(int(rollout.completion_mask[row].sum()) for g in groups for rollout, row in g.answers)
-            run.log(step, {**stats, **_rollout_metrics(groups, episodes), "time/step": elapsed,
-                           **{f"time/{n}": s for n, s in timings.items()},
+            run.log(step, {**stats, **_rollout_metrics(groups, episodes),
                            "learning_rate": next(iter(policies.values())).scheduler.get_last_lr()[0],
                            "tokens_per_second": tokens / elapsed})
             if tracker and train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:

@@ -20,8 +20,6 @@ log-probs, as in the paper's inner loop.
 from __future__ import annotations
 
 import logging
-import random
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -32,18 +30,15 @@ from palaestra.algorithms.grpo import group_advantages, masked_mean, policy_loss
 from palaestra.config import ConfigError, PalaestraConfig, reward_weights
 from palaestra.distributed import Distributed
 from palaestra.evaluation.evaluate import evaluate
-from palaestra.models import (
-    apply_lora, embedded_model_dir, frozen_reference_copy, load_model_and_tokenizer, model_id, reference_logits_context,
-)
-from palaestra.models.precision import autocast, resolve_precision, weights_dtype
+from palaestra.models import embedded_model_dir, frozen_reference_copy, model_id, reference_logits_context
+from palaestra.models.precision import autocast
 from palaestra.models.logprobs import batch_logprobs, shared_prompt_rows
-from palaestra.recipes.common import clip_gradients, lr_lambda, seed_everything, timed
+from palaestra.recipes.common import adamw, clip_gradients, load_policy, next_items, seed_everything, timed
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
 from palaestra.rewards import combine_rewards
 from palaestra.rollout import HFGenerator, SamplingParams
 from palaestra.tasks.build import build_task
-from palaestra.tracking import flatten_config
 
 log = logging.getLogger("palaestra")
 
@@ -60,9 +55,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             f"{prompts_per_step} prompts per step (train.batch_size={train_cfg.batch_size}) cannot be split over {dist.world} "
             f"processes in micro-batches of {train_cfg.micro_batch_size}; use a batch that divides evenly"
         )
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
-    seed_everything(train_cfg.seed)
+    seed_everything(train_cfg.seed, threads=train_cfg.threads)
     if dist.rank:  # every process samples differently; rank 0 samples exactly like a single process
         torch.manual_seed(train_cfg.seed + 1000 * dist.rank)
 
@@ -72,12 +65,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
     # ---- model, adapter, reference
     device = dist.device()
-    precision = resolve_precision(config.model.precision, device)
-    dtype = weights_dtype(config.model.dtype, precision, config.model.lora.enabled)
-    model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype=dtype, device=device)
-    if config.model.lora.enabled:
-        lora = config.model.lora
-        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    model, tokenizer, precision, dtype = load_policy(config.model, device)
     reference = None
     if algo.beta > 0 and not config.model.lora.enabled:
         reference = frozen_reference_copy(model)  # full fine-tuning needs a frozen copy; LoRA does not
@@ -92,19 +80,13 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     log.info("device %s, compute precision %s, weights %s", device, precision, dtype)
     updates_total = train_cfg.steps * algo.num_iterations
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=train_cfg.learning_rate, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-        weight_decay=train_cfg.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(updates_total, train_cfg.warmup_ratio, train_cfg.lr_schedule)
-    )
+    optimizer, scheduler = adamw(trainable, train_cfg, updates_total)
     if run.resume(model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=dist.is_main) and dist.rank:
         torch.manual_seed(train_cfg.seed + 1000 * dist.rank + run.step)
     tracker = run.track(config.tracking, run_name=f"{config.task.name}-{algo.name}-{config.model.name}",
                         tags={"task": config.task.name, "algo": algo.name, "model": model_id(config.model.name, config.model.path),
                               "dataset_version": task.dataset_version},
-                        params=flatten_config(config_dict(config)), config_dict=config_dict(config))
+                        config=config_dict(config))
 
     weights = reward_weights(config.task)
     micro_batches = train_cfg.batch_size // dist.world // train_cfg.micro_batch_size
@@ -132,18 +114,15 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         results["before"] = run_eval(0, "before")
 
     with run:
-        while run.more():
-            step = run.step + 1
-            started = time.perf_counter()
-            timings: dict[str, float] = {}  # where this step's time goes, in seconds
+        for step in run.steps():
             temperature = _temperature(algo, step)
 
             # 1. roll out: G completions for each prompt of this step
-            examples, run.state["data_position"] = _next_examples(
+            examples, run.state["data_position"] = next_items(
                 task.train, run.state["data_position"], prompts_per_step, train_cfg.seed
             )
             examples = dist.share(examples)  # every process draws the same prompts and keeps its share
-            with timed(timings, "generation"):
+            with run.timed("generation"):
                 if algo.rollout_engine == "vllm":
                     generator.sync_adapter()  # vLLM samples from the adapter as the last update left it
                 rollout = generator.generate(
@@ -152,7 +131,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 )
 
             # 2. score: weighted sum of reward functions, each component kept for logging
-            with timed(timings, "rewards"):
+            with run.timed("rewards"):
                 columns = task.columns([e for e in examples for _ in range(algo.num_generations)])
                 rewards, components = combine_rewards(rollout.texts, columns, weights)
                 rewards = torch.tensor(rewards, dtype=torch.float32)
@@ -171,10 +150,10 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             old_logps = ref_logps = None
             with torch.no_grad():
                 if algo.num_iterations > 1:
-                    with timed(timings, "old_logprobs"):
+                    with run.timed("old_logprobs"):
                         old_logps = [_logprobs(model, rollout, s, temperature, shared, precision)[0] for s in slices]
                 if algo.beta > 0:
-                    with timed(timings, "reference"), _reference(model, reference):
+                    with run.timed("reference"), _reference(model, reference):
                         ref_model = reference if reference is not None else model
                         ref_logps = [_logprobs(ref_model, rollout, s, temperature, shared, precision)[0] for s in slices]
             stats: dict[str, float] = {}
@@ -182,13 +161,12 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 stats, grad_norm = update_policy(
                     model, optimizer, scheduler, trainable, rollout, advantages, loss_mask, algo=algo, slices=slices,
                     shared=shared, precision=precision, temperature=temperature, old_logps=old_logps,
-                    ref_logps=ref_logps, max_grad_norm=train_cfg.max_grad_norm, dist=dist, timings=timings,
+                    ref_logps=ref_logps, max_grad_norm=train_cfg.max_grad_norm, dist=dist, timings=run.timings,
                 )
 
             # 5. log / eval / checkpoint
             lengths = rollout.completion_mask.sum(dim=1).float()
-            elapsed = time.perf_counter() - started
-            timings["other"] = elapsed - sum(timings.values())
+            elapsed = run.step_seconds()
             run.log(step, {
                 **stats,
                 "reward/mean": float(all_rewards.mean()),
@@ -201,8 +179,6 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 "grad_norm": grad_norm,
                 "learning_rate": scheduler.get_last_lr()[0],
                 "temperature": temperature,
-                "time/step": elapsed,
-                **{f"time/{name}": seconds for name, seconds in timings.items()},
                 "tokens_per_second": float(dist.sum(torch.tensor(float(rollout.num_completion_tokens)))) / elapsed,
             })
             if tracker and train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
@@ -291,20 +267,6 @@ def _temperature(algo, step: int) -> float:
         return algo.temperature
     fraction = min(1.0, (step - 1) / algo.temperature_schedule_steps)
     return algo.temperature + fraction * (algo.temperature_final - algo.temperature)
-
-
-def _next_examples(examples: list, position: int, count: int, seed: int) -> tuple[list, int]:
-    """The next ``count`` examples of a seeded shuffle per epoch; ``position`` counts examples consumed."""
-    chosen = []
-    while len(chosen) < count:
-        epoch, offset = divmod(position, len(examples))
-        order = list(range(len(examples)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        take = order[offset : offset + count - len(chosen)]
-        chosen.extend(examples[i] for i in take)
-        position += len(take)
-    return chosen, position
-
 
 
 

@@ -31,8 +31,6 @@ import json
 import logging
 import math
 import os
-import random
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,16 +45,17 @@ from palaestra.algorithms.ppo import gae, kl_penalty_rewards, ppo_policy_loss, v
 from palaestra.config import ConfigError, PalaestraConfig
 from palaestra.data.chat import dataset_version, to_messages
 from palaestra.export import export_policy
-from palaestra.models import apply_lora, frozen_reference_copy, load_model_and_tokenizer, reference_logits_context
+from palaestra.models import frozen_reference_copy, reference_logits_context
 from palaestra.models.logprobs import completion_logprobs
-from palaestra.models.precision import autocast, resolve_precision, weights_dtype
+from palaestra.models.precision import autocast
 from palaestra.models.value_head import ValueHead, explained_variance, logprobs_and_values
-from palaestra.recipes.common import clip_gradients, data_tags, lr_lambda, seed_everything, timed
+from palaestra.recipes.common import (
+    adamw, clip_gradients, load_policy, next_items, seed_everything, timed, track_data_method,
+)
 from palaestra.recipes.methods import best_metric
-from palaestra.recipes.run import Run, config_dict
+from palaestra.recipes.run import Run
 from palaestra.rewards import combine_rewards, resolve_reward
 from palaestra.rollout import HFGenerator, SamplingParams
-from palaestra.tracking import flatten_config
 
 log = logging.getLogger("palaestra")
 
@@ -71,9 +70,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     # ---- one process, seed and threads
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("algo=ppo runs in one process; launch it without torchrun")
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
-    seed_everything(train_cfg.seed)
+    seed_everything(train_cfg.seed, threads=train_cfg.threads)
     prompt_budget = min(algo.max_prompt_length, data_cfg.max_length - algo.max_completion_length)
     if prompt_budget < 1:
         raise ConfigError(f"data.max_length={data_cfg.max_length} leaves no room for a prompt beside "
@@ -87,12 +84,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     score = _scorer(algo.reward_model, reward_names, device)
 
     # ---- model, adapter, reference, value head
-    precision = resolve_precision(config.model.precision, device)
-    dtype = weights_dtype(config.model.dtype, precision, config.model.lora.enabled)
-    model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype=dtype, device=device)
-    if config.model.lora.enabled:
-        lora = config.model.lora
-        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    model, tokenizer, precision, dtype = load_policy(config.model, device)
     reference = None
     if algo.kl_coef > 0 and not config.model.lora.enabled:
         reference = frozen_reference_copy(model)  # full fine-tuning needs a frozen copy; LoRA does not
@@ -110,15 +102,9 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     updates_total = train_cfg.steps * algo.ppo_epochs * minibatches
     policy_params = [p for p in model.parameters() if p.requires_grad]
     trainable = policy_params + list(value_head.parameters())
-    optimizer = torch.optim.AdamW(
-        [{"params": policy_params}, {"params": list(value_head.parameters())}], lr=train_cfg.learning_rate,
-        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2), weight_decay=train_cfg.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(updates_total, train_cfg.warmup_ratio, train_cfg.lr_schedule))
+    optimizer, scheduler = adamw([{"params": policy_params}, {"params": list(value_head.parameters())}], train_cfg, updates_total)
     run.resume(parts=_checkpoint_parts(model, value_head, optimizer, scheduler))
-    tracker = run.track(config.tracking, run_name=f"{data_cfg.name}-{algo.name}-{config.model.name}",
-                        tags=data_tags(config, version), params=flatten_config(config_dict(config)),
-                        config_dict=config_dict(config))
+    tracker = track_data_method(run, config, version)
     results: dict = {"outputs": {}}
     sampling = SamplingParams(algo.max_completion_length, algo.temperature, algo.top_p, algo.top_k)
     eval_sampling = SamplingParams(config.eval.max_new_tokens or algo.max_completion_length, greedy=True)
@@ -143,18 +129,15 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         results["before"] = run_eval(0, "before")
 
     with run:
-        while run.more():
-            step = run.step + 1
-            started = time.perf_counter()
-            timings: dict[str, float] = {}  # where this step's time goes, in seconds
+        for step in run.steps():
 
             # 1. roll out: one completion for each prompt of this step
-            rows, run.state["data_position"] = _next_rows(train_rows, run.state["data_position"], algo.prompts_per_step, train_cfg.seed)
-            with timed(timings, "generation"):
+            rows, run.state["data_position"] = next_items(train_rows, run.state["data_position"], algo.prompts_per_step, train_cfg.seed)
+            with run.timed("generation"):
                 rollout = generator.generate([row.messages for row in rows], 1, sampling)
 
             # 2. score: each whole completion gets one number
-            with timed(timings, "rewards"):
+            with run.timed("rewards"):
                 scores, components = score(rows, rollout.texts)
                 scores = torch.tensor(scores, dtype=torch.float32, device=device)
 
@@ -163,12 +146,12 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 "prompt_ids": rollout.prompt_ids.to(device), "prompt_mask": rollout.prompt_mask.to(device),
                 "completion_ids": rollout.completion_ids.to(device), "mask": rollout.completion_mask.to(device),
             }
-            with torch.no_grad(), timed(timings, "old_logprobs_values"):
+            with torch.no_grad(), run.timed("old_logprobs_values"):
                 batch["old_logp"], batch["old_values"] = _rollout_pass(
                     batch, train_cfg.micro_batch_size, precision,
                     lambda mb: logprobs_and_values(model, value_head, *_inputs(mb), temperature=algo.temperature)[:2],
                 )
-            with torch.no_grad(), timed(timings, "reference"):
+            with torch.no_grad(), run.timed("reference"):
                 ref_logp = batch["old_logp"]  # no penalty: the reference pass is skipped
                 if algo.kl_coef > 0:
                     ref_logp = _reference_logprobs(model, reference, batch, train_cfg.micro_batch_size, precision, algo.temperature)
@@ -182,14 +165,13 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             stats = ppo_update(
                 model, value_head, optimizer, scheduler, trainable, batch, algo=algo,
                 minibatch_size=train_cfg.micro_batch_size, max_grad_norm=train_cfg.max_grad_norm,
-                precision=precision, order_seed=(train_cfg.seed, step), timings=timings,
+                precision=precision, order_seed=(train_cfg.seed, step), timings=run.timings,
             )
 
             # 5. log / eval / checkpoint
             kl_tokens = (batch["old_logp"] - ref_logp) * mask  # k1 estimate of KL(pi_old || pi_ref) per token
             lengths = mask.sum(dim=1)
-            elapsed = time.perf_counter() - started
-            timings["other"] = elapsed - sum(timings.values())
+            elapsed = run.step_seconds()
             run.log(step, {
                 **stats,
                 "reward/mean": float(scores.mean()),
@@ -204,8 +186,6 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 "completion_length/mean": float(lengths.mean()),
                 "truncated_fraction": float(rollout.truncated.float().mean()),
                 "learning_rate": scheduler.get_last_lr()[0],
-                "time/step": elapsed,
-                **{f"time/{name}": seconds for name, seconds in timings.items()},
                 "tokens_per_second": rollout.num_completion_tokens / elapsed,
             })
             if tracker and train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
@@ -403,21 +383,6 @@ def _planner_figures(data_name: str, rows: list[_Prompt], texts: list[str]) -> d
 
     return {f"planner/{k}": v for k, v in aggregate_planner_metrics(texts, [row.columns for row in rows]).items()}
 
-
-def _next_rows(rows: list, position: int, count: int, seed: int) -> tuple[list, int]:
-    """The next ``count`` rows of a seeded shuffle per epoch; ``position`` counts rows consumed."""
-    chosen = []
-    while len(chosen) < count:
-        epoch, offset = divmod(position, len(rows))
-        order = list(range(len(rows)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        take = order[offset : offset + count - len(chosen)]
-        chosen.extend(rows[i] for i in take)
-        position += len(take)
-    return chosen, position
-
-
-# ---------------------------------------------------------------------------------------- checkpoints and tracking
 
 
 def _checkpoint_parts(model, value_head, optimizer, scheduler) -> dict[str, ckpt.CheckpointPart]:

@@ -25,27 +25,24 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
-import time
 from pathlib import Path
 
 import torch
 
 from palaestra.algorithms.preference import bradley_terry_loss
 from palaestra.config import ConfigError, PalaestraConfig
-from palaestra.data.chat import dataset_version
-from palaestra.data.preferences import (
-    PreferenceBatch, batch_for_step, collate_pairs, encode_pair, identical_pairs,
-)
+from palaestra.data.preferences import PreferenceBatch, collate_pairs
 from palaestra.export import export_policy
 from palaestra.models import load_model_and_tokenizer, model_id
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
-from palaestra.recipes.common import clip_gradients, data_tags, load_pairs, lr_lambda, register, seed_everything, timed
+from palaestra.recipes.common import (
+    adamw, clip_gradients, load_pairs, pair_batch, pair_epoch, pair_rows, pair_steps, register, seed_everything,
+    track_data_method,
+)
 from palaestra.recipes.methods import best_metric
-from palaestra.recipes.run import Run, config_dict
+from palaestra.recipes.run import Run
 from palaestra.rewards.reward_model import METADATA_FILE
-from palaestra.tracking import flatten_config
 
 log = logging.getLogger("palaestra")
 
@@ -55,9 +52,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     train_cfg, algo, data = config.train, config.algo, config.data
 
     # ---- seed and threads
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
-    seed_everything(train_cfg.seed)
+    seed_everything(train_cfg.seed, threads=train_cfg.threads)
 
     # ---- data (cheap, and fails before the model loads on a bad file)
     train_pairs, val_pairs = load_pairs(data, train_cfg.seed)
@@ -73,56 +68,39 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     model.train()
     pad_id = tokenizer.pad_token_id
     # The head reads the last answer token; no end-of-sequence token (for SmolLM2 it is the pad token).
-    train_rows = [encode_pair(tokenizer, pair, data.max_length, add_eos=False) for pair in train_pairs]
-    val_rows = [encode_pair(tokenizer, pair, data.max_length, add_eos=False) for pair in val_pairs]
+    train_rows, val_rows = pair_rows(tokenizer, train_pairs, val_pairs, max_length=data.max_length, add_eos=False)
 
     # ---- run folder, optimizer, resume, tracking
-    per_epoch = math.ceil(len(train_rows) / train_cfg.batch_size)
-    total_steps = algo.max_steps or algo.epochs * per_epoch
+    per_epoch, total_steps = pair_steps(len(train_rows), train_cfg.batch_size, algo.epochs, algo.max_steps)
     run = Run(train_cfg, method="reward", runs_root=Path("runs") / f"{data.name}-{algo.name}", total_steps=total_steps,
-              best=best_metric(config), state={"last_eval": None, "last_eval_step": None},
+              best=best_metric(config),
               progress=("loss", "accuracy", "margin"), curves=("loss", "accuracy"),
               plot=("reward_model_curve.png", "Reward model: loss and pairwise accuracy"))
-    log.info("device %s, precision %s, weights %s; %d training pairs, %d held out; %d updates (%d per epoch)",
-             device, precision, dtype, len(train_rows), len(val_rows), total_steps, per_epoch)
-    if identical_pairs(train_rows):
-        log.warning("%d training pairs are identical after truncation to data.max_length=%d; raise data.max_length",
-                    identical_pairs(train_rows), data.max_length)
+    log.info("reward model on %d pairs (%d held out), %d updates (%d per epoch); device %s, precision %s, weights %s",
+             len(train_rows), len(val_rows), total_steps, per_epoch, device, precision, dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=train_cfg.learning_rate, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-        weight_decay=train_cfg.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, train_cfg.warmup_ratio, train_cfg.lr_schedule))
+    optimizer, scheduler = adamw(trainable, train_cfg, total_steps)
     run.resume(model=model, optimizer=optimizer, scheduler=scheduler)
-    tracker = run.track(config.tracking, run_name=f"{data.name}-{algo.name}-{config.model.name}",
-                        tags=data_tags(config, dataset_version(data.path, data.version)),
-                        params=flatten_config(config_dict(config)), config_dict=config_dict(config))
-    state, results = run.state, {"outputs": {}}
+    tracker = track_data_method(run, config)
+    results: dict = {"outputs": {}}
 
     def run_eval(step: int, label: str) -> dict:
         figures = pairwise_eval(model, val_rows, pad_id, batch_pairs=train_cfg.micro_batch_size, precision=precision,
                                 margin=algo.margin)
-        state["last_eval"], state["last_eval_step"] = figures, step
         return run.log_eval(step, label, figures)
 
     if evaluate_before_after and run.step == 0:
         results["before"] = run_eval(0, "before")
 
     with run:
-        while run.more():
-            step = run.step + 1
-            started = time.perf_counter()
-            timings: dict[str, float] = {}
-
-            # 1. batch: the step's pairs of this epoch's seeded shuffle (the step number alone fixes it)
-            epoch, indices = batch_for_step(len(train_rows), train_cfg.batch_size, step, train_cfg.seed)
-            rows = [train_rows[i] for i in indices]
+        for step in run.steps():
+            # 1. batch: the step's pairs of this epoch's seeded shuffle
+            epoch, rows = pair_batch(train_rows, train_cfg.batch_size, step, train_cfg.seed)
 
             # 2. score and loss: chosen and rejected in one forward per micro-batch, gradients accumulated
             optimizer.zero_grad(set_to_none=True)
             totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0}
-            with timed(timings, "forward_backward"):
+            with run.timed("forward_backward"):
                 for start in range(0, len(rows), train_cfg.micro_batch_size):
                     micro = rows[start : start + train_cfg.micro_batch_size]
                     batch = collate_pairs(micro, pad_id)
@@ -135,26 +113,22 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                         totals[key] += stats[key] * share
 
             # 3. step
-            with timed(timings, "optimizer"):
+            with run.timed("optimizer"):
                 grad_norm = clip_gradients(trainable, train_cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
 
             # 4. log / eval (every epoch) / checkpoint
-            elapsed = time.perf_counter() - started
+            elapsed = run.step_seconds()
             run.log(step, {**totals, "grad_norm": grad_norm, "learning_rate": scheduler.get_last_lr()[0],
-                           "epoch": epoch + min(((step - 1) % per_epoch + 1) * train_cfg.batch_size, len(train_rows)) / len(train_rows),
-                           "time/step": elapsed, **{f"time/{k}": v for k, v in timings.items()},
+                           "epoch": pair_epoch(step, epoch, train_cfg.batch_size, len(train_rows)),
                            "pairs_per_second": len(rows) / elapsed})
-            epoch_done = step % per_epoch == 0 or step == total_steps
-            figures = run_eval(step, "epoch" if epoch_done else "train") if epoch_done or run.eval_due(step) else None
-            if run.end_of_step(step, figures):
+            if run.end_of_step(step, run_eval(step, "train") if run.eval_due(step, epoch_steps=per_epoch) else None):
                 break
 
     # ---- final figures, the merged reward model, cleanup
     if run.finished or run.out_of_time:  # a spent time budget ends the run too (it can still be resumed)
-        fresh = state["last_eval"] is not None and state["last_eval_step"] == run.step
-        results["after"] = state["last_eval"] if fresh else run_eval(run.step, "after")
+        results["after"] = run.evaluation_at(run.step) or run_eval(run.step, "after")
         folder = export_reward_model(model, tokenizer, run.run_dir / "reward_model", max_length=data.max_length)
         results["outputs"]["reward_model_dir"] = str(folder)
         log.info("reward model written to %s", folder)

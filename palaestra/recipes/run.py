@@ -5,10 +5,9 @@ A recipe keeps its own steps in plain view and hands the rest to a :class:`Run`:
     run = Run(config.train, method="grpo", runs_root=Path("runs") / "chain_sum-grpo", total_steps=50,
               best=("accuracy", "max"), dist=dist, progress=("reward/mean",), curves=("reward/mean",))
     run.resume(model=model, optimizer=optimizer, scheduler=scheduler)   # the latest checkpoint, if any
-    run.track(config.tracking, run_name="...", tags={...}, params={...}, config_dict={...})
+    run.track(config.tracking, run_name="...", tags={...}, config=config_dict(config))
     with run:                                                           # signals, progress bar, final status on errors
-        while run.more():
-            step = run.step + 1
+        for step in run.steps():
             ...                                                         # 1. roll out, 2. score, ... (the recipe's own)
             run.log(step, metrics)                                      # metrics.jsonl, MLflow, train.log, progress bar
             figures = run.log_eval(step, "train", evaluate(...)) if run.eval_due(step) else None
@@ -47,6 +46,7 @@ from palaestra.recipes.common import (
     memory_figures,
     remember,
     resolve_run_dir,
+    timed,
 )
 
 log = logging.getLogger("palaestra")
@@ -160,6 +160,9 @@ class Run:
         self._stop: StopSignals | None = None
         self._progress = None
         self._started = clock()
+        self._step_started = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        """Where the current step's time goes, in seconds (``time/<name>``; ``time/other`` is the rest)."""
 
         # the run folder (every process agrees on the main process's) and its train.log
         self.run_dir, self.resume_from = self.dist.broadcast(resolve_run_dir(train, Path(runs_root)))
@@ -168,7 +171,7 @@ class Run:
             attach_log_file(self.run_dir / "train.log")
         self.dist.barrier()
         self.state: dict[str, Any] = {"step": 0, "mlflow_run_id": None, "best_metric": None, "evals_without_improvement": 0,
-                                      "early_stopped": False, "history": {}, **(state or {})}
+                                      "early_stopped": False, "last_eval": None, "history": {}, **(state or {})}
 
     # ------------------------------------------------------------------------------------ opening
 
@@ -187,26 +190,26 @@ class Run:
         log.info("resumed from %s at step %d", self.resume_from, self.state["step"])
         return True
 
-    def track(self, tracking, *, run_name: str, tags: dict, params: dict, config_dict: dict | None = None):
+    def track(self, tracking, *, run_name: str, tags: dict, config: dict, params: dict | None = None):
         """Start the MLflow run (the main process only; the checkpoint's run continues on resume).
 
-        A new run gets ``params``, ``tags`` plus ``run_dir`` (and ``mlflow.parentRunId`` under a
-        pipeline) and the resolved config as ``config.yaml``. Returns the tracker (None: tracking off).
+        A new run gets ``params`` (default: the whole ``config``, flattened), ``tags`` plus ``run_dir``
+        (and ``mlflow.parentRunId`` under a pipeline) and ``config`` as the artifact ``config.yaml``.
+        Returns the tracker (None: tracking off).
         """
-        from palaestra.tracking import MlflowTracker
+        from palaestra.tracking import MlflowTracker, flatten_config
 
         if tracking.enabled and self.dist.is_main:
             run_id = self.state["mlflow_run_id"]
             self.tracker = MlflowTracker(tracking.experiment, run_name=tracking.run_name or run_name, run_id=run_id,
                                          tracking_uri=tracking.tracking_uri)
             if run_id is None:
-                self.tracker.log_params(params)
+                self.tracker.log_params(flatten_config(config) if params is None else params)
                 tags = {**tags, "run_dir": str(self.run_dir.resolve())}
                 if tracking.parent_run_id:
                     tags["mlflow.parentRunId"] = tracking.parent_run_id  # shows as a child run in the UI
                 self.tracker.set_tags(tags)
-                if config_dict is not None:
-                    self.tracker.log_dict(config_dict, "config.yaml")
+                self.tracker.log_dict(config, "config.yaml")
         self.state["mlflow_run_id"] = self.tracker.run_id if self.tracker else None
         return self.tracker
 
@@ -228,6 +231,24 @@ class Run:
 
     # ------------------------------------------------------------------------------------- the loop
 
+    def steps(self):
+        """The steps still to do, in order (``for step in run.steps():``); each ends with :meth:`log`."""
+        while self.more():
+            step = self.step + 1
+            self._step_started = time.perf_counter()
+            self.timings = {}
+            yield step
+            if self.step != step:
+                raise RuntimeError(f"step {step} of {self.method} ended without run.log(step, ...)")
+
+    def timed(self, name: str):
+        """``with run.timed("generation"):`` adds the block's wall time to this step's ``time/<name>``."""
+        return timed(self.timings, name)
+
+    def step_seconds(self) -> float:
+        """Wall time of the current step so far."""
+        return time.perf_counter() - self._step_started
+
     def more(self) -> bool:
         """True while steps remain and nothing asked the run to stop."""
         stopped = self._stop is not None and self._stop.requested
@@ -235,9 +256,12 @@ class Run:
 
     def log(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         """Mark ``step`` done and record its figures (plus this process's memory): metrics.jsonl,
-        MLflow, a train.log line and the progress bar. Returns the figures as logged."""
+        MLflow, a train.log line and the progress bar, with its time (``time/step`` and the
+        :meth:`timed` parts) and this process's memory. Returns the figures as logged."""
         self.state["step"] = step
-        metrics = {**metrics, **memory_figures()}
+        seconds = self.step_seconds()
+        times = {"step": seconds, **self.timings, **({"other": seconds - sum(self.timings.values())} if self.timings else {})}
+        metrics = {**metrics, **{f"time/{k}": v for k, v in times.items()}, **memory_figures()}
         remember(self.state, {k: metrics[k] for k in self.curves if k in metrics}, step)
         if self.dist.is_main:
             append_jsonl(self.run_dir / "metrics.jsonl", {"step": step, **metrics})
@@ -254,15 +278,24 @@ class Run:
         if self.dist.is_main:
             append_jsonl(self.run_dir / "metrics.jsonl", entry)
 
-    def eval_due(self, step: int) -> bool:
-        """True every ``train.eval_interval`` steps."""
-        return bool(self.train.eval_interval) and step % self.train.eval_interval == 0
+    def eval_due(self, step: int, epoch_steps: int = 0) -> bool:
+        """True every ``train.eval_interval`` steps, and with ``epoch_steps`` at the end of every epoch
+        of that many steps and at the last step."""
+        interval = bool(self.train.eval_interval) and step % self.train.eval_interval == 0
+        epoch_end = bool(epoch_steps) and (step % epoch_steps == 0 or step == self.total_steps)
+        return interval or epoch_end
+
+    def evaluation_at(self, step: int) -> dict | None:
+        """The figures of the evaluation logged at ``step`` if it was the last one (before a resume too), else None."""
+        last = self.state.get("last_eval")
+        return last["figures"] if last and last["step"] == step else None
 
     def log_eval(self, step: int, label: str, figures: dict | None) -> dict | None:
         """Record an evaluation's figures (``eval/<name>`` in MLflow and the plot); returns them."""
         if figures is None:
             return None
         log.info("eval (%s, step %d): %s", label, step, fmt(figures))
+        self.state["last_eval"] = {"step": step, "figures": figures}
         remember(self.state, {f"eval/{k}": v for k, v in figures.items()}, step)
         if self.tracker:
             self.tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=step)

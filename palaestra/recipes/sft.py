@@ -31,7 +31,6 @@ import math
 import os
 import random
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -48,9 +47,9 @@ from palaestra.data.chat import (
     tokenize_conversation,
 )
 from palaestra.export import export_policy
-from palaestra.models import apply_lora, load_model_and_tokenizer, model_id
-from palaestra.models.precision import autocast, resolve_precision, weights_dtype
-from palaestra.recipes.common import clip_gradients, lr_lambda, remember, seed_everything
+from palaestra.models import model_id
+from palaestra.models.precision import autocast
+from palaestra.recipes.common import adamw, clip_gradients, load_policy, remember, seed_everything
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
 from palaestra.registry.models import register_model
@@ -63,21 +62,14 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     train_cfg, algo, data_cfg = config.train, config.algo, config.data
 
     # ---- seed and threads
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
-    seed_everything(train_cfg.seed)
+    seed_everything(train_cfg.seed, threads=train_cfg.threads)
 
     # ---- data (cheap, and fails before the model loads on a bad dataset)
     chat = load_chat_data(data_cfg)
 
     # ---- model and adapter
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = resolve_precision(config.model.precision, device)
-    dtype = weights_dtype(config.model.dtype, precision, config.model.lora.enabled)
-    model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype=dtype, device=device)
-    if config.model.lora.enabled:
-        lora = config.model.lora
-        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    model, tokenizer, precision, dtype = load_policy(config.model, device)
     model.train()
     compute_dtype = torch.bfloat16 if precision == "bf16" else next(model.parameters()).dtype
 
@@ -100,20 +92,14 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
              "%d updates (%d per epoch)", device, precision, dtype, len(chat.train), len(train_rows), len(chat.val),
              total_updates, updates_per_epoch)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=train_cfg.learning_rate, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-        weight_decay=train_cfg.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_updates, train_cfg.warmup_ratio, train_cfg.lr_schedule)
-    )
+    optimizer, scheduler = adamw(trainable, train_cfg, total_updates)
     state = run.state
     if run.resume(model=model, optimizer=optimizer, scheduler=scheduler):
         log.info("resuming in epoch %d at sequence %d", state["epoch"] + 1, state["epoch_position"])
     tags = {"policy_id": _policy_id(config), "task": data_cfg.name, "dataset_version": chat.version, "algo": "sft",
             "model": model_id(config.model.name, config.model.path)}
     tracker = run.track(config.tracking, run_name=f"{data_cfg.name}-sft-{config.model.name}", tags=tags,
-                        params=contract_params(config, chat.version), config_dict=config_dict(config))
+                        config=config_dict(config), params=contract_params(config, chat.version))
     results: dict = {"outputs": {}}
     forward = dict(device=device, precision=precision, dtype=compute_dtype)
     validate = dict(batch_size=train_cfg.micro_batch_size, pad_id=pad_id, packed=algo.packing, **forward)
@@ -123,9 +109,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         log.info("validation loss before training: %.4f", results["before"]["val_loss"])
 
     with run:
-        while run.more():
-            step = run.step + 1
-            started = time.perf_counter()
+        for step in run.steps():
 
             # 1. batch: the next batch_size sequences of this epoch's shuffle, in micro-batches
             order = _epoch_order(len(train_rows), train_cfg.seed, state["epoch"])
@@ -145,12 +129,12 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             state["epoch_targets"] += num_targets
 
             # 3. log the update
-            elapsed = time.perf_counter() - started
+            elapsed = run.step_seconds()
             tokens = sum(int((batch.segment_ids >= 0).sum()) for batch in micro_batches)
             run.log(step, {
                 "train/step_loss": loss, "train/target_tokens": num_targets, "learning_rate": learning_rate,
                 "grad_norm": grad_norm, "epoch": state["epoch"] + state["epoch_position"] / len(order),
-                "time/step": elapsed, "tokens_per_second": tokens / elapsed,
+                "tokens_per_second": tokens / elapsed,
             })
 
             # 4. epoch end (or the last update): validation loss, which keep-best and early stopping follow

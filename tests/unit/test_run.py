@@ -107,12 +107,12 @@ def _train(tmp_path, *, steps=6, evals=None, clock=None, **train_changes):
               state={"data_position": 0}, progress=("loss",), clock=clock)
     run.resume(model=model, optimizer=optimizer)
     with run:
-        while run.more():
-            step = run.step + 1
+        for step in run.steps():
             x = torch.randn(4, 3)
-            loss = model(x).pow(2).mean()
-            optimizer.zero_grad()
-            loss.backward()
+            with run.timed("forward_backward"):
+                loss = model(x).pow(2).mean()
+                optimizer.zero_grad()
+                loss.backward()
             optimizer.step()
             run.state["data_position"] += 4
             run.log(step, {"loss": float(loss.detach())})
@@ -133,6 +133,7 @@ def test_a_run_stops_resumes_and_ends_exactly_like_a_straight_one(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(r["memory/rss_mb"] > 0 and r["memory/peak_rss_mb"] > 0 for r in records)  # every method logs them
+    assert all(r["time/step"] >= r["time/forward_backward"] >= 0 and "time/other" in r for r in records)
 
     first, summary, _ = _train(tmp_path / "b", stop_after_steps=4)
     assert not summary["finished"] and summary["step"] == 4 and _steps(tmp_path / "b" / "run") == [4]
@@ -149,6 +150,7 @@ def test_keep_best_and_early_stopping_in_a_run(tmp_path):
     run, summary, _ = _train(tmp_path, steps=10, evals={2: 0.5, 4: 0.3, 6: 0.2}, early_stopping_patience=2)
     assert summary["finished"] and summary["step"] == 6 and run.state["early_stopped"]
     assert _steps(tmp_path / "run") == [2, 4, 6]
+    assert run.evaluation_at(6) == {"score": 0.2} and run.evaluation_at(5) is None
     best = json.loads((tmp_path / "run" / "checkpoints" / "best" / "best.json").read_text())
     assert (best["metric"], best["value"], best["checkpoint"]) == ("score", 0.5, "step-000002")
     # a resumed early-stopped run has nothing left to do
@@ -171,3 +173,20 @@ def test_a_best_metric_the_method_does_not_report_is_one_line(tmp_path):
         with run:
             run.log(1, {"loss": 1.0})
             run.end_of_step(1, {"loss": 1.0})
+
+
+def test_evaluations_due_by_interval_and_by_epoch(tmp_path):
+    train = replace(TrainConfig(), output_dir=str(tmp_path / "run"), eval_interval=3)
+    run = Run(train, method="toy", runs_root=tmp_path, total_steps=10, best=("score", "max"))
+    assert [s for s in range(1, 11) if run.eval_due(s)] == [3, 6, 9]
+    # epochs of 4 steps: their ends (4, 8), the last step (10) and the interval
+    assert [s for s in range(1, 11) if run.eval_due(s, epoch_steps=4)] == [3, 4, 6, 8, 9, 10]
+
+
+def test_a_step_must_be_logged(tmp_path):
+    train = replace(TrainConfig(), output_dir=str(tmp_path / "run"))
+    run = Run(train, method="toy", runs_root=tmp_path, total_steps=3, best=("score", "max"))
+    with pytest.raises(RuntimeError, match="step 1 of toy ended without run.log"):
+        with run:
+            for _ in run.steps():
+                pass
