@@ -19,7 +19,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from palaestra.config import ConfigError, PalaestraConfig, to_config
+from palaestra.config import ConfigError, PalaestraConfig, register_schema, to_config
 
 COMMAND_USAGE = {
     "run": "palaestra run [key=value ...]\n"
@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(code)
 
     sys.argv = [f"palaestra {command}", *rest]
+    register_schema()  # the dataclasses' defaults, which conf/config.yaml composes over
     hydra.main(version_base="1.3", config_path="conf", config_name="config")(task_function)()
 
 
