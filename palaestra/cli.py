@@ -19,7 +19,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from palaestra.config import ConfigError, PalaestraConfig, register_schema, to_config
+from palaestra.config import ConfigError, PalaestraConfig, register_schema, to_config, validate
 
 COMMAND_USAGE = {
     "run": "palaestra run [key=value ...]\n"
@@ -162,7 +162,15 @@ def main(argv: list[str] | None = None) -> None:
     def task_function(cfg: DictConfig) -> None:
         logging.getLogger("palaestra").setLevel(logging.INFO)
         try:
-            config = to_config(cfg, check_values=command != "pipeline")  # a pipeline checks each stage's config
+            config = to_config(cfg, check_values=False)
+            if command in ("run", "train"):  # a key the method ignores is a mistake
+                from hydra.core.hydra_config import HydraConfig
+
+                from palaestra.recipes.methods import check_read
+
+                check_read(config.algo.name, list(HydraConfig.get().overrides.task))
+            if command != "pipeline":  # a pipeline checks each stage's config
+                validate(config)
             code = run_command(config)
         except _user_error_types() as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -82,7 +82,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
         tags={"env": env_cfg.name, "task": env_cfg.name, "algo": algo.name, "policy": config.policy.mode,
               "model": model_id(config.model.name, config.model.path),
               "dataset_version": f"{env_cfg.name}:{sorted(dict(env_cfg.params).items())}:seed={env_cfg.seed}"},
-        config=config_dict(config, omit=("task",)),
+        config=config_dict(config),
     )
 
     train_sampling = SamplingParams(algo.max_completion_length, algo.temperature, algo.top_p, algo.top_k)

@@ -22,7 +22,7 @@ from palaestra.config import (
     SFTConfig,
 )
 
-__all__ = ["METHODS", "Method", "best_metric", "method_of"]
+__all__ = ["METHODS", "Method", "best_metric", "check_read", "method_of"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,9 @@ class Method:
     best_metric: str
     """The evaluation figure keep-best and early stopping follow unless ``train.best_metric`` says."""
     reads: tuple[str, ...]
-    """The config sections besides model/algo/train/eval/tracking/export that it reads (the subject first)."""
+    """Which of the sections task, env, policy and data it reads (the subject it trains on first)."""
+    ignores: tuple[str, ...] = ()
+    """Keys (or sections) of the shared sections that it does not read: given on the command line, an error."""
     evaluate_before_after: bool = False
     """``palaestra train`` evaluates before and after training (``palaestra run`` always does)."""
 
@@ -45,13 +47,26 @@ class Method:
         return importlib.import_module(self.recipe).main
 
 
+_UNREGISTERED = ("tracking.registered_model", "tracking.policy_id")
+_PAIRS_ONLY = ("data.preference_train_file", "data.preference_val_file")
+_CHATS_ONLY = ("data.train_file", "data.val_file", "data.test_file")
+_BY_EPOCHS = ("train.steps", "train.share_prompt_forward", "train.log_samples_interval", "eval")
+_GREEDY_EVAL = ("eval.num_samples", "eval.greedy", "eval.temperature", "eval.top_p", "eval.top_k", "eval.pass_k")
+
 METHODS: dict[str, Method] = {
-    "sft": Method(SFTConfig, "palaestra.recipes.sft", "val_loss", ("data",)),
-    "reward": Method(RewardModelConfig, "palaestra.recipes.reward_model", "pairwise_accuracy", ("data",)),
-    "dpo": Method(DPOConfig, "palaestra.recipes.dpo", "preference_accuracy", ("data",)),
-    "ppo": Method(PPOConfig, "palaestra.recipes.ppo", "reward", ("data",)),
-    "grpo": Method(AlgoConfig, "palaestra.recipes.grpo", "accuracy", ("task",)),
-    "at_grpo": Method(ATGRPOConfig, "palaestra.recipes.at_grpo", "success_rate", ("env", "policy"), evaluate_before_after=True),
+    "sft": Method(SFTConfig, "palaestra.recipes.sft", "val_loss", ("data",),
+                  ignores=(*_BY_EPOCHS, "train.eval_interval", "train.early_stopping_patience", *_PAIRS_ONLY, "data.rewards")),
+    "reward": Method(RewardModelConfig, "palaestra.recipes.reward_model", "pairwise_accuracy", ("data",),
+                     ignores=(*_BY_EPOCHS, *_CHATS_ONLY, "data.rewards", "tracking.policy_id")),
+    "dpo": Method(DPOConfig, "palaestra.recipes.dpo", "preference_accuracy", ("data",),
+                  ignores=(*_BY_EPOCHS, *_CHATS_ONLY, "data.rewards")),
+    "ppo": Method(PPOConfig, "palaestra.recipes.ppo", "reward", ("data",),
+                  ignores=("train.batch_size", "train.share_prompt_forward", *_GREEDY_EVAL, *_PAIRS_ONLY,
+                           "tracking.registered_model")),
+    "grpo": Method(AlgoConfig, "palaestra.recipes.grpo", "accuracy", ("task",), ignores=_UNREGISTERED),
+    "at_grpo": Method(ATGRPOConfig, "palaestra.recipes.at_grpo", "success_rate", ("env", "policy"),
+                      ignores=("train.batch_size", "eval.batch_size", "eval.max_examples", "eval.pass_k", *_UNREGISTERED),
+                      evaluate_before_after=True),
 }
 """algo.name -> the method, in the order a pipeline runs them."""
 
@@ -67,3 +82,23 @@ def best_metric(config: PalaestraConfig) -> tuple[str, str]:
     """
     name = config.train.best_metric or method_of(config).best_metric
     return name, "min" if name == "loss" or name.endswith("_loss") else "max"
+
+
+OPTIONAL_SECTIONS = ("task", "env", "policy", "data")
+"""Sections only some methods read (``Method.reads``)."""
+
+
+def check_read(algo_name: str, overrides: list[str]) -> None:
+    """A key given on the command line (``key=value``, or a group choice ``task=countdown``) that the
+    method does not read is a mistake: raise a one-line ConfigError naming it."""
+    from palaestra.config import ConfigError
+
+    method = METHODS[algo_name]
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        section = key.split(".", 1)[0]
+        if section in OPTIONAL_SECTIONS and section not in method.reads:
+            raise ConfigError(f"algo={algo_name} does not read {key} (it reads {', '.join(method.reads)}); remove it")
+        if any(key == ignored or key.startswith(ignored + ".") for ignored in method.ignores):
+            raise ConfigError(f"algo={algo_name} does not read {key}; remove it")
+

@@ -110,13 +110,18 @@ def decide(
     return Decision(save, bool(reason), reason, improved, best, evals_without_improvement)
 
 
-def config_dict(config, omit: tuple[str, ...] = ()) -> dict:
-    """The resolved config as plain containers (MLflow params and the config.yaml artifact)."""
+def config_dict(config) -> dict:
+    """The resolved config as plain containers (MLflow params and the config.yaml artifact): the
+    sections the method reads, without the other methods' (task, env, policy, data) and the
+    commands' (export, pipeline)."""
     from omegaconf import OmegaConf
 
+    from palaestra.recipes.methods import OPTIONAL_SECTIONS, method_of
+
     resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
-    for key in omit:
-        resolved.pop(key, None)
+    for key in (*OPTIONAL_SECTIONS, "export", "pipeline"):
+        if key not in method_of(config).reads:
+            resolved.pop(key, None)
     return resolved
 
 

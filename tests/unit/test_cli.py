@@ -39,3 +39,37 @@ def test_cli_and_pipeline_do_not_import_each_other():
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
     source = (REPO / "palaestra" / "pipeline.py").read_text()
     assert "palaestra.cli" not in source
+
+
+@pytest.mark.parametrize("algo, override, message", [
+    ("sft", "train.steps=3", "algo=sft does not read train.steps; remove it"),
+    ("sft", "task=countdown", "algo=sft does not read task (it reads data); remove it"),
+    ("dpo", "data.rewards=[planner_quality]", "algo=dpo does not read data.rewards; remove it"),
+    ("ppo", "train.batch_size=4", "algo=ppo does not read train.batch_size; remove it"),
+    ("grpo", "+env.params.size=3", "algo=grpo does not read env.params.size (it reads task); remove it"),
+    ("at_grpo", "eval.pass_k=[1]", "algo=at_grpo does not read eval.pass_k; remove it"),
+])
+def test_a_key_the_method_does_not_read_is_a_one_line_error(algo, override, message):
+    from palaestra.config import ConfigError
+    from palaestra.recipes.methods import check_read
+
+    with pytest.raises(ConfigError) as caught:
+        check_read(algo, ["model=tiny", override])
+    assert str(caught.value) == message
+
+
+def test_keys_the_method_reads_pass():
+    from palaestra.recipes.methods import check_read
+
+    check_read("grpo", ["task=countdown", "train.steps=3", "eval.pass_k=[1]", "experiment=quick_test", "algo=grpo"])
+    check_read("sft", ["data.path=x", "algo.epochs=1", "train.batch_size=4", "tracking.registered_model=m"])
+    check_read("at_grpo", ["env=sokoban", "policy=per_role", "+env.params.size=3", "train.steps=2"])
+
+
+def test_the_cli_rejects_an_ignored_key_before_any_work(tmp_path):
+    from tests.conftest import run_cli
+
+    result = run_cli(["train", "algo=sft", "model=tiny", "train.steps=3"], tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["palaestra: error: algo=sft does not read train.steps; remove it"]
+    assert list(tmp_path.iterdir()) == []
