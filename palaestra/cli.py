@@ -96,7 +96,7 @@ def _report(results: dict, config: PalaestraConfig) -> None:
 
 
 def _export(config: PalaestraConfig) -> int:
-    from palaestra.evaluation.cli import export_command
+    from palaestra.export import export_command
 
     print(export_command(config))
     return 0

@@ -292,6 +292,12 @@ class DataConfig:
     """Token budget per sequence; longer examples are truncated from the left of the prompt."""
     rewards: list = field(default_factory=lambda: ["planner_quality"])
     """PPO without a reward model: reward functions by name or import path, summed."""
+    metrics: Optional[str] = None
+    """PPO's held-out figures beyond the reward: "package.module:function" taking (completions, rows' columns)
+    and returning {name: value} ({} where they do not apply); the planner's is palaestra.planner.metrics:planner_figures."""
+    generator: Optional[str] = None
+    """The pipeline's data stage: "package.module:function" taking (folder, date=YYYY-MM-DD) and returning the
+    dated data folder it wrote; None: the stage checks that data.path exists."""
 
 
 @dataclass

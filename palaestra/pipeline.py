@@ -378,7 +378,7 @@ def _training_stage(stage, history, overrides, stage_overrides):
 
 def _export_checkpoint(config: PalaestraConfig, run_dir: Path) -> str:
     """GRPO/AT-GRPO keep checkpoints; the pipeline passes on a merged Hugging Face folder."""
-    from palaestra.evaluation.cli import export_command
+    from palaestra.export import export_command
 
     config.eval.checkpoint = str(run_dir)
     config.export.output_dir = str(run_dir / "model")
@@ -388,14 +388,16 @@ def _export_checkpoint(config: PalaestraConfig, run_dir: Path) -> str:
 
 
 def _data_stage(config: PalaestraConfig, folder: Path):
-    """Generate the planner dataset of today into the pipeline folder."""
-    if config.data.name != "planner":
+    """Write today's dataset into the pipeline folder with ``data.generator`` (the planner's, say), or
+    check that ``data.path`` exists."""
+    if not config.data.generator:
         if not Path(config.data.path).exists():
             raise FileNotFoundError(f"data.path={config.data.path} does not exist")
         return {"data_path": str(Path(config.data.path).resolve())}, {}, None
-    from palaestra.planner.data import make_planner_dataset
+    from palaestra.plugins import lookup
 
-    dated = make_planner_dataset(folder / "data", date=date.today().isoformat())
+    generate = lookup(config.data.generator, {}, "data.generator")
+    dated = Path(generate(folder / "data", date=date.today().isoformat()))
     return {"data_path": str(dated.resolve())}, {}, None
 
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from palaestra.algorithms.at_grpo import select_samples
 from palaestra.algorithms.grpo import group_advantages, policy_loss
 from palaestra.config import ConfigError, PalaestraConfig
-from palaestra.envs import resolve_env, test_seeds, train_seeds
+from palaestra.envs import resolve_env, train_seeds
+from palaestra.evaluation.team import evaluate_team, rollout_metrics, team_sampling
 from palaestra.models import model_id
 from palaestra.models.logprobs import batch_logprobs, shared_prompt_rows
 from palaestra.models.policies import Policy, build_policies
@@ -86,6 +86,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
     )
 
     train_sampling = SamplingParams(algo.max_completion_length, algo.temperature, algo.top_p, algo.top_k)
+    eval_sampling, plays = team_sampling(config.eval, algo.max_completion_length)
     results: dict = {}
 
     def generate(agent: str, prompts: list[list[dict]], samples: int, sampling: SamplingParams):
@@ -94,7 +95,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
         return policy.generator.generate(prompts, samples, sampling)
 
     def run_eval(step: int, label: str) -> dict:
-        figures, episodes = evaluate_team(make_env, generate, env_cfg.test_envs, config, base_seed=env_cfg.seed)
+        figures, episodes = evaluate_team(make_env, generate, env_cfg.test_envs, sampling=eval_sampling, plays=plays,
+                                          alpha=algo.alpha, seed=train_cfg.seed, base_seed=env_cfg.seed)
         if tracker:
             tracker.log_dict({"episodes": [vars(e) for e in episodes[:4]]}, f"transcripts/{label}_step{step:06d}.json")
         return run.log_eval(step, label, figures)
@@ -124,7 +126,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
             # 5. log / eval / checkpoint
             elapsed = run.step_seconds()
             tokens = sum(int(rollout.completion_mask[row].sum()) for g in groups for rollout, row in g.answers)
-            run.log(step, {**stats, **_rollout_metrics(groups, episodes),
+            run.log(step, {**stats, **rollout_metrics(groups, episodes),
                            "learning_rate": next(iter(policies.values())).scheduler.get_last_lr()[0],
                            "tokens_per_second": tokens / elapsed})
             if tracker and train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
@@ -217,44 +219,3 @@ def _rows_sharing_prompt(batch, block_sizes: list[int], micro_batch_size: int, g
     ids, mask = batch.prompt_ids.view(-1, shared, batch.prompt_ids.shape[1]), batch.prompt_mask.view(-1, shared, batch.prompt_mask.shape[1])
     same = (ids == ids[:, :1]).all() and (mask == mask[:, :1]).all()
     return shared if bool(same) else 1
-
-
-def _rollout_metrics(groups: list[AgentGroup], episodes: list[Episode]) -> dict[str, float]:
-    """Success rate, episode length, and reward per agent and per turn of a batch of episodes."""
-    metrics = {
-        "success_rate": float(np.mean([e.success for e in episodes])),
-        "episode_length": float(np.mean([e.turns for e in episodes])),
-        "reward/mean": float(np.mean([r for g in groups for r in g.rewards])) if groups else 0.0,
-    }
-    for key in sorted({g.agent for g in groups}):
-        rewards = [r for g in groups if g.agent == key for r in g.rewards]
-        metrics[f"reward/{key}"] = float(np.mean(rewards))
-    for turn in sorted({g.turn for g in groups}):
-        rewards = [r for g in groups if g.turn == turn for r in g.rewards]
-        metrics[f"reward/turn{turn + 1}"] = float(np.mean(rewards))
-    return metrics
-
-
-def evaluate_team(make_env, generate, count: int, config: PalaestraConfig, *, base_seed: int = 0) -> tuple[dict, list[Episode]]:
-    """Play ``count`` test problems without branching: success rate, episode length, per-agent
-    and per-turn rewards (means of the acting agent's local and the team reward).
-
-    Greedy by default; with ``eval.greedy=false`` each problem is played ``eval.num_samples``
-    times at ``eval.temperature`` and the figures average over all plays.
-    """
-    ev, algo = config.eval, config.algo
-    sampling = SamplingParams(ev.max_new_tokens or algo.max_completion_length, ev.temperature, ev.top_p, ev.top_k,
-                              greedy=ev.greedy)
-    plays = 1 if ev.greedy else ev.num_samples
-    seeds = [s for s in test_seeds(count, base=base_seed) for _ in range(plays)]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.train.seed)
-        groups, episodes = tree_rollout([make_env() for _ in seeds], seeds,
-                                        lambda agent, prompts, n: generate(agent, prompts, n, sampling),
-                                        samples_per_state=1, alpha=algo.alpha, branch=False)
-    figures = _rollout_metrics(groups, episodes)
-    for agent in sorted({g.agent for g in groups}):
-        results = [r for g in groups if g.agent == agent for r in g.results]
-        figures[f"local_reward/{agent}"] = float(np.mean([r.local_reward for r in results]))
-        figures[f"team_reward/{agent}"] = float(np.mean([r.team_reward for r in results]))
-    return figures, episodes

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from palaestra.algorithms.grpo import group_advantages, masked_mean, policy_loss
+from palaestra.algorithms.grpo import group_advantages, policy_loss
+from palaestra.algorithms.logprob_math import masked_mean
 from palaestra.config import ConfigError, PalaestraConfig, reward_weights
 from palaestra.distributed import Distributed
 from palaestra.evaluation.evaluate import evaluate

@@ -49,20 +49,21 @@ class Method:
 
 _UNREGISTERED = ("tracking.registered_model", "tracking.policy_id")
 _PAIRS_ONLY = ("data.preference_train_file", "data.preference_val_file")
-_CHATS_ONLY = ("data.train_file", "data.val_file", "data.test_file")
+_CHATS_ONLY = ("data.train_file", "data.val_file", "data.test_file", "data.metrics")
 _BY_EPOCHS = ("train.steps", "train.share_prompt_forward", "train.log_samples_interval", "eval")
 _GREEDY_EVAL = ("eval.num_samples", "eval.greedy", "eval.temperature", "eval.top_p", "eval.top_k", "eval.pass_k")
 
 METHODS: dict[str, Method] = {
     "sft": Method(SFTConfig, "palaestra.recipes.sft", "val_loss", ("data",),
-                  ignores=(*_BY_EPOCHS, "train.eval_interval", "train.early_stopping_patience", *_PAIRS_ONLY, "data.rewards")),
+                  ignores=(*_BY_EPOCHS, "train.eval_interval", "train.early_stopping_patience", *_PAIRS_ONLY, "data.rewards",
+                           "data.metrics", "data.generator")),
     "reward": Method(RewardModelConfig, "palaestra.recipes.reward_model", "pairwise_accuracy", ("data",),
-                     ignores=(*_BY_EPOCHS, *_CHATS_ONLY, "data.rewards", "tracking.policy_id")),
+                     ignores=(*_BY_EPOCHS, *_CHATS_ONLY, "data.rewards", "data.generator", "tracking.policy_id")),
     "dpo": Method(DPOConfig, "palaestra.recipes.dpo", "preference_accuracy", ("data",),
-                  ignores=(*_BY_EPOCHS, *_CHATS_ONLY, "data.rewards")),
+                  ignores=(*_BY_EPOCHS, *_CHATS_ONLY, "data.rewards", "data.generator")),
     "ppo": Method(PPOConfig, "palaestra.recipes.ppo", "reward", ("data",),
                   ignores=("train.batch_size", "train.share_prompt_forward", *_GREEDY_EVAL, *_PAIRS_ONLY,
-                           "tracking.registered_model")),
+                           "data.generator", "tracking.registered_model")),
     "grpo": Method(AlgoConfig, "palaestra.recipes.grpo", "accuracy", ("task",), ignores=_UNREGISTERED),
     "at_grpo": Method(ATGRPOConfig, "palaestra.recipes.at_grpo", "success_rate", ("env", "policy"),
                       ignores=("train.batch_size", "eval.batch_size", "eval.max_examples", "eval.pass_k", *_UNREGISTERED),

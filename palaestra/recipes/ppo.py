@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from palaestra import checkpoint as ckpt
-from palaestra.algorithms.grpo import masked_mean
+from palaestra.algorithms.logprob_math import masked_mean
 from palaestra.algorithms.ppo import gae, kl_penalty_rewards, ppo_policy_loss, value_loss, whiten
 from palaestra.config import ConfigError, PalaestraConfig
 from palaestra.data.chat import dataset_version, to_messages
@@ -49,6 +49,7 @@ from palaestra.models import frozen_reference_copy, reference_logits_context
 from palaestra.models.logprobs import completion_logprobs
 from palaestra.models.precision import autocast
 from palaestra.models.value_head import ValueHead, explained_variance, logprobs_and_values
+from palaestra.plugins import lookup
 from palaestra.recipes.common import (
     adamw, clip_gradients, load_policy, next_items, seed_everything, timed, track_data_method,
 )
@@ -82,6 +83,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     reward_names = [] if algo.reward_model else _resolve_rewards(data_cfg.rewards)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     score = _scorer(algo.reward_model, reward_names, device)
+    extra_figures = lookup(data_cfg.metrics, {}, "data.metrics") if data_cfg.metrics else None
 
     # ---- model, adapter, reference, value head
     model, tokenizer, precision, dtype = load_policy(config.model, device)
@@ -120,7 +122,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         rewards, components = score(heldout_rows, texts)
         figures = {"reward": float(np.mean(rewards)),
                    **{f"reward/{_short(name)}": float(np.mean(values)) for name, values in components.items()}}
-        figures.update(_planner_figures(data_cfg.name, heldout_rows, texts))
+        if extra_figures:  # data.metrics: the domain's own figures (the planner's constraint respect, ...)
+            figures.update(extra_figures(texts, [row.columns for row in heldout_rows]))
         if tracker:
             tracker.log_table(_sample_rows(step, heldout_rows, texts, rewards, components), f"eval/samples_{label}_step{step:06d}.json")
         return run.log_eval(step, label, figures)
@@ -372,17 +375,6 @@ def _scorer(reward_model: str | None, reward_names: list[str], device: str):
         return combine_rewards(texts, columns, weights)
 
     return score
-
-
-def _planner_figures(data_name: str, rows: list[_Prompt], texts: list[str]) -> dict[str, float]:
-    """The planner task metrics (constraint respect, alignment, parse rate, ...) on planner data, else nothing."""
-    needed = ("household", "pantry", "constraints", "plan")
-    if data_name != "planner" or not rows or not all(all(k in row.columns for k in needed) for row in rows):
-        return {}
-    from palaestra.planner.metrics import aggregate_planner_metrics
-
-    return {f"planner/{k}": v for k, v in aggregate_planner_metrics(texts, [row.columns for row in rows]).items()}
-
 
 
 def _checkpoint_parts(model, value_head, optimizer, scheduler) -> dict[str, ckpt.CheckpointPart]:

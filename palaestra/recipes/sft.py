@@ -52,7 +52,6 @@ from palaestra.models.precision import autocast
 from palaestra.recipes.common import adamw, clip_gradients, load_policy, remember, seed_everything
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
-from palaestra.registry.models import register_model
 
 log = logging.getLogger("palaestra")
 
@@ -175,6 +174,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             # a finished run that is resumed again keeps the version it registered the first time
             version = tracker.client.get_run(tracker.run_id).data.tags.get("registered_model_version")
             if config.tracking.registered_model and version is None:
+                from palaestra.registry.models import register_model
+
                 version = register_model(tracker, tracker.run_id, config.tracking.registered_model,
                                          tags={"dataset_version": chat.version, "policy_id": _policy_id(config)})
                 tracker.set_tags({"registered_model": config.tracking.registered_model, "registered_model_version": version})

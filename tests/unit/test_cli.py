@@ -73,3 +73,11 @@ def test_the_cli_rejects_an_ignored_key_before_any_work(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["palaestra: error: algo=sft does not read train.steps; remove it"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_library_core_does_not_import_the_planner_domain():
+    core = ["palaestra.config", "palaestra.pipeline", "palaestra.tracking", "palaestra.checkpoint", "palaestra.cli",
+            *[method.recipe for method in METHODS.values()]]
+    code = f"import sys; import {', '.join(core)}; print([m for m in sys.modules if m.startswith('palaestra.planner')])"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
