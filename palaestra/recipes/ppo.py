@@ -27,12 +27,10 @@ process.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +41,7 @@ from palaestra import checkpoint as ckpt
 from palaestra.algorithms.logprob_math import masked_mean
 from palaestra.algorithms.ppo import gae, kl_penalty_rewards, ppo_policy_loss, value_loss, whiten
 from palaestra.config import ConfigError, PalaestraConfig
-from palaestra.data.chat import dataset_version, to_messages
+from palaestra.data.prompts import ChatPrompt, load_prompts
 from palaestra.export import export_policy
 from palaestra.models import frozen_reference_copy, reference_logits_context
 from palaestra.models.logprobs import completion_logprobs
@@ -78,7 +76,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                           f"algo.max_completion_length={algo.max_completion_length}; raise data.max_length")
 
     # ---- data and reward functions (cheap, and fail before the model loads)
-    train_rows, heldout_rows, version = _load_prompts(data_cfg)
+    train_rows, heldout_rows, version = load_prompts(data_cfg)
     heldout_rows = heldout_rows[: config.eval.max_examples or DEFAULT_EVAL_EXAMPLES]
     reward_names = [] if algo.reward_model else _resolve_rewards(data_cfg.rewards)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -292,58 +290,6 @@ def _reference_logprobs(model, reference, batch: dict, size: int, precision: str
 # ---------------------------------------------------------------------------------------- data and rewards
 
 
-@dataclass
-class _Prompt:
-    """One chat prompt and the row's other columns (what reward functions read)."""
-
-    messages: list[dict]
-    """The conversation up to the assistant's answer (system and user messages)."""
-    columns: dict
-    """Every other field of the row, e.g. household, pantry, constraints and plan for the planner."""
-
-
-def _load_prompts(data) -> tuple[list[_Prompt], list[_Prompt], str]:
-    """Train prompts, held-out prompts (test split, else val, else the tail of train) and the dataset version.
-
-    The splits are those of :func:`palaestra.data.chat.load_chat_data`, read here row by row
-    because PPO also needs each row's structured columns (the reward functions' inputs).
-    """
-    root = Path(data.path)
-    if root.is_dir():
-        train = _read_prompts(root / data.train_file)
-        heldout_file = next((root / name for name in (data.test_file, data.val_file) if (root / name).is_file()), None)
-        heldout = _read_prompts(heldout_file) if heldout_file else []
-    else:
-        train, heldout = _read_prompts(root), []
-    if not heldout:
-        keep = max(1, round(len(train) * (1 - data.val_fraction)))
-        train, heldout = train[:keep], train[keep:]
-    if not train:
-        raise ConfigError(f"data.path={data.path} has no training prompts")
-    return train, heldout, dataset_version(root, data.version)
-
-
-def _read_prompts(path: Path) -> list[_Prompt]:
-    """The chat rows of a JSONL file as prompts: the messages before the (last) assistant answer."""
-    prompts = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
-            messages = to_messages(row, f"{path}:{number}")
-            while messages and messages[-1]["role"] == "assistant":
-                messages.pop()  # the answer is what PPO samples
-            if not messages:
-                raise ConfigError(f"{path}:{number}: the conversation has no prompt before the assistant's answer")
-            columns = {k: v for k, v in row.items() if k not in ("messages", "prompt", "completion")}
-            prompts.append(_Prompt(messages, columns))
-    return prompts
-
-
 def _resolve_rewards(names: list) -> list[str]:
     for name in names:
         try:
@@ -360,7 +306,7 @@ def _scorer(reward_model: str | None, reward_names: list[str], device: str):
 
         scorer = load_reward_model(reward_model, device=device)
 
-        def score(rows: list[_Prompt], texts: list[str]):
+        def score(rows: list[ChatPrompt], texts: list[str]):
             values = [float(v) for v in scorer.score([row.messages for row in rows], texts)]
             return values, {"reward_model": values}
 
@@ -368,7 +314,7 @@ def _scorer(reward_model: str | None, reward_names: list[str], device: str):
 
     weights = {name: 1.0 for name in reward_names}
 
-    def score(rows: list[_Prompt], texts: list[str]):
+    def score(rows: list[ChatPrompt], texts: list[str]):
         keys = dict.fromkeys(key for row in rows for key in row.columns)
         columns = {key: [row.columns.get(key) for row in rows] for key in keys}
         columns["prompt"] = [row.messages for row in rows]  # as reward_model:<folder> rewards expect
@@ -385,7 +331,7 @@ def _checkpoint_parts(model, value_head, optimizer, scheduler) -> dict[str, ckpt
 
 
 
-def _sample_rows(step: int, rows: list[_Prompt], texts: list[str], rewards: list[float], components: dict) -> list[dict]:
+def _sample_rows(step: int, rows: list[ChatPrompt], texts: list[str], rewards: list[float], components: dict) -> list[dict]:
     samples = []
     for index, (row, text) in enumerate(zip(rows, texts)):
         sample = {"step": step, "prompt": row.messages[-1]["content"], "completion": text, "reward": float(rewards[index])}
