@@ -443,6 +443,10 @@ class TrackingConfig:
     """Register the trained model under this name in MLflow's model registry (None: do not register)."""
     policy_id: Optional[str] = None
     """policy_id tag of the run (planner contract); None uses <data.name>-<algo>."""
+    params: str = "config"
+    """The run's MLflow params: config (every key of the resolved config, flattened) or contract (sft only:
+    the planner template's eight, learning_rate, batch_size, epochs, dataset_version, model_base,
+    fine_tuning_method, lora_r, lora_alpha; experiment=planner sets it)."""
 
 
 @dataclass
@@ -477,6 +481,7 @@ MODEL_NAMES = ("smollm2-135m", "tiny", "hf")
 TASK_SOURCES = ("reasoning_gym", "gsm8k")
 LR_SCHEDULES = ("cosine", "constant")
 ROLLOUTS = ("tree", "no_tree")
+TRACKING_PARAMS = ("config", "contract")
 # The other allowed-value lists live beside the code that uses them and are imported where checked:
 # loss types and reward scalings (algorithms.grpo), DPO losses (algorithms.preference), group filters
 # (algorithms.at_grpo), precisions (models.precision), dtypes (models.loading), policy modes (models.policies).
@@ -552,6 +557,7 @@ def validate(config: PalaestraConfig) -> None:
     _check(train.weight_decay >= 0, f"train.weight_decay={train.weight_decay} must be >= 0")
     _check(0 <= train.warmup_ratio < 1, f"train.warmup_ratio={train.warmup_ratio} must be in [0, 1)")
     _one_of("train.lr_schedule", train.lr_schedule, LR_SCHEDULES)
+    _one_of("tracking.params", config.tracking.params, TRACKING_PARAMS)
     _check(train.max_grad_norm >= 0, f"train.max_grad_norm={train.max_grad_norm} must be >= 0")
     _check(train.max_seconds >= 0, f"train.max_seconds={train.max_seconds} must be >= 0")
     for key in ("save_interval", "keep_last_n", "eval_interval", "early_stopping_patience", "log_samples_interval", "threads", "stop_after_steps"):

@@ -47,7 +47,7 @@ class Method:
         return importlib.import_module(self.recipe).main
 
 
-_UNREGISTERED = ("tracking.registered_model", "tracking.policy_id")
+_UNREGISTERED = ("tracking.registered_model", "tracking.policy_id", "tracking.params")
 _PAIRS_ONLY = ("data.preference_train_file", "data.preference_val_file")
 _CHATS_ONLY = ("data.train_file", "data.val_file", "data.test_file", "data.metrics")
 _BY_EPOCHS = ("train.steps", "train.share_prompt_forward", "train.log_samples_interval", "eval")
@@ -58,12 +58,13 @@ METHODS: dict[str, Method] = {
                   ignores=(*_BY_EPOCHS, "train.eval_interval", "train.early_stopping_patience", *_PAIRS_ONLY, "data.rewards",
                            "data.metrics", "data.generator")),
     "reward": Method(RewardModelConfig, "palaestra.recipes.reward_model", "pairwise_accuracy", ("data",),
-                     ignores=(*_BY_EPOCHS, *_CHATS_ONLY, "data.rewards", "data.generator", "tracking.policy_id")),
+                     ignores=(*_BY_EPOCHS, *_CHATS_ONLY, "data.rewards", "data.generator", "tracking.policy_id",
+                              "tracking.params")),
     "dpo": Method(DPOConfig, "palaestra.recipes.dpo", "preference_accuracy", ("data",),
-                  ignores=(*_BY_EPOCHS, *_CHATS_ONLY, "data.rewards", "data.generator")),
+                  ignores=(*_BY_EPOCHS, *_CHATS_ONLY, "data.rewards", "data.generator", "tracking.params")),
     "ppo": Method(PPOConfig, "palaestra.recipes.ppo", "reward", ("data",),
                   ignores=("train.batch_size", "train.share_prompt_forward", *_GREEDY_EVAL, *_PAIRS_ONLY,
-                           "data.generator", "tracking.registered_model")),
+                           "data.generator", "tracking.registered_model", "tracking.params")),
     "grpo": Method(AlgoConfig, "palaestra.recipes.grpo", "accuracy", ("task",), ignores=_UNREGISTERED),
     "at_grpo": Method(ATGRPOConfig, "palaestra.recipes.at_grpo", "success_rate", ("env", "policy"),
                       ignores=("train.batch_size", "eval.batch_size", "eval.max_examples", "eval.pass_k", *_UNREGISTERED),

@@ -14,11 +14,11 @@ Each epoch ends with the validation loss; the best epoch's weights are kept and 
 merged Hugging Face folder (``run_dir/model``, tokenizer included) that the MLflow run carries as
 its ``model`` artifact and, with ``tracking.registered_model``, registers in the model registry.
 
-What a planner run logs in MLflow (the planner template's contract): params learning_rate,
-batch_size, epochs, dataset_version, model_base, fine_tuning_method, lora_r, lora_alpha (the
-whole resolved config is the artifact config.yaml); metrics train_loss and val_loss with
-step = epoch (per-update figures under train/...); tags policy_id, task, dataset_version;
-artifacts model and tokenizer.
+What a planner run logs in MLflow (the planner template's contract; experiment=planner sets
+tracking.params=contract): params learning_rate, batch_size, epochs, dataset_version, model_base,
+fine_tuning_method, lora_r, lora_alpha (the whole resolved config is the artifact config.yaml);
+metrics train_loss and val_loss with step = epoch (per-update figures under train/...); tags
+policy_id, task, dataset_version; artifacts model and tokenizer.
 
 Simplifications: packing is next-fit in file order, done once (the packed sequences are shuffled
 per epoch); validation is the loss only (generation metrics belong to evaluation and replay).
@@ -98,7 +98,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     tags = {"policy_id": _policy_id(config), "task": data_cfg.name, "dataset_version": chat.version, "algo": "sft",
             "model": model_id(config.model.name, config.model.path)}
     tracker = run.track(config.tracking, run_name=f"{data_cfg.name}-sft-{config.model.name}", tags=tags,
-                        config=config_dict(config), params=contract_params(config, chat.version))
+                        config=config_dict(config),
+                        params=contract_params(config, chat.version) if config.tracking.params == "contract" else None)
     results: dict = {"outputs": {}}
     forward = dict(device=device, precision=precision, dtype=compute_dtype)
     validate = dict(batch_size=train_cfg.micro_batch_size, pad_id=pad_id, packed=algo.packing, **forward)
