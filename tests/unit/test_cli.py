@@ -81,3 +81,16 @@ def test_the_library_core_does_not_import_the_planner_domain():
     code = f"import sys; import {', '.join(core)}; print([m for m in sys.modules if m.startswith('palaestra.planner')])"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_planner_contract_comes_from_configuration():
+    from hydra import compose, initialize_config_module
+
+    from palaestra.config import to_config
+
+    with initialize_config_module(config_module="palaestra.conf", version_base="1.3"):
+        planner = to_config(compose(config_name="config", overrides=["experiment=planner"]), check_values=False)
+        plain = to_config(compose(config_name="config", overrides=["algo=sft"]), check_values=False)
+    assert (planner.tracking.params, planner.tracking.registered_model, planner.train.best_metric) == ("contract", "planner_model", None)
+    assert plain.tracking.params == "config"
+    assert planner.data.metrics == "palaestra.planner.metrics:planner_figures"  # the domain, named only in conf/data/planner.yaml
