@@ -19,57 +19,63 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from palaestra.config import ConfigError, PalaestraConfig, to_config
+from palaestra.config import ConfigError, PalaestraConfig, register_schema, to_config, validate
 
-USAGE = """usage: palaestra <command> [key=value ...] [hydra flags]
-
-commands:
-  run     the main job: evaluate the model on the task's test split, train it with GRPO, evaluate again
-  train   train: GRPO on a task (palaestra train task=countdown train.steps=100 ...) or a team of
-          agents with AT-GRPO (palaestra train algo=at_grpo env=plan_path policy=per_role)
-  eval    evaluate a model or a checkpoint (eval.checkpoint=runs/.../checkpoints/step-000040;
-          add algo=at_grpo env=... for a team in an environment)
-  export  write a trained checkpoint as a Hugging Face folder, LoRA merged (export.merge=false: adapter)
-          (palaestra export eval.checkpoint=runs/... export.output_dir=exported/my_model)
-  pipeline  palaestra pipeline rlhf (sft -> reward -> ppo -> evaluate -> export) or full (data ->
-          sft -> reward -> dpo -> ppo -> grpo -> evaluate -> export); pipeline.skip=[reward],
-          pipeline.stages=[sft,evaluate]; a re-run resumes at the failed stage
-  registry  list registered models and their versions (palaestra registry [--name planner_model])
-  replay  offline gate: palaestra replay --model planner_model --version 2 --dataset datasets/planner/2026-11-22
-          [--baseline 1]; on pass the version is tagged as a candidate
-  policy  policy versions: palaestra policy create|promote|retire|list ...
-  data    palaestra data planner [--date YYYY-MM-DD] [--root .]: generate the planner dataset
-
-  train --target=X is short for algo=X (sft, reward, dpo, ppo, grpo, at_grpo); experiment=planner
-  runs the planner template's SFT contract.
-
-hydra flags: --cfg job (print the config), --multirun (sweep a,b,c values), experiment=quick_test,
-             --help (all config groups and keys)
-"""
-
-
-RECIPES = {
-    "grpo": "palaestra.recipes.grpo", "at_grpo": "palaestra.recipes.at_grpo", "sft": "palaestra.recipes.sft",
-    "reward": "palaestra.recipes.reward_model", "dpo": "palaestra.recipes.dpo", "ppo": "palaestra.recipes.ppo",
+COMMAND_USAGE = {
+    "run": "palaestra run [key=value ...]\n"
+           "  the main job: evaluate the model on the task's test split, train it (GRPO by default), evaluate again",
+    "train": "palaestra train [key=value ...] [--target=METHOD]\n"
+             "  train with a method: GRPO on a task (palaestra train task=countdown train.steps=100 ...), a team of\n"
+             "  agents with AT-GRPO (palaestra train algo=at_grpo env=plan_path policy=per_role), or --target=X\n"
+             "  (short for algo=X): {methods}; experiment=planner runs the planner template's SFT contract",
+    "eval": "palaestra eval [eval.checkpoint=PATH] [key=value ...]\n"
+            "  evaluate a model or a checkpoint (eval.checkpoint=runs/.../checkpoints/step-000040;\n"
+            "  add algo=at_grpo env=... for a team in an environment)",
+    "export": "palaestra export eval.checkpoint=PATH [export.output_dir=DIR] [export.merge=false]\n"
+              "  write a trained checkpoint as a Hugging Face folder, LoRA merged (export.merge=false: the adapter)",
+    "pipeline": "palaestra pipeline rlhf|full [key=value ...] [<stage>.<section>.<key>=value ...]\n"
+                "  rlhf: sft -> reward -> ppo -> evaluate -> export; full: data -> sft -> reward -> dpo -> ppo ->\n"
+                "  evaluate -> export; pipeline.skip=[reward], pipeline.stages=[sft,evaluate]; a re-run resumes\n"
+                "  at the failed stage",
+    "registry": "palaestra registry [--name planner_model]\n  list registered models and their versions",
+    "replay": "palaestra replay --model planner_model --version 2 --dataset datasets/planner/2026-11-22 [--baseline 1]\n"
+              "  offline gate; on pass the version is tagged as a candidate",
+    "policy": "palaestra policy create|promote|retire|list ...\n  policy versions of a registered model",
+    "data": "palaestra data planner [--date YYYY-MM-DD] [--root .]\n  generate the planner dataset",
 }
-"""algo.name -> the recipe module; each has ``main(config, *, evaluate_before_after) -> results``."""
+"""command -> its usage (``palaestra <command> --help`` prints it)."""
+
+HYDRA_FLAGS = """hydra flags: --cfg job (print the resolved config: every key), --multirun (sweep a,b,c values),
+             experiment=quick_test (a preset); config groups: model= task= algo= env= policy= data= experiment="""
 
 
-def _recipe(config: PalaestraConfig):
-    """The recipe module of ``algo.name`` (one readable loop each)."""
-    import importlib
+def _usage(command: str | None = None) -> str:
+    from palaestra.recipes.methods import METHODS
 
-    return importlib.import_module(RECIPES[config.algo.name])
+    if command is not None:
+        text = COMMAND_USAGE[command].format(methods=", ".join(METHODS))
+        return f"usage: {text}" + (f"\n\n{HYDRA_FLAGS}" if command in COMMANDS else "")
+    lines = ["usage: palaestra <command> [key=value ...] [hydra flags]", "", "commands:"]
+    for name, text in COMMAND_USAGE.items():
+        lines += ["  " + line for line in text.format(methods=", ".join(METHODS)).splitlines()]
+    return "\n".join([*lines, "", HYDRA_FLAGS, "", "palaestra <command> --help prints one command's usage."])
+
+
+def _method(config: PalaestraConfig):
+    from palaestra.recipes.methods import method_of
+
+    return method_of(config)
 
 
 def _train(config: PalaestraConfig) -> int:
-    results = _recipe(config).main(config, evaluate_before_after=config.algo.name == "at_grpo")
+    method = _method(config)
+    results = method.main(config, evaluate_before_after=method.evaluate_before_after)
     _report(results, config)
     return 0
 
 
 def _run(config: PalaestraConfig) -> int:
-    results = _recipe(config).main(config, evaluate_before_after=True)
+    results = _method(config).main(config, evaluate_before_after=True)
     _report(results, config)
     return 0
 
@@ -84,15 +90,13 @@ def _eval(config: PalaestraConfig) -> int:
 def _report(results: dict, config: PalaestraConfig) -> None:
     before, after = results.get("before"), results.get("after")
     if before and after:
-        from palaestra.config import DATA_ALGOS
-
-        subject = config.env.name if config.algo.name == "at_grpo" else config.data.name if config.algo.name in DATA_ALGOS else config.task.name
+        subject = getattr(config, _method(config).reads[0]).name  # the task, environment or data trained on
         print(_before_after_table(before, after, subject, config.algo.name))
     _print_where(results)
 
 
 def _export(config: PalaestraConfig) -> int:
-    from palaestra.evaluation.cli import export_command
+    from palaestra.export import export_command
 
     print(export_command(config))
     return 0
@@ -131,9 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(_usage())
         raise SystemExit(0)
     command, rest = argv[0], argv[1:]
+    if command in COMMANDS and any(arg in ("-h", "--help") for arg in rest):  # argparse commands answer it themselves
+        print(_usage(command))
+        raise SystemExit(0)
     if command in PLAIN_COMMANDS:
         raise SystemExit(_plain_command(command, rest))
     if command not in COMMANDS:
@@ -155,7 +162,15 @@ def main(argv: list[str] | None = None) -> None:
     def task_function(cfg: DictConfig) -> None:
         logging.getLogger("palaestra").setLevel(logging.INFO)
         try:
-            config = to_config(cfg, check_values=command != "pipeline")  # a pipeline checks each stage's config
+            config = to_config(cfg, check_values=False)
+            if command in ("run", "train"):  # a key the method ignores is a mistake
+                from hydra.core.hydra_config import HydraConfig
+
+                from palaestra.recipes.methods import check_read
+
+                check_read(config.algo.name, list(HydraConfig.get().overrides.task))
+            if command != "pipeline":  # a pipeline checks each stage's config
+                validate(config)
             code = run_command(config)
         except _user_error_types() as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -165,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(code)
 
     sys.argv = [f"palaestra {command}", *rest]
+    register_schema()  # the dataclasses' defaults, which conf/config.yaml composes over
     hydra.main(version_base="1.3", config_path="conf", config_name="config")(task_function)()
 
 

@@ -292,6 +292,12 @@ class DataConfig:
     """Token budget per sequence; longer examples are truncated from the left of the prompt."""
     rewards: list = field(default_factory=lambda: ["planner_quality"])
     """PPO without a reward model: reward functions by name or import path, summed."""
+    metrics: Optional[str] = None
+    """PPO's held-out figures beyond the reward: "package.module:function" taking (completions, rows' columns)
+    and returning {name: value} ({} where they do not apply); the planner's is palaestra.planner.metrics:planner_figures."""
+    generator: Optional[str] = None
+    """The pipeline's data stage: "package.module:function" taking (folder, date=YYYY-MM-DD) and returning the
+    dated data folder it wrote; None: the stage checks that data.path exists."""
 
 
 @dataclass
@@ -377,8 +383,10 @@ class TrainConfig:
     """Keep this many step checkpoints (0 keeps all)."""
     save_best: bool = True
     """Keep a copy of the checkpoint with the best eval metric under checkpoints/best."""
-    best_metric: str = "accuracy"
-    """Eval metric for save_best and early stopping (higher is better)."""
+    best_metric: Optional[str] = None
+    """Eval figure for save_best and early stopping; None: the method's own (accuracy for grpo, success_rate
+    for at_grpo, val_loss for sft, pairwise_accuracy for reward, preference_accuracy for dpo, reward for
+    ppo). Lower is better for a loss (named loss or ending in _loss), higher for the rest."""
     eval_interval: int = 0
     """Evaluate on the held-out split every N steps (0: never during training)."""
     early_stopping_patience: int = 0
@@ -435,6 +443,10 @@ class TrackingConfig:
     """Register the trained model under this name in MLflow's model registry (None: do not register)."""
     policy_id: Optional[str] = None
     """policy_id tag of the run (planner contract); None uses <data.name>-<algo>."""
+    params: str = "config"
+    """The run's MLflow params: config (every key of the resolved config, flattened) or contract (sft only:
+    the planner template's eight, learning_rate, batch_size, epochs, dataset_version, model_base,
+    fine_tuning_method, lora_r, lora_alpha; experiment=planner sets it)."""
 
 
 @dataclass
@@ -465,16 +477,14 @@ class PalaestraConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
-ALGO_SCHEMAS = {
-    "grpo": AlgoConfig, "at_grpo": ATGRPOConfig, "sft": SFTConfig, "reward": RewardModelConfig,
-    "dpo": DPOConfig, "ppo": PPOConfig,
-}
-"""algo.name -> its config schema (one recipe each)."""
 MODEL_NAMES = ("smollm2-135m", "tiny", "hf")
 TASK_SOURCES = ("reasoning_gym", "gsm8k")
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
-SCALE_REWARDS = ("group", "batch", "none")
-DTYPES = ("float32", "bfloat16", "float16", "auto")
+LR_SCHEDULES = ("cosine", "constant")
+ROLLOUTS = ("tree", "no_tree")
+TRACKING_PARAMS = ("config", "contract")
+# The other allowed-value lists live beside the code that uses them and are imported where checked:
+# loss types and reward scalings (algorithms.grpo), DPO losses (algorithms.preference), group filters
+# (algorithms.at_grpo), precisions (models.precision), dtypes (models.loading), policy modes (models.policies).
 
 
 def to_config(cfg: DictConfig | dict, *, check_values: bool = True) -> PalaestraConfig:
@@ -488,11 +498,13 @@ def to_config(cfg: DictConfig | dict, *, check_values: bool = True) -> Palaestra
     """
     algo_name = OmegaConf.select(cfg, "algo.name") if isinstance(cfg, DictConfig) else cfg.get("algo", {}).get("name")
     algo_name = algo_name or "grpo"
-    if algo_name not in ALGO_SCHEMAS:
-        raise ConfigError(f"algo.name={algo_name!r} is unknown; use one of {', '.join(ALGO_SCHEMAS)}")
+    from palaestra.recipes.methods import METHODS  # the table of methods (it imports the schemas above)
+
+    if algo_name not in METHODS:
+        raise ConfigError(f"algo.name={algo_name!r} is unknown; use one of {', '.join(METHODS)}")
     try:
         schema = OmegaConf.structured(PalaestraConfig)
-        schema.algo = OmegaConf.structured(ALGO_SCHEMAS[algo_name])
+        schema.algo = OmegaConf.structured(METHODS[algo_name].schema)
         merged = OmegaConf.merge(schema, cfg)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
@@ -515,13 +527,21 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _one_of(key: str, value, allowed) -> None:
+    """``key=value`` must be one of ``allowed``."""
+    _check(value in allowed, f"{key}={value!r} is unknown; use one of {', '.join(allowed)}")
+
+
 def validate(config: PalaestraConfig) -> None:
     """Check values that the schema's types cannot express. Cheap: no model, no dataset load."""
     model, task, algo, train, ev = config.model, config.task, config.algo, config.train, config.eval
-    _check(model.name in MODEL_NAMES, f"model.name={model.name!r} is unknown; use one of {', '.join(MODEL_NAMES)}")
+    _one_of("model.name", model.name, MODEL_NAMES)
     _check(model.name != "hf" or bool(model.path), "model.name=hf needs model.path=<local folder or hub id>")
-    _check(model.dtype in DTYPES, f"model.dtype={model.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
-    _check(model.precision in ("auto", "bf16", "fp32"), f"model.precision={model.precision!r} is unknown; use auto, bf16 or fp32")
+    from palaestra.models.loading import DTYPES
+    from palaestra.models.precision import PRECISIONS
+
+    _one_of("model.dtype", model.dtype, DTYPES)
+    _one_of("model.precision", model.precision, PRECISIONS)
     _check(model.lora.r > 0, f"model.lora.r={model.lora.r} must be a positive rank")
     _check(0 <= model.lora.dropout < 1, f"model.lora.dropout={model.lora.dropout} must be in [0, 1)")
 
@@ -536,7 +556,8 @@ def validate(config: PalaestraConfig) -> None:
     _check(train.learning_rate >= 0, f"train.learning_rate={train.learning_rate} must be >= 0")
     _check(train.weight_decay >= 0, f"train.weight_decay={train.weight_decay} must be >= 0")
     _check(0 <= train.warmup_ratio < 1, f"train.warmup_ratio={train.warmup_ratio} must be in [0, 1)")
-    _check(train.lr_schedule in ("cosine", "constant"), f"train.lr_schedule={train.lr_schedule!r} is unknown; use cosine or constant")
+    _one_of("train.lr_schedule", train.lr_schedule, LR_SCHEDULES)
+    _one_of("tracking.params", config.tracking.params, TRACKING_PARAMS)
     _check(train.max_grad_norm >= 0, f"train.max_grad_norm={train.max_grad_norm} must be >= 0")
     _check(train.max_seconds >= 0, f"train.max_seconds={train.max_seconds} must be >= 0")
     for key in ("save_interval", "keep_last_n", "eval_interval", "early_stopping_patience", "log_samples_interval", "threads", "stop_after_steps"):
@@ -554,7 +575,7 @@ def validate(config: PalaestraConfig) -> None:
 
 
 def _validate_task(task: TaskConfig) -> None:
-    _check(task.source in TASK_SOURCES, f"task.source={task.source!r} is unknown; use one of {', '.join(TASK_SOURCES)}")
+    _one_of("task.source", task.source, TASK_SOURCES)
     if task.source == "reasoning_gym":
         from reasoning_gym.factory import DATASETS
 
@@ -592,7 +613,9 @@ def _validate_task(task: TaskConfig) -> None:
 
 def _validate_at_grpo(config: PalaestraConfig) -> None:
     from palaestra.algorithms.at_grpo import GROUP_FILTERS
+    from palaestra.algorithms.grpo import LOSS_TYPES, SCALE_REWARDS
     from palaestra.envs import resolve_env
+    from palaestra.models.policies import POLICY_MODES
 
     algo, env, policy = config.algo, config.env, config.policy
     try:
@@ -600,18 +623,18 @@ def _validate_at_grpo(config: PalaestraConfig) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     _check(algo.samples_per_state >= 2, f"algo.samples_per_state={algo.samples_per_state} must be >= 2 (GRPO compares answers within a group)")
-    _check(algo.rollout in ("tree", "no_tree"), f"algo.rollout={algo.rollout!r} is unknown; use tree or no_tree")
-    _check(algo.group_filter in GROUP_FILTERS, f"algo.group_filter={algo.group_filter!r} is unknown; use one of {', '.join(GROUP_FILTERS)}")
+    _one_of("algo.rollout", algo.rollout, ROLLOUTS)
+    _one_of("algo.group_filter", algo.group_filter, GROUP_FILTERS)
     _check(0 <= algo.filter_ratio < 1, f"algo.filter_ratio={algo.filter_ratio} must be in [0, 1)")
     _check(algo.beta >= 0, f"algo.beta={algo.beta} must be >= 0")
     _check(algo.epsilon > 0, f"algo.epsilon={algo.epsilon} must be > 0")
-    _check(algo.loss_type in LOSS_TYPES, f"algo.loss_type={algo.loss_type!r} is unknown; use one of {', '.join(LOSS_TYPES)}")
-    _check(algo.scale_rewards in SCALE_REWARDS, f"algo.scale_rewards={algo.scale_rewards!r} is unknown; use one of {', '.join(SCALE_REWARDS)}")
+    _one_of("algo.loss_type", algo.loss_type, LOSS_TYPES)
+    _one_of("algo.scale_rewards", algo.scale_rewards, SCALE_REWARDS)
     _check(algo.max_completion_length > 0, f"algo.max_completion_length={algo.max_completion_length} must be positive")
     _check(algo.temperature > 0, f"algo.temperature={algo.temperature} must be > 0")
     _check(env.train_envs > 0, f"env.train_envs={env.train_envs} must be positive")
     _check(env.test_envs > 0, f"env.test_envs={env.test_envs} must be positive")
-    _check(policy.mode in ("shared", "per_role", "separate"), f"policy.mode={policy.mode!r} is unknown; use shared, per_role or separate")
+    _one_of("policy.mode", policy.mode, POLICY_MODES)
     _check(policy.mode != "per_role" or config.model.lora.enabled, "policy.mode=per_role needs model.lora.enabled=true (one adapter per role)")
     for role, path in policy.role_models.items():
         _check(policy.mode == "separate", f"policy.role_models is set for {role!r} but policy.mode={policy.mode}; use policy=separate")
@@ -619,22 +642,23 @@ def _validate_at_grpo(config: PalaestraConfig) -> None:
 
 
 def _validate_grpo(config: PalaestraConfig) -> None:
+    from palaestra.algorithms.grpo import LOSS_TYPES, SCALE_REWARDS
+
     algo, train = config.algo, config.train
     _check(algo.num_generations >= 2, f"algo.num_generations={algo.num_generations} must be >= 2 (GRPO compares completions within a group)")
     _check(algo.beta >= 0, f"algo.beta={algo.beta} must be >= 0")
     _check(algo.epsilon > 0, f"algo.epsilon={algo.epsilon} must be > 0")
     _check(algo.epsilon_high is None or algo.epsilon_high > 0, f"algo.epsilon_high={algo.epsilon_high} must be > 0")
     _check(algo.num_iterations >= 1, f"algo.num_iterations={algo.num_iterations} must be >= 1")
-    _check(algo.loss_type in LOSS_TYPES, f"algo.loss_type={algo.loss_type!r} is unknown; use one of {', '.join(LOSS_TYPES)}")
-    _check(algo.scale_rewards in SCALE_REWARDS, f"algo.scale_rewards={algo.scale_rewards!r} is unknown; use one of {', '.join(SCALE_REWARDS)}")
+    _one_of("algo.loss_type", algo.loss_type, LOSS_TYPES)
+    _one_of("algo.scale_rewards", algo.scale_rewards, SCALE_REWARDS)
     _check(algo.max_completion_length > 0, f"algo.max_completion_length={algo.max_completion_length} must be positive")
     _check(algo.max_prompt_length > 0, f"algo.max_prompt_length={algo.max_prompt_length} must be positive")
     _check(algo.temperature > 0, f"algo.temperature={algo.temperature} must be > 0")
     _check(algo.temperature_final is None or algo.temperature_final > 0, f"algo.temperature_final={algo.temperature_final} must be > 0")
     _check(0 < algo.top_p <= 1, f"algo.top_p={algo.top_p} must be in (0, 1]")
     _check(algo.top_k >= 0, f"algo.top_k={algo.top_k} must be >= 0")
-    _check(algo.rollout_engine in ROLLOUT_ENGINES,
-           f"algo.rollout_engine={algo.rollout_engine!r} is unknown; use one of {', '.join(ROLLOUT_ENGINES)}")
+    _one_of("algo.rollout_engine", algo.rollout_engine, ROLLOUT_ENGINES)
     if algo.rollout_engine == "vllm":
         _check_vllm(config)
 
@@ -661,10 +685,6 @@ def _check_vllm(config: PalaestraConfig) -> None:
     import torch
 
     _check(torch.cuda.is_available(), "algo.rollout_engine=vllm needs a CUDA GPU; use algo.rollout_engine=hf on this machine")
-
-
-DATA_ALGOS = ("sft", "reward", "dpo", "ppo")
-"""The targets that read the data section (chat or preference JSONL)."""
 
 
 def _validate_data_recipe(config: PalaestraConfig) -> None:
@@ -694,7 +714,9 @@ def _validate_data_recipe(config: PalaestraConfig) -> None:
         _check(algo.max_steps >= 0, f"algo.max_steps={algo.max_steps} must be >= 0")
     if isinstance(algo, DPOConfig):
         _check(algo.beta > 0, f"algo.beta={algo.beta} must be > 0")
-        _check(algo.loss_type in ("sigmoid", "ipo"), f"algo.loss_type={algo.loss_type!r} is unknown; use sigmoid or ipo")
+        from palaestra.algorithms.preference import DPO_LOSS_TYPES
+
+        _one_of("algo.loss_type", algo.loss_type, DPO_LOSS_TYPES)
         _check(0 <= algo.label_smoothing < 0.5, f"algo.label_smoothing={algo.label_smoothing} must be in [0, 0.5)")
     if isinstance(algo, PPOConfig):
         _check(algo.prompts_per_step > 0, f"algo.prompts_per_step={algo.prompts_per_step} must be positive")
@@ -708,3 +730,28 @@ def _validate_data_recipe(config: PalaestraConfig) -> None:
         )
         if algo.reward_model is None:
             _check(bool(data.rewards), "data.rewards is empty and algo.reward_model is not set; PPO needs one of them")
+
+
+SCHEMA_NAME = "palaestra_schema"
+"""The first entry of conf/config.yaml's defaults list: every section's defaults, from the dataclasses."""
+
+
+def register_schema() -> None:
+    """Give Hydra the dataclasses' defaults, so that no YAML file restates them.
+
+    ``palaestra_schema`` (every section but ``algo``) is the base that conf/config.yaml composes
+    over, and ``algo/<method>_defaults`` the base of each ``algo/<method>.yaml``; both are untyped
+    copies, so that types and unknown keys are checked by :func:`to_config` (one-line errors).
+    Called by the ``palaestra`` command and by ``palaestra.conf`` (compose API); storing twice is harmless.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    from palaestra.recipes.methods import METHODS
+
+    store = ConfigStore.instance()
+    defaults = OmegaConf.to_container(OmegaConf.structured(PalaestraConfig))
+    defaults["algo"] = {}  # filled by the chosen algo/<method>.yaml
+    store.store(name=SCHEMA_NAME, node=defaults)
+    for name, method in METHODS.items():
+        store.store(group="algo", name=f"{name}_defaults", node=OmegaConf.to_container(OmegaConf.structured(method.schema)))
+

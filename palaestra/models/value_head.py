@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from palaestra.algorithms.grpo import entropy_from_logits, masked_mean, selective_log_softmax
+from palaestra.algorithms.logprob_math import entropy_from_logits, masked_mean, selective_log_softmax
 from palaestra.models.logprobs import padded_inputs
 
 __all__ = ["ValueHead", "explained_variance", "logprobs_and_values"]

@@ -207,3 +207,16 @@ def passes_gate(
             elif name not in lower_is_better and value < soft_tolerance * base - 1e-12:
                 reasons.append(f"{name} = {value:.4f} below {soft_tolerance} x baseline {base:.4f}")
     return not reasons, reasons
+
+
+PLAN_COLUMNS = ("household", "pantry", "constraints", "plan")
+"""The columns a planner row carries (what the metrics read)."""
+
+
+def planner_figures(predictions: list[str], rows: list[dict]) -> dict[str, float]:
+    """``planner/<metric>`` of :func:`aggregate_planner_metrics` when every row is a planner row, else ``{}``:
+    the ``data.metrics`` hook of conf/data/planner.yaml (PPO's held-out figures)."""
+    if not rows or not all(all(k in row for k in PLAN_COLUMNS) for row in rows):
+        return {}
+    return {f"planner/{k}": v for k, v in aggregate_planner_metrics(predictions, rows).items()}
+

@@ -20,39 +20,24 @@ epoch, as in the reference) and no critic; evaluation plays each test problem wi
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
-from palaestra import checkpoint as ckpt
 from palaestra.algorithms.at_grpo import select_samples
 from palaestra.algorithms.grpo import group_advantages, policy_loss
 from palaestra.config import ConfigError, PalaestraConfig
-from palaestra.envs import resolve_env, test_seeds, train_seeds
+from palaestra.envs import resolve_env, train_seeds
+from palaestra.evaluation.team import evaluate_team, rollout_metrics, team_sampling
 from palaestra.models import model_id
 from palaestra.models.logprobs import batch_logprobs, shared_prompt_rows
 from palaestra.models.policies import Policy, build_policies
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
-from palaestra.recipes.common import (
-    StopSignals,
-    append_jsonl,
-    attach_log_file,
-    clip_gradients,
-    fmt,
-    lr_lambda,
-    memory_figures,
-    remember,
-    resolve_run_dir,
-    seed_everything,
-    timed,
-)
+from palaestra.recipes.common import adamw, clip_gradients, seed_everything
+from palaestra.recipes.methods import best_metric
+from palaestra.recipes.run import Run, config_dict
 from palaestra.rollout import SamplingParams
 from palaestra.rollout.tree import AgentGroup, Episode, independent_groups, stack_rows, tree_rollout
-from palaestra.tracking import MlflowTracker, flatten_config, plot_curves
 
 log = logging.getLogger("palaestra")
 
@@ -60,9 +45,7 @@ log = logging.getLogger("palaestra")
 def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict:
     """Train a team with AT-GRPO; return the run folder, the MLflow run id and the figures."""
     train_cfg, algo, env_cfg = config.train, config.algo, config.env
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
-    seed_everything(train_cfg.seed)
+    seed_everything(train_cfg.seed, threads=train_cfg.threads)
 
     # ---- environments (cheap; fails before any model loads on bad parameters)
     env_class = resolve_env(env_cfg.name)
@@ -86,29 +69,25 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
     )
     for policy in policies.values():
         policy.activate()
-        policy.optimizer = torch.optim.AdamW(
-            list(policy.parameters().values()), lr=train_cfg.learning_rate,
-            betas=(train_cfg.adam_beta1, train_cfg.adam_beta2), weight_decay=train_cfg.weight_decay,
-        )
-        policy.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            policy.optimizer, lr_lambda(train_cfg.steps, train_cfg.warmup_ratio, train_cfg.lr_schedule)
-        )
+        policy.optimizer, policy.scheduler = adamw(list(policy.parameters().values()), train_cfg, train_cfg.steps)
 
     # ---- run folder, resume, tracking
-    run_dir, resume_from = resolve_run_dir(train_cfg, Path("runs") / f"{env_cfg.name}-{algo.name}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    attach_log_file(run_dir / "train.log")
+    run = Run(train_cfg, method="at_grpo", runs_root=Path("runs") / f"{env_cfg.name}-{algo.name}", total_steps=train_cfg.steps,
+              best=best_metric(config), progress=("success_rate", "reward/mean", "tokens_per_second"),
+              curves=("success_rate",), plot=("success_curve.png", "AT-GRPO: success rate"))
     log.info("env %s, roles %s -> policies %s, device %s, precision %s", env_cfg.name, roles, role_policy, device, precision)
-    parts = {name: policy.checkpoint_part() for name, policy in policies.items()}
-    state = {"step": 0, "mlflow_run_id": None, "history": {}}
-    if resume_from is not None:
-        state.update(ckpt.load_checkpoint(resume_from, parts=parts))
-        log.info("resumed from %s at step %d", resume_from, state["step"])
-    tracker = _start_tracking(config, state["mlflow_run_id"], run_dir)
-    state["mlflow_run_id"] = tracker.run_id if tracker else None
+    run.resume(parts={name: policy.checkpoint_part() for name, policy in policies.items()})
+    tracker = run.track(
+        config.tracking, run_name=f"{env_cfg.name}-{algo.name}-{config.policy.mode}-{config.model.name}",
+        tags={"env": env_cfg.name, "task": env_cfg.name, "algo": algo.name, "policy": config.policy.mode,
+              "model": model_id(config.model.name, config.model.path),
+              "dataset_version": f"{env_cfg.name}:{sorted(dict(env_cfg.params).items())}:seed={env_cfg.seed}"},
+        config=config_dict(config),
+    )
 
     train_sampling = SamplingParams(algo.max_completion_length, algo.temperature, algo.top_p, algo.top_k)
-    results: dict = {"run_dir": str(run_dir), "mlflow_run_id": state["mlflow_run_id"]}
+    eval_sampling, plays = team_sampling(config.eval, algo.max_completion_length)
+    results: dict = {}
 
     def generate(agent: str, prompts: list[list[dict]], samples: int, sampling: SamplingParams):
         policy = policies[role_policy[agent]]
@@ -116,29 +95,21 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
         return policy.generator.generate(prompts, samples, sampling)
 
     def run_eval(step: int, label: str) -> dict:
-        figures, episodes = evaluate_team(make_env, generate, env_cfg.test_envs, config, base_seed=env_cfg.seed)
-        log.info("eval (%s, step %d): %s", label, step, fmt(figures))
-        remember(state, {f"eval/{k_}": v for k_, v in figures.items()}, step)
+        figures, episodes = evaluate_team(make_env, generate, env_cfg.test_envs, sampling=eval_sampling, plays=plays,
+                                          alpha=algo.alpha, seed=train_cfg.seed, base_seed=env_cfg.seed)
         if tracker:
-            tracker.log_metrics({f"eval/{k_}": v for k_, v in figures.items()}, step=step)
             tracker.log_dict({"episodes": [vars(e) for e in episodes[:4]]}, f"transcripts/{label}_step{step:06d}.json")
-        return figures
+        return run.log_eval(step, label, figures)
 
-    if evaluate_before_after and state["step"] == 0:
+    if evaluate_before_after and run.step == 0:
         results["before"] = run_eval(0, "before")
 
-    stop = StopSignals()
-    progress = tqdm(total=train_cfg.steps, initial=state["step"], desc="at_grpo", dynamic_ncols=True)
-    loop_started, steps_this_run, out_of_time = time.perf_counter(), 0, False
-    try:
-        while state["step"] < train_cfg.steps and not stop.requested:
-            step = state["step"] + 1
-            started = time.perf_counter()
-            timings: dict[str, float] = {}
+    with run:
+        for step in run.steps():
 
             # 1. roll out: a tree of K answers per (turn, agent) over fresh training problems
             seeds = train_seeds(env_cfg.train_envs, base=env_cfg.seed + (step - 1) * env_cfg.train_envs)
-            with timed(timings, "rollout"):
+            with run.timed("rollout"):
                 groups, episodes = _rollout(make_env, seeds, generate, train_sampling, algo)
 
             # 2. score and 3. advantages: normalised inside each (problem, turn, agent) group
@@ -148,64 +119,24 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
 
             # 4. loss and step: each policy on the answers of the roles it serves
             stats: dict[str, float] = {}
-            with timed(timings, "train"):
+            with run.timed("train"):
                 for name, policy in policies.items():
                     stats.update(_train_policy(policy, groups, advantages, keep, role_policy, config))
-            state["step"] = step
 
             # 5. log / eval / checkpoint
-            elapsed = time.perf_counter() - started
-            metrics = {**stats, **_rollout_metrics(groups, episodes), "time/step": elapsed,
-                       **{f"time/{n}": s for n, s in timings.items()},
-                       "learning_rate": next(iter(policies.values())).scheduler.get_last_lr()[0]}
+            elapsed = run.step_seconds()
             tokens = sum(int(rollout.completion_mask[row].sum()) for g in groups for rollout, row in g.answers)
-            metrics["tokens_per_second"] = tokens / elapsed
-            metrics.update(memory_figures())
-            remember(state, {"success_rate": metrics["success_rate"], "reward/mean": metrics["reward/mean"]}, step)
-            append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
-            log.info("step %d: %s", step, fmt(metrics), extra={"console": False})
-            if tracker:
-                tracker.log_metrics(metrics, step=step)
-                if train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
-                    tracker.log_dict({"episodes": [vars(e) for e in episodes[:2]]}, f"transcripts/train_step{step:06d}.json")
-            progress.update(1)
-            progress.set_postfix(success=f"{metrics['success_rate']:.2f}", reward=f"{metrics['reward/mean']:.2f}",
-                                 tok_s=f"{metrics['tokens_per_second']:.0f}")
-
-            if train_cfg.eval_interval and step % train_cfg.eval_interval == 0:
-                run_eval(step, "train")
-            steps_this_run += 1
-            out_of_time = bool(train_cfg.max_seconds) and time.perf_counter() - loop_started >= train_cfg.max_seconds
-            interrupted = stop.requested or out_of_time or (
-                train_cfg.stop_after_steps and steps_this_run >= train_cfg.stop_after_steps
-            )
-            if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or stop.save_requested or interrupted \
-                    or step == train_cfg.steps:
-                stop.save_requested = False
-                ckpt.save_checkpoint(run_dir, step, parts=parts, trainer_state=state, keep_last_n=train_cfg.keep_last_n or None)
-            if interrupted:
-                log.info("stopping at step %d (checkpoint saved); resume with train.resume=auto train.output_dir=%s", step, run_dir)
+            run.log(step, {**stats, **rollout_metrics(groups, episodes),
+                           "learning_rate": next(iter(policies.values())).scheduler.get_last_lr()[0],
+                           "tokens_per_second": tokens / elapsed})
+            if tracker and train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
+                tracker.log_dict({"episodes": [vars(e) for e in episodes[:2]]}, f"transcripts/train_step{step:06d}.json")
+            if run.end_of_step(step, run_eval(step, "train") if run.eval_due(step) else None):
                 break
-    except BaseException:
-        if tracker:
-            tracker.end("KILLED" if stop.requested else "FAILED")
-        raise
-    finally:
-        progress.close()
-        stop.restore()
 
-    finished = state["step"] >= train_cfg.steps
-    if evaluate_before_after and (finished or out_of_time):
-        results["after"] = run_eval(state["step"], "after")
-    if tracker:
-        curves = {k_: [tuple(p) for p in v] for k_, v in state["history"].items() if k_ in ("success_rate", "eval/success_rate")}
-        if curves:
-            tracker.log_artifact(str(plot_curves(curves, run_dir / "success_curve.png", "AT-GRPO: success rate", smooth=5)), "plots")
-        tracker.log_artifact(str(run_dir / "train.log"))
-        tracker.end("FINISHED" if finished or not stop.requested else "KILLED")
-        results["mlflow_hint"] = tracker.run_url_hint()
-    results.update(step=state["step"], finished=finished, train_seconds=time.perf_counter() - loop_started)
-    return results
+    if evaluate_before_after and (run.finished or run.out_of_time):
+        results["after"] = run_eval(run.step, "after")
+    return {**run.finish(), **results}
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -288,61 +219,3 @@ def _rows_sharing_prompt(batch, block_sizes: list[int], micro_batch_size: int, g
     ids, mask = batch.prompt_ids.view(-1, shared, batch.prompt_ids.shape[1]), batch.prompt_mask.view(-1, shared, batch.prompt_mask.shape[1])
     same = (ids == ids[:, :1]).all() and (mask == mask[:, :1]).all()
     return shared if bool(same) else 1
-
-
-def _rollout_metrics(groups: list[AgentGroup], episodes: list[Episode]) -> dict[str, float]:
-    """Success rate, episode length, and reward per agent and per turn of a batch of episodes."""
-    metrics = {
-        "success_rate": float(np.mean([e.success for e in episodes])),
-        "episode_length": float(np.mean([e.turns for e in episodes])),
-        "reward/mean": float(np.mean([r for g in groups for r in g.rewards])) if groups else 0.0,
-    }
-    for key in sorted({g.agent for g in groups}):
-        rewards = [r for g in groups if g.agent == key for r in g.rewards]
-        metrics[f"reward/{key}"] = float(np.mean(rewards))
-    for turn in sorted({g.turn for g in groups}):
-        rewards = [r for g in groups if g.turn == turn for r in g.rewards]
-        metrics[f"reward/turn{turn + 1}"] = float(np.mean(rewards))
-    return metrics
-
-
-def evaluate_team(make_env, generate, count: int, config: PalaestraConfig, *, base_seed: int = 0) -> tuple[dict, list[Episode]]:
-    """Play ``count`` test problems without branching: success rate, episode length, per-agent
-    and per-turn rewards (means of the acting agent's local and the team reward).
-
-    Greedy by default; with ``eval.greedy=false`` each problem is played ``eval.num_samples``
-    times at ``eval.temperature`` and the figures average over all plays.
-    """
-    ev, algo = config.eval, config.algo
-    sampling = SamplingParams(ev.max_new_tokens or algo.max_completion_length, ev.temperature, ev.top_p, ev.top_k,
-                              greedy=ev.greedy)
-    plays = 1 if ev.greedy else ev.num_samples
-    seeds = [s for s in test_seeds(count, base=base_seed) for _ in range(plays)]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.train.seed)
-        groups, episodes = tree_rollout([make_env() for _ in seeds], seeds,
-                                        lambda agent, prompts, n: generate(agent, prompts, n, sampling),
-                                        samples_per_state=1, alpha=algo.alpha, branch=False)
-    figures = _rollout_metrics(groups, episodes)
-    for agent in sorted({g.agent for g in groups}):
-        results = [r for g in groups if g.agent == agent for r in g.results]
-        figures[f"local_reward/{agent}"] = float(np.mean([r.local_reward for r in results]))
-        figures[f"team_reward/{agent}"] = float(np.mean([r.team_reward for r in results]))
-    return figures, episodes
-
-
-def _start_tracking(config: PalaestraConfig, run_id: str | None, run_dir: Path):
-    if not config.tracking.enabled:
-        return None
-    name = config.tracking.run_name or f"{config.env.name}-{config.algo.name}-{config.policy.mode}-{config.model.name}"
-    tracker = MlflowTracker(config.tracking.experiment, run_name=name, run_id=run_id, tracking_uri=config.tracking.tracking_uri)
-    if run_id is None:
-        resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
-        resolved.pop("task", None)  # single-turn task settings do not apply to environments
-        tracker.log_params(flatten_config(resolved))
-        tracker.set_tags({"env": config.env.name, "task": config.env.name, "algo": config.algo.name,
-                          "policy": config.policy.mode, "model": model_id(config.model.name, config.model.path),
-                          "dataset_version": f"{config.env.name}:{sorted(dict(config.env.params).items())}:seed={config.env.seed}",
-                          "run_dir": str(run_dir.resolve())})
-        tracker.log_dict(resolved, "config.yaml")
-    return tracker

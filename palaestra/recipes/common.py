@@ -31,7 +31,10 @@ def timed(timings: dict[str, float], name: str):
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, threads: int = 0) -> None:
+    """Seed python, numpy and torch; ``threads`` > 0 also sets torch's CPU threads."""
+    if threads:
+        torch.set_num_threads(threads)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -178,3 +181,108 @@ def stop_now(train_cfg, stop: "StopSignals", loop_started: float, steps_this_run
     out_of_time = bool(train_cfg.max_seconds) and time.perf_counter() - loop_started >= train_cfg.max_seconds
     interrupted = stop.requested or out_of_time or bool(train_cfg.stop_after_steps and steps_this_run >= train_cfg.stop_after_steps)
     return out_of_time, interrupted
+
+
+def load_pairs(data, seed: int) -> tuple[list, list]:
+    """Training and held-out preference pairs of the ``data`` section; file problems become one-line ConfigErrors."""
+    from palaestra.config import ConfigError
+    from palaestra.data.preferences import load_preference_splits
+
+    try:
+        return load_preference_splits(data.path, train_file=data.preference_train_file, val_file=data.preference_val_file,
+                                      val_fraction=data.val_fraction, seed=seed)
+    except ValueError as error:
+        raise ConfigError(str(error).splitlines()[0]) from None
+
+
+def track_data_method(run, config, dataset_version: str | None = None):
+    """Start the MLflow run of a method trained on the ``data`` section (reward, dpo, ppo): the planner
+    contract's tags (policy_id, task, dataset_version: default the data folder's) and the whole config as params."""
+    from palaestra.data.chat import dataset_version as version_of
+    from palaestra.models import model_id
+    from palaestra.recipes.run import config_dict
+
+    data, algo = config.data, config.algo.name
+    dataset_version = dataset_version or version_of(data.path, data.version)
+    tags = {"task": data.name, "algo": algo, "model": model_id(config.model.name, config.model.path),
+            "dataset_version": dataset_version, "policy_id": config.tracking.policy_id or f"{data.name}-{algo}"}
+    return run.track(config.tracking, run_name=f"{data.name}-{algo}-{config.model.name}", tags=tags, config=config_dict(config))
+
+
+def register(tracker, name: str, results: dict) -> None:
+    """Register the run's ``model`` artifact as a new version of ``name`` in MLflow's model registry."""
+    from palaestra.registry.models import register_model
+
+    version = register_model(tracker, tracker.run_id, name)
+    tracker.set_tags({"registered_model": name, "registered_model_version": version})
+    results["registered_model_version"] = version
+    log.info("registered models:/%s/%s", name, version)
+
+
+def adamw(params, train, total_updates: int):
+    """(AdamW over ``params`` (tensors or param groups) with the ``train`` section's settings, its
+    schedule: linear warmup then cosine or constant over ``total_updates`` optimizer updates)."""
+    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                                  weight_decay=train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_updates, train.warmup_ratio, train.lr_schedule))
+    return optimizer, scheduler
+
+
+def load_policy(model_cfg, device: str):
+    """(model, tokenizer, compute precision, weights dtype): the ``model`` section's causal LM on
+    ``device``, with its LoRA adapter when ``model.lora.enabled``."""
+    from palaestra.models import apply_lora, load_model_and_tokenizer
+    from palaestra.models.precision import resolve_precision, weights_dtype
+
+    precision = resolve_precision(model_cfg.precision, device)
+    dtype = weights_dtype(model_cfg.dtype, precision, model_cfg.lora.enabled)
+    model, tokenizer = load_model_and_tokenizer(model_cfg.name, path=model_cfg.path, dtype=dtype, device=device)
+    if model_cfg.lora.enabled:
+        lora = model_cfg.lora
+        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    return model, tokenizer, precision, dtype
+
+
+def next_items(items: list, position: int, count: int, seed: int) -> tuple[list, int]:
+    """The next ``count`` items of a seeded shuffle per epoch; ``position`` counts the items consumed."""
+    chosen = []
+    while len(chosen) < count:
+        epoch, offset = divmod(position, len(items))
+        order = list(range(len(items)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        take = order[offset : offset + count - len(chosen)]
+        chosen.extend(items[i] for i in take)
+        position += len(take)
+    return chosen, position
+
+
+def pair_rows(tokenizer, train_pairs: list, val_pairs: list, *, max_length: int, add_eos: bool) -> tuple[list, list]:
+    """Tokenised training and held-out preference pairs; a warning when truncation made training pairs identical."""
+    from palaestra.data.preferences import encode_pair, identical_pairs
+
+    train_rows = [encode_pair(tokenizer, pair, max_length, add_eos=add_eos) for pair in train_pairs]
+    val_rows = [encode_pair(tokenizer, pair, max_length, add_eos=add_eos) for pair in val_pairs]
+    if identical_pairs(train_rows):
+        log.warning("%d training pairs are identical after truncation to data.max_length=%d; raise data.max_length",
+                    identical_pairs(train_rows), max_length)
+    return train_rows, val_rows
+
+
+def pair_steps(pairs: int, batch_size: int, epochs: int, max_steps: int) -> tuple[int, int]:
+    """(steps per epoch, steps in all: ``max_steps`` or ``epochs`` epochs) of training on ``pairs`` pairs."""
+    per_epoch = math.ceil(pairs / batch_size)
+    return per_epoch, max_steps or epochs * per_epoch
+
+
+def pair_batch(rows: list, batch_size: int, step: int, seed: int) -> tuple[int, list]:
+    """(epoch, the rows of ``step``): the step's share of its epoch's seeded shuffle (the step number alone fixes it)."""
+    from palaestra.data.preferences import batch_for_step
+
+    epoch, indices = batch_for_step(len(rows), batch_size, step, seed)
+    return epoch, [rows[i] for i in indices]
+
+
+def pair_epoch(step: int, epoch: int, batch_size: int, count: int) -> float:
+    """Epochs done after ``step`` of :func:`palaestra.data.preferences.batch_for_step` (fractional)."""
+    per_epoch = math.ceil(count / batch_size)
+    return epoch + min(((step - 1) % per_epoch + 1) * batch_size, count) / count

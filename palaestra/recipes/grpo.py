@@ -20,43 +20,26 @@ log-probs, as in the paper's inner loop.
 from __future__ import annotations
 
 import logging
-import random
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
-from palaestra import checkpoint as ckpt
-from palaestra.recipes.common import (
-    StopSignals,
-    append_jsonl,
-    attach_log_file,
-    clip_gradients,
-    fmt,
-    lr_lambda,
-    memory_figures,
-    remember,
-    resolve_run_dir,
-    seed_everything,
-    timed,
-)
-from palaestra.algorithms.grpo import group_advantages, masked_mean, policy_loss
+from palaestra.algorithms.grpo import group_advantages, policy_loss
+from palaestra.algorithms.logprob_math import masked_mean
 from palaestra.config import ConfigError, PalaestraConfig, reward_weights
 from palaestra.distributed import Distributed
 from palaestra.evaluation.evaluate import evaluate
-from palaestra.models import (
-    apply_lora, embedded_model_dir, frozen_reference_copy, load_model_and_tokenizer, model_id, reference_logits_context,
-)
-from palaestra.models.precision import autocast, resolve_precision, weights_dtype
+from palaestra.models import embedded_model_dir, frozen_reference_copy, model_id, reference_logits_context
+from palaestra.models.precision import autocast
 from palaestra.models.logprobs import batch_logprobs, shared_prompt_rows
+from palaestra.recipes.common import adamw, clip_gradients, load_policy, next_items, seed_everything, timed
+from palaestra.recipes.methods import best_metric
+from palaestra.recipes.run import Run, config_dict
 from palaestra.rewards import combine_rewards
 from palaestra.rollout import HFGenerator, SamplingParams
 from palaestra.tasks.build import build_task
-from palaestra.tracking import MlflowTracker, flatten_config, plot_curves
 
 log = logging.getLogger("palaestra")
 
@@ -73,9 +56,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             f"{prompts_per_step} prompts per step (train.batch_size={train_cfg.batch_size}) cannot be split over {dist.world} "
             f"processes in micro-batches of {train_cfg.micro_batch_size}; use a batch that divides evenly"
         )
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
-    seed_everything(train_cfg.seed)
+    seed_everything(train_cfg.seed, threads=train_cfg.threads)
     if dist.rank:  # every process samples differently; rank 0 samples exactly like a single process
         torch.manual_seed(train_cfg.seed + 1000 * dist.rank)
 
@@ -85,52 +66,34 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
     # ---- model, adapter, reference
     device = dist.device()
-    precision = resolve_precision(config.model.precision, device)
-    dtype = weights_dtype(config.model.dtype, precision, config.model.lora.enabled)
-    model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype=dtype, device=device)
-    if config.model.lora.enabled:
-        lora = config.model.lora
-        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    model, tokenizer, precision, dtype = load_policy(config.model, device)
     reference = None
     if algo.beta > 0 and not config.model.lora.enabled:
         reference = frozen_reference_copy(model)  # full fine-tuning needs a frozen copy; LoRA does not
     model.train()
     generator = _generator(config, model, tokenizer, precision)
 
-    # ---- run folder, optimizer, resume
-    run_dir, resume_from = dist.broadcast(resolve_run_dir(config.train, Path("runs") / f"{config.task.name}-{config.algo.name}"))
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        attach_log_file(run_dir / "train.log")
-    dist.barrier()
+    # ---- run folder, optimizer, resume, tracking
+    run = Run(train_cfg, method="grpo", runs_root=Path("runs") / f"{config.task.name}-{algo.name}", total_steps=train_cfg.steps,
+              best=best_metric(config), dist=dist, state={"data_position": 0},
+              progress=("reward/mean", "tokens_per_second"), curves=("reward/mean",),
+              plot=("reward_curve.png", "GRPO: reward and held-out accuracy"))
     log.info("device %s, compute precision %s, weights %s", device, precision, dtype)
     updates_total = train_cfg.steps * algo.num_iterations
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=train_cfg.learning_rate, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-        weight_decay=train_cfg.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(updates_total, train_cfg.warmup_ratio, train_cfg.lr_schedule)
-    )
-    state = {"step": 0, "data_position": 0, "mlflow_run_id": None, "best_metric": None,
-             "evals_without_improvement": 0, "history": {}}
-    if resume_from is not None:
-        state.update(ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
-                                          restore_rng=dist.is_main))
-        if dist.rank:
-            torch.manual_seed(train_cfg.seed + 1000 * dist.rank + state["step"])
-        log.info("resumed from %s at step %d", resume_from, state["step"])
-
-    # ---- tracking (the main process only)
-    tracker = _start_tracking(config, task, state["mlflow_run_id"], run_dir) if dist.is_main else None
-    state["mlflow_run_id"] = tracker.run_id if tracker else None
+    optimizer, scheduler = adamw(trainable, train_cfg, updates_total)
+    if run.resume(model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=dist.is_main) and dist.rank:
+        torch.manual_seed(train_cfg.seed + 1000 * dist.rank + run.step)
+    tracker = run.track(config.tracking, run_name=f"{config.task.name}-{algo.name}-{config.model.name}",
+                        tags={"task": config.task.name, "algo": algo.name, "model": model_id(config.model.name, config.model.path),
+                              "dataset_version": task.dataset_version},
+                        config=config_dict(config))
 
     weights = reward_weights(config.task)
     micro_batches = train_cfg.batch_size // dist.world // train_cfg.micro_batch_size
     shared = shared_prompt_rows(train_cfg.micro_batch_size, algo.num_generations, train_cfg.share_prompt_forward)
     eval_sampling = _eval_sampling(config)
-    results: dict = {"run_dir": str(run_dir), "mlflow_run_id": state["mlflow_run_id"]}
+    results: dict = {}
 
     def run_eval(step: int, label: str) -> dict | None:
         """Evaluate on the main process (the others wait); figures on the main process, else None."""
@@ -142,36 +105,25 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             sampling=eval_sampling, num_samples=config.eval.num_samples, pass_k=list(config.eval.pass_k),
             batch_size=config.eval.batch_size, seed=train_cfg.seed, show_progress=True,
         )
-        figures = result.metrics()
-        log.info("eval (%s, step %d): %s", label, step, fmt(figures))
-        remember(state, {f"eval/{k}": v for k, v in figures.items()}, step)
+        figures = run.log_eval(step, label, result.metrics())
         if tracker:
-            tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=step)
             tracker.log_table(result.samples[:32], f"eval/samples_{label}_step{step:06d}.json")
         dist.barrier()
         return figures
 
-    if evaluate_before_after and state["step"] == 0:
+    if evaluate_before_after and run.step == 0:
         results["before"] = run_eval(0, "before")
 
-    stop = StopSignals()
-    loop_started = time.perf_counter()
-    out_of_time = False
-    progress = tqdm(total=train_cfg.steps, initial=state["step"], desc="grpo", dynamic_ncols=True, disable=not dist.is_main)
-    steps_this_run = 0
-    try:
-        while state["step"] < train_cfg.steps and not stop.requested:
-            step = state["step"] + 1
-            started = time.perf_counter()
-            timings: dict[str, float] = {}  # where this step's time goes, in seconds
+    with run:
+        for step in run.steps():
             temperature = _temperature(algo, step)
 
             # 1. roll out: G completions for each prompt of this step
-            examples, state["data_position"] = _next_examples(
-                task.train, state["data_position"], prompts_per_step, train_cfg.seed
+            examples, run.state["data_position"] = next_items(
+                task.train, run.state["data_position"], prompts_per_step, train_cfg.seed
             )
             examples = dist.share(examples)  # every process draws the same prompts and keeps its share
-            with timed(timings, "generation"):
+            with run.timed("generation"):
                 if algo.rollout_engine == "vllm":
                     generator.sync_adapter()  # vLLM samples from the adapter as the last update left it
                 rollout = generator.generate(
@@ -180,7 +132,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 )
 
             # 2. score: weighted sum of reward functions, each component kept for logging
-            with timed(timings, "rewards"):
+            with run.timed("rewards"):
                 columns = task.columns([e for e in examples for _ in range(algo.num_generations)])
                 rewards, components = combine_rewards(rollout.texts, columns, weights)
                 rewards = torch.tensor(rewards, dtype=torch.float32)
@@ -199,10 +151,10 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             old_logps = ref_logps = None
             with torch.no_grad():
                 if algo.num_iterations > 1:
-                    with timed(timings, "old_logprobs"):
+                    with run.timed("old_logprobs"):
                         old_logps = [_logprobs(model, rollout, s, temperature, shared, precision)[0] for s in slices]
                 if algo.beta > 0:
-                    with timed(timings, "reference"), _reference(model, reference):
+                    with run.timed("reference"), _reference(model, reference):
                         ref_model = reference if reference is not None else model
                         ref_logps = [_logprobs(ref_model, rollout, s, temperature, shared, precision)[0] for s in slices]
             stats: dict[str, float] = {}
@@ -210,15 +162,13 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 stats, grad_norm = update_policy(
                     model, optimizer, scheduler, trainable, rollout, advantages, loss_mask, algo=algo, slices=slices,
                     shared=shared, precision=precision, temperature=temperature, old_logps=old_logps,
-                    ref_logps=ref_logps, max_grad_norm=train_cfg.max_grad_norm, dist=dist, timings=timings,
+                    ref_logps=ref_logps, max_grad_norm=train_cfg.max_grad_norm, dist=dist, timings=run.timings,
                 )
-            state["step"] = step
 
             # 5. log / eval / checkpoint
             lengths = rollout.completion_mask.sum(dim=1).float()
-            elapsed = time.perf_counter() - started
-            timings["other"] = elapsed - sum(timings.values())
-            metrics = {
+            elapsed = run.step_seconds()
+            run.log(step, {
                 **stats,
                 "reward/mean": float(all_rewards.mean()),
                 "reward/std": float(all_rewards.std()) if len(all_rewards) > 1 else 0.0,
@@ -230,69 +180,18 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 "grad_norm": grad_norm,
                 "learning_rate": scheduler.get_last_lr()[0],
                 "temperature": temperature,
-                "time/step": elapsed,
-                **{f"time/{name}": seconds for name, seconds in timings.items()},
                 "tokens_per_second": float(dist.sum(torch.tensor(float(rollout.num_completion_tokens)))) / elapsed,
-                **memory_figures(),
-            }
-            remember(state, {"reward/mean": metrics["reward/mean"]}, step)
-            if dist.is_main:
-                append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
-            log.info("step %d: %s", step, fmt(metrics), extra={"console": False})
-            if tracker:
-                tracker.log_metrics(metrics, step=step)
-                if train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
-                    tracker.log_table(_sample_rows(step, examples, rollout.texts, rewards, components, algo.num_generations),
-                                      f"samples/step{step:06d}.json")
-            progress.update(1)
-            progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
-
-            evaluated = None
-            if train_cfg.eval_interval and step % train_cfg.eval_interval == 0:
-                figures = run_eval(step, "train")
-                evaluated = dist.broadcast(figures.get(train_cfg.best_metric) if figures else None)
-            steps_this_run += 1
-            out_of_time = dist.any(bool(train_cfg.max_seconds) and time.perf_counter() - loop_started >= train_cfg.max_seconds)
-            interrupted = dist.any(bool(stop.requested or out_of_time or (
-                train_cfg.stop_after_steps and steps_this_run >= train_cfg.stop_after_steps
-            )))
-            stop.save_requested = dist.any(stop.save_requested)
-            last = step == train_cfg.steps
-            if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or stop.save_requested or interrupted or last or evaluated is not None:
-                stop.save_requested = False
-                _improved(state, evaluated)
-                if dist.is_main:
-                    path = ckpt.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                                trainer_state=state, keep_last_n=train_cfg.keep_last_n or None)
-                    if evaluated is not None and train_cfg.save_best:
-                        ckpt.save_best(run_dir, path, train_cfg.best_metric, evaluated)
-                dist.barrier()
-            if interrupted:
-                log.info("stopping at step %d (checkpoint saved); resume with train.resume=auto train.output_dir=%s", step, run_dir)
+            })
+            if tracker and train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
+                tracker.log_table(_sample_rows(step, examples, rollout.texts, rewards, components, algo.num_generations),
+                                  f"samples/step{step:06d}.json")
+            if run.end_of_step(step, run_eval(step, "train") if run.eval_due(step) else None):
                 break
-            if train_cfg.early_stopping_patience and state["evals_without_improvement"] >= train_cfg.early_stopping_patience:
-                log.info("early stopping at step %d: no eval improvement in %d evaluations", step, state["evals_without_improvement"])
-                break
-    except BaseException:
-        if tracker:
-            tracker.end("KILLED" if stop.requested else "FAILED")
-        raise
-    finally:
-        progress.close()
-        stop.restore()
 
     # ---- final evaluation, plots, cleanup
-    finished = state["step"] >= train_cfg.steps
-    if evaluate_before_after and (finished or out_of_time):
-        results["after"] = run_eval(state["step"], "after")
-    if tracker:
-        _log_plots(tracker, state, run_dir)
-        tracker.log_artifact(str(run_dir / "train.log"))
-        tracker.end("FINISHED" if finished or not stop.requested else "KILLED")
-        results["mlflow_hint"] = tracker.run_url_hint()
-    results.update(step=state["step"], finished=finished, out_of_time=out_of_time,
-                   train_seconds=time.perf_counter() - loop_started)
-    return results
+    if evaluate_before_after and (run.finished or run.out_of_time):
+        results["after"] = run_eval(run.step, "after")
+    return {**run.finish(), **results}
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -371,45 +270,6 @@ def _temperature(algo, step: int) -> float:
     return algo.temperature + fraction * (algo.temperature_final - algo.temperature)
 
 
-def _next_examples(examples: list, position: int, count: int, seed: int) -> tuple[list, int]:
-    """The next ``count`` examples of a seeded shuffle per epoch; ``position`` counts examples consumed."""
-    chosen = []
-    while len(chosen) < count:
-        epoch, offset = divmod(position, len(examples))
-        order = list(range(len(examples)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        take = order[offset : offset + count - len(chosen)]
-        chosen.extend(examples[i] for i in take)
-        position += len(take)
-    return chosen, position
-
-
-def _improved(state: dict, value: float | None) -> dict:
-    """Update best-metric bookkeeping (for save_best and early stopping) and return the state."""
-    if value is not None:
-        if state["best_metric"] is None or value > state["best_metric"]:
-            state["best_metric"], state["evals_without_improvement"] = value, 0
-        else:
-            state["evals_without_improvement"] += 1
-    return state
-
-
-def _start_tracking(config: PalaestraConfig, task, run_id: str | None, run_dir: Path):
-    if not config.tracking.enabled:
-        return None
-    name = config.tracking.run_name or f"{config.task.name}-{config.algo.name}-{config.model.name}"
-    tracker = MlflowTracker(config.tracking.experiment, run_name=name, run_id=run_id, tracking_uri=config.tracking.tracking_uri)
-    if run_id is None:
-        resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
-        tracker.log_params(flatten_config(resolved))
-        tracker.set_tags({
-            "task": config.task.name, "algo": config.algo.name,
-            "model": model_id(config.model.name, config.model.path), "dataset_version": task.dataset_version,
-            "run_dir": str(run_dir.resolve()),
-        })
-        tracker.log_dict(resolved, "config.yaml")
-    return tracker
-
 
 def _eval_sampling(config: PalaestraConfig) -> SamplingParams:
     ev = config.eval
@@ -427,13 +287,6 @@ def _sample_rows(step, examples, texts, rewards, components, group_size) -> list
         rows.append(row)
     return rows
 
-
-def _log_plots(tracker, state: dict, run_dir: Path) -> None:
-    history = state["history"]
-    curves = {k: [tuple(point) for point in v] for k, v in history.items() if k in ("reward/mean", "eval/accuracy")}
-    if curves:
-        path = plot_curves(curves, run_dir / "reward_curve.png", title="GRPO: reward and held-out accuracy", smooth=5)
-        tracker.log_artifact(str(path), "plots")
 
 
 def _short(reward_name: str) -> str:

@@ -27,48 +27,34 @@ process.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import random
-import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
 from palaestra import checkpoint as ckpt
-from palaestra.algorithms.grpo import masked_mean
+from palaestra.algorithms.logprob_math import masked_mean
 from palaestra.algorithms.ppo import gae, kl_penalty_rewards, ppo_policy_loss, value_loss, whiten
 from palaestra.config import ConfigError, PalaestraConfig
-from palaestra.data.chat import dataset_version, to_messages
+from palaestra.data.prompts import ChatPrompt, load_prompts
 from palaestra.export import export_policy
-from palaestra.models import apply_lora, frozen_reference_copy, load_model_and_tokenizer, model_id, reference_logits_context
+from palaestra.models import frozen_reference_copy, reference_logits_context
 from palaestra.models.logprobs import completion_logprobs
-from palaestra.models.precision import autocast, resolve_precision, weights_dtype
+from palaestra.models.precision import autocast
 from palaestra.models.value_head import ValueHead, explained_variance, logprobs_and_values
+from palaestra.plugins import lookup
 from palaestra.recipes.common import (
-    StopSignals,
-    stop_now,
-    append_jsonl,
-    attach_log_file,
-    clip_gradients,
-    fmt,
-    lr_lambda,
-    remember,
-    resolve_run_dir,
-    seed_everything,
-    timed,
+    adamw, clip_gradients, load_policy, next_items, seed_everything, timed, track_data_method,
 )
+from palaestra.recipes.methods import best_metric
+from palaestra.recipes.run import Run
 from palaestra.rewards import combine_rewards, resolve_reward
 from palaestra.rollout import HFGenerator, SamplingParams
-from palaestra.tracking import MlflowTracker, flatten_config, plot_curves
 
 log = logging.getLogger("palaestra")
 
@@ -83,28 +69,22 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     # ---- one process, seed and threads
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("algo=ppo runs in one process; launch it without torchrun")
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
-    seed_everything(train_cfg.seed)
+    seed_everything(train_cfg.seed, threads=train_cfg.threads)
     prompt_budget = min(algo.max_prompt_length, data_cfg.max_length - algo.max_completion_length)
     if prompt_budget < 1:
         raise ConfigError(f"data.max_length={data_cfg.max_length} leaves no room for a prompt beside "
                           f"algo.max_completion_length={algo.max_completion_length}; raise data.max_length")
 
     # ---- data and reward functions (cheap, and fail before the model loads)
-    train_rows, heldout_rows, version = _load_prompts(data_cfg)
+    train_rows, heldout_rows, version = load_prompts(data_cfg)
     heldout_rows = heldout_rows[: config.eval.max_examples or DEFAULT_EVAL_EXAMPLES]
     reward_names = [] if algo.reward_model else _resolve_rewards(data_cfg.rewards)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     score = _scorer(algo.reward_model, reward_names, device)
+    extra_figures = lookup(data_cfg.metrics, {}, "data.metrics") if data_cfg.metrics else None
 
     # ---- model, adapter, reference, value head
-    precision = resolve_precision(config.model.precision, device)
-    dtype = weights_dtype(config.model.dtype, precision, config.model.lora.enabled)
-    model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype=dtype, device=device)
-    if config.model.lora.enabled:
-        lora = config.model.lora
-        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    model, tokenizer, precision, dtype = load_policy(config.model, device)
     reference = None
     if algo.kl_coef > 0 and not config.model.lora.enabled:
         reference = frozen_reference_copy(model)  # full fine-tuning needs a frozen copy; LoRA does not
@@ -112,32 +92,20 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     model.train()
     generator = HFGenerator(model, tokenizer, max_prompt_length=prompt_budget, precision=precision)
 
-    # ---- run folder, optimizer, resume
-    run_dir, resume_from = resolve_run_dir(train_cfg, Path("runs") / f"{data_cfg.name}-{algo.name}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    attach_log_file(run_dir / "train.log")
+    # ---- run folder, optimizer, resume, tracking
+    run = Run(train_cfg, method="ppo", runs_root=Path("runs") / f"{data_cfg.name}-{algo.name}", total_steps=train_cfg.steps,
+              best=best_metric(config), state={"data_position": 0}, progress=("reward/mean", "kl", "value_loss"),
+              curves=("reward/mean",), plot=("reward_curve.png", "PPO: reward and held-out reward"))
     log.info("device %s, compute precision %s, weights %s, %d train prompts, %d held-out",
              device, precision, dtype, len(train_rows), len(heldout_rows))
     minibatches = math.ceil(algo.prompts_per_step / train_cfg.micro_batch_size)
     updates_total = train_cfg.steps * algo.ppo_epochs * minibatches
     policy_params = [p for p in model.parameters() if p.requires_grad]
     trainable = policy_params + list(value_head.parameters())
-    optimizer = torch.optim.AdamW(
-        [{"params": policy_params}, {"params": list(value_head.parameters())}], lr=train_cfg.learning_rate,
-        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2), weight_decay=train_cfg.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(updates_total, train_cfg.warmup_ratio, train_cfg.lr_schedule))
-    parts = _checkpoint_parts(model, value_head, optimizer, scheduler)
-    state = {"step": 0, "data_position": 0, "mlflow_run_id": None, "best_metric": None,
-             "evals_without_improvement": 0, "history": {}}
-    if resume_from is not None:
-        state.update(ckpt.load_checkpoint(resume_from, parts=parts))
-        log.info("resumed from %s at step %d", resume_from, state["step"])
-
-    # ---- tracking
-    tracker = _start_tracking(config, version, state["mlflow_run_id"], run_dir)
-    state["mlflow_run_id"] = tracker.run_id if tracker else None
-    results: dict = {"run_dir": str(run_dir), "mlflow_run_id": state["mlflow_run_id"], "outputs": {}}
+    optimizer, scheduler = adamw([{"params": policy_params}, {"params": list(value_head.parameters())}], train_cfg, updates_total)
+    run.resume(parts=_checkpoint_parts(model, value_head, optimizer, scheduler))
+    tracker = track_data_method(run, config, version)
+    results: dict = {"outputs": {}}
     sampling = SamplingParams(algo.max_completion_length, algo.temperature, algo.top_p, algo.top_k)
     eval_sampling = SamplingParams(config.eval.max_new_tokens or algo.max_completion_length, greedy=True)
 
@@ -152,35 +120,25 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         rewards, components = score(heldout_rows, texts)
         figures = {"reward": float(np.mean(rewards)),
                    **{f"reward/{_short(name)}": float(np.mean(values)) for name, values in components.items()}}
-        figures.update(_planner_figures(data_cfg.name, heldout_rows, texts))
-        log.info("eval (%s, step %d): %s", label, step, fmt(figures))
-        remember(state, {f"eval/{k}": v for k, v in figures.items()}, step)
+        if extra_figures:  # data.metrics: the domain's own figures (the planner's constraint respect, ...)
+            figures.update(extra_figures(texts, [row.columns for row in heldout_rows]))
         if tracker:
-            tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=step)
             tracker.log_table(_sample_rows(step, heldout_rows, texts, rewards, components), f"eval/samples_{label}_step{step:06d}.json")
-        return figures
+        return run.log_eval(step, label, figures)
 
-    if evaluate_before_after and state["step"] == 0:
+    if evaluate_before_after and run.step == 0:
         results["before"] = run_eval(0, "before")
 
-    stop = StopSignals()
-    loop_started = time.perf_counter()
-    out_of_time = False
-    progress = tqdm(total=train_cfg.steps, initial=state["step"], desc="ppo", dynamic_ncols=True)
-    steps_this_run = 0
-    try:
-        while state["step"] < train_cfg.steps and not stop.requested:
-            step = state["step"] + 1
-            started = time.perf_counter()
-            timings: dict[str, float] = {}  # where this step's time goes, in seconds
+    with run:
+        for step in run.steps():
 
             # 1. roll out: one completion for each prompt of this step
-            rows, state["data_position"] = _next_rows(train_rows, state["data_position"], algo.prompts_per_step, train_cfg.seed)
-            with timed(timings, "generation"):
+            rows, run.state["data_position"] = next_items(train_rows, run.state["data_position"], algo.prompts_per_step, train_cfg.seed)
+            with run.timed("generation"):
                 rollout = generator.generate([row.messages for row in rows], 1, sampling)
 
             # 2. score: each whole completion gets one number
-            with timed(timings, "rewards"):
+            with run.timed("rewards"):
                 scores, components = score(rows, rollout.texts)
                 scores = torch.tensor(scores, dtype=torch.float32, device=device)
 
@@ -189,12 +147,12 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 "prompt_ids": rollout.prompt_ids.to(device), "prompt_mask": rollout.prompt_mask.to(device),
                 "completion_ids": rollout.completion_ids.to(device), "mask": rollout.completion_mask.to(device),
             }
-            with torch.no_grad(), timed(timings, "old_logprobs_values"):
+            with torch.no_grad(), run.timed("old_logprobs_values"):
                 batch["old_logp"], batch["old_values"] = _rollout_pass(
                     batch, train_cfg.micro_batch_size, precision,
                     lambda mb: logprobs_and_values(model, value_head, *_inputs(mb), temperature=algo.temperature)[:2],
                 )
-            with torch.no_grad(), timed(timings, "reference"):
+            with torch.no_grad(), run.timed("reference"):
                 ref_logp = batch["old_logp"]  # no penalty: the reference pass is skipped
                 if algo.kl_coef > 0:
                     ref_logp = _reference_logprobs(model, reference, batch, train_cfg.micro_batch_size, precision, algo.temperature)
@@ -208,16 +166,14 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             stats = ppo_update(
                 model, value_head, optimizer, scheduler, trainable, batch, algo=algo,
                 minibatch_size=train_cfg.micro_batch_size, max_grad_norm=train_cfg.max_grad_norm,
-                precision=precision, order_seed=(train_cfg.seed, step), timings=timings,
+                precision=precision, order_seed=(train_cfg.seed, step), timings=run.timings,
             )
-            state["step"] = step
 
             # 5. log / eval / checkpoint
             kl_tokens = (batch["old_logp"] - ref_logp) * mask  # k1 estimate of KL(pi_old || pi_ref) per token
             lengths = mask.sum(dim=1)
-            elapsed = time.perf_counter() - started
-            timings["other"] = elapsed - sum(timings.values())
-            metrics = {
+            elapsed = run.step_seconds()
+            run.log(step, {
                 **stats,
                 "reward/mean": float(scores.mean()),
                 "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
@@ -231,71 +187,24 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                 "completion_length/mean": float(lengths.mean()),
                 "truncated_fraction": float(rollout.truncated.float().mean()),
                 "learning_rate": scheduler.get_last_lr()[0],
-                "time/step": elapsed,
-                **{f"time/{name}": seconds for name, seconds in timings.items()},
                 "tokens_per_second": rollout.num_completion_tokens / elapsed,
-            }
-            remember(state, {"reward/mean": metrics["reward/mean"]}, step)
-            append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
-            log.info("step %d: %s", step, fmt(metrics), extra={"console": False})
-            if tracker:
-                tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
-                if train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
-                    tracker.log_table(_sample_rows(step, rows, rollout.texts, scores.tolist(), components),
-                                      f"samples/step{step:06d}.json")
-            progress.update(1)
-            progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.3f}",
-                                 vloss=f"{metrics['value_loss']:.3f}")
-
-            evaluated = None
-            if train_cfg.eval_interval and step % train_cfg.eval_interval == 0:
-                figures = run_eval(step, "train")
-                if figures:  # the held-out reward unless train.best_metric names another eval figure
-                    evaluated = figures.get(train_cfg.best_metric, figures["reward"])
-            steps_this_run += 1
-            out_of_time, interrupted = stop_now(train_cfg, stop, loop_started, steps_this_run)
-            last = step == train_cfg.steps
-            if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or stop.save_requested or interrupted or last or evaluated is not None:
-                stop.save_requested = False
-                _improved(state, evaluated)
-                path = ckpt.save_checkpoint(run_dir, step, parts=parts, trainer_state=state,
-                                            keep_last_n=train_cfg.keep_last_n or None)
-                if evaluated is not None and train_cfg.save_best:
-                    metric = train_cfg.best_metric if train_cfg.best_metric in figures else "reward"
-                    ckpt.save_best(run_dir, path, metric, evaluated)
-            if interrupted:
-                log.info("stopping at step %d (checkpoint saved); resume with train.resume=auto train.output_dir=%s", step, run_dir)
+            })
+            if tracker and train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
+                tracker.log_table(_sample_rows(step, rows, rollout.texts, scores.tolist(), components), f"samples/step{step:06d}.json")
+            if run.end_of_step(step, run_eval(step, "train") if run.eval_due(step) else None):
                 break
-            if train_cfg.early_stopping_patience and state["evals_without_improvement"] >= train_cfg.early_stopping_patience:
-                log.info("early stopping at step %d: no eval improvement in %d evaluations", step, state["evals_without_improvement"])
-                break
-    except BaseException:
-        if tracker:
-            tracker.end("KILLED" if stop.requested else "FAILED")
-        raise
-    finally:
-        progress.close()
-        stop.restore()
 
-    # ---- final evaluation, export, plots, cleanup
-    finished = state["step"] >= train_cfg.steps
-    if evaluate_before_after and (finished or out_of_time):
-        results["after"] = run_eval(state["step"], "after")
-    if finished or out_of_time:
+    # ---- final evaluation, export, cleanup
+    if evaluate_before_after and (run.finished or run.out_of_time):
+        results["after"] = run_eval(run.step, "after")
+    if run.finished or run.out_of_time:
         if config.model.lora.enabled:
             model = model.float()  # merge in fp32: bf16 base weights would round most of a small update away
-        model_dir = export_policy(model, tokenizer, run_dir / "model")
-        value_dir = value_head.save(run_dir / "value_head")
+        model_dir = export_policy(model, tokenizer, run.run_dir / "model")
+        value_dir = value_head.save(run.run_dir / "value_head")
         results["outputs"] = {"model_dir": str(model_dir), "value_head_dir": str(value_dir)}
         log.info("policy exported to %s", model_dir)
-    if tracker:
-        _log_plots(tracker, state, run_dir)
-        tracker.log_artifact(str(run_dir / "train.log"))
-        tracker.end("FINISHED" if finished or not stop.requested else "KILLED")
-        results["mlflow_hint"] = tracker.run_url_hint()
-    results.update(step=state["step"], finished=finished, out_of_time=out_of_time,
-                   train_seconds=time.perf_counter() - loop_started)
-    return results
+    return {**run.finish(), **results}
 
 
 # ---------------------------------------------------------------------------------------- the update
@@ -381,58 +290,6 @@ def _reference_logprobs(model, reference, batch: dict, size: int, precision: str
 # ---------------------------------------------------------------------------------------- data and rewards
 
 
-@dataclass
-class _Prompt:
-    """One chat prompt and the row's other columns (what reward functions read)."""
-
-    messages: list[dict]
-    """The conversation up to the assistant's answer (system and user messages)."""
-    columns: dict
-    """Every other field of the row, e.g. household, pantry, constraints and plan for the planner."""
-
-
-def _load_prompts(data) -> tuple[list[_Prompt], list[_Prompt], str]:
-    """Train prompts, held-out prompts (test split, else val, else the tail of train) and the dataset version.
-
-    The splits are those of :func:`palaestra.data.chat.load_chat_data`, read here row by row
-    because PPO also needs each row's structured columns (the reward functions' inputs).
-    """
-    root = Path(data.path)
-    if root.is_dir():
-        train = _read_prompts(root / data.train_file)
-        heldout_file = next((root / name for name in (data.test_file, data.val_file) if (root / name).is_file()), None)
-        heldout = _read_prompts(heldout_file) if heldout_file else []
-    else:
-        train, heldout = _read_prompts(root), []
-    if not heldout:
-        keep = max(1, round(len(train) * (1 - data.val_fraction)))
-        train, heldout = train[:keep], train[keep:]
-    if not train:
-        raise ConfigError(f"data.path={data.path} has no training prompts")
-    return train, heldout, dataset_version(root, data.version)
-
-
-def _read_prompts(path: Path) -> list[_Prompt]:
-    """The chat rows of a JSONL file as prompts: the messages before the (last) assistant answer."""
-    prompts = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
-            messages = to_messages(row, f"{path}:{number}")
-            while messages and messages[-1]["role"] == "assistant":
-                messages.pop()  # the answer is what PPO samples
-            if not messages:
-                raise ConfigError(f"{path}:{number}: the conversation has no prompt before the assistant's answer")
-            columns = {k: v for k, v in row.items() if k not in ("messages", "prompt", "completion")}
-            prompts.append(_Prompt(messages, columns))
-    return prompts
-
-
 def _resolve_rewards(names: list) -> list[str]:
     for name in names:
         try:
@@ -449,7 +306,7 @@ def _scorer(reward_model: str | None, reward_names: list[str], device: str):
 
         scorer = load_reward_model(reward_model, device=device)
 
-        def score(rows: list[_Prompt], texts: list[str]):
+        def score(rows: list[ChatPrompt], texts: list[str]):
             values = [float(v) for v in scorer.score([row.messages for row in rows], texts)]
             return values, {"reward_model": values}
 
@@ -457,7 +314,7 @@ def _scorer(reward_model: str | None, reward_names: list[str], device: str):
 
     weights = {name: 1.0 for name in reward_names}
 
-    def score(rows: list[_Prompt], texts: list[str]):
+    def score(rows: list[ChatPrompt], texts: list[str]):
         keys = dict.fromkeys(key for row in rows for key in row.columns)
         columns = {key: [row.columns.get(key) for row in rows] for key in keys}
         columns["prompt"] = [row.messages for row in rows]  # as reward_model:<folder> rewards expect
@@ -466,70 +323,15 @@ def _scorer(reward_model: str | None, reward_names: list[str], device: str):
     return score
 
 
-def _planner_figures(data_name: str, rows: list[_Prompt], texts: list[str]) -> dict[str, float]:
-    """The planner task metrics (constraint respect, alignment, parse rate, ...) on planner data, else nothing."""
-    needed = ("household", "pantry", "constraints", "plan")
-    if data_name != "planner" or not rows or not all(all(k in row.columns for k in needed) for row in rows):
-        return {}
-    from palaestra.planner.metrics import aggregate_planner_metrics
-
-    return {f"planner/{k}": v for k, v in aggregate_planner_metrics(texts, [row.columns for row in rows]).items()}
-
-
-def _next_rows(rows: list, position: int, count: int, seed: int) -> tuple[list, int]:
-    """The next ``count`` rows of a seeded shuffle per epoch; ``position`` counts rows consumed."""
-    chosen = []
-    while len(chosen) < count:
-        epoch, offset = divmod(position, len(rows))
-        order = list(range(len(rows)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        take = order[offset : offset + count - len(chosen)]
-        chosen.extend(rows[i] for i in take)
-        position += len(take)
-    return chosen, position
-
-
-# ---------------------------------------------------------------------------------------- checkpoints and tracking
-
-
 def _checkpoint_parts(model, value_head, optimizer, scheduler) -> dict[str, ckpt.CheckpointPart]:
     """The policy (adapter, optimizer, scheduler) at the top of a checkpoint; the value head in policy-value_head/."""
     return {"": ckpt.model_part(model, optimizer, scheduler),
             "value_head": ckpt.CheckpointPart(dict(value_head.named_parameters()))}
 
 
-def _improved(state: dict, value: float | None) -> dict:
-    """Update best-metric bookkeeping (for save_best and early stopping) and return the state."""
-    if value is not None:
-        if state["best_metric"] is None or value > state["best_metric"]:
-            state["best_metric"], state["evals_without_improvement"] = value, 0
-        else:
-            state["evals_without_improvement"] += 1
-    return state
 
 
-def _start_tracking(config: PalaestraConfig, version: str, run_id: str | None, run_dir: Path):
-    tracking = config.tracking
-    if not tracking.enabled:
-        return None
-    name = tracking.run_name or f"{config.data.name}-{config.algo.name}-{config.model.name}"
-    tracker = MlflowTracker(tracking.experiment, run_name=name, run_id=run_id, tracking_uri=tracking.tracking_uri)
-    if run_id is None:
-        resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
-        tracker.log_params(flatten_config(resolved))
-        tags = {
-            "task": config.data.name, "algo": config.algo.name, "model": model_id(config.model.name, config.model.path),
-            "dataset_version": version, "policy_id": tracking.policy_id or f"{config.data.name}-{config.algo.name}",
-            "run_dir": str(run_dir.resolve()),
-        }
-        if tracking.parent_run_id:
-            tags["mlflow.parentRunId"] = tracking.parent_run_id
-        tracker.set_tags(tags)
-        tracker.log_dict(resolved, "config.yaml")
-    return tracker
-
-
-def _sample_rows(step: int, rows: list[_Prompt], texts: list[str], rewards: list[float], components: dict) -> list[dict]:
+def _sample_rows(step: int, rows: list[ChatPrompt], texts: list[str], rewards: list[float], components: dict) -> list[dict]:
     samples = []
     for index, (row, text) in enumerate(zip(rows, texts)):
         sample = {"step": step, "prompt": row.messages[-1]["content"], "completion": text, "reward": float(rewards[index])}
@@ -537,13 +339,6 @@ def _sample_rows(step: int, rows: list[_Prompt], texts: list[str], rewards: list
         samples.append(sample)
     return samples
 
-
-def _log_plots(tracker, state: dict, run_dir: Path) -> None:
-    history = state["history"]
-    curves = {k: [tuple(point) for point in v] for k, v in history.items() if k in ("reward/mean", "eval/reward")}
-    if curves:
-        path = plot_curves(curves, run_dir / "reward_curve.png", title="PPO: reward and held-out reward", ylabel="reward", smooth=5)
-        tracker.log_artifact(str(path), "plots")
 
 
 def _short(reward_name: str) -> str:

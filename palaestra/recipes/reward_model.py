@@ -25,40 +25,24 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
-import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
-from palaestra import checkpoint as ckpt
 from palaestra.algorithms.preference import bradley_terry_loss
 from palaestra.config import ConfigError, PalaestraConfig
-from palaestra.data.chat import dataset_version
-from palaestra.data.preferences import (
-    PreferenceBatch, batch_for_step, collate_pairs, encode_pair, identical_pairs, load_preference_splits,
-)
+from palaestra.data.preferences import PreferenceBatch, collate_pairs
 from palaestra.export import export_policy
 from palaestra.models import load_model_and_tokenizer, model_id
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
 from palaestra.recipes.common import (
-    StopSignals,
-    stop_now,
-    append_jsonl,
-    attach_log_file,
-    clip_gradients,
-    fmt,
-    lr_lambda,
-    remember,
-    resolve_run_dir,
-    seed_everything,
-    timed,
+    adamw, clip_gradients, load_pairs, pair_batch, pair_epoch, pair_rows, pair_steps, register, seed_everything,
+    track_data_method,
 )
+from palaestra.recipes.methods import best_metric
+from palaestra.recipes.run import Run
 from palaestra.rewards.reward_model import METADATA_FILE
-from palaestra.tracking import MlflowTracker, flatten_config, plot_curves
 
 log = logging.getLogger("palaestra")
 
@@ -68,12 +52,10 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     train_cfg, algo, data = config.train, config.algo, config.data
 
     # ---- seed and threads
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
-    seed_everything(train_cfg.seed)
+    seed_everything(train_cfg.seed, threads=train_cfg.threads)
 
     # ---- data (cheap, and fails before the model loads on a bad file)
-    train_pairs, val_pairs = load_pairs(config)
+    train_pairs, val_pairs = load_pairs(data, train_cfg.seed)
 
     # ---- model: the policy's body with a one-output head; LoRA on the body, the head trains in full
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,68 +68,39 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     model.train()
     pad_id = tokenizer.pad_token_id
     # The head reads the last answer token; no end-of-sequence token (for SmolLM2 it is the pad token).
-    train_rows = [encode_pair(tokenizer, pair, data.max_length, add_eos=False) for pair in train_pairs]
-    val_rows = [encode_pair(tokenizer, pair, data.max_length, add_eos=False) for pair in val_pairs]
+    train_rows, val_rows = pair_rows(tokenizer, train_pairs, val_pairs, max_length=data.max_length, add_eos=False)
 
-    # ---- run folder, optimizer, resume
-    run_dir, resume_from = resolve_run_dir(train_cfg, Path("runs") / f"{data.name}-{algo.name}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    attach_log_file(run_dir / "train.log")
-    per_epoch = math.ceil(len(train_rows) / train_cfg.batch_size)
-    total_steps = algo.max_steps or algo.epochs * per_epoch
-    log.info("device %s, precision %s, weights %s; %d training pairs, %d held out; %d updates (%d per epoch)",
-             device, precision, dtype, len(train_rows), len(val_rows), total_steps, per_epoch)
-    if identical_pairs(train_rows):
-        log.warning("%d training pairs are identical after truncation to data.max_length=%d; raise data.max_length",
-                    identical_pairs(train_rows), data.max_length)
+    # ---- run folder, optimizer, resume, tracking
+    per_epoch, total_steps = pair_steps(len(train_rows), train_cfg.batch_size, algo.epochs, algo.max_steps)
+    run = Run(train_cfg, method="reward", runs_root=Path("runs") / f"{data.name}-{algo.name}", total_steps=total_steps,
+              best=best_metric(config),
+              progress=("loss", "accuracy", "margin"), curves=("loss", "accuracy"),
+              plot=("reward_model_curve.png", "Reward model: loss and pairwise accuracy"))
+    log.info("reward model on %d pairs (%d held out), %d updates (%d per epoch); device %s, precision %s, weights %s",
+             len(train_rows), len(val_rows), total_steps, per_epoch, device, precision, dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=train_cfg.learning_rate, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-        weight_decay=train_cfg.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, train_cfg.warmup_ratio, train_cfg.lr_schedule))
-    state = {"step": 0, "mlflow_run_id": None, "best_metric": None, "evals_without_improvement": 0, "history": {},
-             "last_eval": None, "last_eval_step": None}
-    if resume_from is not None:
-        state.update(ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler))
-        log.info("resumed from %s at step %d", resume_from, state["step"])
-
-    # ---- tracking
-    tracker = start_tracking(config, state["mlflow_run_id"], run_dir)
-    state["mlflow_run_id"] = tracker.run_id if tracker else None
-    results: dict = {"run_dir": str(run_dir), "mlflow_run_id": state["mlflow_run_id"], "outputs": {}}
+    optimizer, scheduler = adamw(trainable, train_cfg, total_steps)
+    run.resume(model=model, optimizer=optimizer, scheduler=scheduler)
+    tracker = track_data_method(run, config)
+    results: dict = {"outputs": {}}
 
     def run_eval(step: int, label: str) -> dict:
         figures = pairwise_eval(model, val_rows, pad_id, batch_pairs=train_cfg.micro_batch_size, precision=precision,
                                 margin=algo.margin)
-        log.info("eval (%s, step %d): %s", label, step, fmt(figures))
-        remember(state, {f"eval/{k}": v for k, v in figures.items()}, step)
-        if tracker:
-            tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=step)
-        return figures
+        return run.log_eval(step, label, figures)
 
-    if evaluate_before_after and state["step"] == 0:
+    if evaluate_before_after and run.step == 0:
         results["before"] = run_eval(0, "before")
 
-    stop = StopSignals()
-    loop_started = time.perf_counter()
-    out_of_time = False
-    steps_this_run = 0
-    progress = tqdm(total=total_steps, initial=state["step"], desc="reward model", dynamic_ncols=True)
-    try:
-        while state["step"] < total_steps and not stop.requested:
-            step = state["step"] + 1
-            started = time.perf_counter()
-            timings: dict[str, float] = {}
-
-            # 1. batch: the step's pairs of this epoch's seeded shuffle (the step number alone fixes it)
-            epoch, indices = batch_for_step(len(train_rows), train_cfg.batch_size, step, train_cfg.seed)
-            rows = [train_rows[i] for i in indices]
+    with run:
+        for step in run.steps():
+            # 1. batch: the step's pairs of this epoch's seeded shuffle
+            epoch, rows = pair_batch(train_rows, train_cfg.batch_size, step, train_cfg.seed)
 
             # 2. score and loss: chosen and rejected in one forward per micro-batch, gradients accumulated
             optimizer.zero_grad(set_to_none=True)
             totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0}
-            with timed(timings, "forward_backward"):
+            with run.timed("forward_backward"):
                 for start in range(0, len(rows), train_cfg.micro_batch_size):
                     micro = rows[start : start + train_cfg.micro_batch_size]
                     batch = collate_pairs(micro, pad_id)
@@ -160,94 +113,33 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                         totals[key] += stats[key] * share
 
             # 3. step
-            with timed(timings, "optimizer"):
+            with run.timed("optimizer"):
                 grad_norm = clip_gradients(trainable, train_cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
-            state["step"] = step
 
-            # 4. log / eval / checkpoint
-            elapsed = time.perf_counter() - started
-            metrics = {**totals, "grad_norm": grad_norm, "learning_rate": scheduler.get_last_lr()[0],
-                       "epoch": epoch + min(((step - 1) % per_epoch + 1) * train_cfg.batch_size, len(train_rows)) / len(train_rows),
-                       "time/step": elapsed, **{f"time/{k}": v for k, v in timings.items()},
-                       "pairs_per_second": len(rows) / elapsed}
-            remember(state, {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}, step)
-            append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
-            log.info("step %d: %s", step, fmt(metrics), extra={"console": False})
-            if tracker:
-                tracker.log_metrics(metrics, step=step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}", margin=f"{metrics['margin']:.2f}")
-
-            evaluated = None
-            epoch_done = step % per_epoch == 0 or step == total_steps
-            if epoch_done or (train_cfg.eval_interval and step % train_cfg.eval_interval == 0):
-                state["last_eval"], state["last_eval_step"] = run_eval(step, "epoch" if epoch_done else "train"), step
-                evaluated = state["last_eval"].get(train_cfg.best_metric, state["last_eval"]["pairwise_accuracy"])
-            steps_this_run += 1
-            more = step < total_steps  # past the last step there is nothing left to stop
-            out_of_time, interrupted = stop_now(train_cfg, stop, loop_started, steps_this_run)
-            out_of_time, interrupted = more and out_of_time, more and interrupted
-            if (train_cfg.save_interval and step % train_cfg.save_interval == 0) or stop.save_requested or interrupted \
-                    or step == total_steps or evaluated is not None:
-                stop.save_requested = False
-                track_best(state, evaluated)
-                path = ckpt.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                            trainer_state=state, keep_last_n=train_cfg.keep_last_n or None)
-                if evaluated is not None and train_cfg.save_best:
-                    ckpt.save_best(run_dir, path, train_cfg.best_metric, evaluated)
-            if interrupted:
-                log.info("stopping at step %d (checkpoint saved); resume with train.resume=auto train.output_dir=%s", step, run_dir)
+            # 4. log / eval (every epoch) / checkpoint
+            elapsed = run.step_seconds()
+            run.log(step, {**totals, "grad_norm": grad_norm, "learning_rate": scheduler.get_last_lr()[0],
+                           "epoch": pair_epoch(step, epoch, train_cfg.batch_size, len(train_rows)),
+                           "pairs_per_second": len(rows) / elapsed})
+            if run.end_of_step(step, run_eval(step, "train") if run.eval_due(step, epoch_steps=per_epoch) else None):
                 break
-            if train_cfg.early_stopping_patience and state["evals_without_improvement"] >= train_cfg.early_stopping_patience:
-                log.info("early stopping at step %d: no improvement in %d evaluations", step, state["evals_without_improvement"])
-                break
-    except BaseException:
-        if tracker:
-            tracker.end("KILLED" if stop.requested else "FAILED")
-        raise
-    finally:
-        progress.close()
-        stop.restore()
 
-    # ---- final figures, the merged reward model, plots, cleanup
-    early_stopped = bool(train_cfg.early_stopping_patience and state["evals_without_improvement"] >= train_cfg.early_stopping_patience)
-    finished = state["step"] >= total_steps or early_stopped
-    if finished or out_of_time:  # a spent time budget ends the run too (it can still be resumed)
-        fresh = state["last_eval"] is not None and state["last_eval_step"] == state["step"]
-        results["after"] = state["last_eval"] if fresh else run_eval(state["step"], "after")
-        folder = export_reward_model(model, tokenizer, run_dir / "reward_model", max_length=data.max_length)
+    # ---- final figures, the merged reward model, cleanup
+    if run.finished or run.out_of_time:  # a spent time budget ends the run too (it can still be resumed)
+        results["after"] = run.evaluation_at(run.step) or run_eval(run.step, "after")
+        folder = export_reward_model(model, tokenizer, run.run_dir / "reward_model", max_length=data.max_length)
         results["outputs"]["reward_model_dir"] = str(folder)
         log.info("reward model written to %s", folder)
-    if tracker:
-        _log_plots(tracker, state, run_dir)
-        tracker.log_artifact(str(run_dir / "train.log"))
-        if results["outputs"] and config.tracking.registered_model:  # the folder is large: logged only to register it
-            from palaestra.registry.models import register_model
-
-            tracker.log_artifacts(results["outputs"]["reward_model_dir"], "model")
-            version = register_model(tracker, tracker.run_id, config.tracking.registered_model)
-            tracker.set_tags({"registered_model": config.tracking.registered_model, "registered_model_version": version})
-            results["registered_model_version"] = version
-        tracker.end("FINISHED" if finished or not stop.requested else "KILLED")
-        results["mlflow_hint"] = tracker.run_url_hint()
-    results.update(step=state["step"], finished=finished, out_of_time=out_of_time, train_seconds=time.perf_counter() - loop_started)
-    return results
+        if tracker and config.tracking.registered_model:  # the folder is large: logged only to register it
+            tracker.log_artifacts(folder, "model")
+            register(tracker, config.tracking.registered_model, results)
+    return {**run.finish(), **results}
 
 
 # ---------------------------------------------------------------------------------------- building blocks
 
-
-def load_pairs(config: PalaestraConfig) -> tuple[list, list]:
-    """Training and held-out pairs of ``config.data``; file problems become one-line ConfigErrors."""
-    data = config.data
-    try:
-        train, val = load_preference_splits(data.path, train_file=data.preference_train_file, val_file=data.preference_val_file,
-                                            val_fraction=data.val_fraction, seed=config.train.seed)
-    except ValueError as error:
-        raise ConfigError(str(error).splitlines()[0]) from None
-    return train, val
 
 
 def build_reward_model(name: str, *, path: str | None = None, dtype: str = "float32", device: str = "cpu"):
@@ -341,42 +233,3 @@ def export_reward_model(model, tokenizer, folder: Path, *, max_length: int) -> P
     tmp.write_text(json.dumps({"max_length": max_length}) + "\n")
     os.replace(tmp, metadata)
     return folder
-
-
-# ---------------------------------------------------------------------------------------- helpers
-
-
-def track_best(state: dict, value: float | None) -> None:
-    """Best-metric bookkeeping for save_best and early stopping (higher is better)."""
-    if value is not None:
-        if state["best_metric"] is None or value > state["best_metric"]:
-            state["best_metric"], state["evals_without_improvement"] = value, 0
-        else:
-            state["evals_without_improvement"] += 1
-
-
-def start_tracking(config: PalaestraConfig, run_id: str | None, run_dir: Path):
-    """The MLflow run of a data recipe (reward, dpo): params, the planner contract's tags, a child run under a pipeline."""
-    if not config.tracking.enabled:
-        return None
-    data, algo = config.data, config.algo.name
-    name = config.tracking.run_name or f"{data.name}-{algo}-{config.model.name}"
-    tracker = MlflowTracker(config.tracking.experiment, run_name=name, run_id=run_id, tracking_uri=config.tracking.tracking_uri)
-    if run_id is None:
-        resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
-        tracker.log_params(flatten_config(resolved))
-        tags = {"task": data.name, "algo": algo, "model": model_id(config.model.name, config.model.path),
-                "dataset_version": dataset_version(data.path, data.version),
-                "policy_id": config.tracking.policy_id or f"{data.name}-{algo}", "run_dir": str(run_dir.resolve())}
-        if config.tracking.parent_run_id:
-            tags["mlflow.parentRunId"] = config.tracking.parent_run_id  # shows as a child run in the UI
-        tracker.set_tags(tags)
-        tracker.log_dict(resolved, "config.yaml")
-    return tracker
-
-
-def _log_plots(tracker, state: dict, run_dir: Path) -> None:
-    curves = {k: [tuple(p) for p in v] for k, v in state["history"].items() if k in ("loss", "accuracy", "eval/pairwise_accuracy")}
-    if curves:
-        path = plot_curves(curves, run_dir / "reward_model_curve.png", title="Reward model: loss and pairwise accuracy", smooth=5)
-        tracker.log_artifact(str(path), "plots")

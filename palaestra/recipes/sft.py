@@ -14,11 +14,11 @@ Each epoch ends with the validation loss; the best epoch's weights are kept and 
 merged Hugging Face folder (``run_dir/model``, tokenizer included) that the MLflow run carries as
 its ``model`` artifact and, with ``tracking.registered_model``, registers in the model registry.
 
-What a planner run logs in MLflow (the planner template's contract): params learning_rate,
-batch_size, epochs, dataset_version, model_base, fine_tuning_method, lora_r, lora_alpha (the
-whole resolved config is the artifact config.yaml); metrics train_loss and val_loss with
-step = epoch (per-update figures under train/...); tags policy_id, task, dataset_version;
-artifacts model and tokenizer.
+What a planner run logs in MLflow (the planner template's contract; experiment=planner sets
+tracking.params=contract): params learning_rate, batch_size, epochs, dataset_version, model_base,
+fine_tuning_method, lora_r, lora_alpha (the whole resolved config is the artifact config.yaml);
+metrics train_loss and val_loss with step = epoch (per-update figures under train/...); tags
+policy_id, task, dataset_version; artifacts model and tokenizer.
 
 Simplifications: packing is next-fit in file order, done once (the packed sequences are shuffled
 per epoch); validation is the loss only (generation metrics belong to evaluation and replay).
@@ -31,12 +31,9 @@ import math
 import os
 import random
 import shutil
-import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
 from palaestra import checkpoint as ckpt
 from palaestra.config import ConfigError, PalaestraConfig
@@ -50,22 +47,11 @@ from palaestra.data.chat import (
     tokenize_conversation,
 )
 from palaestra.export import export_policy
-from palaestra.models import apply_lora, load_model_and_tokenizer, model_id
-from palaestra.models.precision import autocast, resolve_precision, weights_dtype
-from palaestra.recipes.common import (
-    StopSignals,
-    stop_now,
-    append_jsonl,
-    attach_log_file,
-    clip_gradients,
-    fmt,
-    lr_lambda,
-    remember,
-    resolve_run_dir,
-    seed_everything,
-)
-from palaestra.registry.models import register_model
-from palaestra.tracking import MlflowTracker, plot_curves
+from palaestra.models import model_id
+from palaestra.models.precision import autocast
+from palaestra.recipes.common import adamw, clip_gradients, load_policy, remember, seed_everything
+from palaestra.recipes.methods import best_metric
+from palaestra.recipes.run import Run, config_dict
 
 log = logging.getLogger("palaestra")
 
@@ -75,21 +61,14 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     train_cfg, algo, data_cfg = config.train, config.algo, config.data
 
     # ---- seed and threads
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
-    seed_everything(train_cfg.seed)
+    seed_everything(train_cfg.seed, threads=train_cfg.threads)
 
     # ---- data (cheap, and fails before the model loads on a bad dataset)
     chat = load_chat_data(data_cfg)
 
     # ---- model and adapter
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = resolve_precision(config.model.precision, device)
-    dtype = weights_dtype(config.model.dtype, precision, config.model.lora.enabled)
-    model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype=dtype, device=device)
-    if config.model.lora.enabled:
-        lora = config.model.lora
-        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    model, tokenizer, precision, dtype = load_policy(config.model, device)
     model.train()
     compute_dtype = torch.bfloat16 if precision == "bf16" else next(model.parameters()).dtype
 
@@ -102,49 +81,35 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     if algo.max_steps:
         total_updates = min(total_updates, algo.max_steps)
 
-    # ---- run folder, optimizer, resume
-    run_dir, resume_from = resolve_run_dir(train_cfg, Path("runs") / f"{data_cfg.name}-sft")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    attach_log_file(run_dir / "train.log")
+    # ---- run folder, optimizer, resume, tracking
+    run = Run(train_cfg, method="sft", runs_root=Path("runs") / f"{data_cfg.name}-sft", total_steps=total_updates,
+              best=best_metric(config), patience=algo.early_stopping_patience,
+              state={"epoch": 0, "epoch_position": 0, "epoch_loss_sum": 0.0, "epoch_targets": 0},
+              progress=("train/step_loss", "learning_rate"), curves=("train/step_loss", "val_loss"),
+              plot=("loss_curve.png", "SFT: training and validation loss"))
     log.info("device %s, compute precision %s, weights %s; %d train conversations in %d sequences, %d validation; "
              "%d updates (%d per epoch)", device, precision, dtype, len(chat.train), len(train_rows), len(chat.val),
              total_updates, updates_per_epoch)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=train_cfg.learning_rate, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-        weight_decay=train_cfg.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_updates, train_cfg.warmup_ratio, train_cfg.lr_schedule)
-    )
-    state = {"step": 0, "epoch": 0, "epoch_position": 0, "epoch_loss_sum": 0.0, "epoch_targets": 0,
-             "best_val_loss": None, "epochs_without_improvement": 0, "early_stopped": False,
-             "mlflow_run_id": None, "history": {}}
-    if resume_from is not None:
-        state.update(ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler))
-        log.info("resumed from %s at update %d (epoch %d, sequence %d)", resume_from, state["step"],
-                 state["epoch"] + 1, state["epoch_position"])
-
-    # ---- tracking
-    tracker = _start_tracking(config, chat.version, state["mlflow_run_id"], run_dir)
-    state["mlflow_run_id"] = tracker.run_id if tracker else None
-    results: dict = {"run_dir": str(run_dir), "mlflow_run_id": state["mlflow_run_id"], "outputs": {}}
+    optimizer, scheduler = adamw(trainable, train_cfg, total_updates)
+    state = run.state
+    if run.resume(model=model, optimizer=optimizer, scheduler=scheduler):
+        log.info("resuming in epoch %d at sequence %d", state["epoch"] + 1, state["epoch_position"])
+    tags = {"policy_id": _policy_id(config), "task": data_cfg.name, "dataset_version": chat.version, "algo": "sft",
+            "model": model_id(config.model.name, config.model.path)}
+    tracker = run.track(config.tracking, run_name=f"{data_cfg.name}-sft-{config.model.name}", tags=tags,
+                        config=config_dict(config),
+                        params=contract_params(config, chat.version) if config.tracking.params == "contract" else None)
+    results: dict = {"outputs": {}}
     forward = dict(device=device, precision=precision, dtype=compute_dtype)
     validate = dict(batch_size=train_cfg.micro_batch_size, pad_id=pad_id, packed=algo.packing, **forward)
 
-    if evaluate_before_after and state["step"] == 0:
+    if evaluate_before_after and run.step == 0:
         results["before"] = {"val_loss": validation_loss(model, val_rows, **validate)}
         log.info("validation loss before training: %.4f", results["before"]["val_loss"])
 
-    stop = StopSignals()
-    loop_started = time.perf_counter()
-    out_of_time = False
-    steps_this_run = 0
-    progress = tqdm(total=total_updates, initial=state["step"], desc="sft", dynamic_ncols=True)
-    try:
-        while state["step"] < total_updates and not stop.requested:
-            step = state["step"] + 1
-            started = time.perf_counter()
+    with run:
+        for step in run.steps():
 
             # 1. batch: the next batch_size sequences of this epoch's shuffle, in micro-batches
             order = _epoch_order(len(train_rows), train_cfg.seed, state["epoch"])
@@ -159,112 +124,66 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             learning_rate = scheduler.get_last_lr()[0]
             loss, grad_norm = train_update(model, optimizer, scheduler, trainable, micro_batches, num_targets,
                                            max_grad_norm=train_cfg.max_grad_norm, **forward)
-            state["step"] = step
             state["epoch_position"] += len(chosen)
             state["epoch_loss_sum"] += loss * num_targets
             state["epoch_targets"] += num_targets
 
             # 3. log the update
-            elapsed = time.perf_counter() - started
+            elapsed = run.step_seconds()
             tokens = sum(int((batch.segment_ids >= 0).sum()) for batch in micro_batches)
-            metrics = {
+            run.log(step, {
                 "train/step_loss": loss, "train/target_tokens": num_targets, "learning_rate": learning_rate,
                 "grad_norm": grad_norm, "epoch": state["epoch"] + state["epoch_position"] / len(order),
-                "time/step": elapsed, "tokens_per_second": tokens / elapsed,
-            }
-            remember(state, {"train/step_loss": loss}, step)
-            append_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
-            log.info("step %d: %s", step, fmt(metrics), extra={"console": False})
-            if tracker:
-                tracker.log_metrics(metrics, step=step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}")
+                "tokens_per_second": tokens / elapsed,
+            })
 
-            # 4. epoch end (or the last update): validation loss, best weights, early stopping
-            epoch_done = state["epoch_position"] >= len(order) or step == total_updates
-            improved = False
-            if epoch_done:
+            # 4. epoch end (or the last update): validation loss, which keep-best and early stopping follow
+            figures = None
+            if state["epoch_position"] >= len(order) or step == total_updates:
                 epoch = state["epoch"] + 1
-                val_loss = validation_loss(model, val_rows, **validate)
+                figures = {"val_loss": validation_loss(model, val_rows, **validate)}
                 train_loss = state["epoch_loss_sum"] / max(1, state["epoch_targets"])
-                improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
-                if improved:
-                    state["best_val_loss"], state["epochs_without_improvement"] = val_loss, 0
-                else:
-                    state["epochs_without_improvement"] += 1
-                remember(state, {"val_loss": val_loss}, step)
-                append_jsonl(run_dir / "metrics.jsonl", {"step": step, "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
-                log.info("epoch %d (update %d): train_loss=%.4f val_loss=%.4f%s", epoch, step, train_loss, val_loss,
-                         " (best)" if improved else "")
+                remember(state, figures, step)
+                run.record({"step": step, "epoch": epoch, "train_loss": train_loss, **figures})
+                log.info("epoch %d (update %d): train_loss=%.4f val_loss=%.4f", epoch, step, train_loss, figures["val_loss"])
                 if tracker:
-                    tracker.log_metrics({"train_loss": train_loss, "val_loss": val_loss}, step=epoch)
+                    tracker.log_metrics({"train_loss": train_loss, **figures}, step=epoch)  # the planner contract: step = epoch
                 state.update(epoch=epoch, epoch_position=0, epoch_loss_sum=0.0, epoch_targets=0)
-                patience = algo.early_stopping_patience
-                state["early_stopped"] = bool(patience) and state["epochs_without_improvement"] >= patience
 
-            # 5. checkpoint
-            steps_this_run += 1
-            out_of_time, interrupted = stop_now(train_cfg, stop, loop_started, steps_this_run)
-            last = step == total_updates or state["early_stopped"]
-            interval = bool(train_cfg.save_interval) and step % train_cfg.save_interval == 0
-            if interval or epoch_done or stop.save_requested or interrupted or last:
-                stop.save_requested = False
-                path = ckpt.save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                            trainer_state=state, keep_last_n=train_cfg.keep_last_n or None)
-                if improved and train_cfg.save_best:
-                    ckpt.save_best(run_dir, path, "val_loss", state["best_val_loss"], mode="min")
-            if state["early_stopped"]:
-                log.info("early stopping after epoch %d: no lower validation loss in %d epochs",
-                         state["epoch"], algo.early_stopping_patience)
+            # 5. checkpoint, keep-best, early stopping
+            if run.end_of_step(step, figures):
                 break
-            if interrupted and not last:
-                log.info("stopping at update %d (checkpoint saved); resume with train.resume=auto train.output_dir=%s",
-                         step, run_dir)
-                break
-    except BaseException:
-        if tracker:
-            tracker.end("KILLED" if stop.requested else "FAILED")
-        raise
-    finally:
-        progress.close()
-        stop.restore()
 
     # ---- the best weights, exported; artifacts, registry, cleanup
-    finished = state["step"] >= total_updates or state["early_stopped"]
-    if finished:
-        best = run_dir / "checkpoints" / "best"
+    if run.finished:
+        best = run.run_dir / "checkpoints" / "best"
         if train_cfg.save_best and (best / "trainer_state.json").is_file():
             ckpt.load_checkpoint(best, model=model, restore_rng=False)
-            log.info("exporting the best epoch's weights (val_loss %.4f)", state["best_val_loss"])
-        if state["best_val_loss"] is not None:
-            results["after"] = {"val_loss": state["best_val_loss"]}
-        model_dir, tokenizer_dir = run_dir / "model", run_dir / "tokenizer"
+            log.info("exporting the best epoch's weights (val_loss %.4f)", state["best_metric"])
+        if state["best_metric"] is not None:
+            results["after"] = {"val_loss": state["best_metric"]}
+        model_dir, tokenizer_dir = run.run_dir / "model", run.run_dir / "tokenizer"
         if config.model.lora.enabled:
             model = model.float()  # merge the adapter in fp32: bf16 base weights would round most of a small update away
         export_policy(model, tokenizer, model_dir, merge=True)
         _save_tokenizer(tokenizer, tokenizer_dir)
         results["outputs"] = {"model_dir": str(model_dir), "tokenizer_dir": str(tokenizer_dir)}
         log.info("model written to %s", model_dir)
-    if tracker:
-        _log_plots(tracker, state, run_dir)
-        tracker.log_artifact(str(run_dir / "train.log"))
-        if finished:
-            tracker.log_artifacts(run_dir / "model", "model")
-            tracker.log_artifacts(run_dir / "tokenizer", "tokenizer")
+        if tracker:
+            tracker.log_artifacts(model_dir, "model")
+            tracker.log_artifacts(tokenizer_dir, "tokenizer")
             # a finished run that is resumed again keeps the version it registered the first time
             version = tracker.client.get_run(tracker.run_id).data.tags.get("registered_model_version")
             if config.tracking.registered_model and version is None:
+                from palaestra.registry.models import register_model
+
                 version = register_model(tracker, tracker.run_id, config.tracking.registered_model,
                                          tags={"dataset_version": chat.version, "policy_id": _policy_id(config)})
                 tracker.set_tags({"registered_model": config.tracking.registered_model, "registered_model_version": version})
                 log.info("registered models:/%s/%s", config.tracking.registered_model, version)
             if version is not None:
                 results["registered_model_version"] = version
-        tracker.end("FINISHED" if finished or not stop.requested else "KILLED")
-        results["mlflow_hint"] = tracker.run_url_hint()
-    results.update(step=state["step"], finished=finished, out_of_time=out_of_time,
-                   train_seconds=time.perf_counter() - loop_started)
-    return results
+    return {**run.finish(), **results}
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -362,28 +281,3 @@ def contract_params(config: PalaestraConfig, dataset_version: str) -> dict[str, 
         "lora_r": lora.r if lora.enabled else "none",
         "lora_alpha": lora.alpha if lora.enabled else "none",
     }
-
-
-def _start_tracking(config: PalaestraConfig, dataset_version: str, run_id: str | None, run_dir: Path):
-    if not config.tracking.enabled:
-        return None
-    name = config.tracking.run_name or f"{config.data.name}-sft-{config.model.name}"
-    tracker = MlflowTracker(config.tracking.experiment, run_name=name, run_id=run_id, tracking_uri=config.tracking.tracking_uri)
-    if run_id is None:
-        tracker.log_params(contract_params(config, dataset_version))
-        tags = {
-            "policy_id": _policy_id(config), "task": config.data.name, "dataset_version": dataset_version,
-            "algo": "sft", "model": model_id(config.model.name, config.model.path), "run_dir": str(run_dir.resolve()),
-        }
-        if config.tracking.parent_run_id:
-            tags["mlflow.parentRunId"] = config.tracking.parent_run_id
-        tracker.set_tags(tags)
-        tracker.log_dict(OmegaConf.to_container(OmegaConf.structured(config), resolve=True), "config.yaml")
-    return tracker
-
-
-def _log_plots(tracker, state: dict, run_dir: Path) -> None:
-    curves = {k: [tuple(point) for point in v] for k, v in state["history"].items() if k in ("train/step_loss", "val_loss")}
-    if curves:
-        path = plot_curves(curves, run_dir / "loss_curve.png", title="SFT: training and validation loss", ylabel="loss", smooth=5)
-        tracker.log_artifact(str(path), "plots")

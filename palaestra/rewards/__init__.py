@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 from palaestra.plugins import lookup
 from palaestra.rewards.correctness import answer_format_reward, correctness_reward, number_only_reward
-from palaestra.rewards.planner import planner_quality_reward
 from palaestra.rewards.tiered import (
     snap_to_tier,
     tiered_code_reward,
@@ -27,6 +26,15 @@ from palaestra.rewards.tunix_gsm8k import (
 )
 
 RewardFunction = Callable[..., list[float]]
+
+
+def planner_quality_reward(completions: list[str], **columns) -> list[float]:
+    """The meal-planner domain's reward, :func:`palaestra.rewards.planner.planner_quality_reward`; the
+    planner package is imported on the first call only (the library does not depend on the domain)."""
+    from palaestra.rewards.planner import planner_quality_reward as reward
+
+    return reward(completions, **columns)
+
 
 REWARD_FUNCTIONS: dict[str, RewardFunction] = {
     "correctness": correctness_reward,

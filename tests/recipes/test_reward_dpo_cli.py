@@ -155,6 +155,31 @@ def test_interrupted_reward_model_resumes_exactly(tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 7))  # one MLflow run
 
 
+
+@pytest.mark.slow
+def test_interrupted_dpo_resumes_exactly(tmp_path):
+    _write_pairs(tmp_path / "prefs", train=16, val=8)
+    common = ["train", "algo=dpo", *TINY, "algo.epochs=2", "train.keep_last_n=0", "model.lora.dropout=0.1",
+              "tracking.enabled=false"]
+    straight = run_cli([*common, "train.output_dir=straight"], tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = run_cli([*common, "train.output_dir=resumed", "train.stop_after_steps=3"], tmp_path)  # mid-epoch
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "resume with" in first.stdout and not (tmp_path / "resumed" / "model").exists()
+    second = run_cli([*common, "train.output_dir=resumed", "train.resume=auto"], tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+    assert sorted(a) == sorted(b) == list(range(1, 5))
+    for step in a:
+        assert a[step]["loss"] == b[step]["loss"], step
+        assert a[step]["rewards/margins"] == b[step]["rewards/margins"], step
+    wa = load_file(tmp_path / "straight" / "checkpoints" / "step-000004" / "trainable.safetensors")
+    wb = load_file(tmp_path / "resumed" / "checkpoints" / "step-000004" / "trainable.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (tmp_path / "resumed" / "model").is_dir()  # exported once training is done
+
+
 def test_a_bad_preference_row_is_a_one_line_error(tmp_path):
     folder = _write_pairs(tmp_path / "prefs", train=4, val=2)
     with open(folder / "preferences_train.jsonl", "a") as handle:

@@ -1,0 +1,96 @@
+"""The command table: every command answers --help with its own usage; the table of methods feeds the CLI,
+the pipelines and validation, and cli.py and pipeline.py do not import each other."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from palaestra.cli import COMMAND_USAGE, COMMANDS, PLAIN_COMMANDS, main
+from palaestra.recipes.methods import METHODS
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("command", [*COMMANDS, *PLAIN_COMMANDS])
+def test_every_command_prints_its_usage_on_help(command, capsys):
+    assert set(COMMAND_USAGE) == {*COMMANDS, *PLAIN_COMMANDS}
+    with pytest.raises(SystemExit) as caught:
+        main([command, "--help"])
+    assert caught.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: palaestra {command}"), out
+
+
+def test_the_methods_table_is_the_one_list():
+    from palaestra.config import ConfigError, to_config
+    from palaestra.pipeline import STAGES, TRAINING_STAGES
+
+    assert TRAINING_STAGES == tuple(METHODS) and set(METHODS) <= set(STAGES)
+    with pytest.raises(ConfigError, match="algo.name='nope' is unknown; use one of sft, reward, dpo, ppo, grpo, at_grpo"):
+        to_config({"algo": {"name": "nope"}})
+    for name, method in METHODS.items():
+        assert method.schema().name == name and callable(method.main)
+
+
+def test_cli_and_pipeline_do_not_import_each_other():
+    code = ("import sys, palaestra.pipeline; assert 'palaestra.cli' not in sys.modules, 'pipeline imports cli'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    source = (REPO / "palaestra" / "pipeline.py").read_text()
+    assert "palaestra.cli" not in source
+
+
+@pytest.mark.parametrize("algo, override, message", [
+    ("sft", "train.steps=3", "algo=sft does not read train.steps; remove it"),
+    ("sft", "task=countdown", "algo=sft does not read task (it reads data); remove it"),
+    ("dpo", "data.rewards=[planner_quality]", "algo=dpo does not read data.rewards; remove it"),
+    ("ppo", "train.batch_size=4", "algo=ppo does not read train.batch_size; remove it"),
+    ("grpo", "+env.params.size=3", "algo=grpo does not read env.params.size (it reads task); remove it"),
+    ("at_grpo", "eval.pass_k=[1]", "algo=at_grpo does not read eval.pass_k; remove it"),
+])
+def test_a_key_the_method_does_not_read_is_a_one_line_error(algo, override, message):
+    from palaestra.config import ConfigError
+    from palaestra.recipes.methods import check_read
+
+    with pytest.raises(ConfigError) as caught:
+        check_read(algo, ["model=tiny", override])
+    assert str(caught.value) == message
+
+
+def test_keys_the_method_reads_pass():
+    from palaestra.recipes.methods import check_read
+
+    check_read("grpo", ["task=countdown", "train.steps=3", "eval.pass_k=[1]", "experiment=quick_test", "algo=grpo"])
+    check_read("sft", ["data.path=x", "algo.epochs=1", "train.batch_size=4", "tracking.registered_model=m"])
+    check_read("at_grpo", ["env=sokoban", "policy=per_role", "+env.params.size=3", "train.steps=2"])
+
+
+def test_the_cli_rejects_an_ignored_key_before_any_work(tmp_path):
+    from tests.conftest import run_cli
+
+    result = run_cli(["train", "algo=sft", "model=tiny", "train.steps=3"], tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["palaestra: error: algo=sft does not read train.steps; remove it"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_library_core_does_not_import_the_planner_domain():
+    core = ["palaestra.config", "palaestra.pipeline", "palaestra.tracking", "palaestra.checkpoint", "palaestra.cli",
+            *[method.recipe for method in METHODS.values()]]
+    code = f"import sys; import {', '.join(core)}; print([m for m in sys.modules if m.startswith('palaestra.planner')])"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_planner_contract_comes_from_configuration():
+    from hydra import compose, initialize_config_module
+
+    from palaestra.config import to_config
+
+    with initialize_config_module(config_module="palaestra.conf", version_base="1.3"):
+        planner = to_config(compose(config_name="config", overrides=["experiment=planner"]), check_values=False)
+        plain = to_config(compose(config_name="config", overrides=["algo=sft"]), check_values=False)
+    assert (planner.tracking.params, planner.tracking.registered_model, planner.train.best_metric) == ("contract", "planner_model", None)
+    assert plain.tracking.params == "config"
+    assert planner.data.metrics == "palaestra.planner.metrics:planner_figures"  # the domain, named only in conf/data/planner.yaml

@@ -1,0 +1,192 @@
+"""The run component: the end-of-step decisions by hand, then a whole run of a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from palaestra.config import ConfigError, TrainConfig
+from palaestra.recipes.run import Run, decide
+
+QUIET = dict(total_steps=10, save_interval=0, value=None, best=None, mode="max", evals_without_improvement=0,
+             patience=0, steps_this_run=1, stop_after_steps=0, out_of_time=False, signal_stop=False, signal_save=False)
+
+
+def _decide(step: int, **changes):
+    return decide(step, **{**QUIET, **changes})
+
+
+def test_save_interval_and_the_last_step():
+    # save_interval=3 over 7 steps: steps 3 and 6 by the interval, 7 because it is the last
+    saved = [step for step in range(1, 8) if _decide(step, total_steps=7, save_interval=3).save]
+    assert saved == [3, 6, 7]
+    assert not _decide(6, total_steps=7, save_interval=3).stop
+    last = _decide(7, total_steps=7)
+    assert (last.stop, last.reason) == (True, "finished")
+
+
+def test_sigusr1_saves_and_goes_on():
+    decision = _decide(4, signal_save=True)
+    assert decision.save and not decision.stop and decision.reason == ""
+
+
+def test_keep_best_follows_the_metric_in_its_direction():
+    # max: 0.5 (first: best), 0.4 (worse: one eval without improvement), 0.6 (best again)
+    best, bad, improved = None, 0, []
+    for value in (0.5, 0.4, 0.6):
+        d = _decide(2, value=value, best=best, evals_without_improvement=bad)
+        best, bad = d.best, d.evals_without_improvement
+        improved.append(d.improved)
+        assert d.save  # every evaluation is saved, so that the best can be copied
+    assert (improved, best, bad) == ([True, False, True], 0.6, 0)
+    # min (a loss): 2.0 -> 1.5 improves, 1.7 does not
+    d = _decide(2, value=1.5, best=2.0, mode="min")
+    assert d.improved and d.best == 1.5
+    d = _decide(2, value=1.7, best=1.5, mode="min")
+    assert not d.improved and d.best == 1.5 and d.evals_without_improvement == 1
+    # NaN never wins
+    d = _decide(2, value=math.nan, best=0.3)
+    assert not d.improved and d.best == 0.3 and d.evals_without_improvement == 1
+
+
+def test_early_stopping_after_patience_evaluations_without_improvement():
+    # patience 2, best 0.5: 0.4 (1 without improvement, go on), 0.45 (2: stop)
+    d1 = _decide(4, value=0.4, best=0.5, evals_without_improvement=0, patience=2)
+    assert not d1.stop and d1.evals_without_improvement == 1
+    d2 = _decide(6, value=0.45, best=0.5, evals_without_improvement=1, patience=2)
+    assert (d2.stop, d2.save, d2.reason, d2.evals_without_improvement) == (True, True, "early_stopping", 2)
+    # patience 0 never stops
+    assert not _decide(6, value=0.1, best=0.5, evals_without_improvement=9, patience=0).stop
+
+
+def test_time_budget_stops_and_saves_before_the_last_step_only():
+    d = _decide(3, out_of_time=True)
+    assert (d.stop, d.save, d.reason) == (True, True, "time_budget")
+    d = _decide(10, out_of_time=True)  # spent on the last step: the run simply finished
+    assert d.reason == "finished"
+
+
+def test_stop_after_n_steps_of_this_invocation():
+    assert not _decide(5, stop_after_steps=2, steps_this_run=1).stop
+    d = _decide(6, stop_after_steps=2, steps_this_run=2)
+    assert (d.stop, d.save, d.reason) == (True, True, "stop_after_steps")
+
+
+def test_interrupted_on_the_last_step_is_a_finished_run():
+    d = _decide(9, signal_stop=True)
+    assert (d.stop, d.save, d.reason) == (True, True, "signal")
+    for changes in ({"signal_stop": True}, {"stop_after_steps": 1}, {"out_of_time": True}):
+        d = _decide(10, **changes)
+        assert (d.stop, d.save, d.reason) == (True, True, "finished"), changes
+
+
+# ------------------------------------------------------------------------------------ a whole run
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _train(tmp_path, *, steps=6, evals=None, clock=None, **train_changes):
+    """A Linear model trained by a loop shaped like a recipe's; eval figures from ``evals`` (step -> value)."""
+    train = replace(TrainConfig(), output_dir=str(tmp_path / "run"), resume="auto", save_interval=0, keep_last_n=0,
+                    **train_changes)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    clock = clock or _Clock()
+    run = Run(train, method="toy", runs_root=tmp_path / "runs", total_steps=steps, best=("score", "max"),
+              state={"data_position": 0}, progress=("loss",), clock=clock)
+    run.resume(model=model, optimizer=optimizer)
+    with run:
+        for step in run.steps():
+            x = torch.randn(4, 3)
+            with run.timed("forward_backward"):
+                loss = model(x).pow(2).mean()
+                optimizer.zero_grad()
+                loss.backward()
+            optimizer.step()
+            run.state["data_position"] += 4
+            run.log(step, {"loss": float(loss.detach())})
+            clock.now += 1.0
+            figures = run.log_eval(step, "train", {"score": evals[step]}) if evals and step in evals else None
+            if run.end_of_step(step, figures):
+                break
+    return run, run.finish(), model
+
+
+def _steps(run_dir) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
+
+
+def test_a_run_stops_resumes_and_ends_exactly_like_a_straight_one(tmp_path):
+    straight, summary, model_a = _train(tmp_path / "a")
+    assert summary["finished"] and summary["step"] == 6 and _steps(tmp_path / "a" / "run") == [6]
+    records = [json.loads(line) for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(r["memory/rss_mb"] > 0 and r["memory/peak_rss_mb"] > 0 for r in records)  # every method logs them
+    assert all(r["time/step"] >= r["time/forward_backward"] >= 0 and "time/other" in r for r in records)
+
+    first, summary, _ = _train(tmp_path / "b", stop_after_steps=4)
+    assert not summary["finished"] and summary["step"] == 4 and _steps(tmp_path / "b" / "run") == [4]
+    second, summary, model_b = _train(tmp_path / "b")
+    assert summary["finished"] and second.state["data_position"] == 24
+    a = [json.loads(line)["loss"] for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line)["loss"] for line in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert a == b
+    assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
+
+
+def test_keep_best_and_early_stopping_in_a_run(tmp_path):
+    # evaluations at steps 2, 4, 6: 0.5 (best), 0.3, 0.2 -> patience 2 stops at step 6 of 10
+    run, summary, _ = _train(tmp_path, steps=10, evals={2: 0.5, 4: 0.3, 6: 0.2}, early_stopping_patience=2)
+    assert summary["finished"] and summary["step"] == 6 and run.state["early_stopped"]
+    assert _steps(tmp_path / "run") == [2, 4, 6]
+    assert run.evaluation_at(6) == {"score": 0.2} and run.evaluation_at(5) is None
+    best = json.loads((tmp_path / "run" / "checkpoints" / "best" / "best.json").read_text())
+    assert (best["metric"], best["value"], best["checkpoint"]) == ("score", 0.5, "step-000002")
+    # a resumed early-stopped run has nothing left to do
+    again, summary, _ = _train(tmp_path, steps=10, evals={2: 0.5, 4: 0.3, 6: 0.2}, early_stopping_patience=2)
+    assert summary["finished"] and summary["step"] == 6
+
+
+def test_time_budget_in_a_run(tmp_path):
+    # the fake clock advances 1 s per step: a 3 s budget stops after step 3, saved
+    run, summary, _ = _train(tmp_path, max_seconds=3.0)
+    assert (summary["step"], summary["out_of_time"], summary["finished"]) == (3, True, False)
+    assert _steps(tmp_path / "run") == [3]
+
+
+def test_a_best_metric_the_method_does_not_report_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="train.best_metric='score' is not a figure toy evaluates; use one of loss"):
+        train = replace(TrainConfig(), output_dir=str(tmp_path / "run"))
+        run = Run(train, method="toy", runs_root=tmp_path, total_steps=2, best=("score", "max"))
+        run.resume(model=torch.nn.Linear(1, 1))
+        with run:
+            run.log(1, {"loss": 1.0})
+            run.end_of_step(1, {"loss": 1.0})
+
+
+def test_evaluations_due_by_interval_and_by_epoch(tmp_path):
+    train = replace(TrainConfig(), output_dir=str(tmp_path / "run"), eval_interval=3)
+    run = Run(train, method="toy", runs_root=tmp_path, total_steps=10, best=("score", "max"))
+    assert [s for s in range(1, 11) if run.eval_due(s)] == [3, 6, 9]
+    # epochs of 4 steps: their ends (4, 8), the last step (10) and the interval
+    assert [s for s in range(1, 11) if run.eval_due(s, epoch_steps=4)] == [3, 4, 6, 8, 9, 10]
+
+
+def test_a_step_must_be_logged(tmp_path):
+    train = replace(TrainConfig(), output_dir=str(tmp_path / "run"))
+    run = Run(train, method="toy", runs_root=tmp_path, total_steps=3, best=("score", "max"))
+    with pytest.raises(RuntimeError, match="step 1 of toy ended without run.log"):
+        with run:
+            for _ in run.steps():
+                pass
