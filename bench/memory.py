@@ -1,8 +1,8 @@
 """Memory over long runs: resident memory per step for GRPO and AT-GRPO, and the main job beside TRL.
 
     .venv/bin/pip install -e ".[bench]"            # TRL is a benchmark-only extra
-    .venv/bin/python bench/memory.py               # 200 GRPO steps, 40 AT-GRPO steps, main job vs TRL
-    .venv/bin/python bench/memory.py --grpo-steps 40 --team-steps 10 --skip-main
+    .venv/bin/python bench/memory.py               # 200 GRPO steps, 30 AT-GRPO steps, main job vs TRL
+    .venv/bin/python bench/memory.py --parts grpo,at_grpo --grpo-steps 40 --team-steps 25
 
 1. GRPO: ``palaestra train`` with the main job's training settings (embedded SmolLM2-135M, LoRA r16
    on all linear layers, 4 prompts x 8 samples, 24 tokens; tracking off, no checkpoints) for
@@ -47,9 +47,13 @@ def _env() -> dict:
     return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
 
 
-def _train(name: str, overrides: list[str]) -> list[dict]:
-    """Run ``palaestra train`` in its own process; return its per-step records."""
+def _train(name: str, overrides: list[str], reuse: bool = False) -> list[dict]:
+    """Run ``palaestra train`` in its own process; return its per-step records (``reuse``: read those
+    of an earlier complete run of this part instead of training again)."""
     out_dir = OUT / f"memory-{name}"
+    if reuse and (out_dir / "metrics.jsonl").is_file():
+        print(f"{name}: reusing {out_dir / 'metrics.jsonl'}", flush=True)
+        return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(out_dir, ignore_errors=True)
     command = [sys.executable, "-m", "palaestra.cli", "train", *overrides, *QUIET, f"train.output_dir={out_dir}"]
     print(f"running {name}: palaestra {' '.join(command[3:])}", flush=True)
@@ -106,10 +110,11 @@ def _plot(series: dict[str, list[tuple[int, float]]]) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grpo-steps", type=int, default=200)
-    parser.add_argument("--team-steps", type=int, default=40)
+    parser.add_argument("--team-steps", type=int, default=30)
     parser.add_argument("--trl-steps", type=int, default=20, help="TRL steps beside the main job (about 16 s each)")
     parser.add_argument("--trl-bf16", action="store_true", help="TRL with bf16=True instead of its faster bf16=False")
-    parser.add_argument("--skip-main", action="store_true", help="skip the main job and TRL")
+    parser.add_argument("--parts", default="grpo,at_grpo,main", help="which parts to run (main: the main job and TRL)")
+    parser.add_argument("--reuse", default="", help="parts whose earlier complete run under bench/out is read, not rerun")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -119,14 +124,19 @@ def main() -> None:
 
     report: dict = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
                     "command": " ".join(["python", "bench/memory.py", *sys.argv[1:]])}
-    grpo = _train("grpo", [f"train.steps={args.grpo_steps}"])
-    team = _train("at_grpo", ["algo=at_grpo", "env=plan_path", "policy=per_role", f"train.steps={args.team_steps}",
-                              *TEAM_SETTINGS])
-    report["grpo"] = {"peak": _growth(grpo, "memory/peak_rss_mb"), "rss": _growth(grpo, "memory/rss_mb")}
-    report["at_grpo"] = {"peak": _growth(team, "memory/peak_rss_mb"), "rss": _growth(team, "memory/rss_mb")}
-    series = {"GRPO RSS": [(r["step"], r["memory/rss_mb"]) for r in grpo],
-              "AT-GRPO per_role RSS": [(r["step"], r["memory/rss_mb"]) for r in team]}
-    if not args.skip_main:
+    parts, reuse = args.parts.split(","), args.reuse.split(",")
+    runs = {
+        "grpo": ("GRPO", [f"train.steps={args.grpo_steps}"]),
+        "at_grpo": ("AT-GRPO per_role", ["algo=at_grpo", "env=plan_path", "policy=per_role",
+                                         f"train.steps={args.team_steps}", *TEAM_SETTINGS]),
+    }
+    series = {}
+    for name, (label, overrides) in runs.items():
+        if name in parts:
+            records = _train(name, overrides, reuse=name in reuse)
+            report[name] = {"peak": _growth(records, "memory/peak_rss_mb"), "rss": _growth(records, "memory/rss_mb")}
+            series[f"{label} RSS"] = [(r["step"], r["memory/rss_mb"]) for r in records]
+    if "main" in parts:
         report["main_job"] = _main_job()
         trl = _trl(args.trl_steps, args.trl_bf16)
         report["trl"] = {"peak_rss_mb": trl["peak_rss_mb"], "steps": len(trl["steps"]), "bf16": args.trl_bf16,
@@ -144,7 +154,7 @@ def _render(report: dict) -> str:
     lines = [f"### {report['date']}: memory over long runs ({report['machine']})", f"`{report['command']}`", "",
              "| run | steps | peak RSS at step 20 (MB) | peak RSS at the end (MB) | growth | RSS at step 20 -> end (MB) |",
              "|---|---|---|---|---|---|"]
-    for name in ("grpo", "at_grpo"):
+    for name in [name for name in ("grpo", "at_grpo") if name in report]:
         peak, rss = report[name]["peak"], report[name]["rss"]
         lines.append(f"| {name} | {peak['steps']} | {peak['start_mb']:.0f} | {peak['end_mb']:.0f} | {100 * peak['growth']:+.1f}% "
                      f"| {rss['start_mb']:.0f} -> {rss['end_mb']:.0f} |")

@@ -81,9 +81,10 @@ def _run(config: PalaestraConfig) -> int:
 
 
 def _eval(config: PalaestraConfig) -> int:
-    from palaestra.evaluation.cli import evaluate_command, evaluate_team_command
+    from palaestra.evaluation.cli import evaluate_command, evaluate_index_command, evaluate_team_command
 
-    print(evaluate_team_command(config) if config.algo.name == "at_grpo" else evaluate_command(config))
+    commands = {"at_grpo": evaluate_team_command, "rag": evaluate_index_command}
+    print(commands.get(config.algo.name, evaluate_command)(config))
     return 0
 
 
@@ -92,6 +93,8 @@ def _report(results: dict, config: PalaestraConfig) -> None:
     if before and after:
         subject = getattr(config, _method(config).reads[0]).name  # the task, environment or data trained on
         print(_before_after_table(before, after, subject, config.algo.name))
+    elif results.get("figures") and all("@" in key for key in results["figures"]):
+        print(_figures_table(results["figures"]))
     _print_where(results)
 
 
@@ -212,6 +215,23 @@ def _before_after_table(before: dict, after: dict, subject: str, algo: str) -> s
         if key in after:
             change = after[key] - before[key]
             lines.append(f"{key:<24}{before[key]:>10.3f}{after[key]:>10.3f}{change:>+10.3f}")
+    return "\n".join(lines)
+
+
+def _figures_table(figures: dict) -> str:
+    """Figures named ``<metric>@<k>`` as a grid, one row per metric and one column per k.
+
+    >>> print(_figures_table({"recall@1": 0.5, "recall@10": 0.75, "ndcg@1": 0.5, "ndcg@10": 0.625}))
+    <BLANKLINE>
+    metric          @1     @10
+    recall       0.500   0.750
+    ndcg         0.500   0.625
+    """
+    metrics = list(dict.fromkeys(key.split("@")[0] for key in figures))
+    ks = list(dict.fromkeys(key.split("@")[1] for key in figures if "@" in key))
+    lines = ["", f"{'metric':<10}" + "".join(f"{'@' + k:>8}" for k in ks)]
+    for metric in metrics:
+        lines.append(f"{metric:<10}" + "".join(f"{figures.get(f'{metric}@{k}', float('nan')):>8.3f}" for k in ks))
     return "\n".join(lines)
 
 

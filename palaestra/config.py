@@ -229,6 +229,29 @@ class DPOConfig:
 
 
 @dataclass
+class RagConfig:
+    """A retrieval index (MARK's RAG target): documents embedded into a FAISS index, measured on judged queries."""
+
+    name: str = "rag"
+    """Algorithm name (recipe)."""
+    documents: Optional[str] = None
+    """Documents JSONL ({"id", "text", "metadata"?} a line); None: the shipped FAQ set (datasets/retrieval/faq)."""
+    queries: Optional[str] = None
+    """Judged queries JSONL ({"id", "text", "relevant": [doc ids] or {doc id: grade}} a line); None: the FAQ set's
+    when documents is None too; "" skips the evaluation."""
+    embedder: str = "all-minilm-l6-v2"
+    """Sentence-embedding model: all-minilm-l6-v2 (shipped offline, 384 dimensions) or a sentence-transformers folder."""
+    mode: str = "dense"
+    """dense (FAISS inner product over unit vectors), bm25 (lexical) or hybrid (both, reciprocal rank fusion)."""
+    batch_size: int = 64
+    """Documents embedded per step (a step is one batch; the build resumes at a step boundary)."""
+    ks: list = field(default_factory=lambda: [1, 3, 5, 10])
+    """Cut-offs k of recall@k, mrr@k and ndcg@k."""
+    rrf_k: int = 60
+    """Reciprocal rank fusion constant of hybrid search: a document scores sum 1 / (rrf_k + rank)."""
+
+
+@dataclass
 class PPOConfig:
     """PPO with a value head, GAE and a KL penalty to the reference (the model with its adapter off)."""
 
@@ -545,7 +568,9 @@ def validate(config: PalaestraConfig) -> None:
     _check(model.lora.r > 0, f"model.lora.r={model.lora.r} must be a positive rank")
     _check(0 <= model.lora.dropout < 1, f"model.lora.dropout={model.lora.dropout} must be in [0, 1)")
 
-    if isinstance(algo, ATGRPOConfig):
+    if isinstance(algo, RagConfig):
+        _validate_rag(algo)
+    elif isinstance(algo, ATGRPOConfig):
         _validate_at_grpo(config)
     elif isinstance(algo, AlgoConfig):
         _validate_task(task)  # only GRPO reads the task section (and importing reasoning-gym is slow)
@@ -609,6 +634,24 @@ def _validate_task(task: TaskConfig) -> None:
             resolve_reward(name)
         except ValueError as error:
             raise ConfigError(str(error).splitlines()[0]) from None
+
+
+def _validate_rag(algo: RagConfig) -> None:
+    """rag: files that exist, a known mode, positive cut-offs (the files are parsed before the embedder loads)."""
+    from pathlib import Path
+
+    from palaestra.retrieval.index import MODES
+
+    _one_of("algo.mode", algo.mode, MODES)
+    _check(algo.batch_size > 0, f"algo.batch_size={algo.batch_size} must be positive")
+    _check(algo.rrf_k > 0, f"algo.rrf_k={algo.rrf_k} must be positive")
+    _check(bool(algo.ks) and all(isinstance(k, int) and k >= 1 for k in algo.ks),
+           f"algo.ks={list(algo.ks)} must be positive whole numbers, e.g. [1,3,5,10]")
+    for key in ("documents", "queries"):
+        path = getattr(algo, key)
+        _check(not path or Path(path).is_file(), f"algo.{key}={path} does not exist; give a JSONL file")
+    _check(algo.documents is not None or not algo.queries,
+           "algo.queries needs algo.documents (the shipped FAQ queries judge the FAQ documents only)")
 
 
 def _validate_at_grpo(config: PalaestraConfig) -> None:

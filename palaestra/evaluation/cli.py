@@ -127,3 +127,37 @@ def evaluate_team_command(config: PalaestraConfig) -> str:
     lines = [f"{config.env.name} test problems: {config.env.test_envs}, policy {config.policy.mode}, {decoding}"]
     lines += [f"  {key:<22}{value:.3f}" for key, value in figures.items()]
     return "\n".join(lines) + where
+
+
+def evaluate_index_command(config: PalaestraConfig) -> str:
+    """``palaestra eval algo=rag eval.checkpoint=RUN``: search a built index with the judged queries."""
+    from palaestra.recipes.rag import sources
+    from palaestra.retrieval.data import RetrievalDataError, read_queries
+    from palaestra.retrieval.index import IndexError_, RetrievalIndex, evaluate_index
+
+    if not config.eval.checkpoint:
+        raise ConfigError("palaestra eval algo=rag needs eval.checkpoint=<a rag run folder or its index folder>")
+    given = Path(config.eval.checkpoint)
+    folder = given if (given / "index.json").is_file() else given / "index"
+    name, _, queries_path = sources(config.algo)
+    if queries_path is None:
+        raise ConfigError("algo.queries is empty: give a judged queries JSONL file to evaluate the index with")
+    try:
+        index = RetrievalIndex.load(folder)
+        queries = read_queries(queries_path, {d.id for d in index.documents})
+    except (IndexError_, RetrievalDataError) as error:
+        raise ConfigError(str(error)) from None
+    figures = evaluate_index(index, queries, list(config.algo.ks))
+    where = ""
+    if config.tracking.enabled:
+        from palaestra.tracking import MlflowTracker
+
+        tracker = MlflowTracker(config.tracking.experiment, run_name=config.tracking.run_name or f"eval-{name}-rag",
+                                tracking_uri=config.tracking.tracking_uri)
+        tracker.set_tags({"algo": "eval", "index": str(folder.resolve()), "queries": str(queries_path), "mode": index.mode})
+        tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=0)
+        tracker.end()
+        where = f"\nMLflow run {tracker.run_id}: {tracker.run_url_hint()}"
+    lines = [f"{index.mode} index of {len(index.documents)} documents, {len(queries)} judged queries ({queries_path})"]
+    lines += [f"  {key:<16}{value:.3f}" for key, value in figures.items()]
+    return "\n".join(lines) + where

@@ -18,6 +18,7 @@ from palaestra.config import (
     DPOConfig,
     PalaestraConfig,
     PPOConfig,
+    RagConfig,
     RewardModelConfig,
     SFTConfig,
 )
@@ -53,6 +54,11 @@ _CHATS_ONLY = ("data.train_file", "data.val_file", "data.test_file", "data.metri
 _BY_EPOCHS = ("train.steps", "train.share_prompt_forward", "train.log_samples_interval", "eval")
 _GREEDY_EVAL = ("eval.num_samples", "eval.greedy", "eval.temperature", "eval.top_p", "eval.top_k", "eval.pass_k")
 
+_BUILDS_AN_INDEX = ("model", "eval", "tracking.registered_model", "tracking.policy_id", *(
+    f"train.{key}" for key in ("steps", "batch_size", "micro_batch_size", "learning_rate", "weight_decay", "adam_beta1",
+                               "adam_beta2", "warmup_ratio", "lr_schedule", "max_grad_norm", "share_prompt_forward",
+                               "eval_interval", "early_stopping_patience", "log_samples_interval")))
+
 METHODS: dict[str, Method] = {
     "sft": Method(SFTConfig, "palaestra.recipes.sft", "val_loss", ("data",),
                   ignores=(*_BY_EPOCHS, "train.eval_interval", "train.early_stopping_patience", *_PAIRS_ONLY, "data.rewards",
@@ -69,6 +75,7 @@ METHODS: dict[str, Method] = {
     "at_grpo": Method(ATGRPOConfig, "palaestra.recipes.at_grpo", "success_rate", ("env", "policy"),
                       ignores=("train.batch_size", "eval.batch_size", "eval.max_examples", "eval.pass_k", *_UNREGISTERED),
                       evaluate_before_after=True),
+    "rag": Method(RagConfig, "palaestra.recipes.rag", "ndcg@10", (), ignores=_BUILDS_AN_INDEX),
 }
 """algo.name -> the method, in the order a pipeline runs them."""
 
@@ -100,7 +107,8 @@ def check_read(algo_name: str, overrides: list[str]) -> None:
         key = override.lstrip("+~").split("=", 1)[0]
         section = key.split(".", 1)[0]
         if section in OPTIONAL_SECTIONS and section not in method.reads:
-            raise ConfigError(f"algo={algo_name} does not read {key} (it reads {', '.join(method.reads)}); remove it")
+            reads = ", ".join(method.reads) or f"none of {', '.join(OPTIONAL_SECTIONS)}"
+            raise ConfigError(f"algo={algo_name} does not read {key} (it reads {reads}); remove it")
         if any(key == ignored or key.startswith(ignored + ".") for ignored in method.ignores):
             raise ConfigError(f"algo={algo_name} does not read {key}; remove it")
 

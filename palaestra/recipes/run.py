@@ -111,17 +111,25 @@ def decide(
 
 
 def config_dict(config) -> dict:
-    """The resolved config as plain containers (MLflow params and the config.yaml artifact): the
-    sections the method reads, without the other methods' (task, env, policy, data) and the
-    commands' (export, pipeline)."""
+    """The resolved config as plain containers (MLflow params and the config.yaml artifact): what
+    the method reads, without the other methods' sections (task, env, policy, data), the commands'
+    (export, pipeline) and the shared keys the method ignores."""
     from omegaconf import OmegaConf
 
     from palaestra.recipes.methods import OPTIONAL_SECTIONS, method_of
 
+    method = method_of(config)
     resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
     for key in (*OPTIONAL_SECTIONS, "export", "pipeline"):
-        if key not in method_of(config).reads:
+        if key not in method.reads:
             resolved.pop(key, None)
+    for ignored in method.ignores:
+        *parents, leaf = ignored.split(".")
+        section = resolved
+        for parent in parents:
+            section = section.get(parent, {}) if isinstance(section, dict) else {}
+        if isinstance(section, dict):
+            section.pop(leaf, None)
     return resolved
 
 

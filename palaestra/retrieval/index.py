@@ -13,6 +13,7 @@ between cosine and BM25 scores.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -23,9 +24,10 @@ import numpy as np
 from palaestra.retrieval.data import Document
 from palaestra.retrieval.embedder import Embedder
 
-__all__ = ["MODES", "IndexError_", "RetrievalIndex", "SearchHit"]
+__all__ = ["MODES", "IndexError_", "RetrievalIndex", "SearchHit", "evaluate_index", "run_of"]
 
 MODES = ("dense", "bm25", "hybrid")
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its "loading the AVX2 build" lines are noise
 _FORMAT = 1
 
 
@@ -62,15 +64,24 @@ class RetrievalIndex:
               show_progress: bool = False) -> "RetrievalIndex":
         if mode not in MODES:
             raise ValueError(f"index mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+        vectors = None
+        if mode in ("dense", "hybrid"):
+            vectors = embedder.encode([d.text for d in documents], show_progress=show_progress)
+        return cls.from_vectors(documents, vectors, embedder, mode, rrf_k)
+
+    @classmethod
+    def from_vectors(cls, documents: list[Document], vectors: np.ndarray | None, embedder: Embedder | None,
+                     mode: str = "dense", rrf_k: int = 60) -> "RetrievalIndex":
+        """The index of ``documents`` whose embeddings [n, dim] (unit length) are already computed
+        (None for ``mode="bm25"``)."""
         if not documents:
             raise ValueError("no documents to index")
         dense = bm25 = None
         if mode in ("dense", "hybrid"):
             import faiss
 
-            vectors = embedder.encode([d.text for d in documents], show_progress=show_progress)
             dense = faiss.IndexFlatIP(vectors.shape[1])
-            dense.add(vectors)
+            dense.add(np.ascontiguousarray(vectors, dtype=np.float32))
         if mode in ("bm25", "hybrid"):
             import bm25s
 
@@ -177,6 +188,13 @@ class RetrievalIndex:
         if len(documents) != meta["documents"] or (dense is not None and dense.ntotal != len(documents)):
             raise IndexError_(f"{folder} is incomplete ({len(documents)} documents for {meta['documents']}); rebuild it")
         return cls(documents, embedder, dense, bm25, meta["mode"], meta.get("rrf_k", 60))
+
+
+def evaluate_index(index: RetrievalIndex, queries: list, ks: list[int]) -> dict[str, float]:
+    """recall@k, mrr@k and ndcg@k of ``index`` on judged ``queries`` (objects with id, text, relevant)."""
+    from palaestra.retrieval.metrics import retrieval_metrics
+
+    return retrieval_metrics(run_of(index, queries, max(ks)), {q.id: q.relevant for q in queries}, tuple(ks))
 
 
 def run_of(index: RetrievalIndex, queries, k: int) -> dict[str, dict[str, float]]:

@@ -36,6 +36,7 @@ def plot_curves(
     title: str,
     ylabel: str = "value",
     smooth: int = 0,
+    xlabel: str = "step",
 ) -> Path:
     """Draw one line per series, e.g. {"reward/mean": [(step, value), ...], "eval/accuracy": ...}.
 
@@ -43,9 +44,10 @@ def plot_curves(
         series: name -> (step, value) points, in any order; empty series are skipped.
         path: the PNG to write (via a temp file and a rename: readers never see half a file).
         title: figure title.
-        ylabel: y axis label (the x axis is the step).
+        ylabel: y axis label.
         smooth: when > 1, draw the raw curve faintly and a trailing moving average of this many
             points over it, in the same colour.
+        xlabel: x axis label (the step, unless the points are over something else).
 
     Returns:
         `path`.
@@ -64,7 +66,7 @@ def plot_curves(
         else:
             ax.plot(steps, values, marker="." if len(values) < 50 else None, label=name)
     ax.set_title(title)
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
