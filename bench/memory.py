@@ -1,7 +1,7 @@
 """Memory over long runs: resident memory per step for GRPO and AT-GRPO, and the main job beside TRL.
 
     .venv/bin/pip install -e ".[bench]"            # TRL is a benchmark-only extra
-    .venv/bin/python bench/memory.py               # 200 GRPO steps, 30 AT-GRPO steps, main job vs TRL
+    .venv/bin/python bench/memory.py               # 200 GRPO steps, 25 AT-GRPO steps, main job vs TRL
     .venv/bin/python bench/memory.py --parts grpo,at_grpo --grpo-steps 40 --team-steps 25
 
 1. GRPO: ``palaestra train`` with the main job's training settings (embedded SmolLM2-135M, LoRA r16
@@ -9,7 +9,7 @@
    ``--grpo-steps`` steps. Every step logs ``memory/rss_mb`` and ``memory/peak_rss_mb``; the growth
    of the peak from step 20 to the end is the figure to watch (the target: under 5%).
 2. AT-GRPO: ``palaestra train algo=at_grpo env=plan_path policy=per_role`` for ``--team-steps``
-   (4 environments x 4 samples x 2 agents, answers of up to 32 tokens).
+   (4 environments x 4 samples x 2 agents, answers of up to 16 tokens; evaluations before and after).
 3. The main job as a user runs it (``palaestra run``: evaluation, 50 GRPO steps with MLflow tracking,
    evaluation), its peak RSS from the operating system, beside TRL's ``GRPOTrainer`` on the same
    settings (4 prompts x 8 generations in micro-batches of 8, 24 tokens, LoRA r16 all linear, lr 1e-4
@@ -39,7 +39,7 @@ ROOT = HERE.parent
 OUT = HERE / "out"
 MAIN_JOB_AS_TRL = dict(prompts=4, generations=8, micro_batch=8, max_tokens=24, lora_targets="all-linear", beta=0.0,
                        lr=1e-4, temperature=0.8, schedule="cosine")
-TEAM_SETTINGS = ["algo.max_completion_length=32", "train.eval_interval=0"]  # about 10 s a step
+TEAM_SETTINGS = ["algo.max_completion_length=16"]
 QUIET = ["tracking.enabled=false", "train.save_interval=0", "train.log_samples_interval=0"]
 
 
@@ -77,12 +77,15 @@ def _main_job() -> dict:
     work.mkdir(parents=True)
     print("running the main job: palaestra run", flush=True)
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "palaestra.cli", "run"], cwd=work, env=_env())
-    _, status, usage = os.wait4(process.pid, 0)
+    with open(work / "stdout.txt", "w") as stdout:
+        process = subprocess.Popen([sys.executable, "-m", "palaestra.cli", "run"], cwd=work, env=_env(), stdout=stdout)
+        _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode:
         raise SystemExit(f"palaestra run failed with exit code {process.returncode}")
-    return {"peak_rss_mb": usage.ru_maxrss / 1024, "wall_s": time.perf_counter() - started}
+    table = [line.split() for line in (work / "stdout.txt").read_text().splitlines() if line.startswith("accuracy ")]
+    accuracy = {"before": float(table[0][1]), "after": float(table[0][2])} if table else {}
+    return {"peak_rss_mb": usage.ru_maxrss / 1024, "wall_s": time.perf_counter() - started, "accuracy": accuracy}
 
 
 def _trl(steps: int, bf16: bool) -> dict:
@@ -110,7 +113,7 @@ def _plot(series: dict[str, list[tuple[int, float]]]) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grpo-steps", type=int, default=200)
-    parser.add_argument("--team-steps", type=int, default=30)
+    parser.add_argument("--team-steps", type=int, default=25)
     parser.add_argument("--trl-steps", type=int, default=20, help="TRL steps beside the main job (about 16 s each)")
     parser.add_argument("--trl-bf16", action="store_true", help="TRL with bf16=True instead of its faster bf16=False")
     parser.add_argument("--parts", default="grpo,at_grpo,main", help="which parts to run (main: the main job and TRL)")
@@ -160,7 +163,9 @@ def _render(report: dict) -> str:
                      f"| {rss['start_mb']:.0f} -> {rss['end_mb']:.0f} |")
     if "main_job" in report:
         main, trl = report["main_job"], report["trl"]
-        lines += ["", f"The main job (`palaestra run`, {main['wall_s'] / 60:.1f} min) peaked at {main['peak_rss_mb']:.0f} MB; "
+        learned = (f", held-out accuracy {main['accuracy']['before']:.3f} -> {main['accuracy']['after']:.3f}"
+                   if main.get("accuracy") else "")
+        lines += ["", f"The main job (`palaestra run`, {main['wall_s'] / 60:.1f} min{learned}) peaked at {main['peak_rss_mb']:.0f} MB; "
                   f"TRL's GRPOTrainer on the same settings (bf16={trl['bf16']}, {trl['steps']} steps and the same "
                   f"evaluation) at {trl['peak_rss_mb']:.0f} MB: ratio {main['peak_rss_mb'] / trl['peak_rss_mb']:.2f}."]
     lines += ["", f"RSS per step: `{report['plot']}`."]
