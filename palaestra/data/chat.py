@@ -20,7 +20,6 @@ examples from restarting ``position_ids`` alone on CPU (sdpa or eager), so we pa
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from palaestra.config import ConfigError
+from palaestra.data.jsonl import read_jsonl
 from palaestra.models.shapes import bucket_length
 
 __all__ = [
@@ -99,20 +99,7 @@ def to_messages(row: dict, where: str = "row") -> list[dict]:
 
 def read_chat_jsonl(path: Path | str) -> list[list[dict]]:
     """Every conversation of a JSONL file (blank lines skipped); errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"chat data file not found: {path}")
-    conversations = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
-            conversations.append(to_messages(row, f"{path}:{number}"))
-    return conversations
+    return [to_messages(row, where) for where, row in read_jsonl(path, "chat data")]
 
 
 def dataset_version(path: Path | str, version: str | None = None) -> str:

@@ -16,7 +16,6 @@ a rollout, with the chosen answers in the first half of the rows and the rejecte
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from palaestra.data.jsonl import read_jsonl
 from palaestra.models.shapes import bucket_length
 
 __all__ = [
@@ -113,19 +113,7 @@ def _pair_from_row(row: object, where: str) -> PreferencePair:
 
 def load_preference_file(path: str | Path) -> list[PreferencePair]:
     """Read a JSONL file of preference rows; a bad row is a one-line ValueError naming file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preference file {path} does not exist")
-    pairs = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            pairs.append(_pair_from_row(row, f"{path}:{number}"))
+    pairs = [_pair_from_row(row, where) for where, row in read_jsonl(path, "preference")]
     if not pairs:
         raise ValueError(f"{path} holds no preference pairs")
     return pairs

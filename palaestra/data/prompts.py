@@ -6,12 +6,12 @@ columns beside the conversation, because reward functions read them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from palaestra.config import ConfigError
 from palaestra.data.chat import dataset_version, to_messages
+from palaestra.data.jsonl import read_jsonl
 
 __all__ = ["ChatPrompt", "load_prompts", "read_prompts"]
 
@@ -50,19 +50,12 @@ def load_prompts(data) -> tuple[list[ChatPrompt], list[ChatPrompt], str]:
 def read_prompts(path: Path) -> list[ChatPrompt]:
     """The chat rows of a JSONL file as prompts: the messages before the (last) assistant answer."""
     prompts = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
-            messages = to_messages(row, f"{path}:{number}")
-            while messages and messages[-1]["role"] == "assistant":
-                messages.pop()  # the answer is what PPO samples
-            if not messages:
-                raise ConfigError(f"{path}:{number}: the conversation has no prompt before the assistant's answer")
-            columns = {k: v for k, v in row.items() if k not in ("messages", "prompt", "completion")}
-            prompts.append(ChatPrompt(messages, columns))
+    for where, row in read_jsonl(path, "prompt"):
+        messages = to_messages(row, where)
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()  # the answer is what PPO samples
+        if not messages:
+            raise ConfigError(f"{where}: the conversation has no prompt before the assistant's answer")
+        columns = {k: v for k, v in row.items() if k not in ("messages", "prompt", "completion")}
+        prompts.append(ChatPrompt(messages, columns))
     return prompts

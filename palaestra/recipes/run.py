@@ -53,6 +53,9 @@ log = logging.getLogger("palaestra")
 
 __all__ = ["Decision", "Run", "config_dict", "decide"]
 
+_SHORT = {"tokens_per_second": "tok/s", "documents_per_second": "docs/s"}
+"""Progress-bar names of long figure names (the others: "reward/mean" -> "reward_mean")."""
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -282,7 +285,7 @@ class Run:
         if self.tracker:
             self.tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
         self._progress.update(1)
-        shown = {k.rsplit("/", 1)[-1]: f"{metrics[k]:.4g}" for k in self.progress_keys if k in metrics}
+        shown = {_SHORT.get(k, k.replace("/", "_")): f"{metrics[k]:.4g}" for k in self.progress_keys if k in metrics}
         self._progress.set_postfix(shown)
         return metrics
 

@@ -19,10 +19,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from palaestra.config import ConfigError
+from palaestra.data.jsonl import read_jsonl
+
 __all__ = ["Document", "Query", "RetrievalDataError", "faq_retrieval_set", "read_documents", "read_queries"]
 
 
-class RetrievalDataError(ValueError):
+class RetrievalDataError(ConfigError):
     """A documents or queries file is missing or malformed; the message names the file and line."""
 
 
@@ -41,28 +44,14 @@ class Query:
 
 
 def _records(path: str | Path, what: str):
-    path = Path(path)
-    if not path.is_file():
-        raise RetrievalDataError(f"{what} file {path} does not exist; give a JSONL file with one object a line")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise RetrievalDataError(f"{what} file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    """(where, record) of every line, each with a non-empty id and text; an empty file is an error."""
     count = 0
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise RetrievalDataError(f"{path}:{number}: not valid JSON ({error.msg}); write one JSON object a line") from None
-        if not isinstance(record, dict):
-            raise RetrievalDataError(f"{path}:{number}: expected a JSON object with 'id' and 'text'")
+    for where, record in read_jsonl(path, what):
         for key in ("id", "text"):
             if not isinstance(record.get(key), (str, int)) or not str(record.get(key)).strip():
-                raise RetrievalDataError(f"{path}:{number}: '{key}' is missing or empty; every {what[:-1]} needs one")
+                raise RetrievalDataError(f"{where}: '{key}' is missing or empty; every {what[:-1]} needs one")
         count += 1
-        yield number, record
+        yield where, record
     if not count:
         raise RetrievalDataError(f"{what} file {path} is empty; it needs at least one {what[:-1]}")
 
@@ -70,13 +59,13 @@ def _records(path: str | Path, what: str):
 def read_documents(path: str | Path) -> list[Document]:
     """The documents of a JSONL file (see the module docstring)."""
     documents, seen = [], set()
-    for number, record in _records(path, "documents"):
+    for where, record in _records(path, "documents"):
         doc_id = str(record["id"])
         if doc_id in seen:
-            raise RetrievalDataError(f"{path}:{number}: document id {doc_id!r} appears twice; ids must be unique")
+            raise RetrievalDataError(f"{where}: document id {doc_id!r} appears twice; ids must be unique")
         metadata = record.get("metadata") or {}
         if not isinstance(metadata, dict):
-            raise RetrievalDataError(f"{path}:{number}: 'metadata' must be a JSON object")
+            raise RetrievalDataError(f"{where}: 'metadata' must be a JSON object")
         seen.add(doc_id)
         documents.append(Document(doc_id, str(record["text"]), metadata))
     return documents
@@ -85,21 +74,21 @@ def read_documents(path: str | Path) -> list[Document]:
 def read_queries(path: str | Path, document_ids: set[str] | None = None) -> list[Query]:
     """The judged queries of a JSONL file; ``document_ids``: refuse judgements of unknown documents."""
     queries = []
-    for number, record in _records(path, "queries"):
+    for where, record in _records(path, "queries"):
         relevant = record.get("relevant")
         if isinstance(relevant, list):
             relevant = {str(doc): 1 for doc in relevant}
         if not isinstance(relevant, dict) or not relevant:
-            raise RetrievalDataError(f"{path}:{number}: 'relevant' must list the relevant document ids "
+            raise RetrievalDataError(f"{where}: 'relevant' must list the relevant document ids "
                                      "(a list, or an object id -> grade)")
         try:
             relevant = {str(doc): int(grade) for doc, grade in relevant.items()}
         except (TypeError, ValueError):
-            raise RetrievalDataError(f"{path}:{number}: relevance grades must be whole numbers") from None
+            raise RetrievalDataError(f"{where}: relevance grades must be whole numbers") from None
         if document_ids is not None:
             unknown = sorted(set(relevant) - document_ids)
             if unknown:
-                raise RetrievalDataError(f"{path}:{number}: judged document {unknown[0]!r} is not in the documents file")
+                raise RetrievalDataError(f"{where}: judged document {unknown[0]!r} is not in the documents file")
         queries.append(Query(str(record["id"]), str(record["text"]), relevant))
     return queries
 

@@ -35,7 +35,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LlamaDecodeState", "packed_linear", "supports_fast_decode"]
+__all__ = ["LlamaDecodeState", "layer_keys_values", "packed_linear", "supports_fast_decode"]
 
 _FAST_MODEL_TYPES = ("llama", "qwen2")
 
@@ -208,7 +208,7 @@ class LlamaDecodeState:
         self.cache_dtype = self.dtype
         self.keys, self.values = [], []
         for index in range(len(self.layers)):
-            keys, values = _layer_kv(prefill_cache, index)
+            keys, values = layer_keys_values(prefill_cache, index)
             batch, kv_heads, prompt_width, head_dim = keys.shape
             width = prompt_width + max_new_tokens
             self.keys.append(keys.new_zeros(batch, kv_heads, width, head_dim, dtype=self.cache_dtype))
@@ -267,7 +267,7 @@ class LlamaDecodeState:
         return self.lm_head(hidden)
 
 
-def _layer_kv(cache, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_keys_values(cache, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of layer ``index`` from a Hugging Face cache (new ``layers`` API or legacy)."""
     layers = getattr(cache, "layers", None)
     if layers is not None:

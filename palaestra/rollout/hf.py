@@ -15,7 +15,7 @@ import torch
 from palaestra.models.precision import autocast
 from palaestra.models.shapes import bucket_length
 from palaestra.rollout.decode import HFDecodeState, decode
-from palaestra.rollout.fast_llama import LlamaDecodeState, supports_fast_decode
+from palaestra.rollout.fast_llama import LlamaDecodeState, layer_keys_values, supports_fast_decode
 
 
 @dataclass
@@ -60,7 +60,7 @@ class HFGenerator:
     """
 
     def __init__(self, model, tokenizer, max_prompt_length: int = 512, precision: str = "fp32", decoder: str = "palaestra",
-                 fast_step: bool = True):
+                 fast_step: bool = True, prefill_rows: int = 16):
         if decoder not in ("palaestra", "hf"):
             raise ValueError(f"decoder must be 'palaestra' or 'hf', got {decoder!r}")
         self.model = model
@@ -69,6 +69,7 @@ class HFGenerator:
         self.precision = precision  # "bf16": sample under bf16 autocast
         self.decoder = decoder
         self.fast_step = fast_step
+        self.prefill_rows = prefill_rows  # distinct prompts per prefill forward (the lean path)
         self.tokenizer.padding_side = "left"
         eos = tokenizer.eos_token_id
         self.stop_ids = sorted({eos} | set(_as_list(getattr(model.generation_config, "eos_token_id", None))))
@@ -137,21 +138,42 @@ class HFGenerator:
         # The plain model under the peft wrapper: its LoRA layers apply the active adapters (the lean
         # path) or see them merged into the weights (the Hugging Face step).
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
-                    use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(repeats)
-        first_logits = out.logits[:, -1].repeat_interleave(repeats, dim=0)
         if lean:
+            first_logits, cache = self._chunked_prefill(model, ids, mask, repeats)
             dtype = torch.bfloat16 if self.precision == "bf16" else None
             state = LlamaDecodeState(model, cache, sampling.max_new_tokens, dtype=dtype)
         else:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+                        use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(repeats)
+            first_logits = out.logits[:, -1].repeat_interleave(repeats, dim=0)
             state = HFDecodeState(model, cache)
         return decode(
             state, first_logits, prompt_mask, max_new_tokens=sampling.max_new_tokens, stop_ids=self.stop_ids,
             pad_id=self.tokenizer.pad_token_id, temperature=sampling.temperature, top_k=sampling.top_k,
             top_p=sampling.top_p, greedy=sampling.greedy,
         )
+
+    def _chunked_prefill(self, model, ids: torch.Tensor, mask: torch.Tensor, repeats: int):
+        """Last-token logits [B * repeats, V] and per-layer keys/values of the prompts, prefilled
+        ``prefill_rows`` prompts at a time: a prefill's transient memory grows with its rows (an
+        evaluation batch of 64 prompts cost about 3 GB on the embedded model in one forward)."""
+        logits, keys, values = [], [], []
+        for start in range(0, ids.shape[0], self.prefill_rows):
+            rows = slice(start, start + self.prefill_rows)
+            out = model(input_ids=ids[rows], attention_mask=mask[rows], use_cache=True, logits_to_keep=1,
+                        position_ids=(mask[rows].cumsum(dim=1) - 1).clamp(min=0))
+            logits.append(out.logits[:, -1])
+            layers = [layer_keys_values(out.past_key_values, index) for index in range(model.config.num_hidden_layers)]
+            keys.append([k for k, _ in layers])
+            values.append([v for _, v in layers])
+        cache = _StackedCache([
+            (torch.cat([chunk[i] for chunk in keys]).repeat_interleave(repeats, dim=0),
+             torch.cat([chunk[i] for chunk in values]).repeat_interleave(repeats, dim=0))
+            for i in range(model.config.num_hidden_layers)
+        ])
+        return torch.cat(logits).repeat_interleave(repeats, dim=0), cache
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int):
         """The key/value cache of all prompt tokens but the last, repeated for each sample."""
@@ -162,6 +184,19 @@ class HFGenerator:
         cache = out.past_key_values
         cache.batch_repeat_interleave(repeats)
         return cache
+
+
+class _StackedCache:
+    """Per-layer keys and values ([B, kv_heads, P, head_dim] each), read by the lean decode step."""
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.layers = [_KeysValues(keys, values) for keys, values in layers]
+
+
+@dataclass
+class _KeysValues:
+    keys: torch.Tensor
+    values: torch.Tensor
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> list[int]:

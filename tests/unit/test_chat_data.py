@@ -73,8 +73,11 @@ def test_bad_json_names_file_and_line(tmp_path):
     path = _write(tmp_path / "train.jsonl", [_chat(0), "", '{"messages": [oops'])
     with pytest.raises(ConfigError, match=r"train\.jsonl:3: not valid JSON"):
         read_chat_jsonl(path)
-    with pytest.raises(FileNotFoundError, match="chat data file not found"):
+    with pytest.raises(ConfigError, match="chat data file .*missing.jsonl does not exist"):
         read_chat_jsonl(tmp_path / "missing.jsonl")
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9", "completion": "ok"}\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.jsonl is not UTF-8 text \(byte 15\); save it as UTF-8"):
+        read_chat_jsonl(tmp_path / "latin1.jsonl")
 
 
 def test_folder_without_val_file_holds_out_the_end_of_train(tmp_path):
@@ -105,7 +108,7 @@ def test_missing_files_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_chat_data(DataConfig(path=str(tmp_path / "nowhere")))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="train.jsonl"):
+    with pytest.raises(ConfigError, match="train.jsonl does not exist"):
         load_chat_data(DataConfig(path=str(tmp_path / "empty")))
     with pytest.raises(ConfigError, match="at least 2"):
         load_chat_data(DataConfig(path=_write(tmp_path / "one.jsonl", [_chat(0)])))

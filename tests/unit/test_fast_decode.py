@@ -138,3 +138,16 @@ def test_lean_step_decodes_every_weight_dtype_and_precision_like_generate(weight
     assert got.completion_ids.shape[1] > 1
     assert torch.equal(got.completion_ids, expected.completion_ids)
     assert all(parameter.dtype == weights for parameter in model.parameters())  # the weights are left as they were
+
+
+@torch.no_grad()
+def test_prefill_in_chunks_of_prompts_gives_the_same_tokens():
+    from palaestra.rollout import HFGenerator, SamplingParams
+
+    model, tokenizer = build_tiny_model(seed=4)
+    prompts = [[{"role": "user", "content": text}] for text in ("What is 2 + 3?", "Hi", "Tell me a story", "zzz 9", "ok")]
+    greedy = SamplingParams(max_new_tokens=8, greedy=True)
+    whole = HFGenerator(model, tokenizer, prefill_rows=16).generate(prompts, 2, greedy)
+    chunked = HFGenerator(model, tokenizer, prefill_rows=2).generate(prompts, 2, greedy)  # chunks of 2, 2 and 1
+    assert torch.equal(chunked.completion_ids, whole.completion_ids)
+    assert chunked.texts == whole.texts

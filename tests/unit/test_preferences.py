@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from palaestra.config import ConfigError
 from palaestra.data.preferences import (
     PreferencePair,
     batch_for_step,
@@ -162,7 +163,7 @@ def test_splits_from_a_folder_or_one_file(tmp_path):
     assert len(train) == 18 and len(val) == 2
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_preference_splits(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="other.jsonl does not exist"):
+    with pytest.raises(ConfigError, match="other.jsonl does not exist"):
         load_preference_splits(tmp_path, train_file="other.jsonl")
 
 

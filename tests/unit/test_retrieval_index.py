@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from palaestra.config import ConfigError
 from palaestra.retrieval.data import Document, RetrievalDataError, read_documents, read_queries
 from palaestra.retrieval.index import IndexError_, RetrievalIndex, run_of
 from palaestra.retrieval.metrics import retrieval_metrics
@@ -96,7 +97,7 @@ def test_bad_documents_files_get_one_line_naming_the_file(tmp_path, content, mes
         path.write_bytes(content)
     elif content is not None:
         path.write_text(content)
-    with pytest.raises(RetrievalDataError, match=message) as error:
+    with pytest.raises(ConfigError, match=message) as error:  # RetrievalDataError is a ConfigError too
         read_documents(path)
     assert "\n" not in str(error.value) and "docs.jsonl" in str(error.value)
 

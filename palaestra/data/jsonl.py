@@ -1,0 +1,37 @@
+"""JSONL files read line by line, every mistake in them a one-line error that names the file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from palaestra.config import ConfigError
+
+__all__ = ["read_jsonl"]
+
+
+def read_jsonl(path: str | Path, what: str = "data") -> Iterator[tuple[str, dict]]:
+    """``("file:line", object)`` for every non-blank line of a JSONL file.
+
+    A missing file, bytes that are not UTF-8, a line that is not valid JSON or not a JSON object
+    raise a :class:`ConfigError` naming the file (and line) and what to do.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file {path} does not exist; give a JSONL file with one JSON object a line")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{what} file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno}); "
+                              "write one JSON object a line") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+        yield f"{path}:{number}", row
