@@ -88,8 +88,11 @@ def _main_job() -> dict:
     return {"peak_rss_mb": usage.ru_maxrss / 1024, "wall_s": time.perf_counter() - started, "accuracy": accuracy}
 
 
-def _trl(steps: int, bf16: bool) -> dict:
+def _trl(steps: int, bf16: bool, reuse: bool = False) -> dict:
     out = OUT / "memory-trl.json"
+    if reuse and out.is_file():
+        print(f"trl: reusing {out}", flush=True)
+        return json.loads(out.read_text())
     command = [sys.executable, __file__, "--worker", "--trl-steps", str(steps), *(["--trl-bf16"] if bf16 else [])]
     print(f"running TRL GRPOTrainer for {steps} steps (bf16={bf16}) ...", flush=True)
     subprocess.run(command, cwd=ROOT, env=_env(), check=True)
@@ -117,7 +120,8 @@ def main() -> None:
     parser.add_argument("--trl-steps", type=int, default=20, help="TRL steps beside the main job (about 16 s each)")
     parser.add_argument("--trl-bf16", action="store_true", help="TRL with bf16=True instead of its faster bf16=False")
     parser.add_argument("--parts", default="grpo,at_grpo,main", help="which parts to run (main: the main job and TRL)")
-    parser.add_argument("--reuse", default="", help="parts whose earlier complete run under bench/out is read, not rerun")
+    parser.add_argument("--reuse", default="", help="parts (grpo, at_grpo, trl) whose earlier complete run under "
+                        "bench/out is read, not rerun")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -141,7 +145,7 @@ def main() -> None:
             series[f"{label} RSS"] = [(r["step"], r["memory/rss_mb"]) for r in records]
     if "main" in parts:
         report["main_job"] = _main_job()
-        trl = _trl(args.trl_steps, args.trl_bf16)
+        trl = _trl(args.trl_steps, args.trl_bf16, reuse="trl" in reuse)
         report["trl"] = {"peak_rss_mb": trl["peak_rss_mb"], "steps": len(trl["steps"]), "bf16": args.trl_bf16,
                          "rss_per_step": [s["rss_mb"] for s in trl["steps"]]}
         series["TRL RSS"] = [(i + 1, s["rss_mb"]) for i, s in enumerate(trl["steps"])]
@@ -154,10 +158,12 @@ def main() -> None:
 
 
 def _render(report: dict) -> str:
-    lines = [f"### {report['date']}: memory over long runs ({report['machine']})", f"`{report['command']}`", "",
-             "| run | steps | peak RSS at step 20 (MB) | peak RSS at the end (MB) | growth | RSS at step 20 -> end (MB) |",
-             "|---|---|---|---|---|---|"]
-    for name in [name for name in ("grpo", "at_grpo") if name in report]:
+    lines = [f"### {report['date']}: memory over long runs ({report['machine']})", f"`{report['command']}`"]
+    runs = [name for name in ("grpo", "at_grpo") if name in report]
+    if runs:
+        lines += ["", "| run | steps | peak RSS at step 20 (MB) | peak RSS at the end (MB) | growth | RSS at step 20 -> end (MB) |",
+                  "|---|---|---|---|---|---|"]
+    for name in runs:
         peak, rss = report[name]["peak"], report[name]["rss"]
         lines.append(f"| {name} | {peak['steps']} | {peak['start_mb']:.0f} | {peak['end_mb']:.0f} | {100 * peak['growth']:+.1f}% "
                      f"| {rss['start_mb']:.0f} -> {rss['end_mb']:.0f} |")
