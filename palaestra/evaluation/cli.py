@@ -132,7 +132,7 @@ def evaluate_team_command(config: PalaestraConfig) -> str:
 def evaluate_index_command(config: PalaestraConfig) -> str:
     """``palaestra eval algo=rag eval.checkpoint=RUN``: search a built index with the judged queries."""
     from palaestra.recipes.rag import sources
-    from palaestra.retrieval.data import RetrievalDataError, read_queries
+    from palaestra.retrieval.data import read_queries
     from palaestra.retrieval.index import IndexError_, RetrievalIndex, evaluate_index
 
     if not config.eval.checkpoint:
@@ -144,9 +144,9 @@ def evaluate_index_command(config: PalaestraConfig) -> str:
         raise ConfigError("algo.queries is empty: give a judged queries JSONL file to evaluate the index with")
     try:
         index = RetrievalIndex.load(folder)
-        queries = read_queries(queries_path, {d.id for d in index.documents})
-    except (IndexError_, RetrievalDataError) as error:
+    except IndexError_ as error:
         raise ConfigError(str(error)) from None
+    queries = read_queries(queries_path, {d.id for d in index.documents})
     figures = evaluate_index(index, queries, list(config.algo.ks))
     where = ""
     if config.tracking.enabled:

@@ -33,7 +33,7 @@ from palaestra.config import ConfigError, PalaestraConfig
 from palaestra.recipes.common import seed_everything
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
-from palaestra.retrieval.data import RetrievalDataError, read_documents, read_queries
+from palaestra.retrieval.data import read_documents, read_queries
 
 log = logging.getLogger("palaestra")
 
@@ -48,11 +48,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
     # ---- data: parsed and checked before the embedder loads
     name, documents_path, queries_path = sources(algo)
-    try:
-        documents = read_documents(documents_path)
-        queries = read_queries(queries_path, {d.id for d in documents}) if queries_path else []
-    except RetrievalDataError as error:
-        raise ConfigError(str(error)) from None
+    documents = read_documents(documents_path)  # a mistake in them is a one-line ConfigError
+    queries = read_queries(queries_path, {d.id for d in documents}) if queries_path else []
     best = _best_metric(config)
 
     # ---- the embedder and the vector table the steps fill (a checkpoint holds it)
