@@ -157,8 +157,8 @@ class HFGenerator:
 
     def _chunked_prefill(self, model, ids: torch.Tensor, mask: torch.Tensor, repeats: int):
         """Last-token logits [B * repeats, V] and per-layer keys/values of the prompts, prefilled
-        ``prefill_rows`` prompts at a time: a prefill's transient memory grows with its rows (an
-        evaluation batch of 64 prompts cost about 3 GB on the embedded model in one forward)."""
+        ``prefill_rows`` prompts at a time: a prefill's transient memory grows faster than its rows
+        (an evaluation batch in one forward set the main job's peak; bench/RESULTS.md, memory entries)."""
         logits, keys, values = [], [], []
         for start in range(0, ids.shape[0], self.prefill_rows):
             rows = slice(start, start + self.prefill_rows)
