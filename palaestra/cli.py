@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -74,6 +75,13 @@ def _train(config: PalaestraConfig) -> int:
     return 0
 
 
+def _train_and_evaluate(config: PalaestraConfig) -> int:
+    """palaestra train --evaluate: the method's evaluation before and after training."""
+    results = _method(config).main(config, evaluate_before_after=True)
+    _report(results, config)
+    return 0
+
+
 def _run(config: PalaestraConfig) -> int:
     results = _method(config).main(config, evaluate_before_after=True)
     _report(results, config)
@@ -91,7 +99,8 @@ def _eval(config: PalaestraConfig) -> int:
 def _report(results: dict, config: PalaestraConfig) -> None:
     before, after = results.get("before"), results.get("after")
     if before and after:
-        subject = getattr(config, _method(config).reads[0]).name  # the task, environment or data trained on
+        reads = _method(config).reads  # the task, environment or data trained on (or the recipe says)
+        subject = results.get("subject") or (getattr(config, reads[0]).name if reads else config.algo.name)
         print(_before_after_table(before, after, subject, config.algo.name))
     elif results.get("figures") and all("@" in key for key in results["figures"]):
         print(_figures_table(results["figures"]))
@@ -149,7 +158,14 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"palaestra: error: unknown command {command!r}; use one of {', '.join([*COMMANDS, *PLAIN_COMMANDS])}", file=sys.stderr)
         raise SystemExit(2)
+    try:
+        command, rest, evaluate = mark_options(command, rest)
+    except ConfigError as error:
+        print(f"palaestra: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     run_command = COMMANDS[command]
+    if evaluate and command == "train":
+        run_command = _train_and_evaluate
     if command == "pipeline":
         if not rest or rest[0] not in PIPELINES:
             print(f"palaestra: error: say which pipeline: palaestra pipeline {'|'.join(PIPELINES)} [key=value ...]", file=sys.stderr)
@@ -160,7 +176,6 @@ def main(argv: list[str] | None = None) -> None:
         rest, stage_overrides = split_stage_overrides(rest[1:])
         overrides = [arg for arg in rest if not arg.startswith("-")]
         run_command = lambda config: _pipeline(config, pipeline_name, overrides, stage_overrides)  # noqa: E731
-    rest = [_target_override(arg) for arg in rest]
 
     def task_function(cfg: DictConfig) -> None:
         logging.getLogger("palaestra").setLevel(logging.INFO)
@@ -187,11 +202,115 @@ def main(argv: list[str] | None = None) -> None:
     hydra.main(version_base="1.3", config_path="conf", config_name="config")(task_function)()
 
 
-def _target_override(arg: str) -> str:
-    """``--target=sft`` (the MARK spelling) is ``algo=sft``; anything else passes through."""
-    if arg.startswith("--target="):
-        return "algo=" + arg.split("=", 1)[1]
-    return arg
+MARK_TARGETS = {"transformer": "classifier", "rl": "grpo"}
+"""MARK's target names that are not palaestra's method names; ``--target=full-pipeline`` is ``palaestra pipeline mark``."""
+CONFIG_GROUPS = ("model", "task", "algo", "env", "policy", "data", "experiment")
+
+
+def mark_options(command: str, args: list[str]) -> tuple[str, list[str], bool]:
+    """MARK's orchestrator flags as palaestra settings: (command, Hydra arguments, evaluate before and after).
+
+    ``--target=X`` is ``algo=X`` (MARK's names too: transformer is the classifier, rl is GRPO, and
+    full-pipeline runs ``palaestra pipeline mark``), ``--device D`` is ``train.device=D``,
+    ``--resume`` is ``train.resume=auto``, ``--evaluate`` evaluates before and after training, and
+    ``--config F`` puts the keys of the YAML file F before the command line's (which win). Flags
+    take ``--flag=value`` or ``--flag value``.
+
+    >>> mark_options("train", ["--target", "transformer", "--device=cpu", "--resume", "train.seed=1"])
+    ('train', ['algo=classifier', 'train.device=cpu', 'train.resume=auto', 'train.seed=1'], False)
+    >>> mark_options("train", ["--target=full-pipeline", "model=tiny"])
+    ('pipeline', ['mark', 'model=tiny'], False)
+    """
+    flags = {"--target": True, "--device": True, "--config": True, "--resume": False, "--evaluate": False}
+    given: dict[str, str | None] = {}
+    passed: list[str] = []
+    position = 0
+    while position < len(args):
+        arg = args[position]
+        name, has_value, value = arg.partition("=")
+        if name not in flags:
+            passed.append(arg)
+        elif flags[name] and not has_value:
+            if position + 1 >= len(args) or args[position + 1].startswith("-"):
+                raise ConfigError(f"{name} needs a value: {name}=VALUE")
+            given[name] = args[position + 1]
+            position += 1
+        elif not flags[name] and has_value:
+            raise ConfigError(f"{name} takes no value; write {name} alone")
+        else:
+            given[name] = value if has_value else None
+        position += 1
+    settings = _yaml_overrides(given["--config"]) if "--config" in given else []
+    target = given.get("--target")
+    if target == "full-pipeline":
+        if command != "train":
+            raise ConfigError("--target=full-pipeline belongs to palaestra train (or run palaestra pipeline mark)")
+        command, settings = "pipeline", ["mark", *settings]
+    elif target is not None:
+        settings.append(f"algo={MARK_TARGETS.get(target, target)}")
+    if "--device" in given:
+        settings.append(f"train.device={given['--device']}")
+    if "--resume" in given:
+        settings.append("train.resume=auto")
+    return command, [*settings, *passed], "--evaluate" in given
+
+
+def _yaml_overrides(path: str) -> list[str]:
+    """The keys of a user's YAML config as Hydra overrides: ``algo: classifier`` picks a group
+    option, nested mappings become dotted keys (``train: {steps: 5}`` -> ``train.steps=5``)."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config {path} does not exist; give a YAML file of settings (palaestra train --cfg job shows the keys)")
+    try:
+        settings = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--config {path} is not valid YAML ({str(error).splitlines()[0]})") from None
+    if settings is None:
+        return []
+    if not isinstance(settings, dict):
+        raise ConfigError(f"--config {path} must be a mapping of sections (train:, algo:, ...), not a {type(settings).__name__}")
+    overrides: list[str] = []
+
+    def flatten(key: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for inner, inner_value in value.items():
+                flatten(f"{key}.{inner}", inner_value)
+        else:
+            overrides.append(f"{key}={_hydra_value(value)}")
+
+    from dataclasses import fields
+
+    sections = [f.name for f in fields(PalaestraConfig)]
+    for key, value in settings.items():
+        if key not in sections and key != "experiment":
+            raise ConfigError(f"--config {path}: unknown section {key!r}; use some of {', '.join(sections)}")
+        if key in CONFIG_GROUPS and isinstance(value, str):
+            value = MARK_TARGETS.get(value, value) if key == "algo" else value
+            overrides.insert(0, f"{key}={value}")  # group choices first, so that their keys can be set
+        else:
+            flatten(str(key), value)
+    return overrides
+
+
+def _hydra_value(value) -> str:
+    """A YAML value in Hydra's override syntax.
+
+    >>> [_hydra_value(v) for v in (None, True, 3, 0.5, "a b", [1, "a"], {"k": 2})]
+    ['null', 'true', '3', '0.5', "'a b'", "[1,'a']", '{k:2}']
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _plain_command(command: str, argv: list[str]) -> int:

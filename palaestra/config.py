@@ -229,6 +229,36 @@ class DPOConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    """A text classifier (MARK's transformer target): a BERT-family encoder fine-tuned on labelled text.
+
+    The encoder: the embedded all-MiniLM-L6-v2 (a 6-layer BERT), ``model.path`` (any local Hugging Face
+    encoder folder) or ``model.name=tiny`` (a small random BERT, for tests). MARK's defaults (batch 16,
+    lr 5e-5) are conf/algo/classifier.yaml's train settings.
+    """
+
+    name: str = "classifier"
+    """Algorithm name (recipe)."""
+    data: Optional[str] = None
+    """A folder of train.jsonl, val.jsonl and optionally test.jsonl, or one JSONL file (split here), each line
+    {"text", "label"}; None: the shipped topic set (datasets/classification/topics)."""
+    num_labels: int = 3
+    """Number of labels; the data must use exactly this many."""
+    labels: Optional[list] = None
+    """Label names in class-id order (None: the sorted names found in the training split)."""
+    epochs: int = 5
+    """Passes over the training split."""
+    max_length: int = 128
+    """Texts longer than this many tokens are truncated."""
+    val_fraction: float = 0.1
+    """Share of a single data file held out for validation, and the same share for test."""
+    early_stopping_patience: int = 2
+    """Stop after this many epochs without a better validation figure (train.best_metric, macro_f1 by default; 0 disables)."""
+    eval_batch_size: int = 64
+    """Texts per forward when evaluating."""
+
+
+@dataclass
 class RagConfig:
     """A retrieval index (MARK's RAG target): documents embedded into a FAISS index, measured on judged queries."""
 
@@ -393,6 +423,8 @@ class TrainConfig:
     """Seed for data order, sampling and initialisation."""
     threads: int = 0
     """CPU threads for torch (0 leaves torch's default)."""
+    device: str = "auto"
+    """Where to train: auto (a CUDA GPU when torch sees one, else the CPU), cpu or cuda."""
     share_prompt_forward: bool = True
     """Pack the training forward: each group's shared prompt once, completions without padding
     (same numbers, less work); false runs the plain padded batch."""
@@ -489,7 +521,8 @@ class PalaestraConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     algo: Any = field(default_factory=AlgoConfig)
-    """The schema of algo.name: AlgoConfig (grpo), ATGRPOConfig (at_grpo), SFTConfig, RewardModelConfig, DPOConfig or PPOConfig."""
+    """The schema of algo.name: AlgoConfig (grpo), ATGRPOConfig (at_grpo), SFTConfig, RewardModelConfig, DPOConfig, PPOConfig,
+    ClassifierConfig or RagConfig (the table of methods: palaestra.recipes.methods)."""
     data: DataConfig = field(default_factory=DataConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -505,6 +538,7 @@ TASK_SOURCES = ("reasoning_gym", "gsm8k")
 LR_SCHEDULES = ("cosine", "constant")
 ROLLOUTS = ("tree", "no_tree")
 TRACKING_PARAMS = ("config", "contract")
+DEVICES = ("auto", "cpu", "cuda")
 # The other allowed-value lists live beside the code that uses them and are imported where checked:
 # loss types and reward scalings (algorithms.grpo), DPO losses (algorithms.preference), group filters
 # (algorithms.at_grpo), precisions (models.precision), dtypes (models.loading), policy modes (models.policies).
@@ -568,7 +602,9 @@ def validate(config: PalaestraConfig) -> None:
     _check(model.lora.r > 0, f"model.lora.r={model.lora.r} must be a positive rank")
     _check(0 <= model.lora.dropout < 1, f"model.lora.dropout={model.lora.dropout} must be in [0, 1)")
 
-    if isinstance(algo, RagConfig):
+    if isinstance(algo, ClassifierConfig):
+        _validate_classifier(algo)
+    elif isinstance(algo, RagConfig):
         _validate_rag(algo)
     elif isinstance(algo, ATGRPOConfig):
         _validate_at_grpo(config)
@@ -582,6 +618,12 @@ def validate(config: PalaestraConfig) -> None:
     _check(train.weight_decay >= 0, f"train.weight_decay={train.weight_decay} must be >= 0")
     _check(0 <= train.warmup_ratio < 1, f"train.warmup_ratio={train.warmup_ratio} must be in [0, 1)")
     _one_of("train.lr_schedule", train.lr_schedule, LR_SCHEDULES)
+    _one_of("train.device", train.device, DEVICES)
+    if train.device == "cuda":
+        import torch
+
+        _check(torch.cuda.is_available(), "train.device=cuda but torch sees no CUDA GPU; use train.device=cpu (or auto), "
+               "or install a CUDA build of torch")
     _one_of("tracking.params", config.tracking.params, TRACKING_PARAMS)
     _check(train.max_grad_norm >= 0, f"train.max_grad_norm={train.max_grad_norm} must be >= 0")
     _check(train.max_seconds >= 0, f"train.max_seconds={train.max_seconds} must be >= 0")
@@ -634,6 +676,22 @@ def _validate_task(task: TaskConfig) -> None:
             resolve_reward(name)
         except ValueError as error:
             raise ConfigError(str(error).splitlines()[0]) from None
+
+
+def _validate_classifier(algo: ClassifierConfig) -> None:
+    """classifier: data that exists and numbers that make sense (the files are parsed before the encoder loads)."""
+    from pathlib import Path
+
+    _check(algo.num_labels >= 2, f"algo.num_labels={algo.num_labels} must be >= 2")
+    _check(not algo.labels or len(algo.labels) == algo.num_labels,
+           f"algo.labels has {len(algo.labels or [])} names but algo.num_labels={algo.num_labels}; give one name per label")
+    _check(algo.epochs > 0, f"algo.epochs={algo.epochs} must be positive")
+    _check(algo.max_length >= 8, f"algo.max_length={algo.max_length} must be >= 8")
+    _check(0 < algo.val_fraction < 0.5, f"algo.val_fraction={algo.val_fraction} must be in (0, 0.5)")
+    _check(algo.early_stopping_patience >= 0, f"algo.early_stopping_patience={algo.early_stopping_patience} must be >= 0")
+    _check(algo.eval_batch_size > 0, f"algo.eval_batch_size={algo.eval_batch_size} must be positive")
+    _check(algo.data is None or Path(algo.data).exists(),
+           f"algo.data={algo.data} does not exist; give a folder of train/val/test.jsonl or a JSONL file of {{\"text\", \"label\"}} lines")
 
 
 def _validate_rag(algo: RagConfig) -> None:

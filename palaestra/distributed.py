@@ -48,8 +48,9 @@ class Distributed:
     def enabled(self) -> bool:
         return self.world > 1
 
-    def device(self) -> str:
-        return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+    def device(self, choice: str = "auto") -> str:
+        """This process's device: its own GPU, unless ``choice`` (``train.device``) is cpu or there is none."""
+        return f"cuda:{self.local_rank}" if choice != "cpu" and torch.cuda.is_available() else "cpu"
 
     def share(self, items: list) -> list:
         """This rank's contiguous share of a list whose length the world size divides."""

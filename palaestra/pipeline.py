@@ -2,13 +2,17 @@
 
     palaestra pipeline rlhf model=tiny                       # sft -> reward -> ppo -> evaluate -> export
     palaestra pipeline full                                  # data -> sft -> reward -> dpo -> ppo -> evaluate -> export
+    palaestra pipeline mark                                  # MARK's: data -> mamba -> classifier -> rag -> grpo -> export
     palaestra pipeline rlhf pipeline.skip=[reward]           # PPO on data.rewards instead of a reward model
     palaestra pipeline rlhf pipeline.stages=[sft,evaluate]   # any selection, in pipeline order
     palaestra pipeline rlhf sft.algo.epochs=1 ppo.train.steps=20   # keys for one stage only
 
 What flows between stages: the *policy* (a Hugging Face folder: SFT's, then DPO's, then PPO's
 output becomes the next stage's ``model=hf model.path=...``), the *reward model* folder (into PPO's
-``algo.reward_model``) and the *data* folder (the data stage's output becomes ``data.path``).
+``algo.reward_model``) and the *data* folder (the data stage's output becomes ``data.path``). In
+MARK's pipeline the data stage writes the three corpora (labelled text, a text corpus, a retrieval
+set) that the classifier, mamba and rag stages read, GRPO is MARK's rl stage, and the export stage
+gathers every stage's product (policy, classifier, language model, index) into one folder.
 
 The pipeline folder holds ``history.json`` (stage, status, seconds, outputs, error, MLflow run)
 written atomically after every change, and one run folder per stage. A failed stage stops the
@@ -38,8 +42,11 @@ log = logging.getLogger("palaestra")
 PIPELINES: dict[str, tuple[str, ...]] = {
     "rlhf": ("sft", "reward", "ppo", "evaluate", "export"),
     "full": ("data", "sft", "reward", "dpo", "ppo", "evaluate", "export"),
+    "mark": ("data", "mamba", "classifier", "rag", "grpo", "export"),
 }
 """Pipeline name -> its stages in order."""
+PRODUCTS = {"model_dir": "policy", "classifier_dir": "classifier", "language_model_dir": "language_model", "index_dir": "index"}
+"""The folders stages hand on (a recipe's ``outputs``) -> their name in an export of several."""
 TRAINING_STAGES = tuple(METHODS)
 """Stages that run a method's recipe (algo=<stage>): every method of the table, in its order."""
 STAGES = ("data", *TRAINING_STAGES, "evaluate", "export")
@@ -129,14 +136,16 @@ def split_stage_overrides(overrides: list[str]) -> tuple[list[str], dict[str, li
 
 
 def plan_stages(name: str, stages: list | None, skip: list) -> list[str]:
-    """The stages to run: ``stages`` (default: the pipeline's), minus ``skip``, in pipeline order."""
+    """The stages to run: ``stages`` (default: the pipeline's), minus ``skip``, in the pipeline's order
+    (stages it does not list go where they stand among every stage)."""
     if name not in PIPELINES:
         raise ConfigError(f"unknown pipeline {name!r}; use one of {', '.join(PIPELINES)}")
     chosen = list(stages) if stages else list(PIPELINES[name])
     for stage in [*chosen, *skip]:
         if stage not in STAGES:
             raise ConfigError(f"unknown pipeline stage {stage!r}; use some of {', '.join(STAGES)}")
-    planned = [s for s in STAGES if s in chosen and s not in skip]
+    order = [*PIPELINES[name], *(s for s in STAGES if s not in PIPELINES[name])]
+    planned = [s for s in order if s in chosen and s not in skip]
     if not planned:
         raise ConfigError("pipeline.stages minus pipeline.skip leaves nothing to run")
     return planned
@@ -164,7 +173,7 @@ def run_pipeline(
     # Every stage's config, composed and validated before any model loads (the data stage, cheap,
     # runs first when it is pending, so that the others can check the files it writes).
     if "data" in stages and history.record("data").status != "succeeded":
-        _run_stage("data", history, lambda: _data_stage(config, folder), None)
+        _run_stage("data", history, lambda: _data_stage(config, folder, name), None)
         if history.record("data").status == "failed" and not config.pipeline.continue_on_failure:
             return _finish(history, None)
     for stage in stages:
@@ -189,7 +198,7 @@ def run_pipeline(
         elif stage == "export":
             work = lambda: _export_stage(config, history)  # noqa: E731
         else:
-            work = lambda: _data_stage(config, folder)  # noqa: E731
+            work = lambda: _data_stage(config, folder, name)  # noqa: E731
         _run_stage(stage, history, work, tracker)
         if record.status == "failed" and not config.pipeline.continue_on_failure:
             break
@@ -306,9 +315,11 @@ def _latest_output(history: PipelineHistory, key: str, before: str) -> str | Non
 
 def _missing_inputs(stage: str, history: PipelineHistory) -> str | None:
     """The failed earlier stage whose output ``stage`` would have used, if any."""
-    needs = {"model_dir": ("sft", "dpo", "ppo", "grpo", "at_grpo"), "reward_model_dir": ("reward",), "data_path": ("data",)}
+    needs = {"model_dir": ("sft", "dpo", "ppo", "grpo", "at_grpo"), "reward_model_dir": ("reward",), "data_path": ("data",),
+             "mark_data": ("data",)}
     uses = {"reward": ("model_dir", "data_path"), "ppo": ("model_dir", "reward_model_dir", "data_path"),
-            "evaluate": ("model_dir", "data_path"), "export": ("model_dir",)}.get(stage, ("model_dir", "data_path"))
+            "evaluate": ("model_dir", "data_path"), "export": ("model_dir",), "grpo": ("model_dir",), "at_grpo": ("model_dir",),
+            "classifier": ("mark_data",), "mamba": ("mark_data",), "rag": ("mark_data",)}.get(stage, ("model_dir", "data_path"))
     for record in history.stages:
         if record.stage == stage:
             return None
@@ -329,10 +340,21 @@ def _chain_overrides(stage: str, history: PipelineHistory) -> list[str]:
     reward_model = _latest_output(history, "reward_model_dir", stage)
     if stage == "ppo" and reward_model:
         chained.append(f"algo.reward_model={reward_model}")
+    mark_data = _latest_output(history, "mark_data", stage)
+    if mark_data:
+        chained += [override.format(data=mark_data) for override in MARK_DATA.get(stage, ())]
     if history.parent_run_id:
         chained.append(f"tracking.parent_run_id={history.parent_run_id}")
     chained.append(f"tracking.run_name={history.name}/{stage}")
     return chained
+
+
+MARK_DATA = {
+    "classifier": ("algo.data={data}/classification",),
+    "rag": ("algo.documents={data}/retrieval/documents.jsonl", "algo.queries={data}/retrieval/queries.jsonl"),
+    "mamba": ("algo.corpus={data}/corpus",),
+}
+"""MARK's pipeline: which of the data stage's corpora each stage reads."""
 
 
 def compose_config(overrides: list[str]) -> PalaestraConfig:
@@ -372,7 +394,7 @@ def _training_stage(stage, history, overrides, stage_overrides):
     outputs = {key: str(Path(value).resolve()) for key, value in (results.get("outputs") or {}).items()}
     if stage in ("grpo", "at_grpo") and "model_dir" not in outputs:
         outputs["model_dir"] = _export_checkpoint(config, Path(results["run_dir"]))
-    figures = results.get("after") or {}
+    figures = results.get("after") or results.get("figures") or {}
     return outputs, {k: float(v) for k, v in figures.items() if isinstance(v, (int, float))}, results.get("mlflow_run_id")
 
 
@@ -387,9 +409,13 @@ def _export_checkpoint(config: PalaestraConfig, run_dir: Path) -> str:
     return str(run_dir / "model")
 
 
-def _data_stage(config: PalaestraConfig, folder: Path):
+def _data_stage(config: PalaestraConfig, folder: Path, pipeline: str):
     """Write today's dataset into the pipeline folder with ``data.generator`` (the planner's, say), or
-    check that ``data.path`` exists."""
+    check that ``data.path`` exists; MARK's pipeline writes its three corpora instead."""
+    if pipeline == "mark":
+        from palaestra.data.mark import prepare_mark_data
+
+        return {"mark_data": str(prepare_mark_data(folder / "data").resolve())}, {}, None
     if not config.data.generator:
         if not Path(config.data.path).exists():
             raise FileNotFoundError(f"data.path={config.data.path} does not exist")
@@ -403,16 +429,15 @@ def _data_stage(config: PalaestraConfig, folder: Path):
 
 def _evaluate_stage(history, overrides, stage_overrides):
     """Greedy answers of the current policy on the data's test split, scored by the task metrics."""
-    import torch
-
     from palaestra.evaluation.chat_eval import evaluate_chat
     from palaestra.models import load_model_and_tokenizer
+    from palaestra.recipes.common import training_device
     from palaestra.registry.replay import load_replay_dataset
     from palaestra.tracking import MlflowTracker
 
     stage = _stage_config("evaluate", history, overrides, stage_overrides)
     examples, _, version = load_replay_dataset(stage.data.path, stage.eval.max_examples)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = training_device(stage.train.device)
     model, tokenizer = load_model_and_tokenizer(stage.model.name, path=stage.model.path, device=device)
     model.eval()
     predictions: list[dict] = []
@@ -433,16 +458,23 @@ def _evaluate_stage(history, overrides, stage_overrides):
 
 
 def _export_stage(config: PalaestraConfig, history: PipelineHistory):
-    """Copy the final policy (already a merged Hugging Face folder) to export.output_dir, atomically."""
-    policy = _latest_output(history, "model_dir", "export")
-    if policy is None:
+    """Copy the final policy (already a merged Hugging Face folder) to export.output_dir, atomically;
+    when earlier stages made other products too (MARK's pipeline), each goes into its own subfolder
+    (policy/, classifier/, language_model/, index/)."""
+    products = {key: _latest_output(history, key, "export") for key in PRODUCTS}
+    products = {key: folder for key, folder in products.items() if folder}
+    if not products:
         raise ConfigError("nothing to export: no earlier stage produced a model (run sft, dpo, ppo or grpo)")
     target = Path(config.export.output_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(policy, tmp)
+    if list(products) == ["model_dir"]:
+        shutil.copytree(products["model_dir"], tmp)
+    else:
+        for key, folder in products.items():
+            shutil.copytree(folder, tmp / PRODUCTS[key])
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
-    return {"export_dir": str(target.resolve()), "model_dir": policy}, {}, None
+    return {"export_dir": str(target.resolve()), **products}, {}, None

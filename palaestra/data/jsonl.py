@@ -1,14 +1,15 @@
-"""JSONL files read line by line, every mistake in them a one-line error that names the file and line."""
+"""JSONL files: read line by line (every mistake in them a one-line error that names the file and line), written atomically."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
 from palaestra.config import ConfigError
 
-__all__ = ["read_jsonl"]
+__all__ = ["read_jsonl", "write_jsonl"]
 
 
 def read_jsonl(path: str | Path, what: str = "data") -> Iterator[tuple[str, dict]]:
@@ -35,3 +36,13 @@ def read_jsonl(path: str | Path, what: str = "data") -> Iterator[tuple[str, dict
         if not isinstance(row, dict):
             raise ConfigError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
         yield f"{path}:{number}", row
+
+
+def write_jsonl(path: str | Path, records) -> Path:
+    """Write ``records`` (dicts) one JSON object a line, UTF-8, through a temp file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    os.replace(temporary, path)
+    return path

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from palaestra import checkpoint as ckpt
 from palaestra.config import ConfigError, PalaestraConfig, reward_weights
 from palaestra.evaluation.evaluate import evaluate
 from palaestra.models import load_model_and_tokenizer, model_id
 from palaestra.models.precision import resolve_precision, weights_dtype
+from palaestra.recipes.common import training_device
 from palaestra.rollout import HFGenerator, SamplingParams
 from palaestra.tasks.build import build_task
 
@@ -42,7 +41,7 @@ def evaluate_command(config: PalaestraConfig) -> str:
     """Run the evaluation, log it to MLflow, and return a printable summary."""
     checkpoint = checkpoint_path(config.eval.checkpoint)
     task = build_task(config.task)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = training_device(config.train.device)
     precision = resolve_precision(config.model.precision, device)
     dtype = weights_dtype(config.model.dtype, precision, lora=checkpoint is not None and (checkpoint / "adapter").is_dir())
     model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype=dtype, device=device)
@@ -89,7 +88,7 @@ def evaluate_team_command(config: PalaestraConfig) -> str:
     env_class = resolve_env(config.env.name)
     make_env = lambda: env_class(**dict(config.env.params))  # noqa: E731
     roles = tuple(make_env().turn_order)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = training_device(config.train.device)
     lora = config.model.lora
     lora_args = dict(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules) if lora.enabled else None
     precision = resolve_precision(config.model.precision, device)

@@ -33,7 +33,7 @@ from palaestra.models import model_id
 from palaestra.models.logprobs import batch_logprobs, shared_prompt_rows
 from palaestra.models.policies import Policy, build_policies
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
-from palaestra.recipes.common import adamw, clip_gradients, seed_everything
+from palaestra.recipes.common import adamw, clip_gradients, seed_everything, training_device
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
 from palaestra.rollout import SamplingParams
@@ -57,7 +57,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
     roles = tuple(make_env().turn_order)
 
     # ---- policies: models, adapters, optimizers
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = training_device(train_cfg.device)
     precision = resolve_precision(config.model.precision, device)
     lora = config.model.lora
     lora_args = dict(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules) if lora.enabled else None

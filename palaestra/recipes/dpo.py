@@ -36,7 +36,7 @@ from palaestra.models.logprobs import completion_logprobs
 from palaestra.models.precision import autocast
 from palaestra.recipes.common import (
     adamw, clip_gradients, load_pairs, load_policy, pair_batch, pair_epoch, pair_rows, pair_steps, register, seed_everything,
-    track_data_method,
+    track_data_method, training_device,
 )
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run
@@ -59,7 +59,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     train_pairs, val_pairs = load_pairs(data, train_cfg.seed)
 
     # ---- policy, adapter, reference
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = training_device(train_cfg.device)
     model, tokenizer, precision, dtype = load_policy(config.model, device)
     reference = None if config.model.lora.enabled else frozen_reference_copy(model)  # LoRA: adapter off instead
     model.train()

@@ -65,7 +65,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     eval_examples = task.test[: config.eval.max_examples or None]
 
     # ---- model, adapter, reference
-    device = dist.device()
+    device = dist.device(config.train.device)
     model, tokenizer, precision, dtype = load_policy(config.model, device)
     reference = None
     if algo.beta > 0 and not config.model.lora.enabled:

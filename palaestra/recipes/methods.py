@@ -15,6 +15,7 @@ from typing import Callable
 from palaestra.config import (
     AlgoConfig,
     ATGRPOConfig,
+    ClassifierConfig,
     DPOConfig,
     PalaestraConfig,
     PPOConfig,
@@ -59,6 +60,10 @@ _BUILDS_AN_INDEX = ("model", "eval", "tracking.registered_model", "tracking.poli
                                "adam_beta2", "warmup_ratio", "lr_schedule", "max_grad_norm", "share_prompt_forward",
                                "eval_interval", "early_stopping_patience", "log_samples_interval")))
 
+_FINE_TUNES_AN_ENCODER = ("model.dtype", "model.lora", "eval", *_UNREGISTERED, *(
+    f"train.{key}" for key in ("steps", "micro_batch_size", "share_prompt_forward", "eval_interval",
+                               "early_stopping_patience", "log_samples_interval")))
+
 METHODS: dict[str, Method] = {
     "sft": Method(SFTConfig, "palaestra.recipes.sft", "val_loss", ("data",),
                   ignores=(*_BY_EPOCHS, "train.eval_interval", "train.early_stopping_patience", *_PAIRS_ONLY, "data.rewards",
@@ -75,6 +80,8 @@ METHODS: dict[str, Method] = {
     "at_grpo": Method(ATGRPOConfig, "palaestra.recipes.at_grpo", "success_rate", ("env", "policy"),
                       ignores=("train.batch_size", "eval.batch_size", "eval.max_examples", "eval.pass_k", *_UNREGISTERED),
                       evaluate_before_after=True),
+    "classifier": Method(ClassifierConfig, "palaestra.recipes.classifier", "macro_f1", (), ignores=_FINE_TUNES_AN_ENCODER,
+                         evaluate_before_after=True),
     "rag": Method(RagConfig, "palaestra.recipes.rag", "ndcg@10", (), ignores=_BUILDS_AN_INDEX),
 }
 """algo.name -> the method, in the order a pipeline runs them."""

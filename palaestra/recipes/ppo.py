@@ -79,7 +79,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     train_rows, heldout_rows, version = load_prompts(data_cfg)
     heldout_rows = heldout_rows[: config.eval.max_examples or DEFAULT_EVAL_EXAMPLES]
     reward_names = [] if algo.reward_model else _resolve_rewards(data_cfg.rewards)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = training_device(train_cfg.device)
     score = _scorer(algo.reward_model, reward_names, device)
     extra_figures = lookup(data_cfg.metrics, {}, "data.metrics") if data_cfg.metrics else None
 

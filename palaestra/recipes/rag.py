@@ -30,7 +30,7 @@ import torch
 
 from palaestra.checkpoint import CheckpointPart
 from palaestra.config import ConfigError, PalaestraConfig
-from palaestra.recipes.common import seed_everything
+from palaestra.recipes.common import seed_everything, training_device
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
 from palaestra.retrieval.data import read_documents, read_queries
@@ -42,7 +42,7 @@ FAQ_SET = Path(__file__).resolve().parents[2] / "datasets" / "retrieval" / "faq"
 
 
 def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dict:
-    """Build the index; return the run folder, the MLflow run id, the index folder and its figures."""
+    """Build the index; return the run folder, the MLflow run id, the index folder (``outputs``) and its figures."""
     algo, train_cfg = config.algo, config.train
     seed_everything(train_cfg.seed, threads=train_cfg.threads)
 
@@ -58,7 +58,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         from palaestra.retrieval.embedder import Embedder, EmbedderError
 
         try:
-            embedder = Embedder(algo.embedder, device="cuda" if torch.cuda.is_available() else "cpu")
+            embedder = Embedder(algo.embedder, device=training_device(train_cfg.device))
         except EmbedderError as error:
             raise ConfigError(str(error)) from None
     vectors = torch.zeros(len(documents), embedder.dim if embedder else 0)
@@ -90,17 +90,19 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             if step == total_steps:
                 with run.timed("index"):
                     index, folder = build_index(documents, vectors, embedder, algo, run.run_dir)
-                results["index"] = str(folder)
+                results["outputs"] = {"index_dir": str(folder)}
                 if queries:
                     with run.timed("evaluation"):
                         figures = evaluate(index, queries, algo.ks)
             run.log(step, metrics)
             run.log_eval(step, "index", figures)
             if step == total_steps:
-                _log_index(run, results["index"], figures, algo.ks)
+                _log_index(run, results["outputs"]["index_dir"], figures, algo.ks)
             if run.end_of_step(step, figures):
                 break
     results.update(run.finish())
+    if run.finished and "outputs" not in results:
+        results["outputs"] = {"index_dir": str(run.run_dir / "index")}
     last = run.evaluation_at(run.step)
     if last is not None:
         results["figures"] = last

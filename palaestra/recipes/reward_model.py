@@ -38,7 +38,7 @@ from palaestra.models import load_model_and_tokenizer, model_id
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
 from palaestra.recipes.common import (
     adamw, clip_gradients, load_pairs, pair_batch, pair_epoch, pair_rows, pair_steps, register, seed_everything,
-    track_data_method,
+    track_data_method, training_device,
 )
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run
@@ -58,7 +58,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     train_pairs, val_pairs = load_pairs(data, train_cfg.seed)
 
     # ---- model: the policy's body with a one-output head; LoRA on the body, the head trains in full
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = training_device(train_cfg.device)
     precision = resolve_precision(config.model.precision, device)
     dtype = weights_dtype(config.model.dtype, precision, config.model.lora.enabled)
     model, tokenizer = build_reward_model(config.model.name, path=config.model.path, dtype=dtype, device=device)

@@ -49,7 +49,7 @@ from palaestra.data.chat import (
 from palaestra.export import export_policy
 from palaestra.models import model_id
 from palaestra.models.precision import autocast
-from palaestra.recipes.common import adamw, clip_gradients, load_policy, remember, seed_everything
+from palaestra.recipes.common import adamw, clip_gradients, load_policy, remember, seed_everything, training_device
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
 
@@ -67,7 +67,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     chat = load_chat_data(data_cfg)
 
     # ---- model and adapter
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = training_device(train_cfg.device)
     model, tokenizer, precision, dtype = load_policy(config.model, device)
     model.train()
     compute_dtype = torch.bfloat16 if precision == "bf16" else next(model.parameters()).dtype

@@ -14,13 +14,11 @@ the question) is left out.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from palaestra.config import ConfigError
-from palaestra.data.jsonl import read_jsonl
+from palaestra.data.jsonl import read_jsonl, write_jsonl
 
 __all__ = ["Document", "Query", "RetrievalDataError", "faq_retrieval_set", "read_documents", "read_queries"]
 
@@ -124,11 +122,5 @@ def faq_retrieval_set(folder: str | Path) -> tuple[Path, Path]:
             query = questions.setdefault(question, {"id": f"q{len(questions):04d}", "text": question, "relevant": []})
             if document["id"] not in query["relevant"]:
                 query["relevant"].append(document["id"])
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = folder / "documents.jsonl", folder / "queries.jsonl"
-    for path, records in zip(paths, (answers.values(), questions.values())):
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
-        os.replace(temporary, path)
-    return paths
+    return (write_jsonl(Path(folder) / "documents.jsonl", answers.values()),
+            write_jsonl(Path(folder) / "queries.jsonl", questions.values()))

@@ -94,3 +94,43 @@ def test_the_planner_contract_comes_from_configuration():
     assert (planner.tracking.params, planner.tracking.registered_model, planner.train.best_metric) == ("contract", "planner_model", None)
     assert plain.tracking.params == "config"
     assert planner.data.metrics == "palaestra.planner.metrics:planner_figures"  # the domain, named only in conf/data/planner.yaml
+
+
+def test_mark_orchestrator_flags_become_settings(tmp_path):
+    from palaestra.cli import mark_options
+    from palaestra.config import ConfigError
+
+    assert mark_options("train", ["--target=rl", "--evaluate", "--device", "cuda"]) == (
+        "train", ["algo=grpo", "train.device=cuda"], True)
+    assert mark_options("eval", ["eval.checkpoint=x"]) == ("eval", ["eval.checkpoint=x"], False)
+    settings = tmp_path / "mine.yaml"
+    settings.write_text("experiment: quick_test\ntrain:\n  output_dir: \"it's here\"\n  steps: 3\n"
+                        "task:\n  params: {min_terms: 2}\n  rewards: [correctness]\nmodel: tiny\n")
+    command, args, _ = mark_options("train", ["--config", str(settings), "train.steps=5"])
+    # group choices first, nested keys dotted, the command line last (it wins)
+    assert args == ["model=tiny", "experiment=quick_test", "train.output_dir='it\\'s here'", "train.steps=3",
+                    "task.params.min_terms=2", "task.rewards=['correctness']", "train.steps=5"]
+    for flags, message in [(["--device"], "--device needs a value"), (["--resume=yes"], "--resume takes no value"),
+                           (["--config", "nope.yaml"], "--config nope.yaml does not exist"),
+                           (["--target=full-pipeline"], "belongs to palaestra train")]:
+        with pytest.raises(ConfigError, match=message):
+            mark_options("eval" if "full-pipeline" in flags[0] else "train", flags)
+    settings.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must be a mapping of sections"):
+        mark_options("train", ["--config", str(settings)])
+    settings.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        mark_options("train", ["--config", str(settings)])
+
+
+def test_a_user_yaml_overrides_compose_like_the_command_line(tmp_path):
+    from palaestra.cli import mark_options
+    from palaestra.pipeline import compose_config
+
+    settings = tmp_path / "mine.yaml"
+    settings.write_text("algo: transformer\ntrain:\n  output_dir: \"it's here\"\nmodel:\n  name: tiny\n")
+    _, args, _ = mark_options("train", ["--config", str(settings), "algo.epochs=2"])
+    config = compose_config(args)
+    assert config.algo.name == "classifier" and config.algo.epochs == 2
+    assert config.train.output_dir == "it's here" and config.model.name == "tiny"
+    assert config.train.batch_size == 16  # the classifier's own default (MARK's)

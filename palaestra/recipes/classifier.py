@@ -1,0 +1,190 @@
+"""Classifier: fine-tune a BERT-family encoder for N-label text classification (MARK's transformer target).
+
+Launch::
+
+    palaestra train --target=classifier                       # the shipped topic set, the embedded MiniLM encoder
+    palaestra train --target=transformer                      # the same, by MARK's name
+    palaestra train --target=classifier algo.data=tickets/ algo.num_labels=5 model.name=hf model.path=my-bert/
+
+The loop, top to bottom: read and check the labelled text (train, validation, test), load the
+encoder with a new ``num_labels``-way head, then per step take the next ``train.batch_size`` texts
+of a seeded per-epoch shuffle, padded to a bucketed width, and step AdamW on the cross-entropy.
+Each epoch ends with the validation accuracy, macro-F1 and loss; keep-best and early stopping
+follow ``train.best_metric`` (macro-F1 by default). At the end the best epoch's weights are
+measured on the test split (figures and a confusion-matrix plot in MLflow) and exported as a plain
+Hugging Face folder (``run_dir/model``, tokenizer and label names included) that
+``transformers.pipeline("text-classification", model=folder)`` loads.
+
+Simplifications: the whole encoder is fine-tuned (no adapter: the encoder is small); the head is
+BERT's own (the pooled [CLS] state); texts longer than ``algo.max_length`` tokens are truncated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from palaestra import checkpoint as ckpt
+from palaestra.classification.data import load_classification_data
+from palaestra.classification.metrics import classification_figures, confusion, plot_confusion
+from palaestra.classification.model import encode_batches, load_classifier
+from palaestra.config import PalaestraConfig
+from palaestra.data.jsonl import write_jsonl
+from palaestra.models.precision import autocast, resolve_precision
+from palaestra.recipes.common import adamw, clip_gradients, seed_everything, training_device
+from palaestra.recipes.methods import best_metric
+from palaestra.recipes.run import Run, config_dict
+
+log = logging.getLogger("palaestra")
+
+TOPIC_SET = Path(__file__).resolve().parents[2] / "datasets" / "classification" / "topics"
+"""The shipped labelled set (chatterbot-corpus utterances by category; see classification.data)."""
+
+
+def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dict:
+    """Fine-tune the encoder; return the run folder, the MLflow run id, the exported folder and the test figures."""
+    algo, train_cfg = config.algo, config.train
+    seed_everything(train_cfg.seed, threads=train_cfg.threads)
+
+    # ---- data: parsed and checked before the encoder loads
+    data = load_classification_data(algo.data or TOPIC_SET, num_labels=algo.num_labels, labels=algo.labels,
+                                    val_fraction=algo.val_fraction, seed=train_cfg.seed)
+    test_split = "test" if data.test else "validation"
+    held_out = data.test or data.val
+
+    # ---- the encoder with a new head
+    device = training_device(train_cfg.device)
+    precision = resolve_precision(config.model.precision, device)
+    model, tokenizer = load_classifier(config.model.name, config.model.path, data.labels, device)
+    model.train()
+    texts, labels = [x.text for x in data.train], [x.label for x in data.train]
+    steps_per_epoch = math.ceil(len(data.train) / train_cfg.batch_size)
+    total_steps = steps_per_epoch * algo.epochs
+
+    # ---- the run: folder, optimizer, resume, tracking
+    run = Run(train_cfg, method="classifier", runs_root=Path("runs") / f"{data.name}-classifier", total_steps=total_steps,
+              best=best_metric(config), patience=algo.early_stopping_patience,
+              progress=("loss", "tokens_per_second"), curves=("loss",),
+              plot=("loss_curve.png", "Classifier: training loss and the validation figure kept the best by"))
+    optimizer, scheduler = adamw(model.parameters(), train_cfg, total_steps)
+    run.resume(model=model, optimizer=optimizer, scheduler=scheduler)
+    tags = {"algo": "classifier", "data": data.name, "labels": ",".join(data.labels),
+            "model": config.model.path or ("tiny" if config.model.name == "tiny" else "all-minilm-l6-v2")}
+    tracker = run.track(config.tracking, run_name=f"{data.name}-classifier", tags=tags, config=config_dict(config))
+    log.info("device %s, precision %s; %d train, %d validation, %d test texts; labels %s; %d steps (%d per epoch)",
+             device, precision, len(data.train), len(data.val), len(data.test), ", ".join(data.labels), total_steps,
+             steps_per_epoch)
+    measure = dict(tokenizer=tokenizer, num_labels=len(data.labels), batch_size=algo.eval_batch_size,
+                   max_length=algo.max_length, device=device, precision=precision)
+    results: dict = {"subject": data.name, "outputs": {}}
+    if evaluate_before_after and run.step == 0:
+        results["before"] = evaluate(model, held_out, **measure)[0]
+
+    with run:
+        for step in run.steps():
+            # 1. the batch: the next batch_size texts of this epoch's shuffle
+            epoch, position = divmod(step - 1, steps_per_epoch)
+            order = epoch_order(len(texts), train_cfg.seed, epoch)
+            chosen = order[position * train_cfg.batch_size : (position + 1) * train_cfg.batch_size]
+            (batch,) = encode_batches(tokenizer, texts, labels, chosen, len(chosen), algo.max_length)
+            batch = batch.to(device)
+
+            # 2. loss and step
+            learning_rate = scheduler.get_last_lr()[0]
+            with autocast(precision, device):
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), batch.labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = clip_gradients(list(model.parameters()), train_cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            run.log(step, {"loss": loss.item(), "learning_rate": learning_rate, "grad_norm": grad_norm,
+                           "epoch": step / steps_per_epoch,
+                           "tokens_per_second": float(batch.attention_mask.sum()) / run.step_seconds()})
+
+            # 3. epoch end: the validation figures that keep-best and early stopping follow
+            figures = None
+            if step % steps_per_epoch == 0 or step == total_steps:
+                with run.timed("validation"):
+                    figures = evaluate(model, data.val, **measure)[0]
+                run.log_eval(step, f"validation, epoch {epoch + 1}", figures)
+
+            # 4. checkpoint, keep-best, early stopping
+            if run.end_of_step(step, figures):
+                break
+
+    # ---- the best epoch's weights: test figures, confusion matrix, export
+    if run.finished:
+        best = run.run_dir / "checkpoints" / "best"
+        if train_cfg.save_best and (best / "trainer_state.json").is_file():
+            ckpt.load_checkpoint(best, model=model, restore_rng=False)
+            log.info("the best epoch's weights (%s %.4f)", run.best_metric, run.state["best_metric"])
+        figures, predicted = evaluate(model, held_out, **measure)
+        results["after"] = results["figures"] = figures
+        rows = [{"text": x.text, "label": data.labels[x.label], "predicted": data.labels[p]} for x, p in zip(held_out, predicted)]
+        write_jsonl(run.run_dir / f"{test_split}_predictions.jsonl", rows)
+        log.info("%s figures: %s", test_split, ", ".join(f"{k}={v:.4f}" for k, v in figures.items()))
+        model_dir = export_classifier(model, tokenizer, run.run_dir / "model")
+        results["outputs"] = {"classifier_dir": str(model_dir)}
+        matrix = confusion([x.label for x in held_out], predicted, len(data.labels))
+        plot = plot_confusion(matrix, data.labels, run.run_dir / "confusion_matrix.png",
+                              title=f"{data.name}: {test_split} split, accuracy {figures['accuracy']:.3f}")
+        if tracker:
+            tracker.log_metrics({f"{test_split}/{k}": v for k, v in figures.items()}, step=run.step)
+            tracker.log_artifact(str(plot), "plots")
+            tracker.log_table(rows, f"{test_split}_predictions.json")
+            tracker.log_artifacts(model_dir, "model")
+    return {**run.finish(), **results}
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+@torch.no_grad()
+def evaluate(model, examples, *, tokenizer, num_labels: int, batch_size: int, max_length: int, device,
+             precision: str) -> tuple[dict[str, float], list[int]]:
+    """(accuracy, macro_f1 and the mean cross-entropy ``loss`` over ``examples``; the predicted class ids).
+
+    Texts go in length order, so that a batch pads little; dropout is off.
+    """
+    was_training = model.training
+    model.eval()
+    texts, labels = [x.text for x in examples], [x.label for x in examples]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    predicted, loss_sum = [0] * len(texts), 0.0
+    for batch in encode_batches(tokenizer, texts, labels, order, batch_size, max_length):
+        batch = batch.to(device)
+        with autocast(precision, device):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum"))
+        for position, label in zip(batch.positions, logits.argmax(-1).tolist()):
+            predicted[position] = label
+    model.train(was_training)
+    return {**classification_figures(labels, predicted, num_labels), "loss": loss_sum / max(1, len(texts))}, predicted
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
+    """The training texts' order in ``epoch``: a shuffle that depends only on the seed and the epoch."""
+    order = list(range(count))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def export_classifier(model, tokenizer, folder: Path) -> Path:
+    """Write the model and its tokenizer as a Hugging Face folder, atomically (a temp sibling renamed into place)."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
