@@ -3,9 +3,10 @@
     palaestra run                         # the main job: evaluate, train with GRPO, evaluate again
     palaestra train [key=value ...]       # train (algo=grpo) with Hydra overrides; --target=sft|reward|dpo|ppo|grpo|at_grpo
     palaestra eval [eval.checkpoint=PATH] # evaluate the model (or a checkpoint) on the test split
-    palaestra pipeline rlhf|full          # SFT -> reward model -> PPO -> evaluation -> export, one MLflow parent run
+    palaestra pipeline rlhf|full|mark     # SFT -> reward model -> PPO -> evaluation -> export, one MLflow parent run
     palaestra registry | replay | policy  # MLflow model registry, offline replay gate, policy versions
     palaestra data planner                # write a dated planner dataset folder
+    palaestra serve [serve.models=[RUN]]  # an OpenAI-compatible HTTP API over the base model and trained runs
 
 Every subcommand accepts Hydra's flags: ``--cfg job`` prints the resolved config, ``--multirun``
 sweeps comma-separated values, ``experiment=quick_test`` applies a preset.
@@ -34,15 +35,18 @@ COMMAND_USAGE = {
             "  add algo=at_grpo env=... for a team in an environment)",
     "export": "palaestra export eval.checkpoint=PATH [export.output_dir=DIR] [export.merge=false]\n"
               "  write a trained checkpoint as a Hugging Face folder, LoRA merged (export.merge=false: the adapter)",
-    "pipeline": "palaestra pipeline rlhf|full [key=value ...] [<stage>.<section>.<key>=value ...]\n"
+    "pipeline": "palaestra pipeline rlhf|full|mark [key=value ...] [<stage>.<section>.<key>=value ...]\n"
                 "  rlhf: sft -> reward -> ppo -> evaluate -> export; full: data -> sft -> reward -> dpo -> ppo ->\n"
-                "  evaluate -> export; pipeline.skip=[reward], pipeline.stages=[sft,evaluate]; a re-run resumes\n"
-                "  at the failed stage",
+                "  evaluate -> export; mark: data -> mamba -> classifier -> rag -> grpo -> export;\n"
+                "  pipeline.skip=[reward], pipeline.stages=[sft,evaluate]; a re-run resumes at the failed stage",
     "registry": "palaestra registry [--name planner_model]\n  list registered models and their versions",
     "replay": "palaestra replay --model planner_model --version 2 --dataset datasets/planner/2026-11-22 [--baseline 1]\n"
               "  offline gate; on pass the version is tagged as a candidate",
     "policy": "palaestra policy create|promote|retire|list ...\n  policy versions of a registered model",
     "data": "palaestra data planner [--date YYYY-MM-DD] [--root .]\n  generate the planner dataset",
+    "serve": "palaestra serve [model=...] [serve.models=[RUN,...]] [serve.index=RAG_RUN] [serve.port=8000] [key=value ...]\n"
+             "  an OpenAI-compatible API (chat, completions, models, embeddings, search, /health, /metrics) over\n"
+             "  the base model, trained runs (LoRA adapters share the base), exported folders and registered models",
 }
 """command -> its usage (``palaestra <command> --help`` prints it)."""
 
@@ -89,9 +93,14 @@ def _run(config: PalaestraConfig) -> int:
 
 
 def _eval(config: PalaestraConfig) -> int:
-    from palaestra.evaluation.cli import evaluate_command, evaluate_index_command, evaluate_team_command
+    from palaestra.evaluation.cli import (
+        evaluate_command,
+        evaluate_index_command,
+        evaluate_language_model_command,
+        evaluate_team_command,
+    )
 
-    commands = {"at_grpo": evaluate_team_command, "rag": evaluate_index_command}
+    commands = {"at_grpo": evaluate_team_command, "rag": evaluate_index_command, "mamba": evaluate_language_model_command}
     print(commands.get(config.algo.name, evaluate_command)(config))
     return 0
 
@@ -121,7 +130,13 @@ def _pipeline(config: PalaestraConfig, name: str, overrides: list[str], stage_ov
     return 0 if history.succeeded else 1
 
 
-COMMANDS = {"run": _run, "train": _train, "eval": _eval, "export": _export, "pipeline": _pipeline}
+def _serve(config: PalaestraConfig) -> int:
+    from palaestra.serving.command import serve_command
+
+    return serve_command(config)  # checks its own sections (model, serve, tracking)
+
+
+COMMANDS = {"run": _run, "train": _train, "eval": _eval, "export": _export, "pipeline": _pipeline, "serve": _serve}
 """Commands configured by Hydra (key=value overrides)."""
 
 PLAIN_COMMANDS = {
@@ -131,7 +146,7 @@ PLAIN_COMMANDS = {
     "data": "palaestra.planner.cli:data_main",
 }
 """Commands with ordinary --flags (argparse), not a training config."""
-PIPELINES = ("rlhf", "full")
+PIPELINES = ("rlhf", "full", "mark")
 
 # Mistakes a user can make in what they pass: reported in one line, exit code 2.
 _USER_ERRORS = (ConfigError, FileNotFoundError)
@@ -187,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
                 from palaestra.recipes.methods import check_read
 
                 check_read(config.algo.name, list(HydraConfig.get().overrides.task))
-            if command != "pipeline":  # a pipeline checks each stage's config
+            if command not in ("pipeline", "serve"):  # a pipeline checks each stage's config; serve its own sections
                 validate(config)
             code = run_command(config)
         except _user_error_types() as error:

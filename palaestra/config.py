@@ -58,6 +58,85 @@ class ModelConfig:
     """Adapter settings."""
 
 
+# ---- task mixtures and workflow tasks (palaestra.tasks.mixture, palaestra.workflows) ----------------
+
+
+@dataclass
+class MixtureComponent:
+    """One component of ``task.source=mixture`` (e.g. the math, QA or code domain)."""
+
+    ratio: float = 1.0
+    """Its share of the training and test examples (ratios are normalised over the components)."""
+    source: str = "reasoning_gym"
+    """reasoning_gym, gsm8k, code (the shipped problems, or an APPS / MBPP / HumanEval JSONL at path) or qa
+    (the shipped Python-docs passages, or a SQuAD-format JSONL at path)."""
+    dataset: Optional[str] = None
+    """The reasoning-gym dataset (source=reasoning_gym), e.g. gsm_symbolic."""
+    params: dict = field(default_factory=dict)
+    """Extra reasoning-gym generator arguments."""
+    path: Optional[str] = None
+    """The JSONL file (gsm8k: required; code, qa: None uses the shipped set)."""
+    test_path: Optional[str] = None
+    """A separate GSM8K test file (source=gsm8k)."""
+    instruction: Optional[str] = None
+    """Appended to each question; None: the source's default (answer tags, one python block, a span)."""
+    domain: Optional[str] = None
+    """math, qa or code: how its answers are scored; None: code and qa for those sources, else math."""
+
+
+@dataclass
+class ExecutorConfig:
+    """The LLM that workflow operators call (palaestra.workflows.executor)."""
+
+    backend: str = "embedded"
+    """embedded (in-process, the embedded model), policy (in-process, the policy with its adapter switched off),
+    url (an OpenAI-compatible server: palaestra serve, vLLM, a hosted API) or scripted (fixed replies, for tests)."""
+    model: str = "smollm2-135m"
+    """backend=embedded: the embedded model to load; backend=url: the model name sent to the server."""
+    url: Optional[str] = None
+    """backend=url: the server's base URL, e.g. http://127.0.0.1:8000/v1."""
+    api_key_env: Optional[str] = None
+    """backend=url: the environment variable that holds the API key (never the key itself)."""
+    max_tokens: int = 128
+    """Most new tokens per executor reply."""
+    temperature: float = 0.0
+    """Executor sampling temperature; 0 is greedy."""
+    max_prompt_length: int = 512
+    """In-process backends: prompts longer than this many tokens keep their end."""
+    cache_size: int = 4096
+    """Identical calls remembered (see palaestra.workflows.executor: the k-th identical call of a workflow)."""
+    replies: dict = field(default_factory=dict)
+    """backend=scripted: substring of the prompt -> the reply."""
+    default_reply: str = "Answer: 0"
+    """backend=scripted: the reply when no substring matches."""
+
+
+@dataclass
+class WorkflowConfig:
+    """Turn the task into workflow writing: the policy writes a Workflow class, the executor runs it, the
+    answer is scored by the 5-tier reward of its domain minus penalties."""
+
+    enabled: bool = False
+    """The policy writes workflows (rewards: palaestra.workflows.reward:workflow_reward and friends)."""
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    """The executor LLM."""
+    max_calls: int = 6
+    """Executor calls one workflow run may make; past it the run fails (a runtime error)."""
+    max_tokens: int = 4096
+    """Executor tokens one workflow run may spend."""
+    timeout_s: float = 60.0
+    """Wall-clock limit of one workflow run."""
+    sandbox_seconds: float = 5.0
+    """Limit of each sandboxed program (Programmer, Test, the code reward's tests)."""
+    experience_size: int = 8
+    """Workflows with reward >= 0.7 kept per domain (saved in checkpoints); 0 disables the buffer."""
+    experience_shots: int = 1
+    """Buffer entries shown as examples in each prompt."""
+
+
+# ---- end of task mixtures and workflow tasks --------------------------------------------------------
+
+
 @dataclass
 class TaskConfig:
     """A task: examples, a verifier and the rewards that score completions."""
@@ -65,7 +144,8 @@ class TaskConfig:
     name: str = "chain_sum"
     """Short name used in tags and run names."""
     source: str = "reasoning_gym"
-    """Where examples come from: reasoning_gym (procedural generator) or gsm8k (a local JSONL file)."""
+    """Where examples come from: reasoning_gym (procedural generator), gsm8k (a local JSONL file), code (programs
+    checked by tests), qa (passages with span answers) or mixture (task.components by ratio)."""
     dataset: Optional[str] = "chain_sum"
     """The reasoning-gym dataset name (source=reasoning_gym)."""
     params: dict = field(default_factory=dict)
@@ -92,6 +172,10 @@ class TaskConfig:
     """One weight per reward function; None weighs each 1.0."""
     format_reward: str = "number_only"
     """The reward whose positive value counts as a well-formatted answer in evaluation."""
+    components: dict[str, MixtureComponent] = field(default_factory=dict)
+    """source=mixture: component name -> its source and ratio (e.g. math, qa, code)."""
+    workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
+    """Workflow writing (AFlow-style): off unless workflow.enabled."""
 
 
 @dataclass
@@ -279,6 +363,48 @@ class RagConfig:
     """Cut-offs k of recall@k, mrr@k and ndcg@k."""
     rrf_k: int = 60
     """Reciprocal rank fusion constant of hybrid search: a document scores sum 1 / (rrf_k + rank)."""
+
+
+@dataclass
+class MambaConfig:
+    """A small Mamba language model trained from scratch (MARK's mamba target): a byte-level BPE tokenizer
+    trained on the corpus and transformers' Mamba (its selective scan run by mambapy's parallel scan, pure
+    PyTorch, so a CPU trains it), measured by held-out perplexity.
+
+    MARK's defaults: a vocabulary of 5000, d_model 256, 4 layers, sequences of 512 tokens. The optimiser's
+    settings for training from scratch (batch 8 sequences, lr 2e-3, AdamW betas 0.9/0.95, weight decay 0.1,
+    warmup then cosine) are conf/algo/mamba.yaml's train section.
+    """
+
+    name: str = "mamba"
+    """Algorithm name (recipe)."""
+    corpus: Optional[str] = None
+    """A folder of .txt files (a document each), a JSONL file of {"text"} lines (a document each) or a text file
+    (its paragraphs, separated by blank lines, are the documents); None: the shipped corpus, Python's documentation
+    topics (pydoc_data, 79 topics, about 465k characters)."""
+    vocab_size: int = 5000
+    """Tokens of the byte-level BPE vocabulary (the 256 bytes, 2 special tokens and the learnt merges), trained
+    on the training documents; a small corpus may give fewer."""
+    d_model: int = 256
+    """Width of the model (its hidden size; the scan runs over 2 x d_model channels)."""
+    n_layers: int = 4
+    """Mamba blocks."""
+    max_length: int = 512
+    """Tokens per sequence: the corpus, one stream of documents, is cut into chunks of this length."""
+    epochs: int = 3
+    """Passes over the training chunks."""
+    max_steps: int = 0
+    """Stop after this many optimizer updates (0: the epochs decide)."""
+    val_fraction: float = 0.1
+    """Share of the corpus's characters held out for perplexity: whole documents, drawn with train.seed."""
+    early_stopping_patience: int = 2
+    """Stop after this many epochs without a lower held-out loss (0 disables)."""
+    sample_prompts: list = field(default_factory=lambda: ["The", "A function", "If the"])
+    """Prompts continued at the end of every epoch (train.log and the MLflow table samples/epoch-N.json)."""
+    sample_tokens: int = 40
+    """New tokens generated for each sample prompt (0: no samples)."""
+    sample_temperature: float = 0.8
+    """Sampling temperature of the samples (top 50 tokens, seeded with train.seed); 0: greedy."""
 
 
 @dataclass
@@ -514,6 +640,43 @@ class ExportConfig:
     """Merge the LoRA adapter into the base (a plain Hugging Face model) or save the adapter alone."""
 
 
+# --- palaestra serve (serving/) ------------------------------------------------------------------
+@dataclass
+class ServeConfig:
+    """palaestra serve: an OpenAI-compatible HTTP API over the base model and what was trained from it."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0: every interface)."""
+    port: int = 8000
+    """Port to listen on (0: any free port)."""
+    base_id: Optional[str] = None
+    """Model id of the base model (the model section); None: model.name, or the folder name of model.path."""
+    models: list = field(default_factory=list)
+    """Trained runs, checkpoints, adapter folders or exported model folders to serve beside the base, each under
+    its folder's name (a checkpoint: <run>/<step>). LoRA adapters share the base model in memory."""
+    named_models: dict = field(default_factory=dict)
+    """The same, under ids of your choice: {id: folder} (on the command line: +serve.named_models.ID=FOLDER)."""
+    registry: bool = False
+    """Also serve every MLflow registered model version and alias as NAME@VERSION / NAME@ALIAS (tracking.tracking_uri's store)."""
+    embedder: Optional[str] = "all-minilm-l6-v2"
+    """Model of POST /v1/embeddings: all-minilm-l6-v2 (shipped offline) or a sentence-transformers folder; null: none."""
+    index: Optional[str] = None
+    """Retrieval index of POST /v1/search: a run folder of palaestra train --target=rag, or its index folder."""
+    max_batch_size: int = 32
+    """Choices decoded together per model at most; more wait for a place."""
+    batch_window_ms: float = 5.0
+    """How long an idle server waits for more requests before it starts decoding, so that they start together."""
+    max_tokens: int = 256
+    """Completion budget of a request that gives no max_tokens (capped by the model's context)."""
+    device: str = "auto"
+    """Where the models run: auto (a CUDA GPU when torch sees one, else the CPU), cpu or cuda."""
+    threads: int = 0
+    """CPU threads for torch (0 leaves torch's default)."""
+    api_key: Optional[str] = None
+    """If set, /v1 requests must carry Authorization: Bearer <api_key>."""
+# --- end palaestra serve ---------------------------------------------------------------------------
+
+
 @dataclass
 class PalaestraConfig:
     """The whole configuration of one run."""
@@ -522,7 +685,7 @@ class PalaestraConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     algo: Any = field(default_factory=AlgoConfig)
     """The schema of algo.name: AlgoConfig (grpo), ATGRPOConfig (at_grpo), SFTConfig, RewardModelConfig, DPOConfig, PPOConfig,
-    ClassifierConfig or RagConfig (the table of methods: palaestra.recipes.methods)."""
+    ClassifierConfig, RagConfig or MambaConfig (the table of methods: palaestra.recipes.methods)."""
     data: DataConfig = field(default_factory=DataConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -531,10 +694,11 @@ class PalaestraConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 MODEL_NAMES = ("smollm2-135m", "tiny", "hf")
-TASK_SOURCES = ("reasoning_gym", "gsm8k")
+TASK_SOURCES = ("reasoning_gym", "gsm8k", "code", "qa", "mixture")
 LR_SCHEDULES = ("cosine", "constant")
 ROLLOUTS = ("tree", "no_tree")
 TRACKING_PARAMS = ("config", "contract")
@@ -604,6 +768,8 @@ def validate(config: PalaestraConfig) -> None:
 
     if isinstance(algo, ClassifierConfig):
         _validate_classifier(algo)
+    elif isinstance(algo, MambaConfig):
+        _validate_mamba(config)
     elif isinstance(algo, RagConfig):
         _validate_rag(algo)
     elif isinstance(algo, ATGRPOConfig):
@@ -650,6 +816,8 @@ def _validate_task(task: TaskConfig) -> None:
             task.dataset in DATASETS,
             f"task.dataset={task.dataset!r} is not a reasoning-gym dataset; e.g. chain_sum, basic_arithmetic, countdown, gsm_symbolic",
         )
+    elif task.source in ("code", "qa", "mixture"):
+        _validate_mixture_and_workflow(task)
     else:
         _check(bool(task.path), "task.source=gsm8k needs task.path=<GSM8K-format JSONL file>")
         for key in ("path", "test_path"):
@@ -658,6 +826,7 @@ def _validate_task(task: TaskConfig) -> None:
                 value is None or os.path.isfile(value),
                 f"task.{key}={value} does not exist; point it at a GSM8K-format JSONL file",
             )
+    _validate_workflow(task)
     try:
         task.template.format(question="", instruction="")
     except (KeyError, IndexError, ValueError) as error:
@@ -678,6 +847,49 @@ def _validate_task(task: TaskConfig) -> None:
             raise ConfigError(str(error).splitlines()[0]) from None
 
 
+def _validate_mixture_and_workflow(task: TaskConfig) -> None:
+    """task.source=code / qa / mixture: sources, ratios and files."""
+    from reasoning_gym.factory import DATASETS
+
+    parts = dict(task.components) if task.source == "mixture" else {"task": task}
+    _check(bool(parts), "task.source=mixture needs task.components, e.g. task=mixture (math 0.4, qa 0.3, code 0.3)")
+    for name, part in parts.items():
+        key = "task" if name == "task" else f"task.components.{name}"
+        if name != "task":
+            _one_of(f"{key}.source", part.source, ("reasoning_gym", "gsm8k", "code", "qa"))
+            _check(part.ratio > 0, f"{key}.ratio={part.ratio} must be > 0")
+            _check(part.domain in (None, "math", "qa", "code"), f"{key}.domain={part.domain!r} is unknown; use math, qa or code")
+        if part.source == "reasoning_gym":
+            _check(part.dataset in DATASETS, f"{key}.dataset={part.dataset!r} is not a reasoning-gym dataset; e.g. gsm_symbolic")
+        _check(part.source != "gsm8k" or bool(part.path), f"{key}.source=gsm8k needs {key}.path=<GSM8K-format JSONL file>")
+        for field_name in ("path", "test_path"):
+            value = getattr(part, field_name)
+            _check(value is None or os.path.isfile(value), f"{key}.{field_name}={value} does not exist; point it at a JSONL file")
+
+
+def _validate_workflow(task: TaskConfig) -> None:
+    """task.workflow (when enabled): the executor backend and the per-workflow limits."""
+    flow = task.workflow
+    if flow.enabled:
+        executor = flow.executor
+        _one_of("task.workflow.executor.backend", executor.backend, ("embedded", "policy", "url", "scripted"))
+        _check(executor.backend != "url" or bool(executor.url),
+               "task.workflow.executor.backend=url needs task.workflow.executor.url=<http://host:port/v1>")
+        from palaestra.models.loading import EMBEDDED_MODELS
+
+        _check(executor.backend != "embedded" or executor.model in (*EMBEDDED_MODELS, "tiny"),
+               f"task.workflow.executor.model={executor.model!r} is not an embedded model; use one of "
+               f"{', '.join(EMBEDDED_MODELS)} (or tiny), or backend=url")
+        _check(executor.api_key_env is None or bool(os.environ.get(executor.api_key_env)),
+               f"task.workflow.executor.api_key_env={executor.api_key_env} is not set in the environment")
+        _check(executor.max_tokens > 0, f"task.workflow.executor.max_tokens={executor.max_tokens} must be positive")
+        _check(executor.temperature >= 0, f"task.workflow.executor.temperature={executor.temperature} must be >= 0")
+        for key in ("max_calls", "max_tokens", "timeout_s", "sandbox_seconds"):
+            _check(getattr(flow, key) > 0, f"task.workflow.{key}={getattr(flow, key)} must be positive")
+        for key in ("experience_size", "experience_shots"):
+            _check(getattr(flow, key) >= 0, f"task.workflow.{key}={getattr(flow, key)} must be >= 0")
+
+
 def _validate_classifier(algo: ClassifierConfig) -> None:
     """classifier: data that exists and numbers that make sense (the files are parsed before the encoder loads)."""
     from pathlib import Path
@@ -692,6 +904,36 @@ def _validate_classifier(algo: ClassifierConfig) -> None:
     _check(algo.eval_batch_size > 0, f"algo.eval_batch_size={algo.eval_batch_size} must be positive")
     _check(algo.data is None or Path(algo.data).exists(),
            f"algo.data={algo.data} does not exist; give a folder of train/val/test.jsonl or a JSONL file of {{\"text\", \"label\"}} lines")
+
+
+# --- palaestra serve ------------------------------------------------------------------------------
+def validate_serve(config: PalaestraConfig) -> None:
+    """palaestra serve reads the model, serve and tracking sections only: check those (cheap, no model loads)."""
+    from pathlib import Path
+
+    from palaestra.models.loading import DTYPES
+
+    model, serve = config.model, config.serve
+    _one_of("model.name", model.name, MODEL_NAMES)
+    _check(model.name != "hf" or bool(model.path), "model.name=hf needs model.path=<local folder or hub id>")
+    _one_of("model.dtype", model.dtype, DTYPES)
+    _check(0 <= serve.port <= 65535, f"serve.port={serve.port} must be in [0, 65535]")
+    _check(serve.max_batch_size >= 1, f"serve.max_batch_size={serve.max_batch_size} must be >= 1")
+    _check(serve.batch_window_ms >= 0, f"serve.batch_window_ms={serve.batch_window_ms} must be >= 0")
+    _check(serve.max_tokens >= 1, f"serve.max_tokens={serve.max_tokens} must be >= 1")
+    _check(serve.threads >= 0, f"serve.threads={serve.threads} must be >= 0")
+    _one_of("serve.device", serve.device, DEVICES)
+    for path in [*serve.models, *serve.named_models.values()]:
+        _check(Path(str(path)).is_dir(), f"serve.models: {path} is not a folder; give a run folder, a checkpoint, an adapter "
+               "or an exported model folder")
+    if serve.index:
+        index = Path(serve.index)
+        _check((index / "index.json").is_file() or (index / "index" / "index.json").is_file(),
+               f"serve.index={serve.index} holds no retrieval index; give a run folder of palaestra train --target=rag or its index folder")
+    if serve.embedder and serve.embedder != "all-minilm-l6-v2":
+        _check((Path(serve.embedder) / "config.json").is_file(),
+               f"serve.embedder={serve.embedder} is neither all-minilm-l6-v2 nor a sentence-transformers folder")
+# --- end palaestra serve ---------------------------------------------------------------------------
 
 
 def _validate_rag(algo: RagConfig) -> None:
@@ -710,6 +952,30 @@ def _validate_rag(algo: RagConfig) -> None:
         _check(not path or Path(path).is_file(), f"algo.{key}={path} does not exist; give a JSONL file")
     _check(algo.documents is not None or not algo.queries,
            "algo.queries needs algo.documents (the shipped FAQ queries judge the FAQ documents only)")
+
+
+def _validate_mamba(config: PalaestraConfig) -> None:
+    """mamba: a corpus that exists and sizes that make sense (the corpus is read before the tokenizer is trained)."""
+    from pathlib import Path
+
+    algo, train = config.algo, config.train
+    _check(algo.corpus is None or Path(algo.corpus).exists(),
+           f"algo.corpus={algo.corpus} does not exist; give a .txt file, a folder of .txt files or a JSONL file of "
+           f"{{\"text\"}} lines (or leave it unset for the shipped corpus)")
+    _check(algo.vocab_size > 258, f"algo.vocab_size={algo.vocab_size} must be > 258 (the 256 bytes and 2 special tokens)")
+    for key in ("d_model", "n_layers", "epochs"):
+        _check(getattr(algo, key) > 0, f"algo.{key}={getattr(algo, key)} must be positive")
+    _check(algo.max_length >= 8, f"algo.max_length={algo.max_length} must be >= 8")
+    _check(0 < algo.val_fraction < 0.5, f"algo.val_fraction={algo.val_fraction} must be in (0, 0.5)")
+    for key in ("max_steps", "early_stopping_patience", "sample_tokens", "sample_temperature"):
+        _check(getattr(algo, key) >= 0, f"algo.{key}={getattr(algo, key)} must be >= 0")
+    _check(all(isinstance(p, str) and p for p in algo.sample_prompts),
+           f"algo.sample_prompts={list(algo.sample_prompts)} must be non-empty strings")
+    _check(train.batch_size > 0, f"train.batch_size={train.batch_size} must be positive")
+    _check(train.micro_batch_size > 0 and train.batch_size % train.micro_batch_size == 0,
+           f"train.micro_batch_size={train.micro_batch_size} must divide train.batch_size={train.batch_size}")
+    _check(train.best_metric in (None, "val_loss"), f"train.best_metric={train.best_metric}: mamba keeps the best "
+           "by val_loss (its perplexity, exp(val_loss), ranks the same); leave train.best_metric unset")
 
 
 def _validate_at_grpo(config: PalaestraConfig) -> None:

@@ -160,3 +160,45 @@ def evaluate_index_command(config: PalaestraConfig) -> str:
     lines = [f"{index.mode} index of {len(index.documents)} documents, {len(queries)} judged queries ({queries_path})"]
     lines += [f"  {key:<16}{value:.3f}" for key, value in figures.items()]
     return "\n".join(lines) + where
+
+
+def evaluate_language_model_command(config: PalaestraConfig) -> str:
+    """``palaestra eval algo=mamba eval.checkpoint=RUN``: the held-out perplexity of a trained language model.
+
+    The held-out documents are the training run's when ``algo.corpus``, ``algo.val_fraction`` and
+    ``train.seed`` are the same; ``eval.checkpoint`` is a finished mamba run folder or its ``model/``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from palaestra.language_model import chunk, held_out_figures, read_corpus, split_documents, token_stream
+
+    if not config.eval.checkpoint:
+        raise ConfigError("palaestra eval algo=mamba needs eval.checkpoint=<a finished mamba run folder or its model folder>")
+    given = Path(config.eval.checkpoint)
+    folder = given if (given / "config.json").is_file() else given / "model"
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"eval.checkpoint={given} holds no exported model (model/config.json); point it at a finished "
+                          "mamba run folder (palaestra train --target=mamba) or its model folder")
+    algo = config.algo
+    corpus = read_corpus(algo.corpus)
+    _, held_out = split_documents(corpus.documents, algo.val_fraction, config.train.seed)
+    device = training_device(config.train.device)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).to(device)
+    chunks = chunk(token_stream(tokenizer, [d.text for d in held_out]), algo.max_length)
+    figures = held_out_figures(model, chunks, batch_size=config.train.micro_batch_size, pad_id=tokenizer.pad_token_id,
+                               device=device)
+    where = ""
+    if config.tracking.enabled:
+        from palaestra.tracking import MlflowTracker
+
+        tracker = MlflowTracker(config.tracking.experiment, run_name=config.tracking.run_name or f"eval-{corpus.name}-mamba",
+                                tracking_uri=config.tracking.tracking_uri)
+        tracker.set_tags({"algo": "eval", "model": str(folder.resolve()), "corpus": corpus.name})
+        tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=0)
+        tracker.end()
+        where = f"\nMLflow run {tracker.run_id}: {tracker.run_url_hint()}"
+    tokens = sum(len(c) - 1 for c in chunks)
+    lines = [f"{folder}: {corpus.name} held-out split, {len(held_out)} documents, {tokens} predicted tokens"]
+    lines += [f"  {key:<16}{value:.4f}" for key, value in figures.items()]
+    return "\n".join(lines) + where

@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 
 from palaestra import checkpoint as ckpt
-from palaestra.classification.data import load_classification_data
+from palaestra.classification.data import load_classification_data, topic_classification_set
 from palaestra.classification.metrics import classification_figures, confusion, plot_confusion
 from palaestra.classification.model import encode_batches, load_classifier
 from palaestra.config import PalaestraConfig
 from palaestra.data.jsonl import write_jsonl
+from palaestra.data.shipped import shipped_dataset
 from palaestra.models.precision import autocast, resolve_precision
 from palaestra.recipes.common import adamw, clip_gradients, seed_everything, training_device
 from palaestra.recipes.methods import best_metric
@@ -43,8 +44,6 @@ from palaestra.recipes.run import Run, config_dict
 
 log = logging.getLogger("palaestra")
 
-TOPIC_SET = Path(__file__).resolve().parents[2] / "datasets" / "classification" / "topics"
-"""The shipped labelled set (chatterbot-corpus utterances by category; see classification.data)."""
 
 
 def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dict:
@@ -53,7 +52,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     seed_everything(train_cfg.seed, threads=train_cfg.threads)
 
     # ---- data: parsed and checked before the encoder loads
-    data = load_classification_data(algo.data or TOPIC_SET, num_labels=algo.num_labels, labels=algo.labels,
+    data = load_classification_data(algo.data or shipped_dataset("classification/topics", topic_classification_set),
+                                    num_labels=algo.num_labels, labels=algo.labels,
                                     val_fraction=algo.val_fraction, seed=train_cfg.seed)
     test_split = "test" if data.test else "validation"
     held_out = data.test or data.val

@@ -72,10 +72,12 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         reference = frozen_reference_copy(model)  # full fine-tuning needs a frozen copy; LoRA does not
     model.train()
     generator = _generator(config, model, tokenizer, precision)
+    if hasattr(task, "bind"):  # a workflow task's executor may be the policy with its adapter off
+        task.bind(generator)
 
     # ---- run folder, optimizer, resume, tracking
     run = Run(train_cfg, method="grpo", runs_root=Path("runs") / f"{config.task.name}-{algo.name}", total_steps=train_cfg.steps,
-              best=best_metric(config), dist=dist, state={"data_position": 0},
+              best=best_metric(config), dist=dist, state={"data_position": 0, "task_state": {}},
               progress=("reward/mean", "tokens_per_second"), curves=("reward/mean",),
               plot=("reward_curve.png", "GRPO: reward and held-out accuracy"))
     log.info("device %s, compute precision %s, weights %s", device, precision, dtype)
@@ -84,6 +86,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     optimizer, scheduler = adamw(trainable, train_cfg, updates_total)
     if run.resume(model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=dist.is_main) and dist.rank:
         torch.manual_seed(train_cfg.seed + 1000 * dist.rank + run.step)
+    if hasattr(task, "load_state_dict"):  # a task with state (the workflow task's experience buffer)
+        task.load_state_dict(run.state["task_state"])
     tracker = run.track(config.tracking, run_name=f"{config.task.name}-{algo.name}-{config.model.name}",
                         tags={"task": config.task.name, "algo": algo.name, "model": model_id(config.model.name, config.model.path),
                               "dataset_version": task.dataset_version},
@@ -185,6 +189,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             if tracker and train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
                 tracker.log_table(_sample_rows(step, examples, rollout.texts, rewards, components, algo.num_generations),
                                   f"samples/step{step:06d}.json")
+            if hasattr(task, "state_dict"):
+                run.state["task_state"] = task.state_dict()
             if run.end_of_step(step, run_eval(step, "train") if run.eval_due(step) else None):
                 break
 

@@ -17,6 +17,7 @@ from palaestra.config import (
     ATGRPOConfig,
     ClassifierConfig,
     DPOConfig,
+    MambaConfig,
     PalaestraConfig,
     PPOConfig,
     RagConfig,
@@ -64,6 +65,10 @@ _FINE_TUNES_AN_ENCODER = ("model.dtype", "model.lora", "eval", *_UNREGISTERED, *
     f"train.{key}" for key in ("steps", "micro_batch_size", "share_prompt_forward", "eval_interval",
                                "early_stopping_patience", "log_samples_interval")))
 
+_TRAINS_FROM_SCRATCH = ("model", "eval", *_UNREGISTERED, *(
+    f"train.{key}" for key in ("steps", "share_prompt_forward", "eval_interval", "early_stopping_patience",
+                               "log_samples_interval")))
+
 METHODS: dict[str, Method] = {
     "sft": Method(SFTConfig, "palaestra.recipes.sft", "val_loss", ("data",),
                   ignores=(*_BY_EPOCHS, "train.eval_interval", "train.early_stopping_patience", *_PAIRS_ONLY, "data.rewards",
@@ -83,6 +88,8 @@ METHODS: dict[str, Method] = {
     "classifier": Method(ClassifierConfig, "palaestra.recipes.classifier", "macro_f1", (), ignores=_FINE_TUNES_AN_ENCODER,
                          evaluate_before_after=True),
     "rag": Method(RagConfig, "palaestra.recipes.rag", "ndcg@10", (), ignores=_BUILDS_AN_INDEX),
+    "mamba": Method(MambaConfig, "palaestra.recipes.mamba", "val_loss", (), ignores=_TRAINS_FROM_SCRATCH,
+                    evaluate_before_after=True),
 }
 """algo.name -> the method, in the order a pipeline runs them."""
 

@@ -30,15 +30,14 @@ import torch
 
 from palaestra.checkpoint import CheckpointPart
 from palaestra.config import ConfigError, PalaestraConfig
+from palaestra.data.shipped import shipped_dataset
 from palaestra.recipes.common import seed_everything, training_device
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
-from palaestra.retrieval.data import read_documents, read_queries
+from palaestra.retrieval.data import faq_retrieval_set, read_documents, read_queries
 
 log = logging.getLogger("palaestra")
 
-FAQ_SET = Path(__file__).resolve().parents[2] / "datasets" / "retrieval" / "faq"
-"""The shipped retrieval set (real question/answer pairs of chatterbot-corpus; see retrieval.data)."""
 
 
 def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dict:
@@ -112,7 +111,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 def sources(algo) -> tuple[str, Path, Path | None]:
     """(collection name, documents file, queries file or None): the shipped FAQ set unless given."""
     if algo.documents is None:
-        return "faq", FAQ_SET / "documents.jsonl", None if algo.queries == "" else FAQ_SET / "queries.jsonl"
+        faq = shipped_dataset("retrieval/faq", faq_retrieval_set)  # real question/answer pairs of chatterbot-corpus
+        return "faq", faq / "documents.jsonl", None if algo.queries == "" else faq / "queries.jsonl"
     return Path(algo.documents).stem, Path(algo.documents), Path(algo.queries) if algo.queries else None
 
 

@@ -63,7 +63,8 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension())
+        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(dimension())
 
     def encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
         """Embeddings [len(texts), dim], float32, each of unit length."""

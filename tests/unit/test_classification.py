@@ -135,3 +135,16 @@ def test_the_shipped_topic_set_is_stratified_and_disjoint(tmp_path):
     shipped = Path(__file__).resolve().parents[2] / "datasets" / "classification" / "topics"
     for name in ("train.jsonl", "val.jsonl", "test.jsonl"):
         assert (folder / name).read_text() == (shipped / name).read_text()
+
+
+def test_an_install_without_the_datasets_folder_rebuilds_the_shipped_set_in_the_cache(tmp_path, monkeypatch):
+    import palaestra.data.shipped as shipped
+
+    monkeypatch.setattr(shipped, "REPOSITORY_DATASETS", tmp_path / "no-checkout")
+    monkeypatch.setenv("PALAESTRA_CACHE", str(tmp_path / "cache"))
+    calls = []
+    first = shipped.shipped_dataset("classification/topics", lambda folder: calls.append(topic_classification_set(folder)))
+    again = shipped.shipped_dataset("classification/topics", lambda folder: calls.append(folder))
+    assert first == again == tmp_path / "cache" / "datasets" / "classification" / "topics" and len(calls) == 1
+    repository = Path(__file__).resolve().parents[2] / "datasets" / "classification" / "topics"
+    assert (first / "train.jsonl").read_text() == (repository / "train.jsonl").read_text()

@@ -1,0 +1,1 @@
+"""Integrations with other frameworks: LangChain (:mod:`palaestra.integrations.langchain`)."""

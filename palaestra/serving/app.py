@@ -1,0 +1,454 @@
+"""The HTTP API: OpenAI's chat, completions, models and embeddings endpoints, search, health and metrics.
+
+    POST /v1/chat/completions   POST /v1/completions     (streamed as server-sent events on request)
+    GET  /v1/models             GET  /v1/models/{id}
+    POST /v1/embeddings         POST /v1/search           (the served retrieval index)
+    GET  /health                GET  /metrics             (Prometheus)
+
+``build_app(load)`` answers at once: ``load`` (which loads the models) runs on a thread while
+``/health`` says 503, and every other endpoint answers 503 in OpenAI's error shape until it is done.
+Generation goes to the :class:`~palaestra.serving.engine.Engine`, which batches concurrent
+requests; a client that disconnects cancels its request. Every error is OpenAI's
+``{"error": {...}}`` with a one-line message; a stack trace goes to the server log only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from palaestra.rollout.hf import encode_chat
+from palaestra.serving.catalog import Catalog, ModelNotFound, Route
+from palaestra.serving.engine import Delta, Engine, Failed, Finished, GenerationJob, Sampling
+from palaestra.serving.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    SearchRequest,
+    error_body,
+    model_not_found,
+)
+
+__all__ = ["Services", "build_app"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """What the endpoints serve once loaded."""
+
+    catalog: Catalog
+    engine: Engine
+    max_tokens: int
+    """Completion budget of a request that gives none (capped by the model's context)."""
+    embedder: object | None = None
+    """The :class:`~palaestra.retrieval.embedder.Embedder` of ``/v1/embeddings``, or None."""
+    embedder_id: str | None = None
+    index: object | None = None
+    """The :class:`~palaestra.retrieval.index.RetrievalIndex` of ``/v1/search``, or None."""
+
+
+class _Metrics:
+    def __init__(self, app: FastAPI):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("palaestra_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("palaestra_request_latency_seconds", "Time to the response (a stream: its start)",
+                                 ["endpoint"], registry=self.registry)
+        self.generation = Histogram("palaestra_generation_seconds", "Time from request to its last token",
+                                    ["model"], registry=self.registry, buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
+        self.tokens = Counter("palaestra_tokens", "Prompt and completion tokens", ["model", "kind"], registry=self.registry)
+        engine = lambda: getattr(app.state, "services", None) and app.state.services.engine  # noqa: E731
+        Gauge("palaestra_running_rows", "Choices being decoded", registry=self.registry).set_function(
+            lambda: engine().running_rows if engine() else 0)
+        Gauge("palaestra_decode_steps", "Decode steps run (each decodes one token of every row of a batch)",
+              registry=self.registry).set_function(lambda: engine().steps if engine() else 0)
+        Gauge("palaestra_decoded_rows", "Tokens decoded by those steps (divided by the steps: the mean batch)",
+              registry=self.registry).set_function(lambda: engine().rows_decoded if engine() else 0)
+        Gauge("palaestra_waiting_requests", "Requests waiting to join a batch", registry=self.registry).set_function(
+            lambda: engine().waiting_requests if engine() else 0)
+
+
+def build_app(load: Callable[[], Services], *, api_key: str | None = None,
+              on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """The FastAPI app; ``load`` runs on a thread at startup (``on_load_error`` hears of its failure)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        def loader():
+            try:
+                app.state.services = load()
+            except BaseException as error:  # noqa: BLE001 - reported by /health and on_load_error
+                log.exception("loading failed")
+                app.state.load_error = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                if on_load_error is not None:
+                    on_load_error(error)
+
+        threading.Thread(target=loader, name="palaestra-load", daemon=True).start()
+        yield
+        services = getattr(app.state, "services", None)
+        if services is not None:
+            services.engine.close()
+
+    app = FastAPI(title="palaestra", lifespan=lifespan)
+    app.state.services, app.state.load_error = None, None
+    metrics = _Metrics(app)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        start = time.perf_counter()
+        if api_key and request.url.path.startswith("/v1") and request.headers.get("authorization") != f"Bearer {api_key}":
+            response = _error(ApiError(401, "Incorrect or missing API key (Authorization: Bearer ...)", code="invalid_api_key"))
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "other")
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError):
+        return _error(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError):
+        first = (error.errors() or [{"msg": "invalid request", "loc": ()}])[0]
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(loc) or None
+        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        if first.get("type") == "json_invalid":
+            message, param = "the request body is not valid JSON", None
+        return _error(ApiError(400, f"{param}: {message}" if param else message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException):
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return _error(ApiError(error.status_code, str(error.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def crashed(_: Request, error: Exception):
+        log.error("request failed", exc_info=error)
+        return _error(ApiError(500, "internal server error; see the server log", type="server_error"))
+
+    def services() -> Services:
+        if app.state.services is None:
+            detail = f"loading failed: {app.state.load_error}" if app.state.load_error else "the server is still loading its models"
+            raise ApiError(503, detail, type="server_error", code="loading")
+        return app.state.services
+
+    @app.get("/health")
+    async def health():
+        if app.state.services is not None:
+            return {"status": "ok"}
+        if app.state.load_error:
+            return JSONResponse({"status": "failed", "error": app.state.load_error}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models():
+        served = services()
+        ids = await run_in_threadpool(served.catalog.ids)
+        if served.embedder_id:
+            ids.append(served.embedder_id)
+        return {"object": "list", "data": [_model_card(i, served.catalog.created) for i in ids]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        served = services()
+        if model_id != served.embedder_id:
+            await _route(served, model_id)
+        return _model_card(model_id, served.catalog.created)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        served = services()
+        route = await _route(served, body.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt = encode_chat(route.tokenizer, messages)
+        except Exception as error:  # noqa: BLE001 - a template that refuses these messages
+            raise ApiError(400, f"messages: the model's chat template refused them ({str(error).splitlines()[0]})",
+                           param="messages") from None
+        top = body.top_logprobs or 0
+        job, events = _job(served, route, [prompt], body, body.max_completion_tokens or body.max_tokens, bool(body.logprobs), top)
+        meta = _meta("chatcmpl", body.model)
+        started = time.perf_counter()
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _sse(_chat_stream(job, events, meta, include_usage, bool(body.logprobs), [prompt], metrics, started))
+        result = await _collect(job, events, request)
+        _account(metrics, body.model, [prompt], result, started)
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                    "logprobs": {"content": [_chat_logprob(t) for t in lps], "refusal": None} if body.logprobs else None}
+                   for i, (text, reason, _, lps) in enumerate(result)]
+        return {**meta, "object": "chat.completion", "choices": choices, "usage": _usage([prompt], result)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        served = services()
+        route = await _route(served, body.model)
+        prompts = []
+        for prompt in body.prompts():
+            ids = list(prompt) if isinstance(prompt, list) else route.tokenizer(prompt)["input_ids"]
+            if not ids:
+                raise ApiError(400, "prompt: a prompt must have at least one token", param="prompt")
+            if max(ids) >= len(route.tokenizer) or min(ids) < 0:
+                raise ApiError(400, "prompt: a token id is outside the model's vocabulary", param="prompt")
+            prompts.append(ids)
+        wants_logprobs = body.logprobs is not None
+        job, events = _job(served, route, prompts, body, body.max_tokens, wants_logprobs, body.logprobs or 0)
+        meta = _meta("cmpl", body.model)
+        started = time.perf_counter()
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _sse(_completion_stream(job, events, meta, include_usage, wants_logprobs, prompts, metrics, started))
+        result = await _collect(job, events, request)
+        _account(metrics, body.model, prompts, result, started)
+        choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": _text_logprobs(lps) if wants_logprobs else None}
+                   for i, (text, reason, _, lps) in enumerate(result)]
+        return {**meta, "object": "text_completion", "choices": choices, "usage": _usage(prompts, result)}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        served = services()
+        if served.embedder is None or body.model != served.embedder_id:
+            raise model_not_found(body.model)
+        texts = body.texts()
+        if body.dimensions not in (None, served.embedder.dim):
+            raise ApiError(400, f"dimensions: {served.embedder_id} makes {served.embedder.dim}-dimensional embeddings",
+                           param="dimensions")
+        vectors, tokens = await run_in_threadpool(_embed, served.embedder, texts)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64" else v.tolist()}
+                for i, v in enumerate(vectors)]
+        metrics.tokens.labels(body.model, "prompt").inc(tokens)
+        return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    @app.post("/v1/search")
+    async def search(body: SearchRequest):
+        served = services()
+        if served.index is None:
+            raise ApiError(404, "this server has no retrieval index; start it with serve.index=<rag run folder>", code="no_index")
+        hits = (await run_in_threadpool(_search, served.index, body.query, body.k))[0]
+        return {"object": "list", "data": [{"object": "search.result", "rank": rank, "id": hit.id, "score": hit.score,
+                                            "text": hit.text, "metadata": hit.metadata} for rank, hit in enumerate(hits, 1)]}
+
+    return app
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+_EMBED_LOCK = threading.Lock()
+
+
+def _embed(embedder, texts: list[str]) -> tuple[np.ndarray, int]:
+    with _EMBED_LOCK:
+        vectors = embedder.encode(texts)
+        tokens = sum(len(ids) for ids in embedder.model.tokenizer(texts)["input_ids"]) if texts else 0
+    return vectors, tokens
+
+
+def _search(index, query: str, k: int):
+    with _EMBED_LOCK:
+        return index.search([query], k)
+
+
+def _error(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def _model_card(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "palaestra"}
+
+
+def _meta(prefix: str, model: str) -> dict:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+
+
+async def _route(served: Services, model_id: str) -> Route:
+    try:
+        if model_id in served.catalog.routes:
+            return served.catalog.routes[model_id]
+        return await run_in_threadpool(served.catalog.route, model_id)  # a registered model may load now
+    except ModelNotFound:
+        raise model_not_found(model_id) from None
+
+
+def _job(served: Services, route: Route, prompts: list[list[int]], body, max_tokens: int | None, logprobs: bool,
+         top_logprobs: int) -> tuple[GenerationJob, asyncio.Queue]:
+    """The generation job of a request (its budget checked against the model's context) and the
+    queue its events arrive in."""
+    longest = max(len(p) for p in prompts)
+    room = route.max_positions - longest
+    if room < 1:
+        raise ApiError(400, f"the prompt has {longest} tokens; this model reads at most {route.max_positions - 1}",
+                       param="messages" if isinstance(body, ChatCompletionRequest) else "prompt", code="context_length_exceeded")
+    if max_tokens is not None and max_tokens > room:
+        raise ApiError(400, f"max_tokens={max_tokens} and the {longest}-token prompt exceed this model's "
+                       f"{route.max_positions}-token context", param="max_tokens", code="context_length_exceeded")
+    n = body.n or 1
+    if len(prompts) * n > served.engine.max_batch_size:
+        raise ApiError(400, f"n: at most {served.engine.max_batch_size} choices per request (prompts x n)", param="n")
+    temperature = 1.0 if body.temperature is None else body.temperature
+    sampling = Sampling(max_tokens=max_tokens or min(served.max_tokens, room), temperature=temperature,
+                        top_p=1.0 if body.top_p is None else body.top_p, stop=body.stops, seed=body.seed,
+                        logprobs=logprobs, top_logprobs=top_logprobs)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    job = GenerationJob(route, prompts, n, sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    served.engine.submit(job)
+    return job, events
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _collect(job: GenerationJob, events: asyncio.Queue, request: Request) -> list[tuple]:
+    """(text, finish reason, completion tokens, token log-probabilities) per choice; a client that
+    disconnects meanwhile cancels the job."""
+    texts, logprobs = [""] * job.choices, [[] for _ in range(job.choices)]
+    finished: dict[int, Finished] = {}
+    try:
+        while len(finished) < job.choices:
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise _ClientGone() from None
+                continue
+            if isinstance(event, Delta):
+                texts[event.index] += event.text
+                logprobs[event.index] += event.logprobs
+            elif isinstance(event, Finished):
+                finished[event.index] = event
+            elif isinstance(event, Failed):
+                raise ApiError(500, event.message, type="server_error")
+    except _ClientGone:
+        raise ApiError(499, "the client closed the request", code="client_closed") from None  # nobody reads it
+    finally:
+        if len(finished) < job.choices:
+            job.cancel()
+    return [(texts[i], finished[i].reason, finished[i].completion_tokens, logprobs[i]) for i in range(job.choices)]
+
+
+def _usage(prompts: list[list[int]], result: list[tuple]) -> dict:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion_tokens = sum(r[2] for r in result)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _account(metrics: _Metrics, model: str, prompts: list[list[int]], result: list[tuple], started: float) -> None:
+    usage = _usage(prompts, result)
+    metrics.tokens.labels(model, "prompt").inc(usage["prompt_tokens"])
+    metrics.tokens.labels(model, "completion").inc(usage["completion_tokens"])
+    metrics.generation.labels(model).observe(time.perf_counter() - started)
+
+
+def _chat_logprob(token) -> dict:
+    def entry(text, logprob):
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {**entry(token.token, token.logprob), "top_logprobs": [entry(t, lp) for t, lp in token.top]}
+
+
+def _text_logprobs(tokens: list, offset: int = 0) -> dict:
+    offsets, at = [], offset
+    for token in tokens:
+        offsets.append(at)
+        at += len(token.token)
+    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [dict(t.top) for t in tokens], "text_offset": offsets}
+
+
+def _sse(chunks) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _data(payload) -> str:
+    import json
+
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _events(job: GenerationJob, events: asyncio.Queue):
+    """The job's events until every choice is finished; cancels the job if the stream is dropped."""
+    done = 0
+    try:
+        while done < job.choices:
+            event = await events.get()
+            yield event
+            if isinstance(event, Failed):
+                return
+            done += isinstance(event, Finished)
+    finally:
+        if done < job.choices:
+            job.cancel()  # the client went away (the response was closed) or the job failed
+
+
+async def _chat_stream(job, events, meta, include_usage, wants_logprobs, prompts, metrics, started):
+    base = {**meta, "object": "chat.completion.chunk", **({"usage": None} if include_usage else {})}
+
+    def chunk(index, delta, finish=None, logprobs=None):
+        return _data({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+
+    for index in range(job.choices):
+        yield chunk(index, {"role": "assistant", "content": ""})
+    result = [["", None, 0, []] for _ in range(job.choices)]
+    async for event in _events(job, events):
+        if isinstance(event, Delta) and (event.text or event.logprobs):
+            logprobs = {"content": [_chat_logprob(t) for t in event.logprobs], "refusal": None} if wants_logprobs else None
+            result[event.index][3] += event.logprobs
+            yield chunk(event.index, {"content": event.text}, logprobs=logprobs)
+        elif isinstance(event, Finished):
+            result[event.index][1:3] = [event.reason, event.completion_tokens]
+            yield chunk(event.index, {}, finish=event.reason)
+        elif isinstance(event, Failed):
+            yield _data(error_body(event.message, "server_error"))
+            return
+    _account(metrics, meta["model"], prompts, result, started)
+    if include_usage:
+        yield _data({**base, "choices": [], "usage": _usage(prompts, result)})
+    yield "data: [DONE]\n\n"
+
+
+async def _completion_stream(job, events, meta, include_usage, wants_logprobs, prompts, metrics, started):
+    base = {**meta, "object": "text_completion", **({"usage": None} if include_usage else {})}
+    result = [["", None, 0, []] for _ in range(job.choices)]
+    offsets = [0] * job.choices
+    async for event in _events(job, events):
+        if isinstance(event, Delta) and (event.text or event.logprobs):
+            logprobs = _text_logprobs(event.logprobs, offsets[event.index]) if wants_logprobs else None
+            offsets[event.index] += sum(len(t.token) for t in event.logprobs)
+            yield _data({**base, "choices": [{"index": event.index, "text": event.text, "logprobs": logprobs, "finish_reason": None}]})
+        elif isinstance(event, Finished):
+            result[event.index][1:3] = [event.reason, event.completion_tokens]
+            yield _data({**base, "choices": [{"index": event.index, "text": "", "logprobs": None, "finish_reason": event.reason}]})
+        elif isinstance(event, Failed):
+            yield _data(error_body(event.message, "server_error"))
+            return
+    _account(metrics, meta["model"], prompts, result, started)
+    if include_usage:
+        yield _data({**base, "choices": [], "usage": _usage(prompts, result)})
+    yield "data: [DONE]\n\n"
