@@ -33,7 +33,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "resolve_resume", "save_best", "save_checkpoint"]
+__all__ = [
+    "CorruptCheckpoint", "earlier_checkpoints", "latest_checkpoint", "load_checkpoint", "read_trainer_state", "resolve_resume",
+    "save_best", "save_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +178,27 @@ def _save_part(folder: Path, part: CheckpointPart) -> None:
     torch.save(part.scheduler.state_dict() if part.scheduler is not None else None, folder / "scheduler.pt")
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file cannot be read (truncated, empty, not what it should be); the message names the file."""
+
+
+def _read(file: Path, reader):
+    """``reader(file)``, with any failure to read it as a :class:`CorruptCheckpoint` naming the file."""
+    try:
+        return reader(file)
+    except Exception as error:  # a truncated or foreign file fails in the reader's own way
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CorruptCheckpoint(f"checkpoint file {file} is corrupt ({detail[:160]})") from None
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer state of checkpoint ``path`` (CorruptCheckpoint if it is not a JSON object)."""
+    state = _read(Path(path) / _STATE_FILE, lambda file: json.loads(file.read_text()))
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(f"checkpoint file {Path(path) / _STATE_FILE} is corrupt (not a JSON object)")
+    return state
+
+
 def load_checkpoint(
     path: Path,
     *,
@@ -187,20 +211,22 @@ def load_checkpoint(
     """Load a checkpoint written by `save_checkpoint` into the given objects; return trainer_state.
 
     Every trainable parameter must be in the checkpoint, and every saved tensor must match a
-    parameter by name and shape; anything else is a ValueError listing the names.
+    parameter by name and shape; anything else is a ValueError listing the names. A file that
+    cannot be read is a :class:`CorruptCheckpoint` naming it.
     """
     path = Path(path)
     if not (path / _STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_STATE_FILE})")
+    state = read_trainer_state(path)
     for name, part in _parts(model, optimizer, scheduler, parts).items():
         _load_part(path / f"policy-{name}" if name else path, part, path)
     if restore_rng:
-        _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / _STATE_FILE).read_text())
+        _set_rng_state(_read(path / "rng.pt", lambda file: torch.load(file, weights_only=True)))
+    return state
 
 
 def _load_part(folder: Path, part: CheckpointPart, path: Path) -> None:
-    saved = load_file(str(folder / "trainable.safetensors"))
+    saved = _read(folder / "trainable.safetensors", lambda file: load_file(str(file)))
     params = part.parameters
     missing = sorted(n for n in params if n not in saved)
     unexpected = sorted(n for n in saved if n not in params)
@@ -217,9 +243,9 @@ def _load_part(folder: Path, part: CheckpointPart, path: Path) -> None:
                                  f"the model expects {tuple(params[name].shape)}")
             params[name].copy_(tensor)
     if part.optimizer is not None:
-        part.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        part.optimizer.load_state_dict(_read(folder / "optimizer.pt", lambda file: torch.load(file, weights_only=True)))
     if part.scheduler is not None:
-        part.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        part.scheduler.load_state_dict(_read(folder / "scheduler.pt", lambda file: torch.load(file, weights_only=True)))
 
 
 def _complete_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -232,6 +258,13 @@ def _complete_checkpoints(ckpt_dir: Path) -> list[Path]:
         if (m := _STEP_DIR.match(p.name)) and (p / _STATE_FILE).is_file()
     ]
     return [p for _, p in sorted(found)]
+
+
+def earlier_checkpoints(checkpoint: Path) -> list[Path]:
+    """The complete step checkpoints of ``checkpoint``'s run before it, newest first (for a fallback)."""
+    checkpoint = Path(checkpoint)
+    found = _complete_checkpoints(checkpoint.parent)
+    return list(reversed(found[: found.index(checkpoint)])) if checkpoint in found else []
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

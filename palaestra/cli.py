@@ -15,6 +15,7 @@ sweeps comma-separated values, ``experiment=quick_test`` applies a preset.
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -76,20 +77,20 @@ def _train(config: PalaestraConfig) -> int:
     method = _method(config)
     results = method.main(config, evaluate_before_after=method.evaluate_before_after)
     _report(results, config)
-    return 0
+    return _exit_code(results)
 
 
 def _train_and_evaluate(config: PalaestraConfig) -> int:
     """palaestra train --evaluate: the method's evaluation before and after training."""
     results = _method(config).main(config, evaluate_before_after=True)
     _report(results, config)
-    return 0
+    return _exit_code(results)
 
 
 def _run(config: PalaestraConfig) -> int:
     results = _method(config).main(config, evaluate_before_after=True)
     _report(results, config)
-    return 0
+    return _exit_code(results)
 
 
 def _eval(config: PalaestraConfig) -> int:
@@ -103,6 +104,11 @@ def _eval(config: PalaestraConfig) -> int:
     commands = {"at_grpo": evaluate_team_command, "rag": evaluate_index_command, "mamba": evaluate_language_model_command}
     print(commands.get(config.algo.name, evaluate_command)(config))
     return 0
+
+
+def _exit_code(results: dict) -> int:
+    """0, or 128 + the signal's number for a run that a signal stopped (130 for Ctrl-C, 143 for SIGTERM), as shells do."""
+    return 128 + results["stop_signal"] if results.get("stop_signal") else 0
 
 
 def _report(results: dict, config: PalaestraConfig) -> None:
@@ -153,9 +159,11 @@ _USER_ERRORS = (ConfigError, FileNotFoundError)
 
 
 def _user_error_types() -> tuple:
+    from palaestra.checkpoint import CorruptCheckpoint
     from palaestra.models import ModelLoadError
+    from palaestra.rewards import RewardError
 
-    return _USER_ERRORS + (ModelLoadError,)
+    return _USER_ERRORS + (ModelLoadError, RewardError, CorruptCheckpoint)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -374,7 +382,8 @@ def _print_where(results: dict) -> None:
     if results.get("mlflow_hint"):
         print(f"MLflow run {results['mlflow_run_id']}: {results['mlflow_hint']}")
     if not results.get("finished", True):
-        print(f"stopped at step {results['step']}; resume with: palaestra train train.resume=auto train.output_dir={results['run_dir']}")
+        print(f"stopped at step {results['step']}; resume with: palaestra train train.resume=auto "
+              f"train.output_dir={shlex.quote(str(results['run_dir']))}")
 
 
 if __name__ == "__main__":

@@ -292,6 +292,8 @@ def _finish(history: PipelineHistory, tracker) -> PipelineHistory:
         tracker.log_artifact(Path(history.folder) / "history.json")
         tracker.end("FINISHED" if history.succeeded else "FAILED")
     print(history.table())
+    if tracker:  # the parent run: each stage is a child run under it
+        print(f"\nMLflow parent run {tracker.run_id}: {tracker.run_url_hint()}")
     if not history.succeeded:
         failed = [r.stage for r in history.stages if r.status == "failed"]
         print(f"\nstage(s) {', '.join(failed)} failed; run the same command again to resume from there")

@@ -31,9 +31,15 @@ def checkpoint_path(path: str | None) -> Path | None:
     """The checkpoint named by eval.checkpoint (a step folder, or a run folder's latest), or None."""
     if not path:
         return None
-    checkpoint = ckpt.resolve_resume(path, Path(path))
+    if not Path(path).exists():
+        raise ConfigError(f"eval.checkpoint={path} does not exist; point it at a run folder or a checkpoints/step-* folder")
+    try:
+        checkpoint = ckpt.resolve_resume(path, Path(path))
+    except FileNotFoundError:
+        checkpoint = None
     if checkpoint is None:
-        raise ConfigError(f"eval.checkpoint={path} holds no checkpoint; point it at a run folder or step-* folder")
+        raise ConfigError(f"eval.checkpoint={path} holds no complete checkpoint; point it at a run folder or a "
+                          "checkpoints/step-* folder")
     return checkpoint
 
 
@@ -50,6 +56,8 @@ def evaluate_command(config: PalaestraConfig) -> str:
     model.eval()
     ev = config.eval
     generator = HFGenerator(model, tokenizer, max_prompt_length=config.algo.max_prompt_length, precision=precision)
+    if hasattr(task, "bind"):  # a workflow task's executor may be the evaluated model with its adapter off
+        task.bind(generator)
     sampling = SamplingParams(ev.max_new_tokens or config.algo.max_completion_length, ev.temperature, ev.top_p, ev.top_k, greedy=ev.greedy)
     examples = task.test[: ev.max_examples or None]
     result = evaluate(
@@ -58,6 +66,8 @@ def evaluate_command(config: PalaestraConfig) -> str:
         seed=config.train.seed, show_progress=True,
     )
     figures = result.metrics()
+    if hasattr(task, "evaluation_figures"):  # a workflow task: validity, outcome shares, ... per domain
+        figures.update(task.evaluation_figures(result.samples))
     where = ""
     if config.tracking.enabled:
         from palaestra.tracking import MlflowTracker, flatten_config
@@ -74,7 +84,8 @@ def evaluate_command(config: PalaestraConfig) -> str:
         where = f"\nMLflow run {tracker.run_id}: {tracker.run_url_hint()}"
     decoding = "greedy" if ev.greedy else f"sampled x{ev.num_samples} (T={ev.temperature})"
     lines = [f"{config.task.name} test split, {result.num_examples} questions, {decoding}"]
-    lines += [f"  {key:<16}{value:.3f}" for key, value in figures.items()]
+    width = max(16, *(len(key) + 1 for key in figures))  # the workflow task's figure names are long
+    lines += [f"  {key:<{width}}{value:.3f}" for key, value in figures.items()]
     return "\n".join(lines) + where
 
 

@@ -26,8 +26,13 @@ __all__ = ["Batch", "build_model", "collate", "freed_memory_kept", "generate_sam
 def build_model(tokenizer, *, d_model: int, n_layers: int, seed: int):
     """A new ``MambaForCausalLM`` for ``tokenizer``'s vocabulary (``d_model`` wide, ``n_layers`` deep),
     initialised from ``seed``; the output layer shares the embedding's weights."""
+    import logging
+
     from transformers import MambaConfig, MambaForCausalLM
 
+    # transformers advises installing the CUDA kernels (mamba-ssm, causal-conv1d) whenever it runs the
+    # PyTorch path; on a CPU that path, with mambapy's parallel scan, is the one meant, so the advice is noise
+    logging.getLogger("transformers.integrations.hub_kernels").setLevel(logging.ERROR)
     end, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     config = MambaConfig(vocab_size=len(tokenizer), hidden_size=d_model, num_hidden_layers=n_layers, use_mambapy=True,
                          bos_token_id=end, eos_token_id=end, pad_token_id=pad,

@@ -33,7 +33,7 @@ from palaestra.models import model_id
 from palaestra.models.logprobs import batch_logprobs, shared_prompt_rows
 from palaestra.models.policies import Policy, build_policies
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
-from palaestra.recipes.common import adamw, clip_gradients, seed_everything, training_device
+from palaestra.recipes.common import adamw, clip_gradients, policy_identity, seed_everything, training_device
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
 from palaestra.rollout import SamplingParams
@@ -73,6 +73,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
 
     # ---- run folder, resume, tracking
     run = Run(train_cfg, method="at_grpo", runs_root=Path("runs") / f"{env_cfg.name}-{algo.name}", total_steps=train_cfg.steps,
+              identity={**policy_identity(config.model), "policy": config.policy.mode},
               best=best_metric(config), progress=("success_rate", "reward/mean", "tokens_per_second"),
               curves=("success_rate",), plot=("success_curve.png", "AT-GRPO: success rate"))
     log.info("env %s, roles %s -> policies %s, device %s, precision %s", env_cfg.name, roles, role_policy, device, precision)

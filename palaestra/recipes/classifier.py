@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import shutil
 from pathlib import Path
 
 import torch
@@ -37,6 +35,7 @@ from palaestra.classification.model import encode_batches, load_classifier
 from palaestra.config import PalaestraConfig
 from palaestra.data.jsonl import write_jsonl
 from palaestra.data.shipped import shipped_dataset
+from palaestra.export import export_policy
 from palaestra.models.precision import autocast, resolve_precision
 from palaestra.recipes.common import adamw, clip_gradients, seed_everything, training_device
 from palaestra.recipes.methods import best_metric
@@ -68,14 +67,15 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     total_steps = steps_per_epoch * algo.epochs
 
     # ---- the run: folder, optimizer, resume, tracking
+    tags = {"algo": "classifier", "data": data.name, "labels": ",".join(data.labels),
+            "model": config.model.path or ("tiny" if config.model.name == "tiny" else "all-minilm-l6-v2")}
     run = Run(train_cfg, method="classifier", runs_root=Path("runs") / f"{data.name}-classifier", total_steps=total_steps,
+              identity={"encoder": tags["model"], "labels": tags["labels"]},
               best=best_metric(config), patience=algo.early_stopping_patience,
               progress=("loss", "tokens_per_second"), curves=("loss",),
               plot=("loss_curve.png", "Classifier: training loss and the validation figure kept the best by"))
     optimizer, scheduler = adamw(model.parameters(), train_cfg, total_steps)
     run.resume(model=model, optimizer=optimizer, scheduler=scheduler)
-    tags = {"algo": "classifier", "data": data.name, "labels": ",".join(data.labels),
-            "model": config.model.path or ("tiny" if config.model.name == "tiny" else "all-minilm-l6-v2")}
     tracker = run.track(config.tracking, run_name=f"{data.name}-classifier", tags=tags, config=config_dict(config))
     log.info("device %s, precision %s; %d train, %d validation, %d test texts; labels %s; %d steps (%d per epoch)",
              device, precision, len(data.train), len(data.val), len(data.test), ", ".join(data.labels), total_steps,
@@ -131,7 +131,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         rows = [{"text": x.text, "label": data.labels[x.label], "predicted": data.labels[p]} for x, p in zip(held_out, predicted)]
         write_jsonl(run.run_dir / f"{test_split}_predictions.jsonl", rows)
         log.info("%s figures: %s", test_split, ", ".join(f"{k}={v:.4f}" for k, v in figures.items()))
-        model_dir = export_classifier(model, tokenizer, run.run_dir / "model")
+        model_dir = export_policy(model, tokenizer, run.run_dir / "model")  # a plain model: written as it is
         results["outputs"] = {"classifier_dir": str(model_dir)}
         matrix = confusion([x.label for x in held_out], predicted, len(data.labels))
         plot = plot_confusion(matrix, data.labels, run.run_dir / "confusion_matrix.png",
@@ -175,16 +175,3 @@ def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
     order = list(range(count))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order
-
-
-def export_classifier(model, tokenizer, folder: Path) -> Path:
-    """Write the model and its tokenizer as a Hugging Face folder, atomically (a temp sibling renamed into place)."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import resource
 import signal
@@ -29,6 +30,17 @@ def timed(timings: dict[str, float], name: str):
         yield
     finally:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def policy_identity(model_cfg) -> dict[str, str]:
+    """What a causal-LM recipe's checkpoint belongs to besides its method: the base model and the adapter's
+    shape (a checkpoint of another is refused on resume, see :class:`palaestra.recipes.run.Run`)."""
+    from palaestra.models import model_id
+
+    lora = model_cfg.lora
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(map(str, lora.target_modules))
+    adapter = f"LoRA r={lora.r} alpha={lora.alpha} on {targets}" if lora.enabled else "full fine-tuning"
+    return {"model": model_id(model_cfg.name, model_cfg.path), "adapter": adapter}
 
 
 def training_device(choice: str = "auto") -> str:
@@ -128,6 +140,8 @@ class StopSignals:
     def __init__(self):
         self.requested = False
         self.save_requested = False
+        self.received: int | None = None
+        """The signal that stopped the run (SIGINT or SIGTERM), for the exit code 128 + its number."""
         self._previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
             if sig is None:
@@ -144,6 +158,7 @@ class StopSignals:
         if self.requested and sig == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.received = self.received or int(sig)
         log.info("signal %s received: saving at the end of this step", signal.Signals(sig).name)
 
     def restore(self):
@@ -151,10 +166,42 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+def lock_run_folder(run_dir: Path):
+    """Hold ``run_dir/.lock`` while this process writes the run folder; returns the open lock file (close it
+    to let go), or None where the system has no ``flock``.
+
+    A second process that wants the same folder gets a one-line ConfigError at once instead of
+    interleaving its train.log and metrics.jsonl with the first and pruning its checkpoints. The
+    operating system drops the lock when the holder ends, however it ends, so a killed run leaves no
+    stale lock behind.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not a Unix system
+        return None
+    from palaestra.config import ConfigError
+
+    handle = open(Path(run_dir) / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"run folder {run_dir} is in use by {holder}; wait for that run to end, or give another "
+                          "train.output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()}")
+    handle.flush()
+    return handle
+
+
 def resolve_run_dir(train_cfg, runs_root: Path) -> tuple[Path, Path | None]:
     """The run folder and the checkpoint to resume from (None: a fresh start).
 
-    ``train.resume`` = a path: that checkpoint (its run folder continues). ``train.output_dir``:
+    ``train.resume`` = a path: that checkpoint (its run folder continues; a different
+    ``train.output_dir`` is a ConfigError). ``train.output_dir``:
     that folder (with ``resume=auto``, its latest checkpoint). Otherwise a new timestamped folder
     under ``runs_root``, or with ``resume=auto`` the newest run there that has a checkpoint.
     """
@@ -164,7 +211,13 @@ def resolve_run_dir(train_cfg, runs_root: Path) -> tuple[Path, Path | None]:
     if resume and resume != "auto":
         checkpoint = ckpt.resolve_resume(resume, Path(resume))
         if checkpoint is not None:
-            return checkpoint.parent.parent, checkpoint
+            own = checkpoint.parent.parent  # a resumed run goes on in its own folder (and its own MLflow run)
+            if train_cfg.output_dir and Path(train_cfg.output_dir).resolve() != own.resolve():
+                from palaestra.config import ConfigError
+
+                raise ConfigError(f"train.resume={resume} goes on in its own run folder {own}, not "
+                                  f"train.output_dir={train_cfg.output_dir}; drop one of the two")
+            return own, checkpoint
     if train_cfg.output_dir:
         run_dir = Path(train_cfg.output_dir)
         return run_dir, ckpt.resolve_resume(resume, run_dir) if resume else None

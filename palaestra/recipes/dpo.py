@@ -36,7 +36,7 @@ from palaestra.models.logprobs import completion_logprobs
 from palaestra.models.precision import autocast
 from palaestra.recipes.common import (
     adamw, clip_gradients, load_pairs, load_policy, pair_batch, pair_epoch, pair_rows, pair_steps, register, seed_everything,
-    track_data_method, training_device,
+    policy_identity, track_data_method, training_device,
 )
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run
@@ -70,6 +70,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     # ---- run folder, optimizer, resume, tracking
     per_epoch, total_steps = pair_steps(len(train_rows), train_cfg.batch_size, algo.epochs, algo.max_steps)
     run = Run(train_cfg, method="dpo", runs_root=Path("runs") / f"{data.name}-{algo.name}", total_steps=total_steps,
+              identity=policy_identity(config.model),
               best=best_metric(config),
               progress=("loss", "rewards/accuracies", "rewards/margins"), curves=("loss", "rewards/margins"),
               plot=("dpo_curve.png", "DPO: loss, reward margin and held-out preference accuracy"))

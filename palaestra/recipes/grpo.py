@@ -34,7 +34,7 @@ from palaestra.evaluation.evaluate import evaluate
 from palaestra.models import embedded_model_dir, frozen_reference_copy, model_id, reference_logits_context
 from palaestra.models.precision import autocast
 from palaestra.models.logprobs import batch_logprobs, shared_prompt_rows
-from palaestra.recipes.common import adamw, clip_gradients, load_policy, next_items, seed_everything, timed
+from palaestra.recipes.common import adamw, clip_gradients, load_policy, next_items, policy_identity, seed_everything, timed
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
 from palaestra.rewards import combine_rewards
@@ -77,6 +77,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
     # ---- run folder, optimizer, resume, tracking
     run = Run(train_cfg, method="grpo", runs_root=Path("runs") / f"{config.task.name}-{algo.name}", total_steps=train_cfg.steps,
+              identity=policy_identity(config.model),
               best=best_metric(config), dist=dist, state={"data_position": 0, "task_state": {}},
               progress=("reward/mean", "tokens_per_second"), curves=("reward/mean",),
               plot=("reward_curve.png", "GRPO: reward and held-out accuracy"))
@@ -109,7 +110,10 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             sampling=eval_sampling, num_samples=config.eval.num_samples, pass_k=list(config.eval.pass_k),
             batch_size=config.eval.batch_size, seed=train_cfg.seed, show_progress=True,
         )
-        figures = run.log_eval(step, label, result.metrics())
+        metrics = result.metrics()
+        if hasattr(task, "evaluation_figures"):  # the workflow task's per-domain figures
+            metrics.update(task.evaluation_figures(result.samples))
+        figures = run.log_eval(step, label, metrics)
         if tracker:
             tracker.log_table(result.samples[:32], f"eval/samples_{label}_step{step:06d}.json")
         dist.barrier()
@@ -197,6 +201,9 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     # ---- final evaluation, plots, cleanup
     if evaluate_before_after and (run.finished or run.out_of_time):
         results["after"] = run_eval(run.step, "after")
+        if run.tracker and hasattr(task, "plot_outcomes") and results.get("before") and results.get("after"):
+            plot = task.plot_outcomes(results["before"], results["after"], run.run_dir / "workflow_outcomes.png")
+            run.tracker.log_artifact(str(plot), "plots")
     return {**run.finish(), **results}
 
 

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import shutil
 from pathlib import Path
 
 from palaestra import checkpoint as ckpt
 from palaestra.config import PalaestraConfig
+from palaestra.export import export_policy
 from palaestra.language_model.corpus import read_corpus, split_documents
 from palaestra.language_model.model import (
     build_model,
@@ -81,6 +80,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
     # ---- the run: folder, model from scratch, optimizer, resume, tracking
     run = Run(train_cfg, method="mamba", runs_root=runs_root, total_steps=total_steps, best=best_metric(config),
+              identity={"vocab_size": len(tokenizer), "d_model": algo.d_model, "n_layers": algo.n_layers},
               patience=algo.early_stopping_patience,
               state={"epoch_loss_sum": 0.0, "epoch_tokens": 0, "before": None},
               progress=("loss", "tokens_per_second"), curves=("loss",),
@@ -163,7 +163,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             results["after"] = run.evaluation_at(run.step) or held_out_figures(model, held_chunks, **measure)
         if state["before"] is not None:
             results["before"] = state["before"]
-        model_dir = export_language_model(model, tokenizer, run.run_dir / "model")
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model_dir = export_policy(model, tokenizer, run.run_dir / "model")  # with its tokenizer, atomically
         results["outputs"] = {"language_model_dir": str(model_dir)}
         log.info("held-out perplexity %.1f; model and tokenizer written to %s", results["after"]["perplexity"], model_dir)
         if tracker:
@@ -190,17 +191,3 @@ def _log_samples(run: Run, model, tokenizer, algo, epoch: int, step: int, device
         log.info("sample (epoch %d): %r -> %r", epoch, row["prompt"], row["completion"])
     if run.tracker:
         run.tracker.log_table([{"epoch": epoch, "step": step, **row} for row in rows], f"samples/epoch-{epoch:03d}.json")
-
-
-def export_language_model(model, tokenizer, folder: Path) -> Path:
-    """The model and its tokenizer as one Hugging Face folder, written atomically (a temp sibling renamed into place)."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder

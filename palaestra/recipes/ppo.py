@@ -49,7 +49,8 @@ from palaestra.models.precision import autocast
 from palaestra.models.value_head import ValueHead, explained_variance, logprobs_and_values
 from palaestra.plugins import lookup
 from palaestra.recipes.common import (
-    adamw, clip_gradients, load_policy, next_items, seed_everything, timed, track_data_method,
+    adamw, clip_gradients, load_policy, next_items, policy_identity, seed_everything, timed, track_data_method,
+    training_device,
 )
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run
@@ -93,7 +94,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     generator = HFGenerator(model, tokenizer, max_prompt_length=prompt_budget, precision=precision)
 
     # ---- run folder, optimizer, resume, tracking
-    run = Run(train_cfg, method="ppo", runs_root=Path("runs") / f"{data_cfg.name}-{algo.name}", total_steps=train_cfg.steps,
+    run = Run(train_cfg, method="ppo", identity=policy_identity(config.model),
+              runs_root=Path("runs") / f"{data_cfg.name}-{algo.name}", total_steps=train_cfg.steps,
               best=best_metric(config), state={"data_position": 0}, progress=("reward/mean", "kl", "value_loss"),
               curves=("reward/mean",), plot=("reward_curve.png", "PPO: reward and held-out reward"))
     log.info("device %s, compute precision %s, weights %s, %d train prompts, %d held-out",

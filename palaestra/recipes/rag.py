@@ -66,6 +66,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
     # ---- the run: folder, resume, tracking
     run = Run(train_cfg, method="rag", runs_root=Path("runs") / f"{name}-rag", total_steps=total_steps, best=best,
+              identity={"documents": name, "embedder": algo.embedder, "mode": algo.mode},
               progress=("documents", "documents_per_second"))
     run.resume(parts={"index": CheckpointPart({"vectors": vectors})})
     tags = {"algo": "rag", "documents": name, "embedder": algo.embedder, "mode": algo.mode}

@@ -38,7 +38,7 @@ from palaestra.models import load_model_and_tokenizer, model_id
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
 from palaestra.recipes.common import (
     adamw, clip_gradients, load_pairs, pair_batch, pair_epoch, pair_rows, pair_steps, register, seed_everything,
-    track_data_method, training_device,
+    policy_identity, track_data_method, training_device,
 )
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run
@@ -73,6 +73,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     # ---- run folder, optimizer, resume, tracking
     per_epoch, total_steps = pair_steps(len(train_rows), train_cfg.batch_size, algo.epochs, algo.max_steps)
     run = Run(train_cfg, method="reward", runs_root=Path("runs") / f"{data.name}-{algo.name}", total_steps=total_steps,
+              identity=policy_identity(config.model),
               best=best_metric(config),
               progress=("loss", "accuracy", "margin"), curves=("loss", "accuracy"),
               plot=("reward_model_curve.png", "Reward model: loss and pairwise accuracy"))

@@ -15,13 +15,15 @@ A recipe keeps its own steps in plain view and hands the rest to a :class:`Run`:
                 break
     results = run.finish()                                              # plots, train.log artifact, FINISHED or KILLED
 
-What the run owns: the run folder and its ``train.log`` (``train.output_dir`` or a new timestamped
-folder; ``train.resume``), the checkpoint (written by :func:`palaestra.checkpoint.save_checkpoint`
-from :meth:`Run.end_of_step`), the MLflow run (resumed with the checkpoint), SIGUSR1 (save at the
-next step boundary) and SIGINT/SIGTERM (save and stop there), the progress bar, the per-step
-figures (plus ``memory/rss_mb`` and ``memory/peak_rss_mb``), and the decision after every step,
-which :func:`decide` makes from plain numbers so that it is tested by hand. Several processes
-(:class:`palaestra.distributed.Distributed`) agree on every decision; only the main one writes.
+What the run owns: the run folder (locked: one process writes it at a time) and its ``train.log``
+(``train.output_dir`` or a new timestamped folder; ``train.resume``), the checkpoint (written by
+:func:`palaestra.checkpoint.save_checkpoint` from :meth:`Run.end_of_step`; it records what it belongs
+to, and a resume with other settings is refused), the MLflow run (resumed with the checkpoint),
+SIGUSR1 (save at the next step boundary) and SIGINT/SIGTERM (save and stop there), the progress
+bar, the per-step figures (plus ``memory/rss_mb`` and ``memory/peak_rss_mb``), and the decision
+after every step, which :func:`decide` makes from plain numbers so that it is tested by hand.
+Several processes (:class:`palaestra.distributed.Distributed`) agree on every decision; only the
+main one writes.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from palaestra.recipes.common import (
     append_jsonl,
     attach_log_file,
     fmt,
+    lock_run_folder,
     memory_figures,
     remember,
     resolve_run_dir,
@@ -152,6 +155,8 @@ class Run:
         progress: per-step figures shown in the progress bar.
         curves: per-step figures kept for the run's plot (evaluation figures are always kept).
         plot: ``(file name, title)`` of the plot logged at the end (None: no plot).
+        identity: what the checkpoints belong to besides the method (base model, adapter shape, ...):
+            saved in each one; resuming a checkpoint whose identity differs is a one-line ConfigError.
         clock: seconds, for the time budget (tests pass a fake one).
     """
 
@@ -159,7 +164,7 @@ class Run:
         self, train, *, method: str, runs_root: Path, total_steps: int, best: tuple[str, str],
         patience: int | None = None, dist: Distributed | None = None, state: dict | None = None,
         progress: tuple[str, ...] = (), curves: tuple[str, ...] = (), plot: tuple[str, str] | None = None,
-        clock: Callable[[], float] = time.perf_counter,
+        identity: dict | None = None, clock: Callable[[], float] = time.perf_counter,
     ):
         self.best_metric, self.best_mode = best
         if self.best_mode not in ("max", "min"):
@@ -182,12 +187,16 @@ class Run:
 
         # the run folder (every process agrees on the main process's) and its train.log
         self.run_dir, self.resume_from = self.dist.broadcast(resolve_run_dir(train, Path(runs_root)))
+        self._lock = None
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = lock_run_folder(self.run_dir)  # one run per folder (ConfigError if another holds it)
             attach_log_file(self.run_dir / "train.log")
         self.dist.barrier()
+        self.identity = {"method": method, **{key: str(value) for key, value in (identity or {}).items()}}
         self.state: dict[str, Any] = {"step": 0, "mlflow_run_id": None, "best_metric": None, "evals_without_improvement": 0,
-                                      "early_stopped": False, "last_eval": None, "history": {}, **(state or {})}
+                                      "early_stopped": False, "last_eval": None, "history": {}, "identity": self.identity,
+                                      **(state or {})}
 
     # ------------------------------------------------------------------------------------ opening
 
@@ -202,9 +211,33 @@ class Run:
         self._checkpoint = {"parts": parts} if parts is not None else {"model": model, "optimizer": optimizer, "scheduler": scheduler}
         if self.resume_from is None:
             return False
-        self.state.update(ckpt.load_checkpoint(self.resume_from, restore_rng=restore_rng, **self._checkpoint))
-        log.info("resumed from %s at step %d", self.resume_from, self.state["step"])
-        return True
+        # with resume=auto a corrupt checkpoint gives way to the one before it; a chosen one must load
+        candidates = [self.resume_from, *(ckpt.earlier_checkpoints(self.resume_from) if self.train.resume == "auto" else [])]
+        for position, checkpoint in enumerate(candidates):
+            try:
+                self._check_identity(checkpoint)
+                loaded = ckpt.load_checkpoint(checkpoint, restore_rng=restore_rng, **self._checkpoint)
+            except ckpt.CorruptCheckpoint as error:
+                if position + 1 == len(candidates):
+                    raise ConfigError(f"{error}; resume from another checkpoint (train.resume=<path>) or remove this one") from None
+                log.warning("%s; resuming from the checkpoint before it, %s", error, candidates[position + 1])
+                continue
+            self.resume_from = checkpoint
+            self.state.update(loaded)
+            log.info("resumed from %s at step %d", checkpoint, self.state["step"])
+            return True
+        return False
+
+    def _check_identity(self, checkpoint: Path) -> None:
+        """A checkpoint of another method, base model or adapter shape is refused before anything is loaded into the model."""
+        saved = ckpt.read_trainer_state(checkpoint).get("identity")
+        if not saved:  # written before checkpoints recorded what they belong to
+            return
+        differences = [f"{key} {saved.get(key)!r} there, {self.identity.get(key)!r} here"
+                       for key in dict.fromkeys([*saved, *self.identity]) if saved.get(key) != self.identity.get(key)]
+        if differences:
+            raise ConfigError(f"train.resume: {checkpoint} belongs to another run ({'; '.join(differences)}); resume it "
+                              "with the settings it was trained with, or start a new run without train.resume")
 
     def track(self, tracking, *, run_name: str, tags: dict, config: dict, params: dict | None = None):
         """Start the MLflow run (the main process only; the checkpoint's run continues on resume).
@@ -243,7 +276,15 @@ class Run:
         finally:
             self._progress.close()
             self._stop.restore()
+            if exc_type is not None:
+                self.release()
         return False
+
+    def release(self) -> None:
+        """Let go of the run folder (another process may write it now); :meth:`finish` does it too."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     # ------------------------------------------------------------------------------------- the loop
 
@@ -372,7 +413,8 @@ class Run:
 
     def finish(self) -> dict:
         """Log the plot and train.log, end the MLflow run (FINISHED, or KILLED when a signal stopped
-        it before the end) and return the run's summary for the recipe's results."""
+        it before the end) and return the run's summary for the recipe's results (``stop_signal``:
+        the signal's number when one stopped it)."""
         if self.tracker:
             curves = {k: [tuple(p) for p in v] for k, v in self.state["history"].items()
                       if k in self.curves or k == f"eval/{self.best_metric}"}
@@ -383,6 +425,8 @@ class Run:
                 self.tracker.log_artifact(str(path), "plots")
             self.tracker.log_artifact(str(self.run_dir / "train.log"))
             self.tracker.end("FINISHED" if self.finished or not self.stopped_by_signal else "KILLED")
+        self.release()
         return {"run_dir": str(self.run_dir), "mlflow_run_id": self.state["mlflow_run_id"],
+                "stop_signal": self._stop.received if self.stopped_by_signal else None,
                 "mlflow_hint": self.tracker.run_url_hint() if self.tracker else None, "step": self.step,
                 "finished": self.finished, "out_of_time": self.out_of_time, "train_seconds": self.clock() - self._started}

@@ -49,7 +49,9 @@ from palaestra.data.chat import (
 from palaestra.export import export_policy
 from palaestra.models import model_id
 from palaestra.models.precision import autocast
-from palaestra.recipes.common import adamw, clip_gradients, load_policy, remember, seed_everything, training_device
+from palaestra.recipes.common import (
+    adamw, clip_gradients, load_policy, policy_identity, remember, seed_everything, training_device,
+)
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
 
@@ -83,6 +85,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
     # ---- run folder, optimizer, resume, tracking
     run = Run(train_cfg, method="sft", runs_root=Path("runs") / f"{data_cfg.name}-sft", total_steps=total_updates,
+              identity=policy_identity(config.model),
               best=best_metric(config), patience=algo.early_stopping_patience,
               state={"epoch": 0, "epoch_position": 0, "epoch_loss_sum": 0.0, "epoch_targets": 0},
               progress=("train/step_loss", "learning_rate"), curves=("train/step_loss", "val_loss"),

@@ -8,6 +8,8 @@ import path, ``"my_package.my_module:my_reward"``.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 
 from palaestra.plugins import lookup
@@ -54,6 +56,8 @@ __all__ = [
     "REWARD_FUNCTIONS",
     "RewardFunction",
     "answer_format_reward",
+    "RewardError",
+    "checked_rewards",
     "combine_rewards",
     "correctness_reward",
     "number_only_reward",
@@ -105,11 +109,42 @@ def combine_rewards(
     total = [0.0] * len(completions)
     components: dict[str, list[float]] = {}
     for name, weight in weights.items():
-        values = [float(value) for value in resolve_reward(name)(completions, **columns)]
-        if len(values) != len(completions):
-            raise ValueError(
-                f"reward {name!r} gave {len(values)} values for {len(completions)} completions"
-            )
-        components[name] = values
-        total = [running + weight * value for running, value in zip(total, values)]
+        try:
+            returned = list(resolve_reward(name)(completions, **columns))
+        except Exception:
+            # user code: its own traceback follows, headed by the reward's name
+            logging.getLogger("palaestra").error("reward %r raised on a batch of %d completions:", name, len(completions))
+            raise
+        components[name] = checked_rewards(name, returned, completions)
+        total = [running + weight * value for running, value in zip(total, components[name])]
     return total, components
+
+
+class RewardError(ValueError):
+    """A reward function returned something a reward cannot be; the message names the reward and the example."""
+
+
+def checked_rewards(name: str, returned: list, completions: list[str]) -> list[float]:
+    """``returned`` as floats, one finite number per completion, else a :class:`RewardError` (before any update).
+
+    >>> checked_rewards("digits", [1, 0.5], ["a", "b"])
+    [1.0, 0.5]
+    >>> checked_rewards("digits", [1.0, float("nan")], ["12", "ab"])
+    Traceback (most recent call last):
+    ...
+    palaestra.rewards.RewardError: reward 'digits' gave nan for completion 1 ('ab'); a reward must be a finite number for every completion
+    """
+    if len(returned) != len(completions):
+        raise RewardError(f"reward {name!r} gave {len(returned)} values for {len(completions)} completions; it must "
+                          "return one number per completion, in order")
+    values = []
+    for index, value in enumerate(returned):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise RewardError(f"reward {name!r} gave {value!r} for completion {index} ({completions[index][:80]!r}); "
+                              "a reward must be a finite number for every completion")
+        values.append(number)
+    return values

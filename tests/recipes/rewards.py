@@ -12,3 +12,18 @@ def digit_share(completions: list[str], **columns) -> list[float]:
     [0.5, 1.0, 0.0]
     """
     return [sum(ch.isdigit() for ch in text) / len(text) if text else 0.0 for text in completions]
+
+
+def nan_for_the_second(completions: list[str], **columns) -> list[float]:
+    """A broken reward for the tests: NaN for the second completion of every batch."""
+    return [float("nan") if i == 1 else 0.0 for i in range(len(completions))]
+
+
+def one_value_short(completions: list[str], **columns) -> list[float]:
+    """A broken reward for the tests: one value fewer than the completions."""
+    return [0.0] * (len(completions) - 1)
+
+
+def raising(completions: list[str], **columns) -> list[float]:
+    """A broken reward for the tests: it raises (a bug in user code)."""
+    raise KeyError("answer_column_missing")

@@ -152,7 +152,7 @@ def test_malformed_dataset_file_is_reported(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT])
 def test_signals_save_at_a_step_boundary(tmp_path, sig):
-    """SIGUSR1 saves and goes on; SIGINT saves and exits cleanly (then SIGTERM for the USR1 case)."""
+    """SIGUSR1 saves and goes on; SIGINT saves and exits with 130 (then SIGTERM, 143, for the USR1 case)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     process = subprocess.Popen(
         [sys.executable, "-m", "palaestra.cli", "train", *TINY, "train.steps=2000", "train.save_interval=0",
@@ -170,8 +170,10 @@ def test_signals_save_at_a_step_boundary(tmp_path, sig):
             time.sleep(0.2)
         assert list((tmp_path / "run" / "checkpoints").glob("step-*")), "SIGUSR1 must save a checkpoint"
         process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-2000:]
+    stdout, stderr = process.communicate(timeout=120)
+    # a stopped run says so: exit code 128 + the signal (130 for Ctrl-C, 143 for SIGTERM), and how to resume
+    assert process.returncode == (130 if sig == signal.SIGINT else 143), stderr[-2000:]
+    assert "resume with: palaestra train train.resume=auto train.output_dir=run" in stdout
     saved = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
     last_step = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
     assert saved[-1].name == f"step-{last_step:06d}"
@@ -262,3 +264,28 @@ def test_export_merged_model_loads_with_plain_transformers(tmp_path):
     ids = tokenizer("What is 2 + 3?", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, with_adapter(ids).logits, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reward, message", [
+    ("nan_for_the_second", "reward 'tests.recipes.rewards:nan_for_the_second' gave nan for completion 1 ("),
+    ("one_value_short", "reward 'tests.recipes.rewards:one_value_short' gave 7 values for 8 completions; it must"),
+])
+def test_a_broken_reward_stops_the_run_in_one_line_before_any_update(tmp_path, reward, message):
+    args = [*TINY[:-2], f"task.rewards=[tests.recipes.rewards:{reward}]", "train.steps=3", "train.save_interval=1",
+            "tracking.enabled=false", "train.output_dir=run"]
+    result = run_cli(["train", *args], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and f"palaestra: error: {message}" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()  # the first step's update never happened
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_reward_that_raises_shows_its_own_traceback_under_its_name(tmp_path):
+    args = [*TINY[:-2], "task.rewards=[tests.recipes.rewards:raising]", "train.steps=2", "tracking.enabled=false",
+            "train.output_dir=run"]
+    result = run_cli(["train", *args], tmp_path)
+    assert result.returncode != 0
+    assert "reward 'tests.recipes.rewards:raising' raised on a batch of 8 completions:" in result.stderr
+    assert "KeyError: 'answer_column_missing'" in result.stderr and "tests/recipes/rewards.py" in result.stderr

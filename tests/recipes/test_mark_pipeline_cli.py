@@ -43,6 +43,7 @@ def test_mark_pipeline_trains_every_target_and_exports_them_together(tmp_path):
     resumed = run_cli(["pipeline", "mark", *TINY], tmp_path)  # the same command, mended: resumes at the classifier
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     history = json.loads((tmp_path / "pipe" / "history.json").read_text())
+    assert f"MLflow parent run {history['parent_run_id']}: view the run: mlflow ui" in resumed.stdout
     stages = {s["stage"]: s for s in history["stages"]}
     assert all(s["status"] == "succeeded" for s in stages.values()) and stages["mamba"]["attempts"] == 1
     data = Path(stages["data"]["outputs"]["mark_data"])

@@ -25,6 +25,10 @@ MODULES = [
     "palaestra.rewards.planner",
     "palaestra.models.value_head",
     "tests.recipes.rewards",
+    "palaestra.rewards",
+    "palaestra.cli",
+    "palaestra.classification.metrics",
+    "palaestra.models.shapes",
 ]
 
 

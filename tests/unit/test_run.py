@@ -95,16 +95,16 @@ class _Clock:
         return self.now
 
 
-def _train(tmp_path, *, steps=6, evals=None, clock=None, **train_changes):
+def _train(tmp_path, *, steps=6, evals=None, clock=None, method="toy", identity=None, **train_changes):
     """A Linear model trained by a loop shaped like a recipe's; eval figures from ``evals`` (step -> value)."""
-    train = replace(TrainConfig(), output_dir=str(tmp_path / "run"), resume="auto", save_interval=0, keep_last_n=0,
-                    **train_changes)
+    train = replace(TrainConfig(), **{"output_dir": str(tmp_path / "run"), "resume": "auto", "save_interval": 0,
+                                      "keep_last_n": 0, **train_changes})
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     clock = clock or _Clock()
-    run = Run(train, method="toy", runs_root=tmp_path / "runs", total_steps=steps, best=("score", "max"),
-              state={"data_position": 0}, progress=("loss",), clock=clock)
+    run = Run(train, method=method, runs_root=tmp_path / "runs", total_steps=steps, best=("score", "max"),
+              state={"data_position": 0}, progress=("loss",), identity=identity or {"model": "linear-3"}, clock=clock)
     run.resume(model=model, optimizer=optimizer)
     with run:
         for step in run.steps():
@@ -190,3 +190,76 @@ def test_a_step_must_be_logged(tmp_path):
         with run:
             for _ in run.steps():
                 pass
+
+
+def test_one_run_per_folder_and_a_killed_holder_leaves_no_lock(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from palaestra.recipes.common import lock_run_folder
+
+    held = lock_run_folder(tmp_path)
+    with pytest.raises(ConfigError, match=rf"run folder {tmp_path} is in use by process \d+; wait for that run to end"):
+        lock_run_folder(tmp_path)
+    held.close()
+    lock_run_folder(tmp_path).close()  # let go: free again
+
+    # a holder killed with SIGKILL (no cleanup at all) does not keep the folder
+    code = ("import sys, time; from palaestra.recipes.common import lock_run_folder; h = lock_run_folder(sys.argv[1]); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ConfigError, match=f"in use by process {holder.pid}"):
+        lock_run_folder(tmp_path)
+    holder.kill()
+    holder.wait(timeout=10)
+    time.sleep(0.1)
+    lock_run_folder(tmp_path).close()
+
+
+def test_a_checkpoint_of_another_method_or_model_is_refused_by_name(tmp_path):
+    _train(tmp_path, steps=4, save_interval=2)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert state["identity"] == {"method": "toy", "model": "linear-3"}
+    more = dict(steps=6, save_interval=2)
+    with pytest.raises(ConfigError, match=r"belongs to another run \(method 'toy' there, 'sft' here\); resume it with"):
+        _train(tmp_path, method="sft", **more)
+    with pytest.raises(ConfigError, match="model 'linear-3' there, 'linear-4' here"):
+        _train(tmp_path, identity={"model": "linear-4"}, **more)
+    run, summary, _ = _train(tmp_path, **more)  # the same settings go on
+    assert summary["finished"] and run.resume_from.name == "step-000004"
+
+
+def test_resuming_a_checkpoint_keeps_its_own_run_folder(tmp_path):
+    from palaestra.recipes.common import resolve_run_dir
+
+    _train(tmp_path, steps=2, save_interval=2)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
+    train = replace(TrainConfig(), resume=str(checkpoint), output_dir=str(tmp_path / "elsewhere"))
+    with pytest.raises(ConfigError, match=f"goes on in its own run folder {tmp_path / 'run'}, not train.output_dir="):
+        resolve_run_dir(train, tmp_path / "runs")
+    assert resolve_run_dir(replace(train, output_dir=None), tmp_path / "runs") == (tmp_path / "run", checkpoint)
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "empty optimizer", "broken state"])
+def test_a_corrupt_checkpoint_is_named_and_auto_resume_takes_the_one_before(tmp_path, damage):
+    _train(tmp_path, steps=4, save_interval=2)
+    latest = tmp_path / "run" / "checkpoints" / "step-000004"
+    file = {"truncated weights": "trainable.safetensors", "empty optimizer": "optimizer.pt",
+            "broken state": "trainer_state.json"}[damage]
+    (latest / file).write_bytes((latest / file).read_bytes()[:10] if damage != "empty optimizer" else b"")
+    run, summary, _ = _train(tmp_path, steps=6, save_interval=2)  # resume=auto: a warning, then step 2's checkpoint
+    assert run.resume_from.name == "step-000002" and summary["finished"]
+    records = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records == [1, 2, 3, 4, 3, 4, 5, 6]  # steps 3 and 4 trained again from step 2
+
+    from palaestra import checkpoint as ckpt
+
+    (latest / file).write_bytes(b"")  # a chosen checkpoint has no fallback: one line naming the file
+    model = torch.nn.Linear(3, 1)
+    run = Run(replace(TrainConfig(), resume=str(latest)), method="toy", runs_root=tmp_path, total_steps=6,
+              best=("score", "max"), identity={"model": "linear-3"})
+    with pytest.raises(ConfigError, match=rf"checkpoint file {latest / file} is corrupt \(.*\); resume from another"):
+        run.resume(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert issubclass(ckpt.CorruptCheckpoint, ValueError)

@@ -1,0 +1,175 @@
+"""Run many policy-written workflows at once, isolated, each with its own budget and timeout.
+
+:meth:`WorkflowRunner.run` takes a step's completions and problems, validates each workflow
+(:mod:`palaestra.workflows.validator`), and runs them all concurrently in one asyncio loop, so that
+their executor calls are batched (:class:`palaestra.workflows.executor.Executor`).
+
+Isolation: the validated code is executed with restricted globals, whose builtins are only
+:data:`~palaestra.workflows.validator.SAFE_BUILTINS` and whose names are only the operators bound to
+this run; the validator has already ruled out imports, dunders and attribute access, so the code
+can reach nothing else. Model-written *solution* code (Programmer, Test, the code reward) never runs
+here: it goes to :func:`palaestra.sandbox.run_python`.
+
+A workflow that raises, times out, exceeds its budget or returns nothing has a runtime error and
+no answer. Code that never awaits (``while True: pass``) cannot be stopped by an asyncio timeout and
+would stall every other workflow, so the workflow's own code also has a budget of
+:data:`MAX_LINES` executed lines: a trace hook counts the lines of workflow code (and only those:
+other frames are not traced, and the executor's model runs with tracing off), and ``range`` is capped
+at :data:`MAX_RANGE` items. A single huge C-level operation (``10 ** 10 ** 9``) cannot be interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import sys
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from palaestra.workflows.executor import BudgetExceeded, Executor
+from palaestra.workflows.operators import Problem, bind_operators
+from palaestra.workflows.validator import SAFE_BUILTINS, ValidationResult, validate_workflow
+
+__all__ = ["MAX_RANGE", "WorkflowOutcome", "WorkflowRunner", "answer_text"]
+
+MAX_RANGE = 10_000
+"""The most items a workflow's ``range`` may have."""
+MAX_LINES = 100_000
+"""The most lines of its own code a workflow may execute (operators' work not counted)."""
+_FILENAME = "<workflow>"
+_LINES_LEFT: ContextVar[list] = ContextVar("workflow_lines_left")
+
+
+@dataclass
+class WorkflowOutcome:
+    """What running one completion's workflow gave."""
+
+    answer: str
+    """The workflow's answer as text ("" after a runtime error)."""
+    validation: ValidationResult
+    runtime_error: str = ""
+    """Why the run failed ("" when it returned an answer)."""
+    calls: int = 0
+    """Executor calls the workflow made (cache hits included)."""
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def credited(self) -> bool:
+        """The answer is the policy's own: its workflow (maybe repaired) ran to the end."""
+        return not self.validation.fallback and not self.runtime_error
+
+    @property
+    def kind(self) -> str:
+        """One word for the eval shares: parse_failure, validation_failure, runtime_error, repaired or clean."""
+        v = self.validation
+        if v.parse_failed:
+            return "parse_failure"
+        if v.fallback:
+            return "validation_failure"
+        if self.runtime_error:
+            return "runtime_error"
+        return "repaired" if v.repaired else "clean"
+
+
+def answer_text(value) -> str:
+    """A workflow's return value as text: AFlow's ``(answer, cost)`` keeps the answer, an operator's dict its
+    answer/response/solution/output field.
+
+    >>> answer_text(("42", 0.01)), answer_text({"response": "Paris"}), answer_text(None)
+    ('42', 'Paris', '')
+    """
+    if isinstance(value, tuple) and value:
+        value = value[0]
+    if isinstance(value, dict):
+        for key in ("answer", "response", "solution", "output", "code"):
+            if key in value:
+                value = value[key]
+                break
+    return "" if value is None else str(value)
+
+
+class WorkflowRunner:
+    """Validates and runs workflows on an :class:`Executor`, with a per-workflow budget and timeout."""
+
+    def __init__(self, executor: Executor, *, max_calls: int = 8, max_tokens: int = 4096, timeout_s: float = 60.0,
+                 sandbox_seconds: float = 5.0, max_lines: int = MAX_LINES):
+        self.executor = executor
+        self.max_lines = max_lines
+        self.max_calls, self.max_tokens = max_calls, max_tokens
+        self.timeout_s, self.sandbox_seconds = timeout_s, sandbox_seconds
+
+    def run(self, completions: list[str], problems: list[Problem]) -> list[WorkflowOutcome]:
+        """Outcomes of ``completions[i]`` run on ``problems[i]``, all concurrently (one asyncio loop)."""
+        if len(completions) != len(problems):
+            raise ValueError(f"{len(completions)} completions for {len(problems)} problems")
+        validations = [validate_workflow(text, problem.domain) for text, problem in zip(completions, problems)]
+        previous = sys.gettrace()
+        sys.settrace(_trace_calls)
+        try:
+            return asyncio.run(self._run_all(validations, problems))
+        finally:
+            sys.settrace(previous)
+
+    async def _run_all(self, validations: list[ValidationResult], problems: list[Problem]) -> list[WorkflowOutcome]:
+        self.executor.reset_loop()
+        return list(await asyncio.gather(*(self._run_one(v, p) for v, p in zip(validations, problems))))
+
+    async def _run_one(self, validation: ValidationResult, problem: Problem) -> WorkflowOutcome:
+        client = self.executor.client(max_calls=self.max_calls, max_tokens=self.max_tokens)
+        start = time.monotonic()
+        _LINES_LEFT.set([self.max_lines])  # this task's own context: other workflows keep theirs
+        answer, error = "", ""
+        try:
+            workflow = _instantiate(validation.code, bind_operators(client, problem, sandbox_seconds=self.sandbox_seconds))
+            answer = answer_text(await asyncio.wait_for(workflow(problem.question), self.timeout_s))
+            if not answer.strip():
+                error = "returned no answer"
+        except asyncio.TimeoutError:
+            error = f"timed out after {self.timeout_s:g} s"
+        except WorkflowTimeout as exc:
+            error = str(exc)
+        except BudgetExceeded as exc:
+            error = f"budget: {exc}"
+        except Exception as exc:  # noqa: BLE001 - anything the policy's code does wrong is its runtime error
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+        return WorkflowOutcome(answer if not error else "", validation, error, client.calls, client.tokens,
+                               time.monotonic() - start)
+
+
+class WorkflowTimeout(Exception):
+    """Raised inside workflow code that runs more than its budget of lines."""
+
+
+def _trace_calls(frame, event, arg):
+    """The global trace hook while workflows run: trace lines of workflow code only."""
+    return _trace_lines if frame.f_code.co_filename == _FILENAME else None
+
+
+def _trace_lines(frame, event, arg):
+    if event == "line":
+        left = _LINES_LEFT.get(None)
+        if left is not None:
+            left[0] -= 1
+            if left[0] < 0:
+                raise WorkflowTimeout("ran more than its budget of lines of its own code")
+    return _trace_lines
+
+
+def _bounded_range(*args):
+    """``range`` with at most :data:`MAX_RANGE` items."""
+    values = range(*args)
+    if len(values) > MAX_RANGE:
+        raise ValueError(f"range of {len(values)} items; workflows may use at most {MAX_RANGE}")
+    return values
+
+
+def _instantiate(code: str, operators: dict):
+    """Execute validated workflow code with the operators and safe builtins only; return a Workflow()."""
+    allowed = {name: getattr(builtins, name) for name in SAFE_BUILTINS}
+    allowed["range"] = _bounded_range
+    allowed["__build_class__"] = builtins.__build_class__  # what a class statement calls
+    namespace = {"__builtins__": allowed, "__name__": "workflow", **operators}
+    exec(compile(code, _FILENAME, "exec"), namespace)  # noqa: S102 - validated code, restricted globals
+    return namespace["Workflow"]()
