@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides = [arg for arg in rest if not arg.startswith("-")]
         run_command = lambda config: _pipeline(config, pipeline_name, overrides, stage_overrides)  # noqa: E731
 
+    from palaestra.rewards import RewardFailed
+
     def task_function(cfg: DictConfig) -> None:
         logging.getLogger("palaestra").setLevel(logging.INFO)
         try:
@@ -217,6 +219,12 @@ def main(argv: list[str] | None = None) -> None:
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             print(f"palaestra: error: {message}", file=sys.stderr)
             raise SystemExit(2) from None
+        except RewardFailed as failure:  # a bug in a user's reward: their traceback, under one line naming it
+            import traceback
+
+            print(f"palaestra: error: {failure}", file=sys.stderr)
+            traceback.print_exception(failure.__cause__, file=sys.stderr)
+            raise SystemExit(1) from None
         if code:
             raise SystemExit(code)
 

@@ -8,7 +8,6 @@ import path, ``"my_package.my_module:my_reward"``.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 
@@ -57,6 +56,7 @@ __all__ = [
     "RewardFunction",
     "answer_format_reward",
     "RewardError",
+    "RewardFailed",
     "checked_rewards",
     "combine_rewards",
     "correctness_reward",
@@ -111,13 +111,16 @@ def combine_rewards(
     for name, weight in weights.items():
         try:
             returned = list(resolve_reward(name)(completions, **columns))
-        except Exception:
-            # user code: its own traceback follows, headed by the reward's name
-            logging.getLogger("palaestra").error("reward %r raised on a batch of %d completions:", name, len(completions))
-            raise
+        except Exception as error:  # user code: the command shows its traceback under this line
+            raise RewardFailed(f"reward {name!r} raised on a batch of {len(completions)} completions "
+                               f"({type(error).__name__}); its traceback:") from error
         components[name] = checked_rewards(name, returned, completions)
         total = [running + weight * value for running, value in zip(total, components[name])]
     return total, components
+
+
+class RewardFailed(RuntimeError):
+    """A reward function raised; the exception it raised is ``__cause__`` (the command prints its traceback)."""
 
 
 class RewardError(ValueError):

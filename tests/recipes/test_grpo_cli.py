@@ -287,5 +287,5 @@ def test_a_reward_that_raises_shows_its_own_traceback_under_its_name(tmp_path):
             "train.output_dir=run"]
     result = run_cli(["train", *args], tmp_path)
     assert result.returncode != 0
-    assert "reward 'tests.recipes.rewards:raising' raised on a batch of 8 completions:" in result.stderr
+    assert "palaestra: error: reward 'tests.recipes.rewards:raising' raised on a batch of 8 completions (KeyError); its traceback:" in result.stderr
     assert "KeyError: 'answer_column_missing'" in result.stderr and "tests/recipes/rewards.py" in result.stderr
