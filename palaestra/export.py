@@ -38,6 +38,15 @@ def export_policy(model, tokenizer, output_dir: Path, *, merge: bool = True) -> 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def save_tokenizer(tokenizer, folder: str | Path) -> Path:
+    """Write the tokenizer folder atomically (a temp sibling renamed into place); return it."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(str(tmp))
+    return _into_place(tmp, folder)
+
+
 def _into_place(tmp: Path, target: Path) -> Path:
     if target.exists():
         shutil.rmtree(target)

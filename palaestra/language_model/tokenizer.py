@@ -12,9 +12,9 @@ chunks of ``max_length`` tokens (the last, shorter one is kept when it has a tok
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
+
+from palaestra.export import save_tokenizer  # the atomic tokenizer writer every export uses
 
 __all__ = ["END", "PAD", "SPECIAL_TOKENS", "chunk", "load_tokenizer", "save_tokenizer", "token_stream", "train_tokenizer"]
 
@@ -41,18 +41,6 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_length: int):
     bpe.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=END, eos_token=END, pad_token=PAD,
                                    model_max_length=max_length)
-
-
-def save_tokenizer(tokenizer, folder: str | Path) -> Path:
-    """Write the tokenizer folder atomically (a temp sibling renamed into place); return it."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(str(tmp))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
 
 
 def load_tokenizer(folder: str | Path):

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from palaestra import checkpoint as ckpt
 from palaestra.classification.data import load_classification_data, topic_classification_set
 from palaestra.classification.metrics import classification_figures, confusion, plot_confusion
 from palaestra.classification.model import encode_batches, load_classifier
@@ -122,9 +121,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
     # ---- the best epoch's weights: test figures, confusion matrix, export
     if run.finished:
-        best = run.run_dir / "checkpoints" / "best"
-        if train_cfg.save_best and (best / "trainer_state.json").is_file():
-            ckpt.load_checkpoint(best, model=model, restore_rng=False)
+        if run.load_best(model):
             log.info("the best epoch's weights (%s %.4f)", run.best_metric, run.state["best_metric"])
         figures, predicted = evaluate(model, held_out, **measure)
         results["after"] = results["figures"] = figures

@@ -31,7 +31,6 @@ import math
 import random
 from pathlib import Path
 
-from palaestra import checkpoint as ckpt
 from palaestra.config import PalaestraConfig
 from palaestra.export import export_policy
 from palaestra.language_model.corpus import read_corpus, split_documents
@@ -154,9 +153,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
     # ---- the best epoch's weights with the tokenizer, exported; perplexity before and after
     if run.finished:
-        best = run.run_dir / "checkpoints" / "best"
-        if train_cfg.save_best and (best / "trainer_state.json").is_file():
-            ckpt.load_checkpoint(best, model=model, restore_rng=False)
+        if run.load_best(model):
             log.info("the best epoch's weights (held-out loss %.4f)", state["best_metric"])
             results["after"] = {"val_loss": state["best_metric"], "perplexity": perplexity(state["best_metric"])}
         else:  # the last step always evaluates: the exported weights' figures

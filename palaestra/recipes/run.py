@@ -407,6 +407,15 @@ class Run:
         """The run reached its last step or stopped early (a resumed invocation has nothing left to do)."""
         return self.step >= self.total_steps or bool(self.state["early_stopped"])
 
+    def load_best(self, model) -> bool:
+        """Put the weights of the best evaluation (``checkpoints/best``) on ``model`` when the run kept them
+        (``train.save_best``); True when it did."""
+        best = self.run_dir / "checkpoints" / "best"
+        if not (self.train.save_best and (best / "trainer_state.json").is_file()):
+            return False
+        ckpt.load_checkpoint(best, model=model, restore_rng=False)
+        return True
+
     @property
     def stopped_by_signal(self) -> bool:
         return self._stop is not None and self._stop.requested

@@ -28,14 +28,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import shutil
 from pathlib import Path
 
 import torch
 
-from palaestra import checkpoint as ckpt
 from palaestra.config import ConfigError, PalaestraConfig
 from palaestra.data.chat import (
     Batch,
@@ -46,7 +43,7 @@ from palaestra.data.chat import (
     summed_token_loss,
     tokenize_conversation,
 )
-from palaestra.export import export_policy
+from palaestra.export import export_policy, save_tokenizer
 from palaestra.models import model_id
 from palaestra.models.precision import autocast
 from palaestra.recipes.common import (
@@ -159,9 +156,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
     # ---- the best weights, exported; artifacts, registry, cleanup
     if run.finished:
-        best = run.run_dir / "checkpoints" / "best"
-        if train_cfg.save_best and (best / "trainer_state.json").is_file():
-            ckpt.load_checkpoint(best, model=model, restore_rng=False)
+        if run.load_best(model):
             log.info("exporting the best epoch's weights (val_loss %.4f)", state["best_metric"])
         if state["best_metric"] is not None:
             results["after"] = {"val_loss": state["best_metric"]}
@@ -169,7 +164,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         if config.model.lora.enabled:
             model = model.float()  # merge the adapter in fp32: bf16 base weights would round most of a small update away
         export_policy(model, tokenizer, model_dir, merge=True)
-        _save_tokenizer(tokenizer, tokenizer_dir)
+        save_tokenizer(tokenizer, tokenizer_dir)
         results["outputs"] = {"model_dir": str(model_dir), "tokenizer_dir": str(tokenizer_dir)}
         log.info("model written to %s", model_dir)
         if tracker:
@@ -255,16 +250,6 @@ def _epoch_order(count: int, seed: int, epoch: int) -> list[int]:
     order = list(range(count))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order
-
-
-def _save_tokenizer(tokenizer, folder: Path) -> None:
-    """Write the tokenizer folder atomically (a temp sibling renamed into place)."""
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(str(tmp))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
 
 
 def _policy_id(config: PalaestraConfig) -> str:
