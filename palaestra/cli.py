@@ -158,12 +158,15 @@ PIPELINES = ("rlhf", "full", "mark")
 _USER_ERRORS = (ConfigError, FileNotFoundError)
 
 
-def _user_error_types() -> tuple:
-    from palaestra.checkpoint import CorruptCheckpoint
-    from palaestra.models import ModelLoadError
-    from palaestra.rewards import RewardError
+_LATER_USER_ERRORS = (("palaestra.models.loading", "ModelLoadError"), ("palaestra.rewards", "RewardError"),
+                      ("palaestra.checkpoint", "CorruptCheckpoint"))
+"""More user mistakes, by the module that defines them: only a module already imported can have raised one,
+so a config mistake is reported without importing torch (those modules import it)."""
 
-    return _USER_ERRORS + (ModelLoadError, RewardError, CorruptCheckpoint)
+
+def _user_error_types() -> tuple:
+    later = tuple(getattr(sys.modules[module], name) for module, name in _LATER_USER_ERRORS if module in sys.modules)
+    return _USER_ERRORS + later
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -703,9 +703,13 @@ LR_SCHEDULES = ("cosine", "constant")
 ROLLOUTS = ("tree", "no_tree")
 TRACKING_PARAMS = ("config", "contract")
 DEVICES = ("auto", "cpu", "cuda")
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "auto")
+"""model.dtype's values (models.loading maps them to torch dtypes)."""
+PRECISIONS = ("auto", "bf16", "fp32")
+"""model.precision's values (models.precision); here so that checking them imports no torch."""
 # The other allowed-value lists live beside the code that uses them and are imported where checked:
 # loss types and reward scalings (algorithms.grpo), DPO losses (algorithms.preference), group filters
-# (algorithms.at_grpo), precisions (models.precision), dtypes (models.loading), policy modes (models.policies).
+# (algorithms.at_grpo), policy modes (models.policies).
 
 
 def to_config(cfg: DictConfig | dict, *, check_values: bool = True) -> PalaestraConfig:
@@ -758,10 +762,7 @@ def validate(config: PalaestraConfig) -> None:
     model, task, algo, train, ev = config.model, config.task, config.algo, config.train, config.eval
     _one_of("model.name", model.name, MODEL_NAMES)
     _check(model.name != "hf" or bool(model.path), "model.name=hf needs model.path=<local folder or hub id>")
-    from palaestra.models.loading import DTYPES
-    from palaestra.models.precision import PRECISIONS
-
-    _one_of("model.dtype", model.dtype, DTYPES)
+    _one_of("model.dtype", model.dtype, WEIGHT_DTYPES)
     _one_of("model.precision", model.precision, PRECISIONS)
     _check(model.lora.r > 0, f"model.lora.r={model.lora.r} must be a positive rank")
     _check(0 <= model.lora.dropout < 1, f"model.lora.dropout={model.lora.dropout} must be in [0, 1)")
@@ -911,12 +912,10 @@ def validate_serve(config: PalaestraConfig) -> None:
     """palaestra serve reads the model, serve and tracking sections only: check those (cheap, no model loads)."""
     from pathlib import Path
 
-    from palaestra.models.loading import DTYPES
-
     model, serve = config.model, config.serve
     _one_of("model.name", model.name, MODEL_NAMES)
     _check(model.name != "hf" or bool(model.path), "model.name=hf needs model.path=<local folder or hub id>")
-    _one_of("model.dtype", model.dtype, DTYPES)
+    _one_of("model.dtype", model.dtype, WEIGHT_DTYPES)
     _check(0 <= serve.port <= 65535, f"serve.port={serve.port} must be in [0, 65535]")
     _check(serve.max_batch_size >= 1, f"serve.max_batch_size={serve.max_batch_size} must be >= 1")
     _check(serve.batch_window_ms >= 0, f"serve.batch_window_ms={serve.batch_window_ms} must be >= 0")

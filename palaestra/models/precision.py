@@ -13,7 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
-PRECISIONS = ("auto", "bf16", "fp32")
+from palaestra.config import PRECISIONS  # one list, checked by config without importing torch
 
 
 def bf16_is_fast(device: str) -> bool:

@@ -67,3 +67,28 @@ def test_bad_input_gives_one_line_error(overrides, expected):
     message = str(caught.value)
     assert expected in message
     assert "\n" not in message
+
+
+def test_the_value_lists_config_checks_without_torch_match_the_code():
+    from palaestra.config import PRECISIONS, WEIGHT_DTYPES
+    from palaestra.models.loading import DTYPES
+    from palaestra.models.precision import resolve_precision
+
+    assert tuple(DTYPES) == WEIGHT_DTYPES
+    assert {resolve_precision(p, "cpu") for p in PRECISIONS} <= {"bf16", "fp32"}
+
+
+def test_a_config_mistake_is_reported_before_torch_is_imported(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import sys\nfrom palaestra.cli import main\ntry:\n    main(['train', '--target=classifier', 'algo.epochs=0'])\n"
+            "except SystemExit as exit:\n    assert exit.code == 2, exit.code\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)\n"
+            "print('imported:', heavy)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert "algo.epochs=0 must be positive" in result.stderr
+    assert "imported: []" in result.stdout, result.stdout + result.stderr[-2000:]
