@@ -16,10 +16,11 @@ decide the pass rate. Every program runs in :func:`palaestra.sandbox.run_python`
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from pathlib import Path
 
+from palaestra.config import ConfigError
+from palaestra.data.jsonl import read_jsonl
 from palaestra.tasks.base import Example, Task
 
 __all__ = ["build_code_task", "code_pass_rate", "extract_code", "load_function_problems", "shipped_code_examples"]
@@ -92,37 +93,32 @@ def load_function_problems(path: str | Path) -> list[Example]:
     JSONL (``text`` or ``prompt``, ``test_list``, and ``entry_point`` or the name called by the first test).
 
     APPS / CodeContests stdin/stdout files are read by :func:`palaestra.envs.code_env.load_code_problems`.
-    A line that cannot be read raises ``ValueError("path:line: why")``.
+    A line that cannot be read is a one-line ConfigError naming the file, the line and what is wrong.
     """
     examples = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if "test_list" in record:  # MBPP
-                    asserts = [str(test) for test in record["test_list"]]
-                    entry = record.get("entry_point") or asserts[0].split("assert", 1)[-1].strip().split("(")[0].strip()
-                    question = f"{record.get('text') or record['prompt']}\nWrite a Python function `{entry}`."
-                    public = 1
-                else:  # HumanEval: the prompt is the signature and docstring; check(candidate) is one test
-                    entry = record["entry_point"]
-                    question = f"Complete this Python function:\n{record['prompt']}"
-                    asserts = [f"{record['test']}\ncheck({entry})"]
-                    public = 1
-            except (KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
-                raise ValueError(f"{path}:{number}: {error}") from None
-            meta = {"entry_point": entry, "asserts": asserts, "public": public, "name": record.get("task_id", f"line {number}")}
-            examples.append(Example(question=question, answer="", meta=meta))
+    for where, record in read_jsonl(path, "code problems"):
+        try:
+            if "test_list" in record:  # MBPP
+                asserts = [str(test) for test in record["test_list"]]
+                entry = record.get("entry_point") or asserts[0].split("assert", 1)[-1].strip().split("(")[0].strip()
+                question = f"{record.get('text') or record['prompt']}\nWrite a Python function `{entry}`."
+            else:  # HumanEval: the prompt is the signature and docstring; check(candidate) is one test
+                entry = record["entry_point"]
+                question = f"Complete this Python function:\n{record['prompt']}"
+                asserts = [f"{record['test']}\ncheck({entry})"]
+        except KeyError as error:
+            raise ConfigError(f"{where}: no {error} field; a HumanEval line needs prompt, test and entry_point, an MBPP "
+                              "line text (or prompt) and test_list") from None
+        except (TypeError, AttributeError, IndexError) as error:
+            raise ConfigError(f"{where}: not a HumanEval or MBPP problem ({error})") from None
+        meta = {"entry_point": entry, "asserts": asserts, "public": 1, "name": record.get("task_id", where)}
+        examples.append(Example(question=question, answer="", meta=meta))
     return examples
 
 
 def _is_function_file(path: str | Path) -> bool:
-    with open(path, encoding="utf-8") as handle:
-        first = next((line for line in handle if line.strip()), "{}")
-    record = json.loads(first)
-    return isinstance(record, dict) and ("test_list" in record or "entry_point" in record)
+    _, first = next(read_jsonl(path, "code problems"), ("", {}))
+    return "test_list" in first or "entry_point" in first
 
 
 def build_code_task(path: str | None, *, train_size: int | None, test_size: int, seed: int, instruction: str,

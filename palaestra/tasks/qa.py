@@ -11,11 +11,12 @@ an install without the ``datasets/`` folder. Any SQuAD-format JSONL (``context``
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 from pathlib import Path
 
+from palaestra.config import ConfigError
+from palaestra.data.jsonl import read_jsonl, write_jsonl
 from palaestra.tasks.base import Example, Task
 
 __all__ = ["QUESTIONS", "build_qa_task", "load_qa", "write_python_docs_qa"]
@@ -88,32 +89,24 @@ def write_python_docs_qa(folder: Path) -> Path:
             continue
         rows.append({"id": f"pydoc-{number:02d}-{topic}", "title": topic, "context": passage, "question": question,
                      "answers": [answer]})
-    path = folder / "questions.jsonl"
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    return path
+    return write_jsonl(folder / "questions.jsonl", rows)  # atomically: a reader never sees half the set
 
 
 def load_qa(path: str | Path) -> list[Example]:
     """Examples from a SQuAD-format JSONL file: the question shows the passage, the answer is the first span.
 
-    ``meta["answers"]`` keeps every accepted span. A bad line raises ``ValueError("path:line: why")``.
+    ``meta["answers"]`` keeps every accepted span. A bad line is a one-line ConfigError naming the file and line.
     """
     examples = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                answers = record["answers"]
-                answers = answers["text"] if isinstance(answers, dict) else answers
-                if not answers or not all(isinstance(a, str) for a in answers):
-                    raise ValueError("'answers' needs at least one string")
-                question = f"Passage: {record['context']}\n\nQuestion: {record['question']}"
-            except (KeyError, TypeError, ValueError) as error:
-                raise ValueError(f"{path}:{number}: {error}") from None
-            examples.append(Example(question=question, answer=answers[0], meta={"answers": list(answers)}))
+    for where, record in read_jsonl(path, "QA"):
+        answers = record.get("answers")
+        answers = answers.get("text") if isinstance(answers, dict) else answers
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            raise ConfigError(f"{where}: 'answers' needs at least one answer string (a list, or SQuAD's {{\"text\": [...]}})")
+        if not isinstance(record.get("context"), str) or not isinstance(record.get("question"), str):
+            raise ConfigError(f"{where}: a QA line needs 'context' and 'question' strings")
+        question = f"Passage: {record['context']}\n\nQuestion: {record['question']}"
+        examples.append(Example(question=question, answer=answers[0], meta={"answers": list(answers)}))
     return examples
 
 
