@@ -101,9 +101,10 @@ def majority(solutions: list[str]) -> str:
     return next(str(s) for s in solutions if counts[key(s)] == best)
 
 
-def bind_operators(client: ExecutorClient, context: Problem, *, sandbox_seconds: float = 5.0) -> dict:
+def bind_operators(client: ExecutorClient, context: Problem, *, sandbox_seconds: float = 5.0, repair_rounds: int = 3) -> dict:
     """The operators of one workflow run, as async callables bound to its executor client and problem
-    (``context``: the operators' own ``problem`` argument is the text the workflow passes)."""
+    (``context``: the operators' own ``problem`` argument is the text the workflow passes); ``Test``
+    repairs a failing program up to ``repair_rounds`` times."""
     has_tests = bool(context.meta.get("tests") or context.meta.get("asserts"))
 
     async def ask(prompt: str) -> str:
@@ -129,20 +130,25 @@ def bind_operators(client: ExecutorClient, context: Problem, *, sandbox_seconds:
 
     async def Test(problem, solution, entry_point=None):  # noqa: N802
         # entry_point is accepted as AFlow writes it; the problem's own tests (and entry point) decide.
-        # One round of repair: a failing solution is sent back with its first failure, the better one kept.
+        # Up to `repair_rounds` rounds of repair, as AFlow's Test: each round sends the latest program back
+        # with its first failure; the best program seen is what Test returns.
         if not has_tests:
             return {"result": False, "solution": solution, "feedback": "this problem has no tests"}
-        rate, failure = await asyncio.to_thread(code_pass_rate, str(solution), context.meta, public_only=True,
+        best = attempt = extract_code(str(solution)) or str(solution)
+        rate, failure = await asyncio.to_thread(code_pass_rate, best, context.meta, public_only=True,
                                                 wall_seconds=sandbox_seconds)
-        if rate >= 1.0:
-            return {"result": True, "solution": solution, "feedback": ""}
-        fixed = extract_code(await ask(f"{problem}\n\nThis solution fails a test ({failure}):\n```python\n"
-                                       f"{extract_code(str(solution))}\n```\nReply with the corrected program in one ```python block."))
-        new_rate, new_failure = await asyncio.to_thread(code_pass_rate, fixed, context.meta, public_only=True,
-                                                        wall_seconds=sandbox_seconds)
-        if new_rate > rate:
-            return {"result": new_rate >= 1.0, "solution": fixed, "feedback": new_failure}
-        return {"result": False, "solution": solution, "feedback": failure}
+        best_rate, attempt_failure, repaired = rate, failure, False
+        for _ in range(repair_rounds):
+            if best_rate >= 1.0:
+                break
+            attempt = extract_code(await ask(f"{problem}\n\nThis solution fails a test ({attempt_failure}):\n```python\n"
+                                             f"{attempt}\n```\nReply with the corrected program in one ```python block."))
+            attempt_rate, attempt_failure = await asyncio.to_thread(code_pass_rate, attempt, context.meta, public_only=True,
+                                                                    wall_seconds=sandbox_seconds)
+            if attempt_rate > best_rate:
+                best, best_rate, failure, repaired = attempt, attempt_rate, attempt_failure, True
+        return {"result": best_rate >= 1.0, "solution": best if repaired else solution,
+                "feedback": "" if best_rate >= 1.0 else failure}
 
     async def Review(problem, solution):  # noqa: N802
         text = await ask(f"Problem: {problem}\n\nProposed solution: {solution}\n\nIs the solution correct? "

@@ -253,3 +253,24 @@ def test_other_spellings_of_operators_and_a_misnamed_single_argument_are_repaire
     assert result.operators == {"AnswerGenerate", "ScEnsemble"} and "AnswerGenerate(input=problem)" in result.code
     # an operator with two arguments is not guessed at
     assert validate_workflow(workflow("r = await Review(question=problem, answer='4')", "return r"), "math").fallback
+
+
+def test_test_operator_repairs_for_up_to_three_rounds_and_keeps_the_best_program():
+    meta = {"tests": [["3 4\n", "7"], ["1 1\n", "2"], ["5 5\n", "10"]], "public": 2}
+    problem = Problem("Read two integers, print the sum.", "code", meta)
+    product = "a, b = map(int, input().split())\nprint(a * b)"   # passes neither public test (12, 1)
+    attempts = iter([
+        "```python\na, b = map(int, input().split())\nprint(a - b)\n```",     # round 1: still 0 of 2
+        "```python\na, b = map(int, input().split())\nprint(2 * a)\n```",     # round 2: "1 1" -> 2: 1 of 2
+        "```python\na, b = map(int, input().split())\nprint(a + b)\n```",     # round 3: 2 of 2
+    ])
+    backend = ScriptedBackend({"fails a test": lambda prompt: next(attempts)})
+    out = _call("Test", problem, backend, problem=problem.question, solution=product)
+    assert out["result"] is True and out["solution"].endswith("print(a + b)") and out["feedback"] == ""
+    assert len(backend.seen) == 3
+    # each round sends the latest attempt back, not the first program
+    assert "print(a - b)" in backend.seen[1].messages[-1][1] and "print(2 * a)" in backend.seen[2].messages[-1][1]
+
+    stuck = ScriptedBackend(default=f"```python\n{product}\n```")
+    out = _call("Test", problem, stuck, problem=problem.question, solution=product)
+    assert out["result"] is False and out["solution"] == product and out["feedback"]
