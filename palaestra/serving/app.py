@@ -407,23 +407,21 @@ async def _events(job: GenerationJob, events: asyncio.Queue):
             job.cancel()  # the client went away (the response was closed) or the job failed
 
 
-async def _chat_stream(job, events, meta, include_usage, wants_logprobs, prompts, metrics, started):
-    base = {**meta, "object": "chat.completion.chunk", **({"usage": None} if include_usage else {})}
-
-    def chunk(index, delta, finish=None, logprobs=None):
-        return _data({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
-
-    for index in range(job.choices):
-        yield chunk(index, {"role": "assistant", "content": ""})
+async def _stream(job, events, meta, include_usage, prompts, metrics, started, *, kind: str, choice, opening=()):
+    """Server-sent events of a streamed job: ``opening`` choices first, then a chunk per piece of text
+    and one per finished choice (``choice(index, text, token_logprobs, finish_reason)`` shapes them as the
+    endpoint does), the usage when asked, and ``[DONE]``."""
+    base = {**meta, "object": kind, **({"usage": None} if include_usage else {})}
+    for opened in opening:
+        yield _data({**base, "choices": [opened]})
     result = [["", None, 0, []] for _ in range(job.choices)]
     async for event in _events(job, events):
         if isinstance(event, Delta) and (event.text or event.logprobs):
-            logprobs = {"content": [_chat_logprob(t) for t in event.logprobs], "refusal": None} if wants_logprobs else None
             result[event.index][3] += event.logprobs
-            yield chunk(event.index, {"content": event.text}, logprobs=logprobs)
+            yield _data({**base, "choices": [choice(event.index, event.text, event.logprobs, None)]})
         elif isinstance(event, Finished):
             result[event.index][1:3] = [event.reason, event.completion_tokens]
-            yield chunk(event.index, {}, finish=event.reason)
+            yield _data({**base, "choices": [choice(event.index, "", [], event.reason)]})
         elif isinstance(event, Failed):
             yield _data(error_body(event.message, "server_error"))
             return
@@ -433,22 +431,23 @@ async def _chat_stream(job, events, meta, include_usage, wants_logprobs, prompts
     yield "data: [DONE]\n\n"
 
 
-async def _completion_stream(job, events, meta, include_usage, wants_logprobs, prompts, metrics, started):
-    base = {**meta, "object": "text_completion", **({"usage": None} if include_usage else {})}
-    result = [["", None, 0, []] for _ in range(job.choices)]
-    offsets = [0] * job.choices
-    async for event in _events(job, events):
-        if isinstance(event, Delta) and (event.text or event.logprobs):
-            logprobs = _text_logprobs(event.logprobs, offsets[event.index]) if wants_logprobs else None
-            offsets[event.index] += sum(len(t.token) for t in event.logprobs)
-            yield _data({**base, "choices": [{"index": event.index, "text": event.text, "logprobs": logprobs, "finish_reason": None}]})
-        elif isinstance(event, Finished):
-            result[event.index][1:3] = [event.reason, event.completion_tokens]
-            yield _data({**base, "choices": [{"index": event.index, "text": "", "logprobs": None, "finish_reason": event.reason}]})
-        elif isinstance(event, Failed):
-            yield _data(error_body(event.message, "server_error"))
-            return
-    _account(metrics, meta["model"], prompts, result, started)
-    if include_usage:
-        yield _data({**base, "choices": [], "usage": _usage(prompts, result)})
-    yield "data: [DONE]\n\n"
+def _chat_stream(job, events, meta, include_usage, wants_logprobs, prompts, metrics, started):
+    def choice(index, text, logprobs, finish):
+        listed = {"content": [_chat_logprob(t) for t in logprobs], "refusal": None} if wants_logprobs and not finish else None
+        return {"index": index, "delta": {} if finish else {"content": text}, "logprobs": listed, "finish_reason": finish}
+
+    opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+               for i in range(job.choices)]
+    return _stream(job, events, meta, include_usage, prompts, metrics, started, kind="chat.completion.chunk",
+                   choice=choice, opening=opening)
+
+
+def _completion_stream(job, events, meta, include_usage, wants_logprobs, prompts, metrics, started):
+    offsets = [0] * job.choices  # characters of each choice's text so far (the logprobs' text_offset)
+
+    def choice(index, text, logprobs, finish):
+        listed = _text_logprobs(logprobs, offsets[index]) if wants_logprobs and not finish else None
+        offsets[index] += sum(len(t.token) for t in logprobs)
+        return {"index": index, "text": text, "logprobs": listed, "finish_reason": finish}
+
+    return _stream(job, events, meta, include_usage, prompts, metrics, started, kind="text_completion", choice=choice)
