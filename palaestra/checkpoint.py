@@ -14,6 +14,9 @@ Layout under a run directory::
 A checkpoint is built in a hidden `.tmp-step-...-<pid>` folder next to its final place and renamed
 into place only when complete, so a crash mid-write leaves no half checkpoint that looks real.
 Frozen weights are not saved: they come back from the base model that the recipe loads again.
+Finding checkpoints (``latest_checkpoint``, ``resolve_resume``, ``read_trainer_state``) imports no
+torch, so that config validation can check ``train.resume`` before any heavy import; the functions
+that read and write tensors import it.
 """
 
 from __future__ import annotations
@@ -27,11 +30,10 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:  # the annotations; the functions that need torch import it
+    import torch
 
 __all__ = [
     "CorruptCheckpoint", "earlier_checkpoints", "latest_checkpoint", "load_checkpoint", "read_trainer_state", "resolve_resume",
@@ -70,6 +72,9 @@ def _fresh_tmp(parent: Path, name: str) -> Path:
 
 
 def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
     np_state = np.random.get_state(legacy=False)
     # numpy's key is an array; a plain list keeps the file loadable with weights_only=True
     np_state["state"]["key"] = np_state["state"]["key"].tolist()
@@ -82,6 +87,9 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     np_state = state["numpy"]
@@ -137,6 +145,8 @@ def save_checkpoint(
     `step` is added to it. With `keep_last_n`, older `step-*` folders beyond the newest n are
     deleted (never the one just written, never `best`).
     """
+    import torch
+
     if keep_last_n is not None and keep_last_n < 1:
         raise ValueError(f"keep_last_n must be >= 1 or None, got {keep_last_n}")
     parts = _parts(model, optimizer, scheduler, parts)
@@ -168,6 +178,9 @@ def _parts(model, optimizer, scheduler, parts) -> dict[str, CheckpointPart]:
 
 
 def _save_part(folder: Path, part: CheckpointPart) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     # named_parameters() lists a tied weight once; the copy gives each tensor its own storage,
     # which safetensors requires
     weights = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in part.parameters.items()}
@@ -214,6 +227,8 @@ def load_checkpoint(
     parameter by name and shape; anything else is a ValueError listing the names. A file that
     cannot be read is a :class:`CorruptCheckpoint` naming it.
     """
+    import torch
+
     path = Path(path)
     if not (path / _STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_STATE_FILE})")
@@ -226,6 +241,9 @@ def load_checkpoint(
 
 
 def _load_part(folder: Path, part: CheckpointPart, path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
     saved = _read(folder / "trainable.safetensors", lambda file: load_file(str(file)))
     params = part.parameters
     missing = sorted(n for n in params if n not in saved)

@@ -18,11 +18,20 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import Callable, NoReturn
 
 import hydra
 from omegaconf import DictConfig
 
-from palaestra.config import ConfigError, PalaestraConfig, register_schema, to_config, validate
+from palaestra.config import (
+    ConfigError,
+    PalaestraConfig,
+    register_schema,
+    to_config,
+    validate,
+    validate_export,
+    validate_serve,
+)
 
 COMMAND_USAGE = {
     "run": "palaestra run [key=value ...]\n"
@@ -44,7 +53,7 @@ COMMAND_USAGE = {
     "replay": "palaestra replay --model planner_model --version 2 --dataset datasets/planner/2026-11-22 [--baseline 1]\n"
               "  offline gate; on pass the version is tagged as a candidate",
     "policy": "palaestra policy create|promote|retire|list ...\n  policy versions of a registered model",
-    "data": "palaestra data planner [--date YYYY-MM-DD] [--root .]\n  generate the planner dataset",
+    "data": "palaestra data planner [--date YYYY-MM-DD] [--root .] [--overwrite]\n  generate the planner dataset",
     "serve": "palaestra serve [model=...] [serve.models=[RUN,...]] [serve.index=RAG_RUN] [serve.port=8000] [key=value ...]\n"
              "  an OpenAI-compatible API (chat, completions, models, embeddings, search, /health, /metrics) over\n"
              "  the base model, trained runs (LoRA adapters share the base), exported folders and registered models",
@@ -159,14 +168,69 @@ _USER_ERRORS = (ConfigError, FileNotFoundError)
 
 
 _LATER_USER_ERRORS = (("palaestra.models.loading", "ModelLoadError"), ("palaestra.rewards", "RewardError"),
-                      ("palaestra.checkpoint", "CorruptCheckpoint"))
+                      ("palaestra.checkpoint", "CorruptCheckpoint"), ("palaestra.tracking.mlflow_tracker", "TrackingError"))
 """More user mistakes, by the module that defines them: only a module already imported can have raised one,
-so a config mistake is reported without importing torch (those modules import it)."""
+so a config mistake is reported without importing them (models.loading imports torch)."""
 
 
 def _user_error_types() -> tuple:
     later = tuple(getattr(sys.modules[module], name) for module, name in _LATER_USER_ERRORS if module in sys.modules)
     return _USER_ERRORS + later
+
+
+def _fail(error: Exception, prefix: str = "") -> NoReturn:
+    """A user mistake: its first line on stderr, exit code 2."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"palaestra: error: {prefix}{message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _checked_config(command: str, cfg: DictConfig, overrides: list[str]) -> PalaestraConfig:
+    """A composed config as the typed schema, checked as ``command`` reads it (cheap: no model, no dataset)."""
+    config = to_config(cfg, check_values=False)
+    if command in ("run", "train"):  # a key the method ignores is a mistake
+        from palaestra.recipes.methods import check_read
+
+        check_read(config.algo.name, overrides)
+    if command == "serve":
+        validate_serve(config)  # serve reads the model, serve and tracking sections only
+    elif command != "pipeline":  # a pipeline checks each stage's config
+        validate(config)
+    if command == "export":
+        validate_export(config)
+    return config
+
+
+def _check_before_running(command: str, args: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """Compose and check every job of the command line before Hydra runs any (a sweep's too).
+
+    Returns Hydra's arguments (``++key=value`` for an override of a key that the schema decides on, see
+    :mod:`palaestra.jobs`) and, for ``--cfg`` (Hydra prints the config first), the check to run after it.
+    """
+    from palaestra.jobs import compose_jobs, parse_command_line
+
+    parsed = parse_command_line(args)
+    if parsed is None:  # --help, --info, ...: Hydra answers
+        return args, None
+    overrides, jobs = compose_jobs(parsed.overrides, multirun=parsed.multirun)
+    rewritten = {old: new for old, new in zip(parsed.overrides, overrides) if old != new}
+    args = [rewritten.get(arg, arg) for arg in args]
+
+    def check() -> None:
+        for number, (job, cfg) in enumerate(jobs):
+            try:
+                _checked_config(command, cfg, job)
+            except _user_error_types() as error:
+                if len(jobs) == 1:
+                    raise
+                swept = " ".join(o for o in job if not all(o in other for other, _ in jobs))
+                message = str(error).strip().splitlines()[0]
+                raise ConfigError(f"job {number} of the sweep ({swept}): {message}; no job ran") from None
+
+    if parsed.cfg:
+        return args, check
+    check()
+    return args, None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,8 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         command, rest, evaluate = mark_options(command, rest)
     except ConfigError as error:
-        print(f"palaestra: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(error)
     run_command = COMMANDS[command]
     if evaluate and command == "train":
         run_command = _train_and_evaluate
@@ -200,28 +263,31 @@ def main(argv: list[str] | None = None) -> None:
 
         pipeline_name = rest[0]
         rest, stage_overrides = split_stage_overrides(rest[1:])
+
+    register_schema()  # the dataclasses' defaults, which conf/config.yaml composes over
+    try:
+        rest, check_printed = _check_before_running(command, rest)
+    except _user_error_types() as error:
+        _fail(error)
+    if command == "pipeline":
         overrides = [arg for arg in rest if not arg.startswith("-")]
         run_command = lambda config: _pipeline(config, pipeline_name, overrides, stage_overrides)  # noqa: E731
 
     from palaestra.rewards import RewardFailed
 
     def task_function(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         logging.getLogger("palaestra").setLevel(logging.INFO)
         try:
-            config = to_config(cfg, check_values=False)
-            if command in ("run", "train"):  # a key the method ignores is a mistake
-                from hydra.core.hydra_config import HydraConfig
+            config = _checked_config(command, cfg, list(HydraConfig.get().overrides.task))
+            if command in ("run", "train", "pipeline") and config.tracking.enabled and config.tracking.required:
+                from palaestra.tracking.buffered import check_store
 
-                from palaestra.recipes.methods import check_read
-
-                check_read(config.algo.name, list(HydraConfig.get().overrides.task))
-            if command not in ("pipeline", "serve"):  # a pipeline checks each stage's config; serve its own sections
-                validate(config)
+                check_store(config.tracking.tracking_uri)  # before the model loads
             code = run_command(config)
         except _user_error_types() as error:
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            print(f"palaestra: error: {message}", file=sys.stderr)
-            raise SystemExit(2) from None
+            _fail(error)
         except RewardFailed as failure:  # a bug in a user's reward: their traceback, under one line naming it
             import traceback
 
@@ -232,8 +298,12 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(code)
 
     sys.argv = [f"palaestra {command}", *rest]
-    register_schema()  # the dataclasses' defaults, which conf/config.yaml composes over
     hydra.main(version_base="1.3", config_path="conf", config_name="config")(task_function)()
+    if check_printed is not None:  # --cfg: Hydra printed the config; say whether it would run
+        try:
+            check_printed()
+        except _user_error_types() as error:
+            _fail(error, "the config above is invalid: ")
 
 
 MARK_TARGETS = {"transformer": "classifier", "rl": "grpo"}
@@ -390,8 +460,10 @@ def _figures_table(figures: dict) -> str:
 
 def _print_where(results: dict) -> None:
     print(f"\nrun folder: {results['run_dir']} (train.log, checkpoints/)")
-    if results.get("mlflow_hint"):
+    if results.get("mlflow_run_id"):
         print(f"MLflow run {results['mlflow_run_id']}: {results['mlflow_hint']}")
+    elif results.get("mlflow_hint"):  # the store was away all along: the writes wait in the run folder
+        print(results["mlflow_hint"])
     if not results.get("finished", True):
         print(f"stopped at step {results['step']}; resume with: palaestra train train.resume=auto "
               f"train.output_dir={shlex.quote(str(results['run_dir']))}")

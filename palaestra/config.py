@@ -616,6 +616,9 @@ class TrackingConfig:
     """MLflow experiment name."""
     tracking_uri: Optional[str] = None
     """MLflow URI; default MLFLOW_TRACKING_URI or a local SQLite store (mlflow.db) in the working directory."""
+    required: bool = False
+    """Refuse to train when the store cannot be reached at the start (default: warn once and train; a training
+    run's writes wait in <run folder>/tracking/ and are sent when the store is back, or at the next resume)."""
     run_name: Optional[str] = None
     """MLflow run name; default <task>-<algo>-<model>."""
     parent_run_id: Optional[str] = None
@@ -707,9 +710,20 @@ WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "auto")
 """model.dtype's values (models.loading maps them to torch dtypes)."""
 PRECISIONS = ("auto", "bf16", "fp32")
 """model.precision's values (models.precision); here so that checking them imports no torch."""
-# The other allowed-value lists live beside the code that uses them and are imported where checked:
-# loss types and reward scalings (algorithms.grpo), DPO losses (algorithms.preference), group filters
-# (algorithms.at_grpo), policy modes (models.policies).
+# The allowed values of the keys below live here too, and the code that uses them imports them from here
+# (its modules import torch; checking a config should not).
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+"""algo.loss_type of grpo and at_grpo (algorithms.grpo.policy_loss)."""
+SCALE_REWARDS = ("group", "batch", "none")
+"""algo.scale_rewards (algorithms.grpo.group_advantages)."""
+GROUP_FILTERS = ("none", "mean", "std", "dapo", "uid")
+"""algo.group_filter of at_grpo (algorithms.at_grpo.select_samples)."""
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+"""algo.loss_type of dpo (algorithms.preference.dpo_loss)."""
+POLICY_MODES = ("shared", "per_role", "separate")
+"""policy.mode (models.policies.build_policies)."""
+RETRIEVAL_MODES = ("dense", "bm25", "hybrid")
+"""algo.mode of rag (retrieval.index.RetrievalIndex)."""
 
 
 def to_config(cfg: DictConfig | dict, *, check_values: bool = True) -> PalaestraConfig:
@@ -760,10 +774,7 @@ def _one_of(key: str, value, allowed) -> None:
 def validate(config: PalaestraConfig) -> None:
     """Check values that the schema's types cannot express. Cheap: no model, no dataset load."""
     model, task, algo, train, ev = config.model, config.task, config.algo, config.train, config.eval
-    _one_of("model.name", model.name, MODEL_NAMES)
-    _check(model.name != "hf" or bool(model.path), "model.name=hf needs model.path=<local folder or hub id>")
-    _one_of("model.dtype", model.dtype, WEIGHT_DTYPES)
-    _one_of("model.precision", model.precision, PRECISIONS)
+    _validate_model(model)
     _check(model.lora.r > 0, f"model.lora.r={model.lora.r} must be a positive rank")
     _check(0 <= model.lora.dropout < 1, f"model.lora.dropout={model.lora.dropout} must be in [0, 1)")
 
@@ -806,6 +817,83 @@ def validate(config: PalaestraConfig) -> None:
         _check(isinstance(k, int) and 1 <= k <= ev.num_samples, f"eval.pass_k has k={k}; each k must be in [1, eval.num_samples={ev.num_samples}]")
     _check(ev.batch_size > 0, f"eval.batch_size={ev.batch_size} must be positive")
     _check(ev.max_examples >= 0, f"eval.max_examples={ev.max_examples} must be >= 0")
+    _check(ev.checkpoint is None or os.path.exists(ev.checkpoint),
+           f"eval.checkpoint={ev.checkpoint} does not exist; point it at a run folder or one of its checkpoints/step-* folders")
+    if train.output_dir:
+        check_writable("train.output_dir", train.output_dir)
+    _validate_resume(config)
+
+
+def _validate_model(model: ModelConfig) -> None:
+    """The model section (every command reads it)."""
+    _one_of("model.name", model.name, MODEL_NAMES)
+    _check(model.name != "hf" or bool(model.path), "model.name=hf needs model.path=<local folder or hub id>")
+    _check(not model.path or not missing_local_path(model.path),
+           f"model.path={model.path} does not exist; give a local model folder, a .gguf file or a hub id org/name")
+    _one_of("model.dtype", model.dtype, WEIGHT_DTYPES)
+    _one_of("model.precision", model.precision, PRECISIONS)
+
+
+def missing_local_path(path: str) -> bool:
+    """True for a model path that names a local file or folder (absolute, ./, ~ or deeper than a hub id
+    ``org/name``) that does not exist; models.loading reads any other path as a hub id.
+
+    >>> [missing_local_path(p) for p in ("./nowhere", "/no/such/model", "HuggingFaceTB/SmolLM2-135M", ".")]
+    [True, True, False, False]
+    """
+    from pathlib import Path
+
+    local = Path(path).expanduser()
+    looks_local = local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1
+    return looks_local and not local.exists()
+
+
+def check_writable(key: str, path) -> None:
+    """``key=path`` is a folder palaestra creates or writes into: a one-line ConfigError when it cannot
+    (a file in the way, or a folder without write permission), before any work starts."""
+    from pathlib import Path
+
+    target = Path(path).expanduser()
+    existing = target
+    while not existing.exists() and existing != existing.parent:  # the nearest part of the path that exists
+        existing = existing.parent
+    if existing == target and not target.is_dir():
+        raise ConfigError(f"{key}={path} is a file, not a folder; give a folder path (it is created if missing)")
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={path} cannot be created: {existing} is a file; give a folder path")
+    _check(os.access(existing, os.W_OK | os.X_OK), f"{key}={path} cannot be written: {existing} is read-only; "
+           "give a folder you can write to")
+
+
+def _validate_resume(config: PalaestraConfig) -> None:
+    """train.resume names a checkpoint that exists, and a resumed run has steps left to train (a checkpoint
+    past train.steps would make the run a silent no-op). Reads folders and JSON only: no torch."""
+    from pathlib import Path
+
+    from palaestra import checkpoint as ckpt
+    from palaestra.recipes.methods import METHODS
+
+    train = config.train
+    if train.resume == "auto":
+        checkpoint = ckpt.latest_checkpoint(Path(train.output_dir)) if train.output_dir else None
+    elif train.resume:
+        try:
+            checkpoint = ckpt.resolve_resume(train.resume, Path(train.resume))
+        except FileNotFoundError:
+            problem = "holds no complete checkpoint" if os.path.exists(train.resume) else "does not exist"
+            raise ConfigError(f"train.resume={train.resume} {problem}; point it at a run folder or one of its "
+                              "checkpoints/step-* folders, or use train.resume=auto") from None
+    else:
+        return
+    if checkpoint is None or "train.steps" in METHODS[config.algo.name].ignores:  # epochs decide the others' length
+        return
+    try:
+        step = ckpt.read_trainer_state(checkpoint).get("step")
+    except ckpt.CorruptCheckpoint:
+        return  # the run says so (or, with resume=auto, falls back to the checkpoint before it)
+    _check(not isinstance(step, int) or step <= train.steps,
+           f"train.steps={train.steps} is below the checkpoint's step: {checkpoint} is at step {step}; raise "
+           f"train.steps above {step} to train on from it, or start a new run (another train.output_dir, no train.resume)")
 
 
 def _validate_task(task: TaskConfig) -> None:
@@ -825,7 +913,7 @@ def _validate_task(task: TaskConfig) -> None:
             value = getattr(task, key)
             _check(
                 value is None or os.path.isfile(value),
-                f"task.{key}={value} does not exist; point it at a GSM8K-format JSONL file",
+                f"task.{key}={value} {_not_a_file(value)}; point it at a GSM8K-format JSONL file",
             )
     _validate_workflow(task)
     try:
@@ -861,11 +949,18 @@ def _validate_mixture_and_workflow(task: TaskConfig) -> None:
             _check(part.ratio > 0, f"{key}.ratio={part.ratio} must be > 0")
             _check(part.domain in (None, "math", "qa", "code"), f"{key}.domain={part.domain!r} is unknown; use math, qa or code")
         if part.source == "reasoning_gym":
+            _check(part.path is None, f"{key}.path is set but {key}.source=reasoning_gym generates its problems; "
+                   f"set {key}.source=gsm8k, code or qa to read the file")
             _check(part.dataset in DATASETS, f"{key}.dataset={part.dataset!r} is not a reasoning-gym dataset; e.g. gsm_symbolic")
         _check(part.source != "gsm8k" or bool(part.path), f"{key}.source=gsm8k needs {key}.path=<GSM8K-format JSONL file>")
         for field_name in ("path", "test_path"):
             value = getattr(part, field_name)
-            _check(value is None or os.path.isfile(value), f"{key}.{field_name}={value} does not exist; point it at a JSONL file")
+            _check(value is None or os.path.isfile(value),
+                   f"{key}.{field_name}={value} {_not_a_file(value)}; point it at a JSONL file")
+
+
+def _not_a_file(path: str | None) -> str:
+    return "is a folder, not a file" if path and os.path.isdir(path) else "does not exist"
 
 
 def _validate_workflow(task: TaskConfig) -> None:
@@ -907,15 +1002,19 @@ def _validate_classifier(algo: ClassifierConfig) -> None:
            f"algo.data={algo.data} does not exist; give a folder of train/val/test.jsonl or a JSONL file of {{\"text\", \"label\"}} lines")
 
 
+def validate_export(config: PalaestraConfig) -> None:
+    """palaestra export: a checkpoint to read (validate checks that it exists) and a destination it can write."""
+    _check(bool(config.eval.checkpoint), "palaestra export needs eval.checkpoint=<run folder or step-* folder>")
+    check_writable("export.output_dir", config.export.output_dir)
+
+
 # --- palaestra serve ------------------------------------------------------------------------------
 def validate_serve(config: PalaestraConfig) -> None:
     """palaestra serve reads the model, serve and tracking sections only: check those (cheap, no model loads)."""
     from pathlib import Path
 
     model, serve = config.model, config.serve
-    _one_of("model.name", model.name, MODEL_NAMES)
-    _check(model.name != "hf" or bool(model.path), "model.name=hf needs model.path=<local folder or hub id>")
-    _one_of("model.dtype", model.dtype, WEIGHT_DTYPES)
+    _validate_model(model)
     _check(0 <= serve.port <= 65535, f"serve.port={serve.port} must be in [0, 65535]")
     _check(serve.max_batch_size >= 1, f"serve.max_batch_size={serve.max_batch_size} must be >= 1")
     _check(serve.batch_window_ms >= 0, f"serve.batch_window_ms={serve.batch_window_ms} must be >= 0")
@@ -939,9 +1038,7 @@ def _validate_rag(algo: RagConfig) -> None:
     """rag: files that exist, a known mode, positive cut-offs (the files are parsed before the embedder loads)."""
     from pathlib import Path
 
-    from palaestra.retrieval.index import MODES
-
-    _one_of("algo.mode", algo.mode, MODES)
+    _one_of("algo.mode", algo.mode, RETRIEVAL_MODES)
     _check(algo.batch_size > 0, f"algo.batch_size={algo.batch_size} must be positive")
     _check(algo.rrf_k > 0, f"algo.rrf_k={algo.rrf_k} must be positive")
     _check(bool(algo.ks) and all(isinstance(k, int) and k >= 1 for k in algo.ks),
@@ -978,10 +1075,7 @@ def _validate_mamba(config: PalaestraConfig) -> None:
 
 
 def _validate_at_grpo(config: PalaestraConfig) -> None:
-    from palaestra.algorithms.at_grpo import GROUP_FILTERS
-    from palaestra.algorithms.grpo import LOSS_TYPES, SCALE_REWARDS
     from palaestra.envs import resolve_env
-    from palaestra.models.policies import POLICY_MODES
 
     algo, env, policy = config.algo, config.env, config.policy
     try:
@@ -1008,8 +1102,6 @@ def _validate_at_grpo(config: PalaestraConfig) -> None:
 
 
 def _validate_grpo(config: PalaestraConfig) -> None:
-    from palaestra.algorithms.grpo import LOSS_TYPES, SCALE_REWARDS
-
     algo, train = config.algo, config.train
     _check(algo.num_generations >= 2, f"algo.num_generations={algo.num_generations} must be >= 2 (GRPO compares completions within a group)")
     _check(algo.beta >= 0, f"algo.beta={algo.beta} must be >= 0")
@@ -1080,8 +1172,6 @@ def _validate_data_recipe(config: PalaestraConfig) -> None:
         _check(algo.max_steps >= 0, f"algo.max_steps={algo.max_steps} must be >= 0")
     if isinstance(algo, DPOConfig):
         _check(algo.beta > 0, f"algo.beta={algo.beta} must be > 0")
-        from palaestra.algorithms.preference import DPO_LOSS_TYPES
-
         _one_of("algo.loss_type", algo.loss_type, DPO_LOSS_TYPES)
         _check(0 <= algo.label_smoothing < 0.5, f"algo.label_smoothing={algo.label_smoothing} must be in [0, 0.5)")
     if isinstance(algo, PPOConfig):

@@ -56,13 +56,12 @@ def _into_place(tmp: Path, target: Path) -> Path:
 
 def export_command(config) -> str:
     """``palaestra export eval.checkpoint=...``: the trained policy of a checkpoint as a Hugging Face folder."""
-    from palaestra.config import ConfigError
+    from palaestra.config import validate_export
     from palaestra.evaluation.cli import checkpoint_path, load_trained_weights
     from palaestra.models import load_model_and_tokenizer
 
+    validate_export(config)
     checkpoint = checkpoint_path(config.eval.checkpoint)
-    if checkpoint is None:
-        raise ConfigError("palaestra export needs eval.checkpoint=<run folder or step-* folder>")
     model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype="float32")
     model = load_trained_weights(model, checkpoint)
     folder = export_policy(model, tokenizer, Path(config.export.output_dir), merge=config.export.merge)

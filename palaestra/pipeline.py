@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 
-from palaestra.config import ConfigError, PalaestraConfig, to_config
+from palaestra.config import ConfigError, PalaestraConfig, check_writable, to_config
 from palaestra.recipes.methods import METHODS
 
 log = logging.getLogger("palaestra")
@@ -164,6 +164,10 @@ def run_pipeline(
     for stage in stage_overrides:
         if stage not in stages:
             raise ConfigError(f"overrides given for stage {stage!r}, which this pipeline does not run ({', '.join(stages)})")
+    if config.pipeline.output_dir:
+        check_writable("pipeline.output_dir", config.pipeline.output_dir)
+    if "export" in stages:  # the last stage: its destination is checked before the first one trains
+        check_writable("export.output_dir", config.export.output_dir)
     history = _open_history(name, config, stages)
     folder = Path(history.folder)
     from palaestra.recipes.common import attach_log_file
@@ -243,16 +247,17 @@ def _open_history(name: str, config: PalaestraConfig, stages: list[str]) -> Pipe
 def _parent_tracker(config: PalaestraConfig, history: PipelineHistory, stages: list[str]):
     if not config.tracking.enabled:
         return None
-    from palaestra.tracking import MlflowTracker
+    from palaestra.tracking import BufferedTracker
 
-    tracker = MlflowTracker(
-        config.tracking.experiment, run_name=config.tracking.run_name or f"pipeline-{history.name}",
-        run_id=history.parent_run_id, tracking_uri=config.tracking.tracking_uri,
-    )
-    if history.parent_run_id is None:
-        history.parent_run_id = tracker.run_id
+    # written through the pipeline folder's journal, like a training run's: a store that is away costs no stage
+    tracker = BufferedTracker(Path(history.folder) / "tracking", config.tracking.experiment,
+                              run_name=config.tracking.run_name or f"pipeline-{history.name}", run_id=history.parent_run_id,
+                              tracking_uri=config.tracking.tracking_uri, required=config.tracking.required)
+    if not tracker.resumed:
         tracker.log_params({"pipeline": history.name, "stages": ",".join(stages), "folder": str(Path(history.folder).resolve())})
         tracker.set_tags({"pipeline": history.name, "kind": "pipeline"})
+    if tracker.run_id and history.parent_run_id is None:
+        history.parent_run_id = tracker.run_id  # the stages' runs are its children
         history.save()
     return tracker
 
@@ -293,7 +298,7 @@ def _finish(history: PipelineHistory, tracker) -> PipelineHistory:
         tracker.end("FINISHED" if history.succeeded else "FAILED")
     print(history.table())
     if tracker:  # the parent run: each stage is a child run under it
-        print(f"\nMLflow parent run {tracker.run_id}: {tracker.run_url_hint()}")
+        print(f"\nMLflow parent run {tracker.run_id}: {tracker.run_url_hint()}" if tracker.run_id else f"\n{tracker.run_url_hint()}")
     if not history.succeeded:
         failed = [r.stage for r in history.stages if r.status == "failed"]
         print(f"\nstage(s) {', '.join(failed)} failed; run the same command again to resume from there")
@@ -434,8 +439,8 @@ def _evaluate_stage(history, overrides, stage_overrides):
     from palaestra.evaluation.chat_eval import evaluate_chat
     from palaestra.models import load_model_and_tokenizer
     from palaestra.recipes.common import training_device
+    from palaestra.evaluation.cli import track_evaluation
     from palaestra.registry.replay import load_replay_dataset
-    from palaestra.tracking import MlflowTracker
 
     stage = _stage_config("evaluate", history, overrides, stage_overrides)
     examples, _, version = load_replay_dataset(stage.data.path, stage.eval.max_examples)
@@ -446,16 +451,14 @@ def _evaluate_stage(history, overrides, stage_overrides):
     metrics = evaluate_chat(model, tokenizer, examples, stage.data.name, max_new_tokens=stage.eval.max_new_tokens or 256,
                             batch_size=min(stage.eval.batch_size, 16), rows=predictions, show_progress=True)
     log.info("evaluate: %s", " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-    run_id = None
-    if stage.tracking.enabled:
-        child = MlflowTracker(stage.tracking.experiment, run_name=f"{history.name}/evaluate", tracking_uri=stage.tracking.tracking_uri)
-        child.set_tags({"mlflow.parentRunId": history.parent_run_id or "", "stage": "evaluate", "dataset_version": version,
-                        "model_path": str(stage.model.path or stage.model.name)})
-        child.log_params({"model": str(stage.model.path or stage.model.name), "dataset_version": version, "examples": len(examples)})
-        child.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=0)
-        child.log_table(predictions, "eval/predictions.json")
-        child.end()
-        run_id = child.run_id
+    tags = {"stage": "evaluate", "dataset_version": version, "model_path": str(stage.model.path or stage.model.name)}
+    if history.parent_run_id:
+        tags["mlflow.parentRunId"] = history.parent_run_id
+    run_id, _ = track_evaluation(
+        stage.tracking, f"{history.name}/evaluate", metrics, tags=tags,
+        params={"model": str(stage.model.path or stage.model.name), "dataset_version": version, "examples": len(examples)},
+        artifacts=lambda tracker: tracker.log_table(predictions, "eval/predictions.json"),
+    )
     return {}, metrics, run_id
 
 

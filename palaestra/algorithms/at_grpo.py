@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-GROUP_FILTERS = ("none", "mean", "std", "dapo", "uid")
+from palaestra.config import GROUP_FILTERS  # one list, checked by config without importing torch
 
 
 def agent_reward(local: float, team: float, alpha: float) -> float:

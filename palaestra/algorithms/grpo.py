@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from palaestra.algorithms.logprob_math import entropy_from_logits, masked_mean, selective_log_softmax  # noqa: F401 - re-exported
+from palaestra.config import LOSS_TYPES, SCALE_REWARDS  # one list each, checked by config without importing torch
 
 __all__ = [
     "LOSS_TYPES",
@@ -26,9 +27,6 @@ __all__ = [
     "policy_loss",
     "selective_log_softmax",
 ]
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS = ("group", "batch", "none")
 
 
 def _std(x: Tensor, dim: int | None = None) -> Tensor:

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DPO_LOSS_TYPES", "bradley_terry_loss", "dpo_loss", "sequence_logprob"]
+from palaestra.config import DPO_LOSS_TYPES  # one list, checked by config without importing torch
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo")
+__all__ = ["DPO_LOSS_TYPES", "bradley_terry_loss", "dpo_loss", "sequence_logprob"]
 
 
 def sequence_logprob(token_logps: Tensor, mask: Tensor) -> Tensor:

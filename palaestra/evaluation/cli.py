@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Callable
 
 from palaestra import checkpoint as ckpt
 from palaestra.config import ConfigError, PalaestraConfig, reward_weights
@@ -12,6 +14,8 @@ from palaestra.models.precision import resolve_precision, weights_dtype
 from palaestra.recipes.common import training_device
 from palaestra.rollout import HFGenerator, SamplingParams
 from palaestra.tasks.build import build_task
+
+log = logging.getLogger("palaestra")
 
 
 def load_trained_weights(model, checkpoint: Path):
@@ -68,25 +72,50 @@ def evaluate_command(config: PalaestraConfig) -> str:
     figures = result.metrics()
     if hasattr(task, "evaluation_figures"):  # a workflow task: validity, outcome shares, ... per domain
         figures.update(task.evaluation_figures(result.samples))
-    where = ""
-    if config.tracking.enabled:
-        from palaestra.tracking import MlflowTracker, flatten_config
-        from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
-        tracker = MlflowTracker(config.tracking.experiment, run_name=config.tracking.run_name or f"eval-{config.task.name}",
-                                tracking_uri=config.tracking.tracking_uri)
-        tracker.log_params(flatten_config(OmegaConf.to_container(OmegaConf.structured(config), resolve=True)))
-        tracker.set_tags({"task": config.task.name, "algo": "eval", "model": model_id(config.model.name, config.model.path),
-                          "dataset_version": task.dataset_version, "checkpoint": str(checkpoint or "")})
-        tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=0)
-        tracker.log_table(result.samples, "eval/samples.json")
-        tracker.end()
-        where = f"\nMLflow run {tracker.run_id}: {tracker.run_url_hint()}"
+    from palaestra.tracking import flatten_config
+
+    _, where = track_evaluation(
+        config.tracking, f"eval-{config.task.name}", figures,
+        tags={"task": config.task.name, "algo": "eval", "model": model_id(config.model.name, config.model.path),
+              "dataset_version": task.dataset_version, "checkpoint": str(checkpoint or "")},
+        params=flatten_config(OmegaConf.to_container(OmegaConf.structured(config), resolve=True)),
+        artifacts=lambda tracker: tracker.log_table(result.samples, "eval/samples.json"),
+    )
     decoding = "greedy" if ev.greedy else f"sampled x{ev.num_samples} (T={ev.temperature})"
     lines = [f"{config.task.name} test split, {result.num_examples} questions, {decoding}"]
     width = max(16, *(len(key) + 1 for key in figures))  # the workflow task's figure names are long
     lines += [f"  {key:<{width}}{value:.3f}" for key, value in figures.items()]
     return "\n".join(lines) + where
+
+
+def track_evaluation(tracking, run_name: str, figures: dict, *, tags: dict, params: dict | None = None,
+                     artifacts: Callable | None = None) -> tuple[str | None, str]:
+    """Log an evaluation as its own MLflow run (``eval/<figure>`` at step 0, ``artifacts(tracker)`` for
+    its files); returns (its run id, the line that says where it is). A store that cannot be reached costs
+    a warning, not the figures (an error with ``tracking.required``)."""
+    from palaestra.tracking import MlflowTracker, TrackingError
+    from palaestra.tracking.buffered import fail_fast
+
+    if not tracking.enabled:
+        return None, ""
+    fail_fast()  # one attempt per write, not minutes of retries
+    try:
+        tracker = MlflowTracker(tracking.experiment, run_name=tracking.run_name or run_name, tracking_uri=tracking.tracking_uri)
+        if params:
+            tracker.log_params(params)
+        tracker.set_tags(tags)
+        tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=0)
+        if artifacts:
+            artifacts(tracker)
+        tracker.end()
+    except TrackingError as error:
+        if tracking.required:
+            raise
+        log.warning("the evaluation was not tracked: %s", error)
+        return None, ""
+    return tracker.run_id, f"\nMLflow run {tracker.run_id}: {tracker.run_url_hint()}"
 
 
 def evaluate_team_command(config: PalaestraConfig) -> str:
@@ -121,18 +150,12 @@ def evaluate_team_command(config: PalaestraConfig) -> str:
     sampling, plays = team_sampling(config.eval, config.algo.max_completion_length)
     figures, episodes = evaluate_team(make_env, generate, config.env.test_envs, sampling=sampling, plays=plays,
                                       alpha=config.algo.alpha, seed=config.train.seed, base_seed=config.env.seed)
-    where = ""
-    if config.tracking.enabled:
-        from palaestra.tracking import MlflowTracker
-
-        tracker = MlflowTracker(config.tracking.experiment, run_name=config.tracking.run_name or f"eval-{config.env.name}",
-                                tracking_uri=config.tracking.tracking_uri)
-        tracker.set_tags({"env": config.env.name, "algo": "eval", "policy": config.policy.mode,
-                          "model": model_id(config.model.name, config.model.path), "checkpoint": str(checkpoint or "")})
-        tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=0)
-        tracker.log_dict({"episodes": [vars(e) for e in episodes[:8]]}, "transcripts/eval.json")
-        tracker.end()
-        where = f"\nMLflow run {tracker.run_id}: {tracker.run_url_hint()}"
+    _, where = track_evaluation(
+        config.tracking, f"eval-{config.env.name}", figures,
+        tags={"env": config.env.name, "algo": "eval", "policy": config.policy.mode,
+              "model": model_id(config.model.name, config.model.path), "checkpoint": str(checkpoint or "")},
+        artifacts=lambda tracker: tracker.log_dict({"episodes": [vars(e) for e in episodes[:8]]}, "transcripts/eval.json"),
+    )
     decoding = "greedy" if config.eval.greedy else f"sampled x{config.eval.num_samples} (T={config.eval.temperature})"
     lines = [f"{config.env.name} test problems: {config.env.test_envs}, policy {config.policy.mode}, {decoding}"]
     lines += [f"  {key:<22}{value:.3f}" for key, value in figures.items()]
@@ -158,16 +181,8 @@ def evaluate_index_command(config: PalaestraConfig) -> str:
         raise ConfigError(str(error)) from None
     queries = read_queries(queries_path, {d.id for d in index.documents})
     figures = evaluate_index(index, queries, list(config.algo.ks))
-    where = ""
-    if config.tracking.enabled:
-        from palaestra.tracking import MlflowTracker
-
-        tracker = MlflowTracker(config.tracking.experiment, run_name=config.tracking.run_name or f"eval-{name}-rag",
-                                tracking_uri=config.tracking.tracking_uri)
-        tracker.set_tags({"algo": "eval", "index": str(folder.resolve()), "queries": str(queries_path), "mode": index.mode})
-        tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=0)
-        tracker.end()
-        where = f"\nMLflow run {tracker.run_id}: {tracker.run_url_hint()}"
+    _, where = track_evaluation(config.tracking, f"eval-{name}-rag", figures,
+                             tags={"algo": "eval", "index": str(folder.resolve()), "queries": str(queries_path), "mode": index.mode})
     lines = [f"{index.mode} index of {len(index.documents)} documents, {len(queries)} judged queries ({queries_path})"]
     lines += [f"  {key:<16}{value:.3f}" for key, value in figures.items()]
     return "\n".join(lines) + where
@@ -199,16 +214,8 @@ def evaluate_language_model_command(config: PalaestraConfig) -> str:
     chunks = chunk(token_stream(tokenizer, [d.text for d in held_out]), algo.max_length)
     figures = held_out_figures(model, chunks, batch_size=config.train.micro_batch_size, pad_id=tokenizer.pad_token_id,
                                device=device)
-    where = ""
-    if config.tracking.enabled:
-        from palaestra.tracking import MlflowTracker
-
-        tracker = MlflowTracker(config.tracking.experiment, run_name=config.tracking.run_name or f"eval-{corpus.name}-mamba",
-                                tracking_uri=config.tracking.tracking_uri)
-        tracker.set_tags({"algo": "eval", "model": str(folder.resolve()), "corpus": corpus.name})
-        tracker.log_metrics({f"eval/{k}": v for k, v in figures.items()}, step=0)
-        tracker.end()
-        where = f"\nMLflow run {tracker.run_id}: {tracker.run_url_hint()}"
+    _, where = track_evaluation(config.tracking, f"eval-{corpus.name}-mamba", figures,
+                             tags={"algo": "eval", "model": str(folder.resolve()), "corpus": corpus.name})
     tokens = sum(len(c) - 1 for c in chunks)
     lines = [f"{folder}: {corpus.name} held-out split, {len(held_out)} documents, {tokens} predicted tokens"]
     lines += [f"  {key:<16}{value:.4f}" for key, value in figures.items()]

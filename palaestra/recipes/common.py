@@ -273,7 +273,12 @@ def register(tracker, name: str, results: dict) -> None:
     """Register the run's ``model`` artifact as a new version of ``name`` in MLflow's model registry."""
     from palaestra.registry.models import register_model
 
-    version = register_model(tracker, tracker.run_id, name)
+    store = tracker.live()  # the registry needs the run's writes in the store
+    if store is None:
+        log.warning("the model was not registered as %s: the tracking store is away; resume the run when it is back "
+                    "to register it", name)
+        return
+    version = register_model(store, store.run_id, name)
     tracker.set_tags({"registered_model": name, "registered_model_version": version})
     results["registered_model_version"] = version
     log.info("registered models:/%s/%s", name, version)

@@ -240,26 +240,27 @@ class Run:
                               "with the settings it was trained with, or start a new run without train.resume")
 
     def track(self, tracking, *, run_name: str, tags: dict, config: dict, params: dict | None = None):
-        """Start the MLflow run (the main process only; the checkpoint's run continues on resume).
+        """Start the MLflow run (the main process only; the run folder's MLflow run continues on resume).
 
         A new run gets ``params`` (default: the whole ``config``, flattened), ``tags`` plus ``run_dir``
         (and ``mlflow.parentRunId`` under a pipeline) and ``config`` as the artifact ``config.yaml``.
-        Returns the tracker (None: tracking off).
+        The writes go through the run folder's journal (``tracking/``), so a store that is away never
+        stops training (:class:`palaestra.tracking.BufferedTracker`). Returns the tracker (None: tracking off).
         """
-        from palaestra.tracking import MlflowTracker, flatten_config
+        from palaestra.tracking import BufferedTracker, flatten_config
 
         if tracking.enabled and self.dist.is_main:
-            run_id = self.state["mlflow_run_id"]
-            self.tracker = MlflowTracker(tracking.experiment, run_name=tracking.run_name or run_name, run_id=run_id,
-                                         tracking_uri=tracking.tracking_uri)
-            if run_id is None:
+            self.tracker = BufferedTracker(self.run_dir / "tracking", tracking.experiment, run_name=tracking.run_name or run_name,
+                                           run_id=self.state["mlflow_run_id"], tracking_uri=tracking.tracking_uri,
+                                           required=tracking.required)
+            if not self.tracker.resumed:
                 self.tracker.log_params(flatten_config(config) if params is None else params)
                 tags = {**tags, "run_dir": str(self.run_dir.resolve())}
                 if tracking.parent_run_id:
                     tags["mlflow.parentRunId"] = tracking.parent_run_id  # shows as a child run in the UI
                 self.tracker.set_tags(tags)
                 self.tracker.log_dict(config, "config.yaml")
-        self.state["mlflow_run_id"] = self.tracker.run_id if self.tracker else None
+        self.state["mlflow_run_id"] = (self.tracker.run_id or None) if self.tracker else None
         return self.tracker
 
     def __enter__(self) -> Run:
@@ -325,6 +326,7 @@ class Run:
         log.info("step %d: %s", step, fmt(metrics), extra={"console": False})
         if self.tracker:
             self.tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
+            self.state["mlflow_run_id"] = self.tracker.run_id or None  # known once the store has answered
         self._progress.update(1)
         shown = {_SHORT.get(k, k.replace("/", "_")): f"{metrics[k]:.4g}" for k in self.progress_keys if k in metrics}
         self._progress.set_postfix(shown)
@@ -434,6 +436,7 @@ class Run:
                 self.tracker.log_artifact(str(path), "plots")
             self.tracker.log_artifact(str(self.run_dir / "train.log"))
             self.tracker.end("FINISHED" if self.finished or not self.stopped_by_signal else "KILLED")
+            self.state["mlflow_run_id"] = self.tracker.run_id or None
         self.release()
         return {"run_dir": str(self.run_dir), "mlflow_run_id": self.state["mlflow_run_id"],
                 "stop_signal": self._stop.received if self.stopped_by_signal else None,

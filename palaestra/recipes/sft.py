@@ -171,11 +171,15 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             tracker.log_artifacts(model_dir, "model")
             tracker.log_artifacts(tokenizer_dir, "tokenizer")
             # a finished run that is resumed again keeps the version it registered the first time
-            version = tracker.client.get_run(tracker.run_id).data.tags.get("registered_model_version")
-            if config.tracking.registered_model and version is None:
+            store = tracker.live()  # the registry needs the run's writes in the store
+            version = store.client.get_run(store.run_id).data.tags.get("registered_model_version") if store else None
+            if config.tracking.registered_model and store is None:
+                log.warning("the model was not registered as %s: the tracking store is away; resume the run when it "
+                            "is back to register it", config.tracking.registered_model)
+            elif config.tracking.registered_model and version is None:
                 from palaestra.registry.models import register_model
 
-                version = register_model(tracker, tracker.run_id, config.tracking.registered_model,
+                version = register_model(store, store.run_id, config.tracking.registered_model,
                                          tags={"dataset_version": chat.version, "policy_id": _policy_id(config)})
                 tracker.set_tags({"registered_model": config.tracking.registered_model, "registered_model_version": version})
                 log.info("registered models:/%s/%s", config.tracking.registered_model, version)

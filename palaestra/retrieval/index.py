@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from palaestra.config import RETRIEVAL_MODES as MODES  # one list, checked by config without importing torch
 from palaestra.retrieval.data import Document
 from palaestra.retrieval.embedder import Embedder
 
 __all__ = ["MODES", "IndexError_", "RetrievalIndex", "SearchHit", "evaluate_index", "run_of"]
 
-MODES = ("dense", "bm25", "hybrid")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its "loading the AVX2 build" lines are noise
 _FORMAT = 1
 

@@ -36,6 +36,9 @@ def build_task(config) -> Task:
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"task {config.name!r}: {message}") from None
+    if not task.train:  # e.g. a small file whose examples all went to the test split
+        raise ConfigError(f"task {config.name!r} has no training examples beside its {len(task.test)} test examples; "
+                          "give more examples or lower task.test_size")
     task.template = config.template
     for component in getattr(task, "components", {}).values():
         component.template = config.template

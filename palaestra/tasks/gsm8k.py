@@ -8,10 +8,10 @@ text after ``####`` with thousands commas removed. palaestra never downloads dat
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from pathlib import Path
 
+from palaestra.config import ConfigError
 from palaestra.tasks.base import Example, Task, default_verifier
 
 __all__ = ["build_gsm8k_task", "load_gsm8k"]
@@ -73,34 +73,30 @@ def load_gsm8k(path: str | Path, field: str = "path") -> list[Example]:
     """Read a GSM8K-format JSONL file into examples (blank lines are skipped).
 
     ``field`` names the config key in the error message, so the user knows what to fix.
-    Raises FileNotFoundError for a missing file and ValueError (with the line number) for a
-    malformed line.
+    Raises FileNotFoundError for a missing file, and a one-line ConfigError (a ValueError) naming the
+    file (and line) for bytes that are not UTF-8, a malformed line or a file without examples.
     """
+    from palaestra.data.jsonl import read_jsonl  # here: palaestra.data imports torch, and the CLI imports this module
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"task.{field}={path} does not exist; point it at a GSM8K-format JSONL file"
         )
-    examples = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if line.strip():
-                examples.append(_parse_line(line, path, line_number))
+    examples = [_parse_record(record, where) for where, record in read_jsonl(path, "GSM8K")]
+    if not examples:
+        raise ConfigError(f'GSM8K file {path} holds no examples; give one {{"question": ..., "answer": "... #### <number>"}} '
+                          'object a line')
     return examples
 
 
-def _parse_line(line: str, path: Path, line_number: int) -> Example:
-    where = f"{path}:{line_number}"
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("question"), str):
-        raise ValueError(f'{where}: expected an object with string fields "question" and "answer"')
+def _parse_record(record: dict, where: str) -> Example:
+    if not isinstance(record.get("question"), str):
+        raise ConfigError(f'{where}: expected an object with string fields "question" and "answer"')
     solution = record.get("answer")
     if not isinstance(solution, str) or "####" not in solution:
-        raise ValueError(f'{where}: "answer" must be a string ending in "#### <number>"')
+        raise ConfigError(f'{where}: "answer" must be a string ending in "#### <number>"')
     gold = solution.rsplit("####", 1)[1].strip().replace(",", "")
     if not gold:
-        raise ValueError(f'{where}: nothing after "####" in "answer"')
+        raise ConfigError(f'{where}: nothing after "####" in "answer"')
     return Example(question=record["question"], answer=gold, meta={"solution": solution})

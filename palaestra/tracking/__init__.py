@@ -1,5 +1,6 @@
 """Experiment tracking: an MLflow run per training run, plus PNG training curves."""
 
+from palaestra.tracking.buffered import BufferedTracker
 from palaestra.tracking.mlflow_tracker import (
     MlflowTracker,
     TrackingError,
@@ -9,6 +10,7 @@ from palaestra.tracking.mlflow_tracker import (
 from palaestra.tracking.plots import plot_curves
 
 __all__ = [
+    "BufferedTracker",
     "MlflowTracker",
     "TrackingError",
     "default_tracking_uri",

@@ -14,10 +14,12 @@ The first use of a new SQLite store runs MLflow's database migrations, which tak
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shlex
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -198,13 +200,31 @@ class MlflowTracker:
             for i in range(0, len(items), MAX_METRICS_PER_BATCH):
                 self.client.log_batch(self.run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH])
 
+    def log_metric_records(self, records: list[Mapping[str, Any]]) -> None:
+        """Log several steps' metrics in as few batches as MLflow allows; each record is
+        ``{"metrics": {name: value}, "step": int, "time": ms}`` (a record sent again is the same metric)."""
+        items = [Metric(_clean_name(k), float(v), int(r["time"]), int(r["step"])) for r in records for k, v in r["metrics"].items()]
+        steps = f"{records[0]['step']}-{records[-1]['step']}" if records else "-"
+        with self._guard(f"logging metrics of steps {steps}"):
+            for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+                self.client.log_batch(self.run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH])
+
     # ----------------------------------------------------------------------------------- artifacts
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
-        """Append rows (e.g. sampled completions) to a JSON table shown in the MLflow UI."""
-        keys = dict.fromkeys(key for row in rows for key in row)  # all columns, first-seen order
-        columns = {key: [row.get(key) for row in rows] for key in keys}  # a missing cell -> None
-        with self._guard(f"logging table {artifact_file}"):
-            self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
+        """Write rows (e.g. sampled completions) as a JSON table artifact, in MLflow's table layout
+        (``{"columns": [...], "data": [[...], ...]}``); logging the same file again replaces it.
+
+        Not ``MlflowClient.log_table``: it lists every table of a run in one tag, which MLflow cuts at
+        8000 characters, so a long run's table number 150 or so fails for ever after.
+        """
+        columns = list(dict.fromkeys(key for row in rows for key in row))  # all columns, first-seen order
+        table = {"columns": columns, "data": [[row.get(key) for key in columns] for row in rows]}  # a missing cell -> None
+        with self._guard(f"logging table {artifact_file}"), tempfile.TemporaryDirectory() as folder:
+            if not artifact_file.endswith(".json"):
+                raise ValueError(f"a table is written as JSON: name it <name>.json, not {artifact_file!r}")
+            path = Path(folder) / Path(artifact_file).name
+            path.write_text(json.dumps(table, default=str))
+            self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent).strip(".") or None)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         with self._guard(f"logging text {artifact_file}"):
@@ -253,7 +273,7 @@ class MlflowTracker:
         """One line telling the user how to look at this run."""
         page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
         if self.tracking_uri.startswith(("http://", "https://")):
-            return f"MLflow run: {self.tracking_uri.rstrip('/')}/{page}"
+            return f"open {self.tracking_uri.rstrip('/')}/{page}"
         store = shlex.quote(self.tracking_uri)
         return (f"view the run: mlflow ui --backend-store-uri {store}  "
                 f"then open http://127.0.0.1:5000/{page}")

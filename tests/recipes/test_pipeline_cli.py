@@ -30,7 +30,7 @@ def test_stage_selection_and_per_stage_keys():
 @pytest.mark.slow
 def test_rlhf_pipeline_runs_every_stage_then_resumes_from_a_failed_one(tmp_path):
     data = make_planner_dataset(tmp_path, date="2026-06-01", n_train=12, n_val=4, n_test=2)
-    (tmp_path / "shelf").write_text("a file where the export folder should go")  # the last stage will fail
+    (data / "test.jsonl").rename(tmp_path / "test.jsonl")  # the evaluate stage reads it: it will fail there
     command = [
         "pipeline", "rlhf", "model=tiny", f"data.path={data}", "data.max_length=160", "train.threads=1",
         "train.batch_size=4", "train.micro_batch_size=4", "train.save_interval=1",
@@ -43,32 +43,32 @@ def test_rlhf_pipeline_runs_every_stage_then_resumes_from_a_failed_one(tmp_path)
     assert first.returncode == 1, first.stderr[-3000:]
     history = json.loads((tmp_path / "pipe" / "history.json").read_text())
     status = {s["stage"]: s["status"] for s in history["stages"]}
-    assert status == {"sft": "succeeded", "reward": "succeeded", "ppo": "succeeded", "evaluate": "succeeded", "export": "failed"}
+    assert status == {"sft": "succeeded", "reward": "succeeded", "ppo": "succeeded", "evaluate": "failed", "export": "pending"}
     stages = {s["stage"]: s for s in history["stages"]}
-    assert "shelf" in stages["export"]["error"]
-    assert {"constraint_respect", "plan_alignment"} <= set(stages["evaluate"]["metrics"])
+    assert "test.jsonl" in stages["evaluate"]["error"]
     # each stage's output fed the next
     sft_model, reward_model = stages["sft"]["outputs"]["model_dir"], stages["reward"]["outputs"]["reward_model_dir"]
     assert Path(sft_model).is_dir() and Path(reward_model).is_dir()
-    assert "stage(s) export failed" in first.stdout
+    assert "stage(s) evaluate failed" in first.stdout
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = client.get_run(history["parent_run_id"])
     assert parent.info.status == "FAILED"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(run.data.tags["mlflow.runName"] for run in children) == ["rlhf/evaluate", "rlhf/ppo", "rlhf/reward", "rlhf/sft"]
+    assert sorted(run.data.tags["mlflow.runName"] for run in children) == ["rlhf/ppo", "rlhf/reward", "rlhf/sft"]
     ppo_run = next(run for run in children if run.data.tags["mlflow.runName"] == "rlhf/ppo")
     assert ppo_run.data.params.get("algo.reward_model") == reward_model  # the reward stage's model scored PPO
     assert ppo_run.data.params.get("model.path") == sft_model  # PPO started from the SFT policy
 
-    # clear the way and run the same command again: it resumes at export, the finished stages stay
-    (tmp_path / "shelf").unlink()
+    # put the test split back and run the same command again: it resumes at evaluate, the finished stages stay
+    (tmp_path / "test.jsonl").rename(data / "test.jsonl")
     second = run_cli(command, tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     history = json.loads((tmp_path / "pipe" / "history.json").read_text())
     stages = {s["stage"]: s for s in history["stages"]}
     assert all(s["status"] == "succeeded" for s in stages.values()) and history["finished"]
-    assert [stages[s]["attempts"] for s in ("sft", "reward", "ppo", "evaluate", "export")] == [1, 1, 1, 1, 2]
+    assert [stages[s]["attempts"] for s in ("sft", "reward", "ppo", "evaluate", "export")] == [1, 1, 1, 2, 1]
+    assert {"constraint_respect", "plan_alignment"} <= set(stages["evaluate"]["metrics"])
     assert client.get_run(history["parent_run_id"]).info.status == "FINISHED"
     for line in ("sft", "reward", "ppo", "evaluate", "export"):
         assert line in second.stdout  # the history table

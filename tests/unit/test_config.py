@@ -92,3 +92,27 @@ def test_a_config_mistake_is_reported_before_torch_is_imported(tmp_path):
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert "algo.epochs=0 must be positive" in result.stderr
     assert "imported: []" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+def test_run_folders_and_checkpoints_are_checked_before_any_work(tmp_path):
+    # a finished run at step 5 (a checkpoint is complete once its trainer_state.json is written)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000005"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"step": 5}')
+    (tmp_path / "afile").write_text("")
+    for overrides, expected in [
+        ([f"train.output_dir={tmp_path / 'afile'}"], "is a file, not a folder"),
+        ([f"train.output_dir={tmp_path / 'afile' / 'run'}"], f"cannot be created: {tmp_path / 'afile'} is a file"),
+        ([f"train.resume={tmp_path / 'nowhere'}"], "does not exist"),
+        ([f"train.resume={tmp_path}"], "holds no complete checkpoint"),
+        (["train.resume=auto", f"train.output_dir={tmp_path / 'run'}", "train.steps=3"], "is at step 5; raise train.steps"),
+        ([f"train.resume={checkpoint}", "train.steps=4"], "is at step 5"),
+        ([f"eval.checkpoint={tmp_path / 'nowhere'}"], "eval.checkpoint="),
+        (["model=hf", f"model.path={tmp_path / 'nowhere'}"], "model.path="),
+    ]:
+        with pytest.raises(ConfigError, match=expected):
+            _compose(overrides)
+    # a run with steps left, or a method whose epochs decide its length, resumes
+    assert _compose(["train.resume=auto", f"train.output_dir={tmp_path / 'run'}", "train.steps=8"]).train.steps == 8
+    _compose(["algo=sft", f"data.path={tmp_path}", "data.train_file=afile", "train.resume=auto",
+              f"train.output_dir={tmp_path / 'run'}", "train.steps=3"])

@@ -27,6 +27,8 @@ MODULES = [
     "tests.recipes.rewards",
     "palaestra.rewards",
     "palaestra.cli",
+    "palaestra.config",
+    "palaestra.jobs",
     "palaestra.classification.metrics",
     "palaestra.models.shapes",
 ]

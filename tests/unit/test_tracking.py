@@ -128,11 +128,21 @@ def test_two_trackers_do_not_mix(store):
     assert set(client.get_run(b.run_id).data.metrics) == {"y"}
 
 
+def test_a_long_run_logs_hundreds_of_tables(store):
+    """MLflow's own log_table lists a run's tables in one tag cut at 8000 characters: table ~150 failed."""
+    root, _ = store
+    t = MlflowTracker("unit", run_name="tables", root=root)
+    for step in range(300):
+        t.log_table([{"step": step, "completion": "x" * 10}], f"samples/step{step:06d}.json")
+    client = MlflowClient(tracking_uri=t.tracking_uri)
+    assert len(client.list_artifacts(t.run_id, "samples")) == 300
+
+
 def test_errors_are_wrapped_with_context(store):
     root, _ = store
     t = MlflowTracker("unit", root=root)
     with pytest.raises(TrackingError, match=rf"logging table bad\.txt.*run {t.run_id}"):
-        t.log_table([{"a": 1}], "bad.txt")  # tables must be .json or .parquet
+        t.log_table([{"a": 1}], "bad.txt")  # tables are .json files
     with pytest.raises(TrackingError, match="resuming the run"):
         MlflowTracker("unit", run_id="0" * 32, root=root)
     with pytest.raises(ValueError, match="status"):
