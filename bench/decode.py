@@ -12,6 +12,12 @@ our loop calling the Hugging Face forward per token, and our loop with the lean 
 alternate call by call (a drifting machine load hits both alike), with the same seed per call.
 Reports seconds per call, completion tokens/s and milliseconds per decode step; appends a dated
 entry to ``bench/RESULTS.md``.
+
+The physical limit of a decode step on this machine: every step reads all the weights it multiplies
+by (each layer's projections and the output head, in the compute precision) and the keys and values
+cached so far, so it takes at least those bytes divided by the memory bandwidth. The bandwidth is
+measured in the same run by a stream copy (``b.copy_(a)`` over 512 MB, STREAM's convention: bytes
+read plus bytes written per second), with the same threads as the decoding.
 """
 
 from __future__ import annotations
@@ -27,6 +33,33 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+
+
+def stream_copy_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
+    """Memory bandwidth in bytes/s: the best of ``repeats`` copies of a buffer far larger than the caches
+    (read + write bytes per copy, as STREAM counts them)."""
+    source = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    target = torch.empty_like(source)
+    target.copy_(source)  # touch every page first
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - started)
+    return 2 * source.numel() * source.element_size() / best
+
+
+def bytes_per_decode_step(model, dtype: torch.dtype, rows: int, context: float) -> float:
+    """What one decode step must read: the weights it multiplies by (every linear layer of the base model
+    (adapters merged into them) and the output head) in ``dtype``, plus the cached keys and values of
+    ``rows`` sequences ``context`` tokens long."""
+    config = model.config
+    linear = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in name]
+    weights = sum(m.weight.numel() for m in linear)  # lm_head is one of them (tied or not, it is read)
+    size = torch.tensor([], dtype=dtype).element_size()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    cache = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * rows * context
+    return (weights + cache) * size
 
 
 def main() -> None:
@@ -56,6 +89,7 @@ def main() -> None:
     }
     sampling = SamplingParams(args.max_tokens, temperature=1.0)
 
+    bandwidth = stream_copy_bandwidth()
     figures = {name: {"seconds": [], "tokens": [], "steps": []} for name in engines}
     for call in range(args.calls + 1):  # call 0 warms up both
         prompts = [task.prompt(e) for e in task.train[call * args.groups : (call + 1) * args.groups]]
@@ -79,6 +113,15 @@ def main() -> None:
             "mean_completion_tokens": statistics.mean(f["tokens"]),
         }
     ratio = summary["palaestra"]["completion_tokens_per_s"] / summary["hf"]["completion_tokens_per_s"]
+    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    rows = args.groups * args.samples
+    prompt_tokens = statistics.mean(len(tokenizer(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)).input_ids)
+                                    for p in prompts)
+    mean_context = prompt_tokens + summary["palaestra"]["mean_completion_tokens"] / rows / 2  # halfway through the answers
+    step_bytes = bytes_per_decode_step(model, compute_dtype, rows, mean_context)
+    limit_ms = 1000 * step_bytes / bandwidth
+    summary["physical_limit"] = {"bandwidth_gb_per_s": bandwidth / 1e9, "mb_read_per_step": step_bytes / 1e6,
+                                 "ms_per_decode_step": limit_ms}
     setting = f"{args.groups} prompts x {args.samples} samples, up to {args.max_tokens} tokens, {args.calls} calls, precision {precision}"
     hf, loop, ours = summary["hf"], summary["loop"], summary["palaestra"]
     lines = [
@@ -89,6 +132,11 @@ def main() -> None:
         f"{ours['completion_tokens_per_s']:.1f} | {ratio:.2f}x |",
         f"| ms per decode step | {hf['ms_per_decode_step']:.1f} | {loop['ms_per_decode_step']:.1f} | {ours['ms_per_decode_step']:.1f} | |",
         f"| completion tokens per call | {hf['mean_completion_tokens']:.1f} | {loop['mean_completion_tokens']:.1f} | {ours['mean_completion_tokens']:.1f} | |",
+        f"| x the physical limit per step | {hf['ms_per_decode_step'] / limit_ms:.1f} | {loop['ms_per_decode_step'] / limit_ms:.1f} | "
+        f"{ours['ms_per_decode_step'] / limit_ms:.1f} | |",
+        "",
+        f"Physical limit: {step_bytes / 1e6:.0f} MB read per decode step (weights in {precision}, and the cache) at "
+        f"{bandwidth / 1e9:.1f} GB/s (stream copy, same run) = {limit_ms:.1f} ms per step.",
     ]
     table = "\n".join(lines)
     print(f"\n{setting}\n{table}")
