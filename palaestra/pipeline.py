@@ -437,9 +437,9 @@ def _data_stage(config: PalaestraConfig, folder: Path, pipeline: str):
 def _evaluate_stage(history, overrides, stage_overrides):
     """Greedy answers of the current policy on the data's test split, scored by the task metrics."""
     from palaestra.evaluation.chat_eval import evaluate_chat
+    from palaestra.evaluation.cli import track_evaluation
     from palaestra.models import load_model_and_tokenizer
     from palaestra.recipes.common import training_device
-    from palaestra.evaluation.cli import track_evaluation
     from palaestra.registry.replay import load_replay_dataset
 
     stage = _stage_config("evaluate", history, overrides, stage_overrides)

@@ -232,10 +232,11 @@ class BufferedTracker:
         self._add({"op": "end", "status": status})
         self.close(wait=True)
 
-    def live(self, timeout: float | None = None):
+    def live(self, timeout: float = 600.0):
         """The store's :class:`~palaestra.tracking.MlflowTracker` once every write so far is in it (for
-        reads and the model registry), or None when the store is unreachable after ``timeout`` seconds."""
-        if not self.flush(self.wait_seconds if timeout is None else timeout):
+        reads and the model registry), or None when the store does not answer (a failed attempt ends the
+        wait at once; ``timeout`` bounds a write that takes long, such as a large model folder)."""
+        if not self.flush(timeout):
             return None
         return self._store
 
