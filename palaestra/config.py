@@ -526,7 +526,7 @@ class TrainConfig:
     """The optimisation loop, checkpoints and outputs."""
 
     steps: int = 50
-    """Number of rollout-and-update steps."""
+    """Number of rollout-and-update steps (grpo's default is 120: conf/algo/grpo.yaml)."""
     batch_size: int = 32
     """Completions per step (prompts per step = batch_size / num_generations)."""
     micro_batch_size: int = 8
