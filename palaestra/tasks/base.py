@@ -7,12 +7,13 @@ per-example columns the reward functions receive. Each dataset family has one bu
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from palaestra.tasks.answers import answers_match, extract_answer
 
-__all__ = ["Example", "Task", "default_verifier"]
+__all__ = ["Example", "Task", "default_verifier", "split_examples"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,23 @@ class Example:
     """The gold answer, as a string."""
     meta: dict = field(default_factory=dict)
     """Extra columns passed to reward functions (e.g. the reasoning-gym entry under "entry")."""
+
+
+def split_examples(examples: list[Example], test_size: int, train_size: int | None, seed: int,
+                   what: str = "examples") -> tuple[list[Example], list[Example]]:
+    """(train, test) of a problem file: shuffled with ``seed``, the first ``test_size`` held out, the rest
+    (up to ``train_size``) to train on. Too few examples for both is a ValueError naming ``what``.
+
+    >>> train, test = split_examples([Example(str(i), str(i)) for i in range(5)], 2, 2, seed=0)
+    >>> len(train), len(test), set(e.question for e in train) & set(e.question for e in test)
+    (2, 2, set())
+    """
+    if len(examples) <= test_size:
+        raise ValueError(f"{len(examples)} {what} cannot give {test_size} test problems and a training set")
+    examples = list(examples)
+    random.Random(seed).shuffle(examples)
+    test, train = examples[:test_size], examples[test_size:]
+    return (train[:train_size] if train_size is not None else train), test
 
 
 def default_verifier(completion: str, example: Example) -> bool:

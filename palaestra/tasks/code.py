@@ -16,12 +16,11 @@ decide the pass rate. Every program runs in :func:`palaestra.sandbox.run_python`
 from __future__ import annotations
 
 import hashlib
-import random
 from pathlib import Path
 
 from palaestra.config import ConfigError
 from palaestra.data.jsonl import read_jsonl
-from palaestra.tasks.base import Example, Task
+from palaestra.tasks.base import Example, Task, split_examples
 
 __all__ = ["build_code_task", "code_pass_rate", "extract_code", "load_function_problems", "shipped_code_examples"]
 
@@ -139,10 +138,6 @@ def build_code_task(path: str | None, *, train_size: int | None, test_size: int,
 
             examples = [_stdio_example(p.statement, p.tests, p.name) for p in load_code_problems(str(path))]
         version = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
-    if len(examples) <= test_size:
-        raise ValueError(f"{len(examples)} code problems cannot give {test_size} test problems and a training set")
-    random.Random(seed).shuffle(examples)
-    test, train = examples[:test_size], examples[test_size:]
-    train = train[:train_size] if train_size is not None else train
+    train, test = split_examples(examples, test_size, train_size, seed, "code problems")
     return Task(name=name, train=train, test=test, instruction=instruction, system_prompt=system_prompt,
                 dataset_version=version, verifier=lambda completion, example: code_pass_rate(completion, example.meta)[0] >= 1.0)

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 from pathlib import Path
 
 from palaestra.config import ConfigError
 from palaestra.data.jsonl import read_jsonl, write_jsonl
-from palaestra.tasks.base import Example, Task
+from palaestra.tasks.base import Example, Task, split_examples
 
 __all__ = ["QUESTIONS", "build_qa_task", "load_qa", "write_python_docs_qa"]
 
@@ -123,11 +122,7 @@ def build_qa_task(path: str | None, *, train_size: int | None, test_size: int, s
     if not Path(path).is_file():
         raise FileNotFoundError(f"path={path} does not exist; point it at a SQuAD-format JSONL file")
     examples = load_qa(path)
-    if len(examples) <= test_size:
-        raise ValueError(f"{len(examples)} QA examples cannot give {test_size} test examples and a training set")
-    random.Random(seed).shuffle(examples)
-    test, train = examples[:test_size], examples[test_size:]
-    train = train[:train_size] if train_size is not None else train
+    train, test = split_examples(examples, test_size, train_size, seed, "QA examples")
     return Task(name=name, train=train, test=test, instruction=instruction, system_prompt=system_prompt,
                 dataset_version=hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12], verifier=qa_correct)
 

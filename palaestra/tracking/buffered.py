@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import threading
+from collections import deque
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -84,8 +85,12 @@ class Journal:
         self._sent_path = self.folder / "sent"
         self._run_path = self.folder / "run.json"
         self._drop_torn_tail()
-        self.records: list[dict] = self._read()
-        self.sent = min(int(self._sent_path.read_text() or 0), len(self.records)) if self._sent_path.is_file() else 0
+        written = self._read()
+        self.sent = min(int(self._sent_path.read_text() or 0), len(written)) if self._sent_path.is_file() else 0
+        """How many records (from the first one ever written) the store has."""
+        # only the unsent ones stay in memory: a long run's journal would otherwise grow the process every step
+        self.records: deque[dict] = deque(written[self.sent :])
+        """The unsent records, oldest first (the writer thread pops from the left as the main one appends)."""
         self._file = self.path.open("a", encoding="utf-8")
 
     def _drop_torn_tail(self) -> None:
@@ -106,7 +111,7 @@ class Journal:
         line = json.dumps(record, default=str)  # numpy numbers and the like as text, as a replay reads them
         self._file.write(line + "\n")
         self._file.flush()
-        self.records.append(json.loads(line))  # appending to a list is atomic: the writer thread reads it as it grows
+        self.records.append(json.loads(line))  # deque appends and pops are atomic: the writer thread reads as it grows
 
     def set_aside(self, records: list[dict], reason: str) -> None:
         """Keep writes the store refused in ``rejected.jsonl`` (with why), out of the way of the others."""
@@ -115,8 +120,11 @@ class Journal:
                 f.write(json.dumps({"reason": reason, **record}, default=str) + "\n")
 
     def mark_sent(self, count: int) -> None:
-        self.sent = count
-        _write_atomically(self._sent_path, str(count))
+        """The oldest ``count`` unsent records are in the store: count them and let them go."""
+        for _ in range(count):
+            self.records.popleft()
+        self.sent += count
+        _write_atomically(self._sent_path, str(self.sent))
 
     @property
     def run(self) -> dict:
@@ -162,7 +170,7 @@ class BufferedTracker:
         self.journal = Journal(folder)
         self.wait_seconds = wait_seconds
         known = self.journal.run or ({"run_id": run_id, "experiment_id": None} if run_id else {})
-        self.resumed = bool(known) or any(r["op"] == "start" for r in self.journal.records)
+        self.resumed = bool(known) or bool(self.journal.sent or self.journal.records)  # a tracker wrote here before
         self._store = None  # the MlflowTracker the writer sends through, once connected
         self._run = known
         self._ended = False
@@ -172,7 +180,8 @@ class BufferedTracker:
         self._said_away = False  # a warning said the store is away (the next success says it is back)
         self._wake = threading.Event()
         self._stopping = False
-        self.journal.append({"op": "start", "experiment": experiment, "run_name": run_name})
+        self._start = {"op": "start", "experiment": experiment, "run_name": run_name}
+        self.journal.append(self._start)
         self._thread = threading.Thread(target=self._write_loop, name="palaestra-tracking", daemon=True)
         self._thread.start()
         if not self.flush(wait_seconds):
@@ -248,7 +257,7 @@ class BufferedTracker:
     # ------------------------------------------------------------------------------------ the writer
     @property
     def unsent(self) -> int:
-        return len(self.journal.records) - self.journal.sent
+        return len(self.journal.records)
 
     def _add(self, record: dict) -> None:
         self.journal.append(record)
@@ -314,19 +323,20 @@ class BufferedTracker:
         """
         from palaestra.tracking.mlflow_tracker import MlflowTracker
 
-        records, position = self.journal.records, self.journal.sent
-        while position < len(records):
-            record = records[position]
+        records = self.journal.records
+        while records:
+            record, position = records[0], self.journal.sent
             batch = [record]
             if record["op"] == "metrics":  # up to one MLflow batch of metrics, several steps at a time
                 count = len(record["metrics"])
-                while position + len(batch) < len(records) and records[position + len(batch)]["op"] == "metrics":
-                    count += len(records[position + len(batch)]["metrics"])
+                while len(batch) < len(records) and records[len(batch)]["op"] == "metrics":
+                    count += len(records[len(batch)]["metrics"])
                     if count > _METRICS_PER_SEND:
                         break
-                    batch.append(records[position + len(batch)])
+                    batch.append(records[len(batch)])
             if record["op"] == "start" or self._store is None:  # reaching the store: any failure means it is away
-                self._store = self._store or self._connect(next(r for r in records if r["op"] == "start"), MlflowTracker)
+                # a start not yet sent creates the run; after one was sent, run.json knows the run and any start resumes it
+                self._store = self._store or self._connect(record if record["op"] == "start" else self._start, MlflowTracker)
             try:
                 if record["op"] == "metrics":
                     self._store.log_metric_records(batch)
@@ -341,8 +351,7 @@ class BufferedTracker:
                 self.journal.set_aside(batch, _one_line(error))
                 log.warning("the tracking store refused a %s write %d times (%s); it is set aside in %s",
                             record["op"], _TRIES_BEFORE_SETTING_ASIDE, _one_line(error), self.journal.folder / "rejected.jsonl")
-            position += len(batch)
-            self.journal.mark_sent(position)
+            self.journal.mark_sent(len(batch))
 
     def _connect(self, start: dict, tracker_class):
         """The store's tracker for this run: the known MLflow run, or a new one whose id is kept in run.json."""

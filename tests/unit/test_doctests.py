@@ -12,6 +12,7 @@ MODULES = [
     "palaestra.rewards.tiered",
     "palaestra.rewards.tunix_gsm8k",
     "palaestra.tasks.answers",
+    "palaestra.tasks.base",
     "palaestra.evaluation.metrics",
     "palaestra.rollout.hf",
     "palaestra.algorithms.at_grpo",
