@@ -101,9 +101,10 @@ def generate_answers(
     answers: list[str] = []
     starts = range(0, len(examples), batch_size)
     try:
-        for start in tqdm(starts, desc="generate", disable=not show_progress, leave=False):
-            chunk = examples[start : start + batch_size]
-            answers.extend(generator.generate([prompt_messages(e) for e in chunk], 1, sampling).texts)
+        with generator.reusing_weights():
+            for start in tqdm(starts, desc="generate", disable=not show_progress, leave=False):
+                chunk = examples[start : start + batch_size]
+                answers.extend(generator.generate([prompt_messages(e) for e in chunk], 1, sampling).texts)
     finally:
         tokenizer.padding_side = padding_side
     return answers

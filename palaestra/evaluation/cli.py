@@ -121,7 +121,7 @@ def track_evaluation(tracking, run_name: str, figures: dict, *, tags: dict, para
 def evaluate_team_command(config: PalaestraConfig) -> str:
     """``palaestra eval algo=at_grpo env=...``: play the test problems with the (trained) team."""
     from palaestra.envs import resolve_env
-    from palaestra.models.policies import build_policies
+    from palaestra.models.policies import build_policies, reusing_weights
     from palaestra.evaluation.team import evaluate_team, team_sampling
 
     checkpoint = checkpoint_path(config.eval.checkpoint)
@@ -148,8 +148,9 @@ def evaluate_team_command(config: PalaestraConfig) -> str:
         return policy.generator.generate(prompts, samples, sampling)
 
     sampling, plays = team_sampling(config.eval, config.algo.max_completion_length)
-    figures, episodes = evaluate_team(make_env, generate, config.env.test_envs, sampling=sampling, plays=plays,
-                                      alpha=config.algo.alpha, seed=config.train.seed, base_seed=config.env.seed)
+    with reusing_weights(policies):
+        figures, episodes = evaluate_team(make_env, generate, config.env.test_envs, sampling=sampling, plays=plays,
+                                          alpha=config.algo.alpha, seed=config.train.seed, base_seed=config.env.seed)
     _, where = track_evaluation(
         config.tracking, f"eval-{config.env.name}", figures,
         tags={"env": config.env.name, "algo": "eval", "policy": config.policy.mode,

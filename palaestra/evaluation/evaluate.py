@@ -60,7 +60,7 @@ def evaluate(
     formatted = rewards_total = 0.0
     samples: list[dict] = []
     batches = range(0, len(examples), examples_per_batch)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), generator.reusing_weights():
         torch.manual_seed(seed)
         for start in tqdm(batches, desc="eval", disable=not show_progress, leave=False):
             chunk = examples[start : start + examples_per_batch]

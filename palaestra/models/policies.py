@@ -11,6 +11,7 @@ Each policy has its own optimizer and scheduler and is saved as its own checkpoi
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,3 +89,14 @@ def build_policies(
         model, tokenizer = make(role, (role,), role_models.get(role) or None)
         policies[role] = Policy(role, (role,), model, tokenizer, None, HFGenerator(model, tokenizer, max_prompt_length, precision))
     return policies, {r: r for r in roles}
+
+
+@contextmanager
+def reusing_weights(policies: dict[str, Policy]):
+    """``with reusing_weights(policies):`` every generator of the team reuses its packed weights
+    across the block's generate calls (a rollout or an evaluation: the adapters change only in the
+    training phase after it; see ``HFGenerator.reusing_weights``)."""
+    with ExitStack() as stack:
+        for generator in {id(p.generator): p.generator for p in policies.values()}.values():
+            stack.enter_context(generator.reusing_weights())
+        yield

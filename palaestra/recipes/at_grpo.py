@@ -31,7 +31,7 @@ from palaestra.envs import resolve_env, train_seeds
 from palaestra.evaluation.team import evaluate_team, rollout_metrics, team_sampling
 from palaestra.models import model_id
 from palaestra.models.logprobs import batch_logprobs, shared_prompt_rows
-from palaestra.models.policies import Policy, build_policies
+from palaestra.models.policies import Policy, build_policies, reusing_weights
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
 from palaestra.recipes.common import adamw, clip_gradients, policy_identity, seed_everything, training_device
 from palaestra.recipes.methods import best_metric
@@ -96,8 +96,9 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
         return policy.generator.generate(prompts, samples, sampling)
 
     def run_eval(step: int, label: str) -> dict:
-        figures, episodes = evaluate_team(make_env, generate, env_cfg.test_envs, sampling=eval_sampling, plays=plays,
-                                          alpha=algo.alpha, seed=train_cfg.seed, base_seed=env_cfg.seed)
+        with reusing_weights(policies):
+            figures, episodes = evaluate_team(make_env, generate, env_cfg.test_envs, sampling=eval_sampling, plays=plays,
+                                              alpha=algo.alpha, seed=train_cfg.seed, base_seed=env_cfg.seed)
         if tracker:
             tracker.log_dict({"episodes": [vars(e) for e in episodes[:4]]}, f"transcripts/{label}_step{step:06d}.json")
         return run.log_eval(step, label, figures)
@@ -110,7 +111,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict
 
             # 1. roll out: a tree of K answers per (turn, agent) over fresh training problems
             seeds = train_seeds(env_cfg.train_envs, base=env_cfg.seed + (step - 1) * env_cfg.train_envs)
-            with run.timed("rollout"):
+            with run.timed("rollout"), reusing_weights(policies):
                 groups, episodes = _rollout(make_env, seeds, generate, train_sampling, algo)
 
             # 2. score and 3. advantages: normalised inside each (problem, turn, agent) group

@@ -15,7 +15,7 @@ import torch
 from palaestra.models.precision import autocast
 from palaestra.models.shapes import bucket_length
 from palaestra.rollout.decode import HFDecodeState, decode
-from palaestra.rollout.fast_llama import LlamaDecodeState, layer_keys_values, supports_fast_decode
+from palaestra.rollout.fast_llama import LlamaDecodeState, LlamaWeights, supports_fast_decode, weights_version
 
 
 @dataclass
@@ -70,6 +70,7 @@ class HFGenerator:
         self.decoder = decoder
         self.fast_step = fast_step
         self.prefill_rows = prefill_rows  # distinct prompts per prefill forward (the lean path)
+        self._reused: dict | None = None  # packed weights kept by reusing_weights(), by adapter state
         self.tokenizer.padding_side = "left"
         eos = tokenizer.eos_token_id
         self.stop_ids = sorted({eos} | set(_as_list(getattr(model.generation_config, "eos_token_id", None))))
@@ -139,9 +140,9 @@ class HFGenerator:
         # path) or see them merged into the weights (the Hugging Face step).
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         if lean:
-            first_logits, cache = self._chunked_prefill(model, ids, mask, repeats)
-            dtype = torch.bfloat16 if self.precision == "bf16" else None
-            state = LlamaDecodeState(model, cache, sampling.max_new_tokens, dtype=dtype)
+            weights = self._lean_weights(model, torch.bfloat16 if self.precision == "bf16" else None)
+            first_logits, cache = self._chunked_prefill(weights, ids, mask, repeats)
+            state = LlamaDecodeState(model, cache, sampling.max_new_tokens, weights=weights)
         else:
             out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
                         use_cache=True, logits_to_keep=1)
@@ -155,25 +156,48 @@ class HFGenerator:
             top_p=sampling.top_p, greedy=sampling.greedy,
         )
 
-    def _chunked_prefill(self, model, ids: torch.Tensor, mask: torch.Tensor, repeats: int):
-        """Last-token logits [B * repeats, V] and per-layer keys/values of the prompts, prefilled
-        ``prefill_rows`` prompts at a time: a prefill's transient memory grows faster than its rows
-        (an evaluation batch in one forward set the main job's peak; bench/RESULTS.md, memory entries)."""
-        logits, keys, values = [], [], []
+    def _chunked_prefill(self, weights: LlamaWeights, ids: torch.Tensor, mask: torch.Tensor, repeats: int):
+        """Last-token logits [B * repeats, V] and per-layer keys/values of the prompts, prefilled on the
+        packed weights ``prefill_rows`` prompts at a time: a prefill's transient memory grows faster
+        than its rows (an evaluation batch in one forward set the main job's peak; bench/RESULTS.md,
+        memory entries)."""
+        logits, chunks = [], []
         for start in range(0, ids.shape[0], self.prefill_rows):
             rows = slice(start, start + self.prefill_rows)
-            out = model(input_ids=ids[rows], attention_mask=mask[rows], use_cache=True, logits_to_keep=1,
-                        position_ids=(mask[rows].cumsum(dim=1) - 1).clamp(min=0))
-            logits.append(out.logits[:, -1])
-            layers = [layer_keys_values(out.past_key_values, index) for index in range(model.config.num_hidden_layers)]
-            keys.append([k for k, _ in layers])
-            values.append([v for _, v in layers])
+            chunk_logits, layers = weights.prefill(ids[rows], mask[rows])
+            logits.append(chunk_logits)
+            chunks.append(layers)
         cache = _StackedCache([
-            (torch.cat([chunk[i] for chunk in keys]).repeat_interleave(repeats, dim=0),
-             torch.cat([chunk[i] for chunk in values]).repeat_interleave(repeats, dim=0))
-            for i in range(model.config.num_hidden_layers)
+            (torch.cat([chunk[i][0] for chunk in chunks]).repeat_interleave(repeats, dim=0),
+             torch.cat([chunk[i][1] for chunk in chunks]).repeat_interleave(repeats, dim=0))
+            for i in range(len(weights.layers))
         ])
         return torch.cat(logits).repeat_interleave(repeats, dim=0), cache
+
+    @contextmanager
+    def reusing_weights(self):
+        """``with generator.reusing_weights():`` generate calls in the block share the lean path's
+        packed weights while the model's weights and active adapters stay as they were.
+
+        A team rollout calls ``generate`` once per (turn, agent) between two optimizer steps; building
+        the merged, packed weights once per adapter instead of once per call saves most of a short
+        answer's generation time. Outside such a block every call builds its own (a training step
+        changes the adapters, and a stale copy would only hold memory).
+        """
+        outer, self._reused = self._reused, {} if self._reused is None else self._reused
+        try:
+            yield self
+        finally:
+            self._reused = outer
+
+    def _lean_weights(self, model, dtype) -> LlamaWeights:
+        if self._reused is None:
+            return LlamaWeights(model, dtype)
+        adapters, version = weights_version(model)
+        key = (adapters, dtype)
+        if key not in self._reused or self._reused[key][0] != version:
+            self._reused[key] = (version, LlamaWeights(model, dtype))
+        return self._reused[key][1]
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int):
         """The key/value cache of all prompt tokens but the last, repeated for each sample."""

@@ -16,6 +16,8 @@ Status: designed against vLLM's offline ``LLM`` API and tested on the CPU only i
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import itertools
 import shutil
 import tempfile
@@ -98,6 +100,10 @@ class VLLMGenerator:
         self._requests[adapter] = LoRARequest(f"{adapter}-{version}", version, str(saved))
         if previous is not None:  # the old adapter's files are no longer needed
             shutil.rmtree(Path(previous.lora_path), ignore_errors=True)
+
+    def reusing_weights(self):
+        """The engine holds its own weights; nothing to reuse between calls (see HFGenerator)."""
+        return nullcontext(self)
 
     def encode_prompts(self, prompts: list[list[dict]]) -> list[list[int]]:
         return [encode_chat(self.tokenizer, messages)[-self.max_prompt_length :] for messages in prompts]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from palaestra.rollout.decode import HFDecodeState
-from palaestra.rollout.fast_llama import LlamaDecodeState, layer_keys_values
+from palaestra.rollout.fast_llama import LlamaDecodeState
 
 __all__ = ["HFBatch", "LeanBatch", "Prefilled"]
 
@@ -65,9 +65,7 @@ class LeanBatch:
         # the state of an empty batch: the packed weights; its cache and rotary table are ours to manage
         self.state = LlamaDecodeState(model, _Layers([(empty, empty)] * self.layers), 1, dtype=dtype)
         self.max_positions = int(getattr(config, "max_position_embeddings", 4096))
-        probe = torch.zeros(1, 1, self.head_dim, dtype=self.state.cache_dtype, device=device)
-        cos, sin = model.model.rotary_emb(probe, torch.arange(self.max_positions, device=device).unsqueeze(0))
-        self.state.cos, self.state.sin = cos[0], sin[0]
+        self.state.cos, self.state.sin = self.state.weights.rotary_table(self.max_positions)
         self.device = device
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # [B, slots in use]
 
@@ -77,9 +75,8 @@ class LeanBatch:
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> Prefilled:
-        out = _prefill_forward(self.model, ids, mask)
-        layers = [layer_keys_values(out.past_key_values, index) for index in range(self.layers)]
-        return Prefilled(out.logits[:, -1], mask, layers)
+        logits, layers = self.state.weights.prefill(ids, mask)  # on the packed weights, as the decode steps
+        return Prefilled(logits, mask, layers)
 
     def can_join(self) -> bool:
         return True

@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from palaestra.models.shapes import bucket_length
+from palaestra.rollout.decode import draw
 
 __all__ = ["Delta", "Engine", "Failed", "Finished", "GenerationJob", "Sampling", "TokenLogprob"]
 
@@ -384,7 +385,7 @@ def _sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[
             # drop a token when the tokens before it already reach top_p (the first one always stays)
             drop = (probs.cumsum(dim=-1) - probs) >= sampling.top_p
             scores = scores.index_put((order[drop],), torch.tensor(float("-inf"), device=scores.device))
-        chosen[i] = torch.multinomial(scores.softmax(dim=-1), 1, generator=row.generator)[0]
+        chosen[i] = draw(scores.softmax(dim=-1).unsqueeze(0), row.generator)[0]
     chosen = chosen.cpu()
     wanted = [i for i, row in enumerate(rows) if row.job.sampling.logprobs]
     logprobs: list[TokenLogprob | None] = [None] * len(rows)

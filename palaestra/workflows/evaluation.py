@@ -57,17 +57,18 @@ def evaluate_workflows(generator, task, examples, sampling, *, batch_size: int =
     written, the code that ran, how it ended, its answer and reward (the sample workflows to keep as artifacts).
     """
     scores, rows = [], []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        completions = generator.generate([task.prompt(e) for e in chunk], 1, sampling).texts
-        chunk_scores = task.score(completions, chunk)
-        scores += chunk_scores
-        for example, completion, score in zip(chunk, completions, chunk_scores):
-            rows.append({"domain": task.domain(example), "question": example.question, "gold": example.answer,
-                         "workflow": completion, "ran": score.outcome.validation.code, "outcome": score.outcome.kind,
-                         "repairs": score.outcome.validation.repairs, "errors": score.outcome.validation.errors,
-                         "runtime_error": score.outcome.runtime_error, "answer": score.outcome.answer,
-                         "reward": score.reward, "executor_calls": score.outcome.calls})
+    with generator.reusing_weights():  # the policy does not change during an evaluation
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            completions = generator.generate([task.prompt(e) for e in chunk], 1, sampling).texts
+            chunk_scores = task.score(completions, chunk)
+            scores += chunk_scores
+            for example, completion, score in zip(chunk, completions, chunk_scores):
+                rows.append({"domain": task.domain(example), "question": example.question, "gold": example.answer,
+                             "workflow": completion, "ran": score.outcome.validation.code, "outcome": score.outcome.kind,
+                             "repairs": score.outcome.validation.repairs, "errors": score.outcome.validation.errors,
+                             "runtime_error": score.outcome.runtime_error, "answer": score.outcome.answer,
+                             "reward": score.reward, "executor_calls": score.outcome.calls})
     return workflow_figures(scores, [task.domain(e) for e in examples]), rows
 
 

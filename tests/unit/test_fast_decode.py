@@ -151,3 +151,63 @@ def test_prefill_in_chunks_of_prompts_gives_the_same_tokens():
     chunked = HFGenerator(model, tokenizer, prefill_rows=2).generate(prompts, 2, greedy)  # chunks of 2, 2 and 1
     assert torch.equal(chunked.completion_ids, whole.completion_ids)
     assert chunked.texts == whole.texts
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_lean_prefill_matches_the_hf_prefill_with_padding_and_adapters(family, dtype):
+    from palaestra.rollout.fast_llama import LlamaWeights, layer_keys_values
+
+    model = build_tiny_model(seed=1)[0] if family == "llama" else _tiny_qwen2()
+    model = _with_adapters(model.to(dtype)).get_base_model() if family == "llama" else model.to(dtype)
+    prompts = torch.randint(3, 250, (3, 7), generator=torch.Generator().manual_seed(2))
+    prompt_mask = torch.ones(3, 7, dtype=torch.long)
+    prompt_mask[1, :3] = 0  # left padding
+    prompt_mask[2, :6] = 0  # a one-token prompt
+    expected_logits, cache = _prefill(model, prompts, prompt_mask)
+    logits, layers = LlamaWeights(model).prefill(prompts, prompt_mask)
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    scale = expected_logits.abs().max()
+    assert torch.allclose(logits.float(), expected_logits.float(), atol=tolerance * scale, rtol=0)
+    real = prompt_mask.bool()[:, None, :, None]  # padded slots hold no meaning in either cache
+    for index, (keys, values) in enumerate(layers):
+        expected_keys, expected_values = layer_keys_values(cache, index)
+        for got, expected in ((keys, expected_keys), (values, expected_values)):
+            difference = ((got.float() - expected.float()) * real).abs().max()
+            assert difference <= tolerance * expected.abs().max(), (index, difference)
+
+
+@torch.no_grad()
+def test_reusing_weights_builds_them_once_per_adapter_state_and_sees_every_change():
+    from palaestra.rollout import HFGenerator, SamplingParams
+
+    model, tokenizer = build_tiny_model(seed=4)
+    model = _with_adapters(model)
+    generator = HFGenerator(model, tokenizer)
+    prompts = [[{"role": "user", "content": text}] for text in ("What is 2 + 3?", "Hi")]
+    greedy = SamplingParams(max_new_tokens=6, greedy=True)
+
+    def each_adapter():
+        out = {}
+        for adapter in ("planner", "executor"):
+            model.set_adapter(adapter)
+            out[adapter] = generator.generate(prompts, 2, greedy).completion_ids
+        return out
+
+    fresh = each_adapter()
+    with generator.reusing_weights():
+        assert each_adapter().keys() == fresh.keys()
+        built = {key: weights for key, (_, weights) in generator._reused.items()}
+        assert len(built) == 2  # one packed copy per adapter
+        again = each_adapter()
+        assert all(generator._reused[key][1] is weights for key, weights in built.items())  # reused, not rebuilt
+        assert all(torch.equal(again[name], fresh[name]) for name in fresh)
+        lora_b = next(p for n, p in model.named_parameters() if "lora_B.planner" in n and "q_proj" in n)
+        lora_b.add_(0.5)  # an optimizer step changes the adapter in place
+        model.set_adapter("planner")
+        changed = generator.generate(prompts, 2, greedy).completion_ids
+        assert not any(generator._reused[key][1] is weights for key, weights in built.items() if "planner" in key[0][0])
+    assert generator._reused is None  # nothing held after the block
+    model.set_adapter("planner")
+    assert torch.equal(generator.generate(prompts, 2, greedy).completion_ids, changed)
