@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 
 
 def apply_lora(
@@ -35,7 +36,32 @@ def apply_lora(
         peft_model = get_peft_model(model, config, adapter_name=adapter_names[0])
         for name in adapter_names[1:]:
             peft_model.add_adapter(name, config)
-        return peft_model
+    leave_input_dtype_to_autocast(peft_model)
+    return peft_model
+
+
+def leave_input_dtype_to_autocast(model) -> None:
+    """LoRA layers of ``model`` stop copying their input to the adapter's dtype under autocast.
+
+    peft casts an adapted layer's input to the adapter's dtype (fp32) before the adapter's first
+    matrix; under bf16 autocast, which casts it straight back to bf16 for the product, that keeps an
+    fp32 copy of every adapted layer's input for the backward pass: a quarter of a LoRA forward's
+    saved activations (0.35 of 1.5 GB for one 1024-token row of SmolLM2-135M with all-linear
+    adapters). Outside autocast the input is still cast (a hook on the adapter's A matrix), so an
+    fp32 forward over bf16 base weights keeps working.
+    """
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+            for lora_a in module.lora_A.values():
+                lora_a.register_forward_pre_hook(_cast_outside_autocast)
+
+
+def _cast_outside_autocast(module, args):
+    x = args[0]
+    if x.dtype != module.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return (x.to(module.weight.dtype), *args[1:])
+    return None
 
 
 def reference_logits_context(model) -> AbstractContextManager:

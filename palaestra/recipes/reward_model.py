@@ -173,6 +173,8 @@ def apply_reward_lora(model, *, r: int, alpha: int, dropout: float, target_modul
 
     from peft import LoraConfig, get_peft_model
 
+    from palaestra.models.lora import leave_input_dtype_to_autocast
+
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     lora = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                       modules_to_save=["score"])
@@ -184,6 +186,7 @@ def apply_reward_lora(model, *, r: int, alpha: int, dropout: float, target_modul
         if name.endswith("modules_to_save.default"):
             module.float()
             module.register_forward_pre_hook(lambda head, args: tuple(a.to(head.weight.dtype) for a in args))
+    leave_input_dtype_to_autocast(model)
     return model
 
 

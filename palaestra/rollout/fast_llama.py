@@ -20,9 +20,10 @@ does the same mathematics in fewer, larger operations:
 
 ``bench/decode.py`` measures the step against the Hugging Face forward in the same loop.
 
-Packings of weights without an active adapter (a LoRA run's frozen base) are cached for the run;
-adapted projections get their adapters merged into a fresh packed copy once per ``generate`` (or once
-per adapter state inside ``HFGenerator.reusing_weights``).
+The packed weights (active adapters merged in) are built once per ``generate`` call and freed after
+it: a copy kept between training steps would only add to the step's peak memory. Where the weights
+do not change between calls, a :class:`PackedWeightsCache` keeps them: inside
+``HFGenerator.reusing_weights`` (a team rollout, an evaluation) and in a server.
 
 The prompt is prefilled on the same packed weights (:meth:`LlamaWeights.prefill`, once per distinct
 prompt), not through the Hugging Face forward and its LoRA layers; its keys and values are copied
@@ -33,12 +34,10 @@ greedy tokens identical to ``generate``).
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LlamaDecodeState", "LlamaWeights", "layer_keys_values", "packed_linear", "one_token_attention", "supports_fast_decode", "weights_version"]
+__all__ = ["LlamaDecodeState", "LlamaWeights", "PackedWeightsCache", "layer_keys_values", "packed_linear", "one_token_attention", "supports_fast_decode", "weights_version"]
 
 _FAST_MODEL_TYPES = ("llama", "qwen2")
 
@@ -135,41 +134,13 @@ def _lora_supported(model) -> bool:
     return True
 
 
-# Packed copies of frozen weights, kept while the weight is alive and unchanged: a LoRA run's base
-# never changes, so its packing is paid once instead of at every generate call.
-_FROZEN_PACKS: dict[int, tuple[weakref.ref, dict]] = {}  # id(first weight) -> (its weakref, role -> (stamp, projection))
-
-
-def _frozen_entries(weight: torch.Tensor) -> dict:
-    for key in [key for key, (ref, _) in _FROZEN_PACKS.items() if ref() is None]:
-        del _FROZEN_PACKS[key]  # the weight is gone (its model was freed)
-    ref, entries = _FROZEN_PACKS.get(id(weight), (None, None))
-    if ref is None or ref() is not weight:
-        entries = {}
-        _FROZEN_PACKS[id(weight)] = (weakref.ref(weight), entries)
-    return entries
-
-
-def _projection(modules: list, dtype: torch.dtype, role: str):
-    """One fused projection over ``modules`` (q/k/v, gate/up or one), packed.
-
-    Active LoRA adapters are merged into a fresh packed copy (a LoRA run's adapters change every
-    step; merging once per ``generate`` costs less than applying them at every decode step).
-    Without adapters, the packing of frozen weights is cached while they stay unchanged.
-    """
+def _projection(modules: list, dtype: torch.dtype):
+    """One fused projection over ``modules`` (q/k/v, gate/up or one), packed, active LoRA adapters merged in."""
     weights, biases = [_weight(m) for m in modules], [_bias(m) for m in modules]
-    present_biases = [b for b in biases if b is not None]
     deltas = [_lora_delta(m) for m in modules]
-    frozen = all(d is None for d in deltas) and not any(t.requires_grad for t in weights + present_biases)
-    stamp = (role, dtype, tuple((id(t), t.data_ptr(), t._version) for t in weights + present_biases))
-    entries = _frozen_entries(weights[0]) if frozen else {}
-    if role in entries and entries[role][0] == stamp:
-        return entries[role][1]
     parts = [(w.detach().float() + d).to(dtype) if d is not None else w.detach().to(dtype) for w, d in zip(weights, deltas)]
-    bias = torch.cat([b.detach().to(dtype) for b in biases]) if len(present_biases) == len(biases) else None
-    projection = packed_linear(torch.cat(parts) if len(parts) > 1 else parts[0], bias)
-    entries[role] = (stamp, projection)
-    return projection
+    bias = torch.cat([b.detach().to(dtype) for b in biases]) if all(b is not None for b in biases) else None
+    return packed_linear(torch.cat(parts) if len(parts) > 1 else parts[0], bias)
 
 
 def weights_version(model) -> tuple[tuple, tuple]:
@@ -179,6 +150,21 @@ def weights_version(model) -> tuple[tuple, tuple]:
     lora_layer = next((module for module in model.modules() if hasattr(module, "lora_A")), None)
     adapters = () if lora_layer is None else (tuple(lora_layer.active_adapters), lora_layer.disable_adapters, lora_layer.merged)
     return adapters, tuple((id(parameter), parameter.data_ptr(), parameter._version) for parameter in model.parameters())
+
+
+class PackedWeightsCache:
+    """:class:`LlamaWeights` kept per adapter state (active adapters, dtype) while none of the
+    model's weights changes; a changed weight (an optimizer step, a loaded checkpoint) rebuilds them."""
+
+    def __init__(self):
+        self.entries: dict[tuple, tuple[tuple, LlamaWeights]] = {}
+
+    def get(self, model, dtype: torch.dtype | None = None) -> "LlamaWeights":
+        adapters, version = weights_version(model)
+        key = (adapters, dtype)
+        if key not in self.entries or self.entries[key][0] != version:
+            self.entries[key] = (version, LlamaWeights(model, dtype))
+        return self.entries[key][1]
 
 
 class LlamaWeights:
@@ -200,17 +186,17 @@ class LlamaWeights:
         self.rotary = inner.rotary_emb
         self.embed = inner.embed_tokens.weight.detach().to(self.dtype)
         self.final_norm = inner.norm.weight.detach().to(self.dtype)
-        self.lm_head = _projection([model.lm_head], self.dtype, "lm_head")
+        self.lm_head = _projection([model.lm_head], self.dtype)
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append((
                 layer.input_layernorm.weight.detach().to(self.dtype),
-                _projection([attn.q_proj, attn.k_proj, attn.v_proj], self.dtype, "qkv"),
-                _projection([attn.o_proj], self.dtype, "o"),
+                _projection([attn.q_proj, attn.k_proj, attn.v_proj], self.dtype),
+                _projection([attn.o_proj], self.dtype),
                 layer.post_attention_layernorm.weight.detach().to(self.dtype),
-                _projection([mlp.gate_proj, mlp.up_proj], self.dtype, "gate_up"),
-                _projection([mlp.down_proj], self.dtype, "down"),
+                _projection([mlp.gate_proj, mlp.up_proj], self.dtype),
+                _projection([mlp.down_proj], self.dtype),
             ))
 
     def rotary_table(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 from palaestra.models.precision import autocast
 from palaestra.models.shapes import bucket_length
 from palaestra.rollout.decode import HFDecodeState, decode
-from palaestra.rollout.fast_llama import LlamaDecodeState, LlamaWeights, supports_fast_decode, weights_version
+from palaestra.rollout.fast_llama import LlamaDecodeState, LlamaWeights, PackedWeightsCache, supports_fast_decode
 
 
 @dataclass
@@ -70,7 +70,7 @@ class HFGenerator:
         self.decoder = decoder
         self.fast_step = fast_step
         self.prefill_rows = prefill_rows  # distinct prompts per prefill forward (the lean path)
-        self._reused: dict | None = None  # packed weights kept by reusing_weights(), by adapter state
+        self._reused: PackedWeightsCache | None = None  # the packed weights kept inside reusing_weights()
         self.tokenizer.padding_side = "left"
         eos = tokenizer.eos_token_id
         self.stop_ids = sorted({eos} | set(_as_list(getattr(model.generation_config, "eos_token_id", None))))
@@ -184,20 +184,14 @@ class HFGenerator:
         answer's generation time. Outside such a block every call builds its own (a training step
         changes the adapters, and a stale copy would only hold memory).
         """
-        outer, self._reused = self._reused, {} if self._reused is None else self._reused
+        outer, self._reused = self._reused, PackedWeightsCache() if self._reused is None else self._reused
         try:
             yield self
         finally:
             self._reused = outer
 
     def _lean_weights(self, model, dtype) -> LlamaWeights:
-        if self._reused is None:
-            return LlamaWeights(model, dtype)
-        adapters, version = weights_version(model)
-        key = (adapters, dtype)
-        if key not in self._reused or self._reused[key][0] != version:
-            self._reused[key] = (version, LlamaWeights(model, dtype))
-        return self._reused[key][1]
+        return LlamaWeights(model, dtype) if self._reused is None else self._reused.get(model, dtype)
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int):
         """The key/value cache of all prompt tokens but the last, repeated for each sample."""

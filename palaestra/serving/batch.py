@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from palaestra.rollout.decode import HFDecodeState
-from palaestra.rollout.fast_llama import LlamaDecodeState
+from palaestra.rollout.fast_llama import LlamaDecodeState, LlamaWeights
 
 __all__ = ["HFBatch", "LeanBatch", "Prefilled"]
 
@@ -53,7 +53,7 @@ class LeanBatch:
     joinable = True
 
     @torch.no_grad()
-    def __init__(self, model, dtype: torch.dtype | None = None):
+    def __init__(self, model, dtype: torch.dtype | None = None, weights: LlamaWeights | None = None):
         self.model = model
         config = model.config
         heads = config.num_attention_heads
@@ -63,7 +63,7 @@ class LeanBatch:
         device = model.model.embed_tokens.weight.device
         empty = torch.zeros(0, self.kv_heads, 0, self.head_dim, device=device)
         # the state of an empty batch: the packed weights; its cache and rotary table are ours to manage
-        self.state = LlamaDecodeState(model, _Layers([(empty, empty)] * self.layers), 1, dtype=dtype)
+        self.state = LlamaDecodeState(model, _Layers([(empty, empty)] * self.layers), 1, dtype=dtype, weights=weights)
         self.max_positions = int(getattr(config, "max_position_embeddings", 4096))
         self.state.cos, self.state.sin = self.state.weights.rotary_table(self.max_positions)
         self.device = device

@@ -99,6 +99,9 @@ class LoadedModel:
         self.stop_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 4096))
         self.adapters: list[str] = []
+        from palaestra.rollout.fast_llama import PackedWeightsCache
+
+        self.packed = PackedWeightsCache()  # the lean step's packed weights, one copy per adapter
 
     def add_adapter(self, folder: Path) -> str:
         """Load the peft adapter in ``folder`` over this network; return its adapter name."""
@@ -164,7 +167,7 @@ class Route:
 
         with self.activate():
             if supports_fast_decode(self.loaded.plain):
-                return LeanBatch(self.loaded.plain)
+                return LeanBatch(self.loaded.plain, weights=self.loaded.packed.get(self.loaded.plain))
             return HFBatch(self.loaded.plain)
 
 

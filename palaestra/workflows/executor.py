@@ -137,7 +137,7 @@ class GeneratorBackend:
             groups.setdefault((request.max_tokens, request.temperature), []).append(index)
         model = self.generator.model
         off = model.disable_adapter() if self.adapter_off and hasattr(model, "disable_adapter") else nullcontext()
-        with off:
+        with off, self.generator.reusing_weights():  # one packing of the weights for all the groups
             for (max_tokens, temperature), indices in groups.items():
                 sampling = SamplingParams(max_tokens, temperature=max(temperature, 1e-5), greedy=temperature <= 0)
                 rollout = self.generator.generate([requests[i].chat() for i in indices], 1, sampling)

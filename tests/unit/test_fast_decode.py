@@ -109,7 +109,7 @@ def test_lean_step_applies_the_active_lora_adapter_unmerged_and_sees_base_weight
     with model.disable_adapter():
         expected, got = both()
         assert torch.allclose(got, expected, atol=1e-4)
-    # the frozen base is packed once and reused; a change to it (a resumed checkpoint) is seen
+    # a change to the frozen base (a resumed checkpoint) is seen
     base_weight = plain.model.layers[0].mlp.down_proj.base_layer.weight
     assert not base_weight.requires_grad
     base_weight.mul_(0.5)
@@ -198,16 +198,16 @@ def test_reusing_weights_builds_them_once_per_adapter_state_and_sees_every_chang
     fresh = each_adapter()
     with generator.reusing_weights():
         assert each_adapter().keys() == fresh.keys()
-        built = {key: weights for key, (_, weights) in generator._reused.items()}
+        built = {key: weights for key, (_, weights) in generator._reused.entries.items()}
         assert len(built) == 2  # one packed copy per adapter
         again = each_adapter()
-        assert all(generator._reused[key][1] is weights for key, weights in built.items())  # reused, not rebuilt
+        assert all(generator._reused.entries[key][1] is weights for key, weights in built.items())  # reused, not rebuilt
         assert all(torch.equal(again[name], fresh[name]) for name in fresh)
         lora_b = next(p for n, p in model.named_parameters() if "lora_B.planner" in n and "q_proj" in n)
         lora_b.add_(0.5)  # an optimizer step changes the adapter in place
         model.set_adapter("planner")
         changed = generator.generate(prompts, 2, greedy).completion_ids
-        assert not any(generator._reused[key][1] is weights for key, weights in built.items() if "planner" in key[0][0])
+        assert not any(generator._reused.entries[key][1] is weights for key, weights in built.items() if "planner" in key[0][0])
     assert generator._reused is None  # nothing held after the block
     model.set_adapter("planner")
     assert torch.equal(generator.generate(prompts, 2, greedy).completion_ids, changed)

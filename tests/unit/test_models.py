@@ -335,3 +335,42 @@ def test_old_orphaned_partial_folders_are_cleaned(tmp_path, fake_source):
     os.utime(old, (time.time() - 7200, time.time() - 7200))  # a converter killed two hours ago
     embedded_model_dir("smollm2-135m", cache_dir=tmp_path / "cache")
     assert not old.exists() and fresh.exists()  # a recent one may belong to a running converter
+
+
+def test_lora_layers_leave_the_input_dtype_to_autocast_and_still_cast_without_it():
+    from palaestra.models.lora import apply_lora
+    from palaestra.models.precision import autocast
+
+    model = build_tiny_model(seed=0)[0].to(torch.bfloat16)
+    model = apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0.0, 0.1)  # a real adapter effect
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    ids = torch.randint(3, 200, (2, 9))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes_and_logits():
+        storages = {}
+
+        def keep(tensor):
+            if tensor.untyped_storage().data_ptr() not in weights:
+                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast("bf16", "cpu"):
+            logits = model(input_ids=ids).logits
+        return sum(storages.values()), logits
+
+    ours, with_autocast = saved_bytes_and_logits()
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = True  # peft's default: a copy of each adapted layer's input
+    peft_default, expected = saved_bytes_and_logits()
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    assert torch.equal(with_autocast, expected)  # the same numbers
+    assert ours < 0.9 * peft_default, (ours, peft_default)  # fewer activations kept for backward
+    without = model(input_ids=ids).logits  # no autocast: bf16 activations meet fp32 adapters, cast by the hook
+    assert torch.isfinite(without.float()).all()
+    assert torch.allclose(without.float(), with_autocast.float(), atol=0.15 * float(with_autocast.float().abs().max()))
