@@ -44,11 +44,11 @@ def leave_input_dtype_to_autocast(model) -> None:
     """LoRA layers of ``model`` stop copying their input to the adapter's dtype under autocast.
 
     peft casts an adapted layer's input to the adapter's dtype (fp32) before the adapter's first
-    matrix; under bf16 autocast, which casts it straight back to bf16 for the product, that keeps an
-    fp32 copy of every adapted layer's input for the backward pass: a quarter of a LoRA forward's
-    saved activations (0.35 of 1.5 GB for one 1024-token row of SmolLM2-135M with all-linear
-    adapters). Outside autocast the input is still cast (a hook on the adapter's A matrix), so an
-    fp32 forward over bf16 base weights keeps working.
+    matrix; under bf16 autocast, which casts it straight back to a new bf16 tensor for the product,
+    every adapted layer keeps its own copy of its input for the backward pass (the unit test counts
+    the saved bytes; ``bench/grpo_vs_trl.py`` reports the peak memory). Outside autocast the input is
+    still cast (a hook on the adapter's A matrix), so an fp32 forward over bf16 base weights keeps
+    working.
     """
     for module in model.modules():
         if isinstance(module, LoraLayer) and hasattr(module, "cast_input_dtype_enabled"):

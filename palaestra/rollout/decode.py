@@ -52,10 +52,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One index per row of ``probs`` [B, V], drawn by inverse CDF: one uniform number per row.
 
-    ``torch.multinomial`` on a CPU draws a random number per vocabulary entry (about 50 ms for 64
-    rows of a 49k vocabulary, as long as the decode step itself); a cumulative sum and a binary
-    search take a tenth of that. A zero-probability entry is never drawn. ``generator``: the random
-    source (default: torch's global one).
+    ``torch.multinomial`` on a CPU draws a random number per vocabulary entry, which for a large
+    vocabulary cost as much as the decode step itself in a profile; a cumulative sum and a binary
+    search need one. A zero-probability entry is never drawn. ``generator``: the random source
+    (default: torch's global one).
 
     >>> _ = torch.manual_seed(0)
     >>> picks = draw(torch.tensor([[0.1, 0.0, 0.6, 0.3]]).repeat(20000, 1))

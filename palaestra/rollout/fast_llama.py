@@ -220,7 +220,7 @@ class LlamaWeights:
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor):
         rows, width = ids.shape
-        heads, kv_heads, head_dim, half = self.heads, self.kv_heads, self.head_dim, self.head_dim // 2
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cos, sin = (table[positions].unsqueeze(2) for table in self.rotary_table(width))  # [U, P, 1, head_dim]
         causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
@@ -232,7 +232,7 @@ class LlamaWeights:
         for norm_in, qkv_proj, o_proj, norm_post, gate_up_proj, down_proj in self.layers:
             qkv = qkv_proj(F.rms_norm(hidden, norm_in.shape, norm_in, self.eps)).view(rows, width, -1)
             qk = qkv[..., :qk_width].view(rows, width, heads + kv_heads, head_dim)
-            rotated = (qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin).transpose(1, 2)
+            rotated = _rotate(qk, cos, sin).transpose(1, 2)
             keys = rotated[:, heads:]  # [U, kv_heads, P, head_dim]
             values = qkv[..., qk_width:].view(rows, width, kv_heads, head_dim).transpose(1, 2)
             attended = F.scaled_dot_product_attention(rotated[:, :heads], keys, values, attn_mask=visible,
@@ -262,8 +262,8 @@ class LlamaDecodeState:
     def __init__(self, model, prefill_cache, max_new_tokens: int, dtype: torch.dtype | None = None,
                  weights: LlamaWeights | None = None):
         self.weights = weights or LlamaWeights(model, dtype)
-        # The cache holds keys and values in the compute dtype. A prefill under bf16 autocast over
-        # fp32 weights leaves fp32 keys (rotated with fp32 cos/sin) beside bf16 values: both are cast.
+        # The cache holds keys and values in the compute dtype (a Hugging Face prefill under bf16
+        # autocast over fp32 weights leaves fp32 keys beside bf16 values: both are cast).
         self.cache_dtype = self.weights.dtype
         self.keys, self.values = [], []
         for index in range(len(self.weights.layers)):
@@ -298,7 +298,7 @@ class LlamaDecodeState:
         weights = self.weights
         batch = tokens.shape[0]
         slot = attention_mask.shape[1] - 1
-        heads, kv_heads, head_dim, half = weights.heads, weights.kv_heads, weights.head_dim, weights.head_dim // 2
+        heads, kv_heads, head_dim = weights.heads, weights.kv_heads, weights.head_dim
         cos = self.cos[positions].unsqueeze(1)  # [b, 1, head_dim], shared by every head and layer
         sin = self.sin[positions].unsqueeze(1)
         visible = attention_mask.bool().view(batch, 1, 1, slot + 1)
@@ -308,7 +308,7 @@ class LlamaDecodeState:
             normed = F.rms_norm(hidden, norm_in.shape, norm_in, weights.eps)
             qkv = qkv_proj(normed)
             qk = qkv[:, :qk_width].view(batch, heads + kv_heads, head_dim).to(self.cache_dtype)
-            rotated = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            rotated = _rotate(qk, cos, sin)
             keys, values = self.keys[index], self.values[index]
             keys[:, :, slot] = rotated[:, heads:]
             values[:, :, slot] = qkv[:, qk_width:].view(batch, kv_heads, head_dim)
@@ -321,14 +321,20 @@ class LlamaDecodeState:
         return weights.lm_head(hidden)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``x`` [..., head_dim] (the rotate-half form Llama uses)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
 def one_token_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """Attention of one new token per row: [b, heads * head_dim] from queries [b, heads, head_dim]
     over keys/values [b, kv_heads, S, head_dim], ``visible`` [b, 1, 1, S] (True: may attend).
 
     The query heads that share a key/value head attend together, as two batched matrix products
-    with the softmax in float32. For one query per row, a CPU's ``scaled_dot_product_attention``
-    in bf16 took 1.5 ms for 64 rows of SmolLM2-135M's heads over 40 slots, this 0.2 ms: most of
-    a decode step's attention time.
+    with the softmax in float32. For a single query per row this was several times faster on a CPU
+    than ``scaled_dot_product_attention`` in bf16 (a profiling lead; ``bench/team_step.py`` and
+    ``bench/grpo_vs_trl.py`` measure the steps it is part of).
 
     >>> q, k, v = torch.randn(2, 4, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
     >>> visible = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]).bool().view(2, 1, 1, 5)

@@ -54,7 +54,6 @@ class LeanBatch:
 
     @torch.no_grad()
     def __init__(self, model, dtype: torch.dtype | None = None, weights: LlamaWeights | None = None):
-        self.model = model
         config = model.config
         heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
