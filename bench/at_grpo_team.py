@@ -74,8 +74,9 @@ def main() -> None:
                      f"| {r['reward_before']:.3f} | {r['reward_after']:.3f} |")
     text = "\n".join(lines)
     print(text)
-    with open(HERE / "RESULTS.md", "a") as handle:
-        handle.write("\n" + text + "\n")
+    from results import record  # bench/results.py, beside this script
+
+    record(text)
 
 
 if __name__ == "__main__":

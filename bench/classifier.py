@@ -153,8 +153,9 @@ def main() -> None:
     text = render(report)
     print("\n" + text)
     if not args.no_record:
-        with open(HERE / "RESULTS.md", "a") as handle:
-            handle.write("\n" + text + "\n")
+        from results import record  # bench/results.py, beside this script
+
+        record(text)
 
 
 if __name__ == "__main__":

@@ -144,10 +144,10 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"setting": setting, **summary}, indent=2) + "\n")
     if not args.no_record:
         command = "python bench/decode.py" + (f" --calls {args.calls}" if args.calls != 5 else "")
-        entry = (f"\n### {date.today().isoformat()}: decoding, palaestra loop vs HF generate ({platform.machine()}, "
-                 f"{torch.get_num_threads()} threads)\n`{command}` ({setting})\n\n{table}\n")
-        with open(HERE / "RESULTS.md", "a") as handle:
-            handle.write(entry)
+        from results import record  # bench/results.py, beside this script
+
+        record(f"### {date.today().isoformat()}: decoding, palaestra loop vs HF generate ({platform.machine()}, "
+               f"{torch.get_num_threads()} threads)\n`{command}` ({setting})\n\n{table}")
 
 
 if __name__ == "__main__":

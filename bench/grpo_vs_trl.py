@@ -251,8 +251,9 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(report, indent=2))
     text = _render(report)
     print(text)
-    with open(HERE / "RESULTS.md", "a") as handle:
-        handle.write("\n" + text + "\n")
+    from results import record  # bench/results.py, beside this script
+
+    record(text)
 
 
 def _render(report: dict) -> str:

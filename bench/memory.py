@@ -153,8 +153,9 @@ def main() -> None:
     (OUT / "memory.json").write_text(json.dumps(report, indent=2))
     text = _render(report)
     print(text)
-    with open(HERE / "RESULTS.md", "a") as handle:
-        handle.write("\n" + text + "\n")
+    from results import record  # bench/results.py, beside this script
+
+    record(text)
 
 
 def _render(report: dict) -> str:

@@ -63,8 +63,9 @@ def main() -> None:
     (HERE / "out" / "rag.json").write_text(json.dumps(report, indent=2))
     text = render(report)
     print(text)
-    with open(HERE / "RESULTS.md", "a") as handle:
-        handle.write("\n" + text + "\n")
+    from results import record  # bench/results.py, beside this script
+
+    record(text)
 
 
 if __name__ == "__main__":

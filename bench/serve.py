@@ -122,11 +122,12 @@ def main() -> None:
     table = _table(results, levels)
     print(table)
     if not args.no_record:
-        with open(HERE / "RESULTS.md", "a") as handle:
-            handle.write(f"\n### {date.today()}: serving ({args.model}, {args.dtype}), {platform.machine()}, "
-                         f"{torch.get_num_threads()} torch threads\n`.venv/bin/python bench/serve.py --model {args.model} "
-                         f"--clients {args.clients} --requests {args.requests} --max-tokens {args.max_tokens}`: greedy chat requests, "
-                         "each client sending its requests back to back.\n\n" + table + "\n")
+        from results import record  # bench/results.py, beside this script
+
+        record(f"### {date.today()}: serving ({args.model}, {args.dtype}), {platform.machine()}, "
+               f"{torch.get_num_threads()} torch threads\n`.venv/bin/python bench/serve.py --model {args.model} "
+               f"--clients {args.clients} --requests {args.requests} --max-tokens {args.max_tokens}`: greedy chat requests, "
+               "each client sending its requests back to back.\n\n" + table)
 
 
 def _table(results: dict, levels: list[int]) -> str:

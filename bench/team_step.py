@@ -143,8 +143,9 @@ def main() -> None:
                      f"| {ratio} | {split} |")
     text = "\n".join(lines)
     print(text)
-    with open(HERE / "RESULTS.md", "a") as handle:
-        handle.write("\n" + text + "\n")
+    from results import record  # bench/results.py, beside this script
+
+    record(text)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     palaestra run                         # the main job: evaluate, train with GRPO, evaluate again
     palaestra train [key=value ...]       # train (algo=grpo) with Hydra overrides; --target=sft|reward|dpo|ppo|grpo|at_grpo
     palaestra eval [eval.checkpoint=PATH] # evaluate the model (or a checkpoint) on the test split
-    palaestra pipeline rlhf|full|mark     # SFT -> reward model -> PPO -> evaluation -> export, one MLflow parent run
+    palaestra pipeline rlhf|full|mark|aflow  # SFT -> reward model -> PPO -> evaluation -> export, one MLflow parent run
     palaestra registry | replay | policy  # MLflow model registry, offline replay gate, policy versions
     palaestra data planner                # write a dated planner dataset folder
     palaestra serve [serve.models=[RUN]]  # an OpenAI-compatible HTTP API over the base model and trained runs
@@ -45,7 +45,7 @@ COMMAND_USAGE = {
             "  add algo=at_grpo env=... for a team in an environment)",
     "export": "palaestra export eval.checkpoint=PATH [export.output_dir=DIR] [export.merge=false]\n"
               "  write a trained checkpoint as a Hugging Face folder, LoRA merged (export.merge=false: the adapter)",
-    "pipeline": "palaestra pipeline rlhf|full|mark [key=value ...] [<stage>.<section>.<key>=value ...]\n"
+    "pipeline": "palaestra pipeline rlhf|full|mark|aflow [key=value ...] [<stage>.<section>.<key>=value ...]\n"
                 "  rlhf: sft -> reward -> ppo -> evaluate -> export; full: data -> sft -> reward -> dpo -> ppo ->\n"
                 "  evaluate -> export; mark: data -> mamba -> classifier -> rag -> grpo -> export;\n"
                 "  pipeline.skip=[reward], pipeline.stages=[sft,evaluate]; a re-run resumes at the failed stage",
@@ -161,7 +161,7 @@ PLAIN_COMMANDS = {
     "data": "palaestra.planner.cli:data_main",
 }
 """Commands with ordinary --flags (argparse), not a training config."""
-PIPELINES = ("rlhf", "full", "mark")
+PIPELINES = ("rlhf", "full", "mark", "aflow")
 
 # Mistakes a user can make in what they pass: reported in one line, exit code 2.
 _USER_ERRORS = (ConfigError, FileNotFoundError)

@@ -3,6 +3,7 @@
     palaestra pipeline rlhf model=tiny                       # sft -> reward -> ppo -> evaluate -> export
     palaestra pipeline full                                  # data -> sft -> reward -> dpo -> ppo -> evaluate -> export
     palaestra pipeline mark                                  # MARK's: data -> mamba -> classifier -> rag -> grpo -> export
+    palaestra pipeline aflow                                 # workflow writing: demonstrations -> sft -> grpo
     palaestra pipeline rlhf pipeline.skip=[reward]           # PPO on data.rewards instead of a reward model
     palaestra pipeline rlhf pipeline.stages=[sft,evaluate]   # any selection, in pipeline order
     palaestra pipeline rlhf sft.algo.epochs=1 ppo.train.steps=20   # keys for one stage only
@@ -12,7 +13,11 @@ output becomes the next stage's ``model=hf model.path=...``), the *reward model*
 ``algo.reward_model``) and the *data* folder (the data stage's output becomes ``data.path``). In
 MARK's pipeline the data stage writes the three corpora (labelled text, a text corpus, a retrieval
 set) that the classifier, mamba and rag stages read, GRPO is MARK's rl stage, and the export stage
-gathers every stage's product (policy, classifier, language model, index) into one folder.
+gathers every stage's product (policy, classifier, language model, index) into one folder. In the
+AFlow pipeline the data stage writes demonstration workflows for the workflow task's training
+problems (:mod:`palaestra.workflows.demonstrations`), SFT teaches the policy the operator interface
+on them, and GRPO (``experiment=aflow``) teaches it which workflows earn the reward, with its
+evaluation before and after (the warm-started policy against the trained one).
 
 The pipeline folder holds ``history.json`` (stage, status, seconds, outputs, error, MLflow run)
 written atomically after every change, and one run folder per stage. A failed stage stops the
@@ -43,8 +48,20 @@ PIPELINES: dict[str, tuple[str, ...]] = {
     "rlhf": ("sft", "reward", "ppo", "evaluate", "export"),
     "full": ("data", "sft", "reward", "dpo", "ppo", "evaluate", "export"),
     "mark": ("data", "mamba", "classifier", "rag", "grpo", "export"),
+    "aflow": ("data", "sft", "grpo"),
 }
 """Pipeline name -> its stages in order."""
+STAGE_SETTINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "aflow": {
+        "sft": ("data.name=aflow_demonstrations", "data.max_length=1024", "algo.epochs=1", "train.batch_size=4",
+                "train.micro_batch_size=4", "train.learning_rate=3e-4"),
+        "grpo": ("experiment=aflow",),
+    },
+}
+"""Pipeline name -> stage -> overrides that stage starts from (the command line's come after them)."""
+EVALUATED_STAGES = {"aflow": ("grpo",)}
+"""Pipeline name -> training stages whose recipe evaluates before and after (the others leave it to an
+evaluate stage)."""
 PRODUCTS = {"model_dir": "policy", "classifier_dir": "classifier", "language_model_dir": "language_model", "index_dir": "index"}
 """The folders stages hand on (a recipe's ``outputs``) -> their name in an export of several."""
 TRAINING_STAGES = tuple(METHODS)
@@ -175,13 +192,18 @@ def run_pipeline(
     attach_log_file(folder / "pipeline.log")
 
     # Every stage's config, composed and validated before any model loads (the data stage, cheap,
-    # runs first when it is pending, so that the others can check the files it writes).
+    # runs first when it is pending, so that the others can check the files it writes; the GRPO
+    # stages read their task, not those files, and are checked before it: AFlow's data stage builds
+    # its demonstrations from the GRPO stage's task).
+    for stage in stages:
+        if stage in ("grpo", "at_grpo") and history.record(stage).status != "succeeded":
+            _stage_config(stage, history, overrides, stage_overrides, chain=False)
     if "data" in stages and history.record("data").status != "succeeded":
-        _run_stage("data", history, lambda: _data_stage(config, folder, name), None)
+        _run_stage("data", history, lambda: _data_stage(config, history, overrides, stage_overrides), None)
         if history.record("data").status == "failed" and not config.pipeline.continue_on_failure:
             return _finish(history, None)
     for stage in stages:
-        if stage in TRAINING_STAGES and history.record(stage).status != "succeeded":
+        if stage in TRAINING_STAGES and stage not in ("grpo", "at_grpo") and history.record(stage).status != "succeeded":
             _stage_config(stage, history, overrides, stage_overrides, chain=False)
     tracker = _parent_tracker(config, history, stages)
 
@@ -202,7 +224,7 @@ def run_pipeline(
         elif stage == "export":
             work = lambda: _export_stage(config, history)  # noqa: E731
         else:
-            work = lambda: _data_stage(config, folder, name)  # noqa: E731
+            work = lambda: _data_stage(config, history, overrides, stage_overrides)  # noqa: E731
         _run_stage(stage, history, work, tracker)
         if record.status == "failed" and not config.pipeline.continue_on_failure:
             break
@@ -281,7 +303,8 @@ def _run_stage(stage: str, history: PipelineHistory, work, tracker) -> None:
     except Exception as error:  # a stage's failure is recorded, not a crash of the pipeline
         record.status = "failed"
         record.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-        log.error("stage %s failed: %s\n%s", stage, record.error, traceback.format_exc())
+        trace = "" if isinstance(error, ConfigError) else "\n" + traceback.format_exc()  # a user mistake: its line is enough
+        log.error("stage %s failed: %s%s", stage, record.error, trace)
     record.seconds = time.perf_counter() - started
     history.save()
     log.info("stage %s: %s in %.1f s", stage, record.status, record.seconds)
@@ -377,6 +400,7 @@ def compose_config(overrides: list[str]) -> PalaestraConfig:
 
 def _stage_config(stage, history, overrides, stage_overrides, *, chain: bool = True) -> PalaestraConfig:
     algo = [f"algo={stage}" if stage in TRAINING_STAGES else "algo=sft"]  # evaluate/export: validated as a data stage
+    algo += STAGE_SETTINGS.get(history.name, {}).get(stage, ())
     chained = _chain_overrides(stage, history) if chain else [f"train.output_dir={Path(history.folder) / stage}"]
     if not chain and _latest_output(history, "data_path", stage):
         chained.append(f"data.path={_latest_output(history, 'data_path', stage)}")
@@ -395,7 +419,7 @@ def _stage_config(stage, history, overrides, stage_overrides, *, chain: bool = T
 def _training_stage(stage, history, overrides, stage_overrides):
     """A recipe: compose its config with the earlier stages' outputs and run it."""
     config = _stage_config(stage, history, overrides, stage_overrides)
-    results = METHODS[stage].main(config, evaluate_before_after=False)
+    results = METHODS[stage].main(config, evaluate_before_after=stage in EVALUATED_STAGES.get(history.name, ()))
     if not results.get("finished", True):
         raise RuntimeError(f"{stage} stopped at step {results.get('step')} before the end")
     outputs = {key: str(Path(value).resolve()) for key, value in (results.get("outputs") or {}).items()}
@@ -413,16 +437,25 @@ def _export_checkpoint(config: PalaestraConfig, run_dir: Path) -> str:
     config.export.output_dir = str(run_dir / "model")
     config.export.merge = True
     export_command(config)
-    return str(run_dir / "model")
+    return str((run_dir / "model").resolve())
 
 
-def _data_stage(config: PalaestraConfig, folder: Path, pipeline: str):
+def _data_stage(config: PalaestraConfig, history: PipelineHistory, overrides, stage_overrides):
     """Write today's dataset into the pipeline folder with ``data.generator`` (the planner's, say), or
-    check that ``data.path`` exists; MARK's pipeline writes its three corpora instead."""
-    if pipeline == "mark":
+    check that ``data.path`` exists; MARK's pipeline writes its three corpora instead, and the AFlow
+    pipeline demonstration workflows for its GRPO stage's training problems."""
+    folder = Path(history.folder)
+    if history.name == "mark":
         from palaestra.data.mark import prepare_mark_data
 
         return {"mark_data": str(prepare_mark_data(folder / "data").resolve())}, {}, None
+    if history.name == "aflow":
+        from palaestra.tasks.build import build_task
+        from palaestra.workflows.demonstrations import write_demonstrations
+
+        grpo = _stage_config("grpo", history, overrides, stage_overrides, chain=False)
+        written = write_demonstrations(build_task(grpo.task), folder / "data" / date.today().isoformat(), seed=grpo.task.seed)
+        return {"data_path": str(written.resolve())}, {}, None
     if not config.data.generator:
         if not Path(config.data.path).exists():
             raise FileNotFoundError(f"data.path={config.data.path} does not exist")

@@ -60,8 +60,7 @@ def evaluate_command(config: PalaestraConfig) -> str:
     model.eval()
     ev = config.eval
     generator = HFGenerator(model, tokenizer, max_prompt_length=config.algo.max_prompt_length, precision=precision)
-    if hasattr(task, "bind"):  # a workflow task's executor may be the evaluated model with its adapter off
-        task.bind(generator)
+    task.bind(generator)  # a workflow task's executor may be the evaluated model with its adapter off
     sampling = SamplingParams(ev.max_new_tokens or config.algo.max_completion_length, ev.temperature, ev.top_p, ev.top_k, greedy=ev.greedy)
     examples = task.test[: ev.max_examples or None]
     result = evaluate(
@@ -70,8 +69,7 @@ def evaluate_command(config: PalaestraConfig) -> str:
         seed=config.train.seed, show_progress=True,
     )
     figures = result.metrics()
-    if hasattr(task, "evaluation_figures"):  # a workflow task: validity, outcome shares, ... per domain
-        figures.update(task.evaluation_figures(result.samples))
+    figures.update(task.evaluation_figures(result.samples))  # a workflow task: validity, outcome shares, ... per domain
     from omegaconf import OmegaConf
 
     from palaestra.tracking import flatten_config

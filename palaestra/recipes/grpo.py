@@ -72,8 +72,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         reference = frozen_reference_copy(model)  # full fine-tuning needs a frozen copy; LoRA does not
     model.train()
     generator = _generator(config, model, tokenizer, precision)
-    if hasattr(task, "bind"):  # a workflow task's executor may be the policy with its adapter off
-        task.bind(generator)
+    task.bind(generator)  # a workflow task's executor may be the policy with its adapter off
 
     # ---- run folder, optimizer, resume, tracking
     run = Run(train_cfg, method="grpo", runs_root=Path("runs") / f"{config.task.name}-{algo.name}", total_steps=train_cfg.steps,
@@ -87,8 +86,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     optimizer, scheduler = adamw(trainable, train_cfg, updates_total)
     if run.resume(model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=dist.is_main) and dist.rank:
         torch.manual_seed(train_cfg.seed + 1000 * dist.rank + run.step)
-    if hasattr(task, "load_state_dict"):  # a task with state (the workflow task's experience buffer)
-        task.load_state_dict(run.state["task_state"])
+    task.load_state_dict(run.state["task_state"])  # a task with state: the workflow task's experience buffer
     tracker = run.track(config.tracking, run_name=f"{config.task.name}-{algo.name}-{config.model.name}",
                         tags={"task": config.task.name, "algo": algo.name, "model": model_id(config.model.name, config.model.path),
                               "dataset_version": task.dataset_version},
@@ -111,8 +109,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             batch_size=config.eval.batch_size, seed=train_cfg.seed, show_progress=True,
         )
         metrics = result.metrics()
-        if hasattr(task, "evaluation_figures"):  # the workflow task's per-domain figures
-            metrics.update(task.evaluation_figures(result.samples))
+        metrics.update(task.evaluation_figures(result.samples))  # the workflow task's per-domain figures
         figures = run.log_eval(step, label, metrics)
         if tracker:
             tracker.log_table(result.samples[:32], f"eval/samples_{label}_step{step:06d}.json")
@@ -193,17 +190,17 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             if tracker and train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
                 tracker.log_table(_sample_rows(step, examples, rollout.texts, rewards, components, algo.num_generations),
                                   f"samples/step{step:06d}.json")
-            if hasattr(task, "state_dict"):
-                run.state["task_state"] = task.state_dict()
+            run.state["task_state"] = task.state_dict()
             if run.end_of_step(step, run_eval(step, "train") if run.eval_due(step) else None):
                 break
 
     # ---- final evaluation, plots, cleanup
     if evaluate_before_after and (run.finished or run.out_of_time):
         results["after"] = run_eval(run.step, "after")
-        if run.tracker and hasattr(task, "plot_outcomes") and results.get("before") and results.get("after"):
+        if run.tracker and results.get("before") and results.get("after"):
             plot = task.plot_outcomes(results["before"], results["after"], run.run_dir / "workflow_outcomes.png")
-            run.tracker.log_artifact(str(plot), "plots")
+            if plot is not None:
+                run.tracker.log_artifact(str(plot), "plots")
     return {**run.finish(), **results}
 
 

@@ -98,3 +98,24 @@ class Task:
                 raise ValueError(f"Example.meta may not use the key {key!r}; the task fills it")
             columns[key] = [example.meta.get(key) for example in examples]
         return columns
+
+    # ---- the hooks the recipes call on every task; a plain task has nothing to do in them (the
+    # workflow task binds its executor, keeps its experience buffer and adds per-domain figures)
+
+    def bind(self, generator) -> None:
+        """Receive the policy's generator before training or evaluation (nothing to do here)."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the task (nothing here)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` gave (nothing here)."""
+
+    def evaluation_figures(self, samples: list[dict]) -> dict[str, float]:
+        """Figures beyond accuracy and reward for an evaluation's samples (none here)."""
+        return {}
+
+    def plot_outcomes(self, before: dict, after: dict, path):
+        """A before/after plot of the evaluation figures; its path, or None when the task has none."""
+        return None

@@ -103,3 +103,31 @@ def test_an_interrupted_aflow_run_resumes_with_its_task_state(tmp_path):
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
     assert state["step"] == 2 and set(state["task_state"]) == {"experience"}
     assert "resumed from" in (tmp_path / "run" / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_aflow_pipeline_warm_starts_on_demonstrations_then_runs_grpo(tmp_path):
+    result = run_cli([
+        "pipeline", "aflow", "model=tiny", "task.workflow.executor.backend=scripted", "task.train_size=12",
+        "task.test_size=6", "eval.max_examples=6", "train.threads=1", "data.max_length=384", "sft.algo.max_steps=1",
+        "grpo.algo.max_prompt_length=256", "grpo.algo.max_completion_length=12", "grpo.train.batch_size=8",
+        "grpo.train.micro_batch_size=4", "grpo.train.steps=1", "grpo.train.eval_interval=0", "pipeline.output_dir=pipe",
+    ], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stages = {s["stage"]: s for s in json.loads((tmp_path / "pipe" / "history.json").read_text())["stages"]}
+    assert list(stages) == ["data", "sft", "grpo"] and all(s["status"] == "succeeded" for s in stages.values())
+
+    # the data stage: one demonstration per distinct training problem of the GRPO stage's workflow task
+    demonstrations = [json.loads(line) for line in
+                      (tmp_path / stages["data"]["outputs"]["data_path"] / "train.jsonl").read_text().splitlines()]
+    assert demonstrations and all([m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
+                                  for row in demonstrations)
+    assert "class Workflow with `async def __call__(self, problem)`" in demonstrations[0]["messages"][0]["content"]
+
+    # GRPO starts from SFT's model, on the workflow task, evaluated before and after
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    grpo_run = client.get_run(stages["grpo"]["mlflow_run_id"])
+    assert grpo_run.data.params["model.path"] == stages["sft"]["outputs"]["model_dir"]
+    assert grpo_run.data.params["task.name"] == "aflow"
+    assert "plots/workflow_outcomes.png" in {a.path for a in client.list_artifacts(grpo_run.info.run_id, "plots")}
+    assert "workflow/all/validity_rate" in stages["grpo"]["metrics"]

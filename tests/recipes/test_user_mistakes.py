@@ -188,7 +188,7 @@ MISTAKES: dict[str, Mistake] = {
     "export-read-only": Mistake(["export", *TINY, "eval.checkpoint=emptydir", "export.output_dir=readonly/exported"],
                                 "export.output_dir=readonly/exported", as_root=False),
     # ---- palaestra pipeline: every stage's config is checked before the first one trains
-    "pipeline-unnamed": Mistake(["pipeline"], "palaestra pipeline rlhf|full|mark"),
+    "pipeline-unnamed": Mistake(["pipeline"], "palaestra pipeline rlhf|full|mark|aflow"),
     "pipeline-unknown-stage": Mistake(["pipeline", "rlhf", *TINY, "pipeline.stages=[sft,judge]"], "judge", MODEL),
     "pipeline-missing-data": Mistake(["pipeline", "rlhf", *TINY, "data.path=nowhere"], "data.path=nowhere", MODEL),
     "pipeline-stage-value": Mistake(["pipeline", "rlhf", *TINY, "data.path=chat_only", "pipeline.skip=[reward]",
@@ -198,6 +198,8 @@ MISTAKES: dict[str, Mistake] = {
                                             "export.output_dir=afile/exported"),
     "pipeline-mark-bad-data-setting": Mistake(["pipeline", "mark", *TINY, "classifier.algo.val_fraction=0.9"],
                                               "algo.val_fraction=0.9", MODEL),
+    "pipeline-aflow-grpo-setting": Mistake(["pipeline", "aflow", *TINY, "grpo.task.workflow.executor.backend=nope"],
+                                           "task.workflow.executor.backend", MODEL),
     "pipeline-mark-target": Mistake(["train", "--target=full-pipeline", *TINY, "rag.algo.ks=[0]"], "algo.ks", MODEL),
     # ---- palaestra serve
     "serve-port-range": Mistake(["serve", "model=tiny", "serve.port=99999"], "serve.port=99999"),

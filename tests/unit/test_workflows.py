@@ -34,7 +34,8 @@ ANSWER = workflow('solution = await AnswerGenerate(input=problem)', 'return solu
 
 @pytest.mark.parametrize("name", ["palaestra.workflows.executor", "palaestra.workflows.operators",
                                   "palaestra.workflows.runner", "palaestra.workflows.experience",
-                                  "palaestra.workflows.reward", "palaestra.tasks.mixture", "palaestra.tasks.code"])
+                                  "palaestra.workflows.reward", "palaestra.workflows.demonstrations", "palaestra.tasks.mixture",
+                                  "palaestra.tasks.code"])
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name))
     assert result.attempted > 0 and result.failed == 0

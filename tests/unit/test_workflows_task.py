@@ -320,3 +320,48 @@ def test_mixture_components_from_gsm8k_and_apps_files(tmp_path):
     assert task.is_correct(f"```python\nprint(int(input()) + {k})\n```", code)
     math = task.test[0]
     assert task.is_correct(f"<answer>{math.answer}</answer>", math)
+
+
+# ------------------------------------------------------------------------------- demonstrations
+
+
+def test_every_demonstration_pattern_is_a_clean_workflow_with_its_operators():
+    import random
+
+    from palaestra.workflows.demonstrations import PATTERNS, demonstration_workflow
+    from palaestra.workflows.validator import validate_workflow
+
+    expected = {"direct": {"AnswerGenerate"}, "custom": {"Custom"}, "plan_then_answer": {"Custom", "AnswerGenerate"},
+                "review_revise": {"AnswerGenerate", "Review", "Revise"}, "program": {"Programmer"},
+                "draft_and_test": {"Custom", "Test"}}
+    rng = random.Random(0)
+    for pattern in PATTERNS:
+        for _ in range(10):
+            result = validate_workflow(demonstration_workflow(rng, pattern), "code")
+            assert result.valid and not result.repairs, (pattern, result.errors)
+            if pattern == "ensemble":
+                assert "ScEnsemble" in result.operators and result.operators - {"ScEnsemble"} in ({"AnswerGenerate"}, {"Custom"})
+            else:
+                assert result.operators == expected[pattern], pattern
+    # the draw ignores the domain: across many draws every pattern appears
+    drawn = {frozenset(validate_workflow(demonstration_workflow(rng), "math").operators) for _ in range(200)}
+    assert {frozenset(ops) for ops in expected.values()} <= drawn
+
+
+def test_demonstrations_use_the_task_prompt_and_hold_out_whole_problems(tmp_path):
+    from palaestra.workflows.demonstrations import write_demonstrations
+
+    problems = [Example(f"Tom has {n} apples and buys 1. How many?", str(n + 1), {"domain": "math"}) for n in range(10)]
+    task = _task([*problems, problems[0]], [MATH], {})  # a repeated problem is demonstrated once per draw
+    folder = write_demonstrations(task, tmp_path / "demos", per_problem=2, val_fraction=0.2)
+    rows = {name: [json.loads(line) for line in (folder / name).read_text().splitlines()] for name in ("train.jsonl", "val.jsonl")}
+    assert len(rows["train.jsonl"]) == 16 and len(rows["val.jsonl"]) == 4  # 8 + 2 distinct problems, 2 each
+    questions = {name: {r["messages"][1]["content"] for r in lines} for name, lines in rows.items()}
+    assert not questions["train.jsonl"] & questions["val.jsonl"]
+    first = rows["train.jsonl"][0]["messages"]
+    shown = next(p for p in problems if p.question in first[1]["content"])
+    assert first[:2] == task.prompt(shown) and first[2]["role"] == "assistant"
+    assert first[2]["content"].startswith("```python\nclass Workflow:")
+    assert not any(p.name.startswith(".") for p in folder.iterdir())  # written through temporary files, renamed
+    with pytest.raises(ValueError, match="per_problem must be at least 1"):
+        write_demonstrations(task, tmp_path / "none", per_problem=0)
