@@ -9,8 +9,8 @@ fixes the *form*; which workflow suits which domain is left to GRPO.
 a custom instruction, plan then answer, review and revise, a self-consistency ensemble, a program,
 a drafted program checked by ``Test``), with varied variable names, instructions and ensemble sizes.
 The draw does not look at the problem's domain: a demonstration of ``Programmer`` on a math problem
-is as likely as on a code problem, so the warm-started policy starts with no preference that the
-reward did not teach (the operator-domain match is what GRPO is measured on).
+is as likely as on a code problem, so a preference for a domain's operators can only come from
+the reward, never from the demonstrations.
 
 :func:`write_demonstrations` writes chat JSONL for the SFT recipe: the *same* prompt the workflow
 task shows during GRPO (:meth:`~palaestra.workflows.task.WorkflowTask.prompt`), one assistant reply
