@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shutil
 from pathlib import Path
 
@@ -47,11 +48,22 @@ def data_main(argv: list[str]) -> int:
         parser.error(f"--date {args.date!r} is not a date; use YYYY-MM-DD")
     check_writable("--root", args.root)
     folder = Path(args.root) / "datasets" / "planner" / args.date
-    if folder.exists():
-        if not args.overwrite:
-            raise ConfigError(f"{folder} already exists (dataset version {args.date}); pass --overwrite to replace it, "
-                              "or write another version with --date YYYY-MM-DD")
-        shutil.rmtree(folder)  # the new version must not keep files of the old one
-    folder = make_planner_dataset(args.root, date=args.date, n_train=args.train, n_val=args.val, n_test=args.test, seed=args.seed)
+    if folder.exists() and not args.overwrite:
+        raise ConfigError(f"{folder} already exists (dataset version {args.date}); pass --overwrite to replace it, "
+                          "or write another version with --date YYYY-MM-DD")
+    # written whole beside the destination, then swapped in: an interrupted write leaves the old version
+    # as it was, and the new version keeps no file of the old one
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".staging-{args.date}-{os.getpid()}"
+    retired = folder.parent / f".replaced-{args.date}-{os.getpid()}"
+    try:
+        written = make_planner_dataset(staging, date=args.date, n_train=args.train, n_val=args.val, n_test=args.test,
+                                       seed=args.seed)
+        if folder.exists():
+            os.replace(folder, retired)
+        os.replace(written, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
     print(f"wrote {folder} (train {args.train}, val {args.val}, test {args.test}); use it with data.path={folder}")
     return 0

@@ -254,3 +254,16 @@ def test_gate_missing_soft_metrics():
     # a metric the baseline never measured is not compared
     baseline = {k: v for k, v in BASELINE.items() if k != "diversity"}
     assert passes_gate(candidate, baseline) == (True, [])
+
+
+def test_overwrite_replaces_a_dataset_version_whole(tmp_path, monkeypatch):
+    from palaestra.planner.cli import data_main
+
+    monkeypatch.chdir(tmp_path)
+    assert data_main(["planner", "--date", "2026-01-02", "--train", "5", "--val", "2", "--test", "2"]) == 0
+    folder = tmp_path / "datasets" / "planner" / "2026-01-02"
+    (folder / "stale.txt").write_text("from the old version")
+    assert data_main(["planner", "--date", "2026-01-02", "--train", "6", "--val", "2", "--test", "2", "--overwrite"]) == 0
+    assert len((folder / "train.jsonl").read_text().splitlines()) == 6
+    assert not (folder / "stale.txt").exists()  # nothing of the old version is kept
+    assert [p.name for p in folder.parent.iterdir()] == ["2026-01-02"]  # no staging or replaced folder is left
