@@ -3,7 +3,7 @@
     palaestra run                         # the main job: evaluate, train with GRPO, evaluate again
     palaestra train [key=value ...]       # train (algo=grpo) with Hydra overrides; --target=sft|reward|dpo|ppo|grpo|at_grpo
     palaestra eval [eval.checkpoint=PATH] # evaluate the model (or a checkpoint) on the test split
-    palaestra pipeline rlhf|full|mark|aflow  # SFT -> reward model -> PPO -> evaluation -> export, one MLflow parent run
+    palaestra pipeline rlhf|full|mark|aflow  # stages run in order (rlhf: SFT -> reward model -> PPO -> ...), one MLflow parent run
     palaestra registry | replay | policy  # MLflow model registry, offline replay gate, policy versions
     palaestra data planner                # write a dated planner dataset folder
     palaestra serve [serve.models=[RUN]]  # an OpenAI-compatible HTTP API over the base model and trained runs
@@ -48,6 +48,7 @@ COMMAND_USAGE = {
     "pipeline": "palaestra pipeline rlhf|full|mark|aflow [key=value ...] [<stage>.<section>.<key>=value ...]\n"
                 "  rlhf: sft -> reward -> ppo -> evaluate -> export; full: data -> sft -> reward -> dpo -> ppo ->\n"
                 "  evaluate -> export; mark: data -> mamba -> classifier -> rag -> grpo -> export;\n"
+                "  aflow: data (demonstration workflows) -> sft -> grpo (experiment=aflow);\n"
                 "  pipeline.skip=[reward], pipeline.stages=[sft,evaluate]; a re-run resumes at the failed stage",
     "registry": "palaestra registry [--name planner_model]\n  list registered models and their versions",
     "replay": "palaestra replay --model planner_model --version 2 --dataset datasets/planner/2026-11-22 [--baseline 1]\n"

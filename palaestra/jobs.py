@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from palaestra.config import ConfigError
 
-__all__ = ["compose_jobs", "hydra_error_line", "parse_command_line"]
+__all__ = ["compose_job", "compose_jobs", "hydra_error_line", "parse_command_line"]
 
 _HYDRA_ANSWERS_ALONE = ("help", "hydra_help", "info", "shell_completion", "config_path", "config_name", "config_dir",
                         "experimental_rerun")
@@ -59,18 +59,8 @@ def compose_jobs(overrides: list[str], *, multirun: bool = False) -> tuple[list[
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
 
-    overrides = list(overrides)
     with initialize_config_module(config_module="palaestra.conf", version_base="1.3"):
-        while True:  # each round adds ++ to one refused override, so it ends
-            try:
-                jobs = _sweep(overrides) if multirun else [overrides]
-                first = compose(config_name="config", overrides=jobs[0])
-                break
-            except HydraException as error:
-                refused = _refused(error, overrides)
-                if refused is None:
-                    raise ConfigError(hydra_error_line(error)) from None
-                overrides[refused] = "++" + overrides[refused]
+        overrides, jobs, first = _compose_first(overrides, multirun)
         composed = [(jobs[0], first)]
         for job in jobs[1:]:
             try:
@@ -78,6 +68,29 @@ def compose_jobs(overrides: list[str], *, multirun: bool = False) -> tuple[list[
             except HydraException as error:
                 raise ConfigError(hydra_error_line(error)) from None
     return overrides, composed
+
+
+def compose_job(overrides: list[str]) -> DictConfig:
+    """One job's config, inside an initialized Hydra (``++`` added where the YAML lacks a key, as for the
+    command line); a one-line :class:`ConfigError` for what Hydra cannot compose."""
+    return _compose_first(overrides, multirun=False)[2]
+
+
+def _compose_first(overrides: list[str], multirun: bool) -> tuple[list[str], list[list[str]], DictConfig]:
+    """The overrides (``++`` added where refused), the jobs they sweep to and the first job's config."""
+    from hydra import compose
+    from hydra.errors import HydraException
+
+    overrides = list(overrides)
+    while True:  # each round adds ++ to one refused override, so it ends
+        try:
+            jobs = _sweep(overrides) if multirun else [overrides]
+            return overrides, jobs, compose(config_name="config", overrides=jobs[0])
+        except HydraException as error:
+            refused = _refused(error, overrides)
+            if refused is None:
+                raise ConfigError(hydra_error_line(error)) from None
+            overrides[refused] = "++" + overrides[refused]
 
 
 def _sweep(overrides: list[str]) -> list[list[str]]:

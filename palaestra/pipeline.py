@@ -67,6 +67,8 @@ PRODUCTS = {"model_dir": "policy", "classifier_dir": "classifier", "language_mod
 TRAINING_STAGES = tuple(METHODS)
 """Stages that run a method's recipe (algo=<stage>): every method of the table, in its order."""
 STAGES = ("data", *TRAINING_STAGES, "evaluate", "export")
+TASK_STAGES = ("grpo", "at_grpo")
+"""Training stages that read a task or an environment, not the data stage's files; they keep checkpoints."""
 """Every stage name, in the order a pipeline runs them."""
 
 
@@ -196,14 +198,14 @@ def run_pipeline(
     # stages read their task, not those files, and are checked before it: AFlow's data stage builds
     # its demonstrations from the GRPO stage's task).
     for stage in stages:
-        if stage in ("grpo", "at_grpo") and history.record(stage).status != "succeeded":
+        if stage in TASK_STAGES and history.record(stage).status != "succeeded":
             _stage_config(stage, history, overrides, stage_overrides, chain=False)
     if "data" in stages and history.record("data").status != "succeeded":
         _run_stage("data", history, lambda: _data_stage(config, history, overrides, stage_overrides), None)
         if history.record("data").status == "failed" and not config.pipeline.continue_on_failure:
             return _finish(history, None)
     for stage in stages:
-        if stage in TRAINING_STAGES and stage not in ("grpo", "at_grpo") and history.record(stage).status != "succeeded":
+        if stage in TRAINING_STAGES and stage not in TASK_STAGES and history.record(stage).status != "succeeded":
             _stage_config(stage, history, overrides, stage_overrides, chain=False)
     tracker = _parent_tracker(config, history, stages)
 
@@ -388,14 +390,17 @@ MARK_DATA = {
 
 
 def compose_config(overrides: list[str]) -> PalaestraConfig:
-    """Compose palaestra's Hydra config with ``overrides`` and validate it (inside or outside a Hydra app)."""
-    from hydra import compose, initialize_config_module
+    """Compose palaestra's Hydra config with ``overrides`` and validate it (inside or outside a Hydra app),
+    as the command line is: a key the YAML lacks but the schema has (``task.components.code.path``) is set."""
+    from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
+    from palaestra.jobs import compose_job
+
     if GlobalHydra.instance().is_initialized():
-        return to_config(compose(config_name="config", overrides=overrides))
+        return to_config(compose_job(overrides))
     with initialize_config_module(config_module="palaestra.conf", version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=overrides))
+        return to_config(compose_job(overrides))
 
 
 def _stage_config(stage, history, overrides, stage_overrides, *, chain: bool = True) -> PalaestraConfig:
@@ -423,7 +428,7 @@ def _training_stage(stage, history, overrides, stage_overrides):
     if not results.get("finished", True):
         raise RuntimeError(f"{stage} stopped at step {results.get('step')} before the end")
     outputs = {key: str(Path(value).resolve()) for key, value in (results.get("outputs") or {}).items()}
-    if stage in ("grpo", "at_grpo") and "model_dir" not in outputs:
+    if stage in TASK_STAGES and "model_dir" not in outputs:
         outputs["model_dir"] = _export_checkpoint(config, Path(results["run_dir"]))
     figures = results.get("after") or results.get("figures") or {}
     return outputs, {k: float(v) for k, v in figures.items() if isinstance(v, (int, float))}, results.get("mlflow_run_id")

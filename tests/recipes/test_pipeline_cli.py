@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from palaestra.config import ConfigError
-from palaestra.pipeline import plan_stages, split_stage_overrides
+from palaestra.pipeline import compose_config, plan_stages, split_stage_overrides
 from palaestra.planner.data import make_planner_dataset
 from tests.conftest import run_cli
 
@@ -25,6 +25,16 @@ def test_stage_selection_and_per_stage_keys():
         plan_stages("nope", None, [])
     common, per_stage = split_stage_overrides(["model=tiny", "ppo.train.steps=3", "+sft.algo.foo=1", "data.path=x"])
     assert common == ["model=tiny", "data.path=x"] and per_stage == {"ppo": ["train.steps=3"], "sft": ["+algo.foo=1"]}
+
+
+def test_a_stage_may_set_a_key_its_yaml_lacks_but_the_schema_has(tmp_path):
+    # the mixture's YAML gives the code component no path; the command line sets it, and so must a stage
+    data = tmp_path / "code.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Print {n}.", "tests": [["", str(n)]]}) + "\n" for n in range(8)))
+    config = compose_config(["algo=grpo", "experiment=aflow", f"task.components.code.path={data}"])
+    assert config.task.components["code"].path == str(data)
+    with pytest.raises(ConfigError, match="unknown config key 'task.nokey'"):
+        compose_config(["algo=grpo", "task.nokey=1"])
 
 
 @pytest.mark.slow
