@@ -71,7 +71,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     task = [f"task.train_size={args.train_size}", f"task.test_size={args.test_size}", f"eval.max_examples={args.test_size}"]
-    pipeline = ["pipeline", "aflow", *task, f"grpo.train.steps={args.grpo_steps}", "grpo.train.batch_size=8",
+    pipeline = ["pipeline", "aflow", *task, f"grpo.train.steps={args.grpo_steps}", "grpo.train.completions_per_step=8",
                 "grpo.train.eval_interval=0", "pipeline.output_dir=pipe"]
 
     results, seconds = {}, {}

@@ -32,7 +32,7 @@ def run(env: str, mode: str, steps: int, budget_s: float, test_envs: int, extra:
     command = [
         sys.executable, "-m", "palaestra.cli", "train", "algo=at_grpo", f"env={env}", f"policy={mode}",
         f"train.steps={steps}", f"train.max_seconds={budget_s}", f"env.test_envs={test_envs}", "env.train_envs=2",
-        "algo.samples_per_state=4", "algo.max_completion_length=64", "train.micro_batch_size=8",
+        "algo.samples_per_state=4", "algo.max_completion_length=64", "train.answers_per_forward=8",
         "train.learning_rate=5e-5", "train.save_interval=0", "tracking.enabled=false", f"train.output_dir={out_dir}",
         *extra,
     ]

@@ -79,12 +79,12 @@ def _evaluate(model, tokenizer, task) -> float:
 def run_palaestra(settings: dict, steps: int, budget_s: float, evaluate: bool) -> dict:
     from hydra import compose, initialize_config_module
 
-    from palaestra.config import to_config
+    from palaestra.jobs import to_config
     from palaestra.recipes import grpo
 
     overrides = [
-        f"train.steps={steps}", f"train.batch_size={settings['prompts'] * settings['generations']}",
-        f"train.micro_batch_size={settings['prompts'] * settings['generations']}",
+        f"train.steps={steps}", f"train.completions_per_step={settings['prompts'] * settings['generations']}",
+        f"train.completions_per_forward={settings['prompts'] * settings['generations']}",
         f"algo.num_generations={settings['generations']}", f"algo.max_completion_length={settings['max_tokens']}",
         f"algo.beta={settings['beta']}", f"train.learning_rate={settings['lr']}", f"train.lr_schedule={settings['schedule']}",
         f"algo.temperature={settings['temperature']}", "algo.loss_type=grpo", "algo.scale_rewards=group",

@@ -77,13 +77,13 @@ def main() -> None:
 
     from openai import OpenAI
 
-    from palaestra.config import PalaestraConfig
+    from palaestra.config import ServeJob
     from palaestra.models import load_model_and_tokenizer
     from palaestra.rollout.hf import encode_chat
     from palaestra.serving import BackgroundServer, build_app
     from palaestra.serving.command import build_services
 
-    config = PalaestraConfig()
+    config = ServeJob()
     config.model.name, config.model.dtype = args.model, args.dtype
     config.serve.embedder, config.serve.device, config.serve.max_batch_size = None, "cpu", max(64, max(levels))
     results: dict[str, dict] = {"palaestra": {}, "transformers": {}}

@@ -83,16 +83,16 @@ class CountingTeamEnv(MultiAgentEnv):
         return self.turn >= self.max_turns
 
 
-COMMON = ["train.micro_batch_size=8", "train.learning_rate=5e-5", "train.lr_schedule=constant", "train.save_interval=0",
+COMMON = ["train.learning_rate=5e-5", "train.lr_schedule=constant", "train.save_interval=0",
           "tracking.enabled=false", "model.lora.target_modules=all-linear", "algo.temperature=1.0", "algo.beta=0.0"]
 
 
 def commands(tokens: int, steps: int, data: Path) -> dict[str, list[str]]:
     grpo = ["algo=grpo", "task.source=gsm8k", "task.name=counting", f"task.path={data}", f"task.test_path={data}",
             "task.instruction=''", "task.test_size=4", "eval.max_examples=4", "train.eval_interval=0",
-            "train.batch_size=64", "algo.num_generations=4", f"algo.max_completion_length={tokens}", f"train.steps={steps}"]
+            "train.completions_per_step=64", "train.completions_per_forward=8", "algo.num_generations=4", f"algo.max_completion_length={tokens}", f"train.steps={steps}"]
     team = ["algo=at_grpo", "env=math", "env.name=bench.team_step:CountingTeamEnv", "+env.params.max_turns=2",
-            "env.train_envs=4", "env.test_envs=1", "algo.samples_per_state=4", f"algo.max_completion_length={tokens}",
+            "env.train_envs=4", "env.test_envs=1", "algo.samples_per_state=4", "train.answers_per_forward=8", f"algo.max_completion_length={tokens}",
             f"train.steps={steps}"]
     return {"grpo": grpo, "at_grpo shared": [*team, "policy=shared"], "at_grpo per_role": [*team, "policy=per_role"]}
 

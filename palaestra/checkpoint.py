@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # the annotations; the functions that need torch import it
     import torch
 
 __all__ = [
-    "CorruptCheckpoint", "earlier_checkpoints", "latest_checkpoint", "load_checkpoint", "read_trainer_state", "resolve_resume",
+    "CorruptCheckpoint", "checkpoint_path", "earlier_checkpoints", "latest_checkpoint", "load_checkpoint", "load_trained_weights",
+    "read_trainer_state", "resolve_resume",
     "save_best", "save_checkpoint",
 ]
 
@@ -357,3 +358,34 @@ def resolve_resume(resume: str | None, run_dir: Path, runs_root: Path | None = N
         raise FileNotFoundError(f"resume={resume!r}: {path} holds no complete checkpoint")
     raise FileNotFoundError(f"resume={resume!r}: no such checkpoint or run directory "
                             f"(looked at {', '.join(str(p) for p in candidates)})")
+
+
+def load_trained_weights(model, checkpoint: Path):
+    """Put a checkpoint's trained weights on ``model``: its LoRA adapter, or its full weights."""
+    adapter = checkpoint / "adapter"
+    if adapter.is_dir():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(adapter))
+    for parameter in model.parameters():  # full fine-tuning: every weight was trainable
+        parameter.requires_grad_(True)
+    load_checkpoint(checkpoint, model=model, restore_rng=False)
+    return model
+
+
+def checkpoint_path(path: str | None) -> Path | None:
+    """The checkpoint named by eval.checkpoint (a step folder, or a run folder's latest), or None."""
+    if not path:
+        return None
+    from palaestra.config.errors import ConfigError
+
+    if not Path(path).exists():
+        raise ConfigError(f"eval.checkpoint={path} does not exist; point it at a run folder or a checkpoints/step-* folder")
+    try:
+        checkpoint = resolve_resume(path, Path(path))
+    except FileNotFoundError:
+        checkpoint = None
+    if checkpoint is None:
+        raise ConfigError(f"eval.checkpoint={path} holds no complete checkpoint; point it at a run folder or a "
+                          "checkpoints/step-* folder")
+    return checkpoint

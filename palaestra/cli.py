@@ -18,20 +18,9 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import NoReturn
 
-import hydra
-from omegaconf import DictConfig
-
-from palaestra.config import (
-    ConfigError,
-    PalaestraConfig,
-    register_schema,
-    to_config,
-    validate,
-    validate_export,
-    validate_serve,
-)
+from palaestra.config.errors import ConfigError
 
 COMMAND_USAGE = {
     "run": "palaestra run [key=value ...]\n"
@@ -77,33 +66,33 @@ def _usage(command: str | None = None) -> str:
     return "\n".join([*lines, "", HYDRA_FLAGS, "", "palaestra <command> --help prints one command's usage."])
 
 
-def _method(config: PalaestraConfig):
+def _method(config):
     from palaestra.recipes.methods import method_of
 
     return method_of(config)
 
 
-def _train(config: PalaestraConfig) -> int:
+def _train(config) -> int:
     method = _method(config)
     results = method.main(config, evaluate_before_after=method.evaluate_before_after)
     _report(results, config)
     return _exit_code(results)
 
 
-def _train_and_evaluate(config: PalaestraConfig) -> int:
+def _train_and_evaluate(config) -> int:
     """palaestra train --evaluate: the method's evaluation before and after training."""
     results = _method(config).main(config, evaluate_before_after=True)
     _report(results, config)
     return _exit_code(results)
 
 
-def _run(config: PalaestraConfig) -> int:
+def _run(config) -> int:
     results = _method(config).main(config, evaluate_before_after=True)
     _report(results, config)
     return _exit_code(results)
 
 
-def _eval(config: PalaestraConfig) -> int:
+def _eval(config) -> int:
     from palaestra.evaluation.cli import (
         evaluate_command,
         evaluate_index_command,
@@ -111,8 +100,9 @@ def _eval(config: PalaestraConfig) -> int:
         evaluate_team_command,
     )
 
-    commands = {"at_grpo": evaluate_team_command, "rag": evaluate_index_command, "mamba": evaluate_language_model_command}
-    print(commands.get(config.algo.name, evaluate_command)(config))
+    commands = {"grpo": evaluate_command, "at_grpo": evaluate_team_command, "rag": evaluate_index_command,
+                "mamba": evaluate_language_model_command}
+    print(commands[config.algo.name](config))
     return 0
 
 
@@ -121,32 +111,32 @@ def _exit_code(results: dict) -> int:
     return 128 + results["stop_signal"] if results.get("stop_signal") else 0
 
 
-def _report(results: dict, config: PalaestraConfig) -> None:
+def _report(results: dict, config) -> None:
     before, after = results.get("before"), results.get("after")
     if before and after:
-        reads = _method(config).reads  # the task, environment or data trained on (or the recipe says)
-        subject = results.get("subject") or (getattr(config, reads[0]).name if reads else config.algo.name)
+        section = _method(config).subject  # the task, environment or data trained on (or the recipe says)
+        subject = results.get("subject") or (getattr(config, section).name if section else config.algo.name)
         print(_before_after_table(before, after, subject, config.algo.name))
     elif results.get("figures") and all("@" in key for key in results["figures"]):
         print(_figures_table(results["figures"]))
     _print_where(results)
 
 
-def _export(config: PalaestraConfig) -> int:
+def _export(config) -> int:
     from palaestra.export import export_command
 
     print(export_command(config))
     return 0
 
 
-def _pipeline(config: PalaestraConfig, name: str, overrides: list[str], stage_overrides: dict) -> int:
+def _pipeline(config, name: str, overrides: list[str], stage_overrides: dict) -> int:
     from palaestra.pipeline import run_pipeline
 
     history = run_pipeline(name, config, overrides, stage_overrides)
     return 0 if history.succeeded else 1
 
 
-def _serve(config: PalaestraConfig) -> int:
+def _serve(config) -> int:
     from palaestra.serving.command import serve_command
 
     return serve_command(config)  # checks its own sections (model, serve, tracking)
@@ -186,52 +176,52 @@ def _fail(error: Exception, prefix: str = "") -> NoReturn:
     raise SystemExit(2)
 
 
-def _checked_config(command: str, cfg: DictConfig, overrides: list[str]) -> PalaestraConfig:
-    """A composed config as the typed schema, checked as ``command`` reads it (cheap: no model, no dataset)."""
-    config = to_config(cfg, check_values=False)
-    if command in ("run", "train"):  # a key the method ignores is a mistake
-        from palaestra.recipes.methods import check_read
+def _checked_config(command: str, cfg):
+    """A composed config as the typed schema of ``command``, checked as it reads it (cheap: no model, no dataset)."""
+    from palaestra.jobs import to_config, validate
 
-        check_read(config.algo.name, overrides)
-    if command == "serve":
-        validate_serve(config)  # serve reads the model, serve and tracking sections only
-    elif command != "pipeline":  # a pipeline checks each stage's config
-        validate(config)
-    if command == "export":
-        validate_export(config)
+    config = to_config(cfg, command, check_values=False)
+    if command == "eval" and config.algo.name not in EVALUATED:
+        raise ConfigError(f"palaestra eval evaluates {', '.join(EVALUATED)} runs, not algo={config.algo.name} "
+                          f"(its training run evaluates it: palaestra train algo={config.algo.name})")
+    validate(config, command)
     return config
 
 
-def _check_before_running(command: str, args: list[str]) -> tuple[list[str], Callable[[], None] | None]:
-    """Compose and check every job of the command line before Hydra runs any (a sweep's too).
+EVALUATED = ("grpo", "at_grpo", "rag", "mamba")
+"""The methods whose runs ``palaestra eval`` evaluates (the others evaluate as they train)."""
 
-    Returns Hydra's arguments (``++key=value`` for an override of a key that the schema decides on, see
-    :mod:`palaestra.jobs`) and, for ``--cfg`` (Hydra prints the config first), the check to run after it.
+
+def _composed_jobs(command: str, args: list[str], own_keys=None):
+    """Every job of the command line, composed once and checked before any runs (a sweep's too).
+
+    Returns (Hydra's reading of the arguments, [(the job's overrides, its typed config)]), or None where
+    Hydra answers alone (--help, --info, ...). ``own_keys``: for a pipeline, which overrides are its own
+    (the others go to its stages). With ``--cfg``, each job's config is printed before it is checked.
     """
+    from omegaconf import OmegaConf
+
     from palaestra.jobs import compose_jobs, parse_command_line
 
     parsed = parse_command_line(args)
-    if parsed is None:  # --help, --info, ...: Hydra answers
-        return args, None
-    overrides, jobs = compose_jobs(parsed.overrides, multirun=parsed.multirun)
-    rewritten = {old: new for old, new in zip(parsed.overrides, overrides) if old != new}
-    args = [rewritten.get(arg, arg) for arg in args]
-
-    def check() -> None:
-        for number, (job, cfg) in enumerate(jobs):
-            try:
-                _checked_config(command, cfg, job)
-            except _user_error_types() as error:
-                if len(jobs) == 1:
-                    raise
-                swept = " ".join(o for o in job if not all(o in other for other, _ in jobs))
-                message = str(error).strip().splitlines()[0]
-                raise ConfigError(f"job {number} of the sweep ({swept}): {message}; no job ran") from None
-
-    if parsed.cfg:
-        return args, check
-    check()
-    return args, None
+    if parsed is None:
+        return None
+    overrides = [o for o in parsed.overrides if own_keys is None or own_keys(o)]
+    jobs = compose_jobs(overrides, multirun=parsed.multirun, command=command)
+    checked = []
+    for number, (job, cfg) in enumerate(jobs):
+        if parsed.cfg:
+            print(OmegaConf.to_yaml(cfg, resolve=bool(parsed.resolve)), end="")
+        try:
+            checked.append((job, _checked_config(command, cfg)))
+        except _user_error_types() as error:
+            prefix = "the config above is invalid: " if parsed.cfg else ""
+            if len(jobs) == 1:
+                _fail(error, prefix)
+            swept = " ".join(o for o in job if not all(o in other for other, _ in jobs))
+            message = str(error).strip().splitlines()[0]
+            _fail(ConfigError(f"job {number} of the sweep ({swept}): {message}; no job ran"), prefix)
+    return parsed, checked
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -265,27 +255,38 @@ def main(argv: list[str] | None = None) -> None:
         pipeline_name = rest[0]
         rest, stage_overrides = split_stage_overrides(rest[1:])
 
-    register_schema()  # the dataclasses' defaults, which conf/config.yaml composes over
+    own_keys = None
+    if command == "pipeline":
+        from palaestra.pipeline import pipeline_reads
+
+        own_keys = pipeline_reads
     try:
-        rest, check_printed = _check_before_running(command, rest)
+        composed = _composed_jobs(command, rest, own_keys)
     except _user_error_types() as error:
         _fail(error)
+    if composed is None:  # --help, --info, ...: Hydra answers
+        import hydra
+
+        sys.argv = [f"palaestra {command}", *rest]
+        hydra.main(version_base="1.3", config_path="conf", config_name="config")(lambda cfg: None)()
+        return
+    parsed, jobs = composed
+    if parsed.cfg:
+        return
     if command == "pipeline":
-        overrides = [arg for arg in rest if not arg.startswith("-")]
+        overrides = [arg for arg in parsed.overrides]
         run_command = lambda config: _pipeline(config, pipeline_name, overrides, stage_overrides)  # noqa: E731
 
     from palaestra.rewards import RewardFailed
 
-    def task_function(cfg: DictConfig) -> None:
-        from hydra.core.hydra_config import HydraConfig
-
-        logging.getLogger("palaestra").setLevel(logging.INFO)
+    logging.getLogger("palaestra").setLevel(logging.INFO)
+    for _, config in jobs:
         try:
-            config = _checked_config(command, cfg, list(HydraConfig.get().overrides.task))
-            if command in ("run", "train", "pipeline") and config.tracking.enabled and config.tracking.required:
+            tracking = getattr(config, "tracking", None)
+            if command in ("run", "train", "pipeline") and tracking is not None and tracking.enabled and tracking.required:
                 from palaestra.tracking.buffered import check_store
 
-                check_store(config.tracking.tracking_uri)  # before the model loads
+                check_store(tracking.tracking_uri)  # before the model loads
             code = run_command(config)
         except _user_error_types() as error:
             _fail(error)
@@ -297,14 +298,6 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(1) from None
         if code:
             raise SystemExit(code)
-
-    sys.argv = [f"palaestra {command}", *rest]
-    hydra.main(version_base="1.3", config_path="conf", config_name="config")(task_function)()
-    if check_printed is not None:  # --cfg: Hydra printed the config; say whether it would run
-        try:
-            check_printed()
-        except _user_error_types() as error:
-            _fail(error, "the config above is invalid: ")
 
 
 MARK_TARGETS = {"transformer": "classifier", "rl": "grpo"}
@@ -385,9 +378,8 @@ def _yaml_overrides(path: str) -> list[str]:
         else:
             overrides.append(f"{key}={_hydra_value(value)}")
 
-    from dataclasses import fields
+    from palaestra.jobs import CONFIG_SECTIONS as sections
 
-    sections = [f.name for f in fields(PalaestraConfig)]
     for key, value in settings.items():
         if key not in sections and key != "experiment":
             raise ConfigError(f"--config {path}: unknown section {key!r}; use some of {', '.join(sections)}")

@@ -54,17 +54,16 @@ def _into_place(tmp: Path, target: Path) -> Path:
     return target
 
 
-def export_command(config) -> str:
-    """``palaestra export eval.checkpoint=...``: the trained policy of a checkpoint as a Hugging Face folder."""
-    from palaestra.config import validate_export
-    from palaestra.evaluation.cli import checkpoint_path, load_trained_weights
+def export_command(model_cfg, checkpoint: str, output_dir: str, *, merge: bool = True) -> str:
+    """``palaestra export eval.checkpoint=...``: the trained policy of a checkpoint (or run folder) on the
+    ``model`` section's base, written to ``output_dir`` as a Hugging Face folder."""
+    from palaestra.checkpoint import checkpoint_path, load_trained_weights
     from palaestra.models import load_model_and_tokenizer
 
-    validate_export(config)
-    checkpoint = checkpoint_path(config.eval.checkpoint)
-    model, tokenizer = load_model_and_tokenizer(config.model.name, path=config.model.path, dtype="float32")
-    model = load_trained_weights(model, checkpoint)
-    folder = export_policy(model, tokenizer, Path(config.export.output_dir), merge=config.export.merge)
-    kind = "merged model" if config.export.merge else "adapter"
-    return f"exported the {kind} of {checkpoint} to {folder}"
+    found = checkpoint_path(checkpoint)
+    model, tokenizer = load_model_and_tokenizer(model_cfg.name, path=model_cfg.path, dtype="float32")
+    model = load_trained_weights(model, found)
+    folder = export_policy(model, tokenizer, Path(output_dir), merge=merge)
+    kind = "merged model" if merge else "adapter"
+    return f"exported the {kind} of {found} to {folder}"
 

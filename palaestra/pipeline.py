@@ -39,7 +39,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 
-from palaestra.config import ConfigError, PalaestraConfig, check_writable, to_config
+from palaestra.config import PipelineJob
+from palaestra.config.errors import ConfigError, check_writable
+from palaestra.jobs import CONFIG_SECTIONS, reader_of, reads
 from palaestra.recipes.methods import METHODS
 
 log = logging.getLogger("palaestra")
@@ -53,8 +55,8 @@ PIPELINES: dict[str, tuple[str, ...]] = {
 """Pipeline name -> its stages in order."""
 STAGE_SETTINGS: dict[str, dict[str, tuple[str, ...]]] = {
     "aflow": {
-        "sft": ("data.name=aflow_demonstrations", "data.max_length=1024", "algo.epochs=1", "train.batch_size=4",
-                "train.micro_batch_size=4", "train.learning_rate=3e-4"),
+        "sft": ("data.name=aflow_demonstrations", "data.max_length=1024", "algo.epochs=1", "train.sequences_per_step=4",
+                "train.sequences_per_forward=4", "train.learning_rate=3e-4"),
         "grpo": ("experiment=aflow",),
     },
 }
@@ -67,9 +69,22 @@ PRODUCTS = {"model_dir": "policy", "classifier_dir": "classifier", "language_mod
 TRAINING_STAGES = tuple(METHODS)
 """Stages that run a method's recipe (algo=<stage>): every method of the table, in its order."""
 STAGES = ("data", *TRAINING_STAGES, "evaluate", "export")
+"""Every stage name, in the order a pipeline runs them."""
 TASK_STAGES = ("grpo", "at_grpo")
 """Training stages that read a task or an environment, not the data stage's files; they keep checkpoints."""
-"""Every stage name, in the order a pipeline runs them."""
+STAGE_METHOD = {**{stage: stage for stage in TRAINING_STAGES}, "evaluate": "ppo"}
+"""Stage -> the method whose schema its config is (the evaluate stage reads ppo's model, data, eval and
+tracking sections: a policy generating on the data's held-out prompts)."""
+
+
+def pipeline_reads(override: str) -> bool:
+    """Whether the pipeline itself reads the key ``override`` sets (its own settings, the data stage's, export's)."""
+    return reads(PipelineJob, override)
+
+
+def stage_reads(stage: str, override: str) -> bool:
+    """Whether ``stage``'s config has the key ``override`` sets: a stage takes the command line's keys it reads."""
+    return stage in STAGE_METHOD and reads(METHODS[STAGE_METHOD[stage]].schema, override)
 
 
 @dataclass
@@ -139,9 +154,7 @@ def split_stage_overrides(overrides: list[str]) -> tuple[list[str], dict[str, li
     >>> split_stage_overrides(["model=tiny", "ppo.train.steps=3", "data.path=d", "sft.algo.epochs=1"])
     (['model=tiny', 'data.path=d'], {'ppo': ['train.steps=3'], 'sft': ['algo.epochs=1']})
     """
-    from dataclasses import fields
-
-    sections = {f.name for f in fields(PalaestraConfig)}
+    sections = set(CONFIG_SECTIONS)
     common, per_stage = [], {}
     for override in overrides:
         prefix = override[: len(override) - len(override.lstrip("+~"))]
@@ -171,25 +184,32 @@ def plan_stages(name: str, stages: list | None, skip: list) -> list[str]:
 
 
 def run_pipeline(
-    name: str, config: PalaestraConfig, overrides: list[str], stage_overrides: dict[str, list[str]] | None = None
+    name: str, config: PipelineJob, overrides: list[str], stage_overrides: dict[str, list[str]] | None = None
 ) -> PipelineHistory:
     """Run (or resume) pipeline ``name``; print and return its history.
 
-    ``overrides`` are the command line's key=value strings (given to every stage) and
-    ``stage_overrides`` the ones for a single stage (``{"ppo": ["train.steps=3"]}``).
+    ``overrides`` are the command line's key=value strings (each stage takes those it reads; the
+    pipeline's own are in ``config``) and ``stage_overrides`` the ones for a single stage
+    (``{"ppo": ["train.steps=3"]}``).
     """
     stage_overrides = stage_overrides or {}
     stages = plan_stages(name, config.pipeline.stages, list(config.pipeline.skip))
     for stage in stage_overrides:
         if stage not in stages:
             raise ConfigError(f"overrides given for stage {stage!r}, which this pipeline does not run ({', '.join(stages)})")
+    for override in overrides:
+        if not pipeline_reads(override) and not any(stage_reads(stage, override) for stage in stages):
+            key = override.lstrip("+~").split("=", 1)[0]
+            readers = reader_of(key)
+            hint = f" (algo={', '.join(readers)} {'reads' if len(readers) == 1 else 'read'} it)" if readers else ""
+            raise ConfigError(f"no stage of pipeline {name} ({', '.join(stages)}) reads {key}{hint}; remove it")
     if config.pipeline.output_dir:
         check_writable("pipeline.output_dir", config.pipeline.output_dir)
     if "export" in stages:  # the last stage: its destination is checked before the first one trains
         check_writable("export.output_dir", config.export.output_dir)
     history = _open_history(name, config, stages)
     folder = Path(history.folder)
-    from palaestra.recipes.common import attach_log_file
+    from palaestra.recipes.run import attach_log_file
 
     attach_log_file(folder / "pipeline.log")
 
@@ -237,7 +257,7 @@ def run_pipeline(
 # the history folder and the parent run
 
 
-def _open_history(name: str, config: PalaestraConfig, stages: list[str]) -> PipelineHistory:
+def _open_history(name: str, config: PipelineJob, stages: list[str]) -> PipelineHistory:
     """A new pipeline folder, or (pipeline.resume=auto) the latest unfinished one of this name."""
     pipe = config.pipeline
     folder = Path(pipe.output_dir) if pipe.output_dir else None
@@ -268,7 +288,7 @@ def _open_history(name: str, config: PalaestraConfig, stages: list[str]) -> Pipe
     return history
 
 
-def _parent_tracker(config: PalaestraConfig, history: PipelineHistory, stages: list[str]):
+def _parent_tracker(config: PipelineJob, history: PipelineHistory, stages: list[str]):
     if not config.tracking.enabled:
         return None
     from palaestra.tracking import BufferedTracker
@@ -389,28 +409,31 @@ MARK_DATA = {
 """MARK's pipeline: which of the data stage's corpora each stage reads."""
 
 
-def compose_config(overrides: list[str]) -> PalaestraConfig:
-    """Compose palaestra's Hydra config with ``overrides`` and validate it (inside or outside a Hydra app),
-    as the command line is: a key the YAML lacks but the schema has (``task.components.code.path``) is set."""
+def compose_config(overrides: list[str]):
+    """Compose palaestra's Hydra config with ``overrides``, typed as its method's schema and checked (inside or
+    outside a Hydra app), as the command line is: a key the YAML lacks but the schema has
+    (``task.components.code.path``) is set."""
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from palaestra.jobs import compose_job
+    from palaestra.jobs import compose_job, register_schema, to_config
 
+    register_schema()
     if GlobalHydra.instance().is_initialized():
         return to_config(compose_job(overrides))
     with initialize_config_module(config_module="palaestra.conf", version_base="1.3"):
         return to_config(compose_job(overrides))
 
 
-def _stage_config(stage, history, overrides, stage_overrides, *, chain: bool = True) -> PalaestraConfig:
-    algo = [f"algo={stage}" if stage in TRAINING_STAGES else "algo=sft"]  # evaluate/export: validated as a data stage
-    algo += STAGE_SETTINGS.get(history.name, {}).get(stage, ())
+def _stage_config(stage, history, overrides, stage_overrides, *, chain: bool = True):
+    algo = [f"algo={STAGE_METHOD[stage]}", *STAGE_SETTINGS.get(history.name, {}).get(stage, ())]
     chained = _chain_overrides(stage, history) if chain else [f"train.output_dir={Path(history.folder) / stage}"]
     if not chain and _latest_output(history, "data_path", stage):
         chained.append(f"data.path={_latest_output(history, 'data_path', stage)}")
+    common = [o for o in overrides if stage_reads(stage, o)]  # the command line's keys that its method reads
+    chained = [o for o in chained if stage_reads(stage, o)]
     try:
-        return compose_config([*overrides, *algo, *stage_overrides.get(stage, []), *chained])
+        return compose_config([*common, *algo, *stage_overrides.get(stage, []), *chained])
     except ConfigError as error:
         raise ConfigError(f"stage {stage}: {error} (keys for one stage only: {stage}.<key>=<value>)") from None
     except Exception as error:  # Hydra's own override errors
@@ -434,18 +457,15 @@ def _training_stage(stage, history, overrides, stage_overrides):
     return outputs, {k: float(v) for k, v in figures.items() if isinstance(v, (int, float))}, results.get("mlflow_run_id")
 
 
-def _export_checkpoint(config: PalaestraConfig, run_dir: Path) -> str:
+def _export_checkpoint(config, run_dir: Path) -> str:
     """GRPO/AT-GRPO keep checkpoints; the pipeline passes on a merged Hugging Face folder."""
     from palaestra.export import export_command
 
-    config.eval.checkpoint = str(run_dir)
-    config.export.output_dir = str(run_dir / "model")
-    config.export.merge = True
-    export_command(config)
+    export_command(config.model, str(run_dir), str(run_dir / "model"), merge=True)
     return str((run_dir / "model").resolve())
 
 
-def _data_stage(config: PalaestraConfig, history: PipelineHistory, overrides, stage_overrides):
+def _data_stage(config: PipelineJob, history: PipelineHistory, overrides, stage_overrides):
     """Write today's dataset into the pipeline folder with ``data.generator`` (the planner's, say), or
     check that ``data.path`` exists; MARK's pipeline writes its three corpora instead, and the AFlow
     pipeline demonstration workflows for its GRPO stage's training problems."""
@@ -477,7 +497,7 @@ def _evaluate_stage(history, overrides, stage_overrides):
     from palaestra.evaluation.chat_eval import evaluate_chat
     from palaestra.evaluation.cli import track_evaluation
     from palaestra.models import load_model_and_tokenizer
-    from palaestra.recipes.common import training_device
+    from palaestra.runtime import training_device
     from palaestra.registry.replay import load_replay_dataset
 
     stage = _stage_config("evaluate", history, overrides, stage_overrides)
@@ -500,7 +520,7 @@ def _evaluate_stage(history, overrides, stage_overrides):
     return {}, metrics, run_id
 
 
-def _export_stage(config: PalaestraConfig, history: PipelineHistory):
+def _export_stage(config: PipelineJob, history: PipelineHistory):
     """Copy the final policy (already a merged Hugging Face folder) to export.output_dir, atomically;
     when earlier stages made other products too (MARK's pipeline), each goes into its own subfolder
     (policy/, classifier/, language_model/, index/)."""

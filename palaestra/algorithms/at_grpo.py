@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from palaestra.config import GROUP_FILTERS  # one list, checked by config without importing torch
+from palaestra.config.choices import GROUP_FILTERS
 
 
 def agent_reward(local: float, team: float, alpha: float) -> float:

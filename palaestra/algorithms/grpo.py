@@ -15,11 +15,12 @@ import torch
 from torch import Tensor
 
 from palaestra.algorithms.logprob_math import entropy_from_logits, masked_mean, selective_log_softmax  # noqa: F401 - re-exported
-from palaestra.config import LOSS_TYPES, SCALE_REWARDS  # one list each, checked by config without importing torch
+from palaestra.config.choices import LOSS_TYPES, SCALE_REWARDS
 
 __all__ = [
     "LOSS_TYPES",
     "SCALE_REWARDS",
+    "accumulated_loss",
     "entropy_from_logits",
     "group_advantages",
     "k3_kl",
@@ -165,3 +166,42 @@ def policy_loss(
             "clip_ratio/region": masked_mean((low | high).to(mask.dtype), mask).item(),
         }
     return loss, stats
+
+
+def accumulated_loss(loss: Tensor, *, loss_type: str, rows: int, total_rows: int, world: int = 1) -> Tensor:
+    """A micro-batch's :func:`policy_loss` scaled for gradient accumulation.
+
+    Summing the gradients of every micro-batch's scaled loss (and averaging them over ``world``
+    data-parallel processes) gives the gradient of the whole batch's loss in one process.
+
+    Args:
+        loss: the micro-batch's scalar loss.
+        loss_type: the loss's reduction; one of ``LOSS_TYPES``.
+        rows: completions in this micro-batch.
+        total_rows: completions in this process's batch (all its micro-batches).
+        world: data-parallel processes whose gradients are averaged afterwards.
+
+    Returns:
+        The scaled scalar loss, for ``backward``.
+
+    ``grpo`` and ``dr_grpo`` are means over rows, so each micro-batch weighs its share of the rows,
+    ``rows / total_rows`` (1 / micro-batches when they are equal); ``bnpo`` weighs the same, and
+    since its mean runs over the micro-batch's tokens it equals the whole batch's bnpo exactly when
+    every micro-batch has the same tokens per row. ``dapo`` already divides by the whole batch's
+    tokens on every process (``num_items_in_batch``), so it is summed as is, times ``world`` to
+    undo the averaging over processes.
+
+    >>> float(accumulated_loss(torch.tensor(0.6), loss_type="grpo", rows=2, total_rows=8))
+    0.15000000596046448
+    >>> float(accumulated_loss(torch.tensor(0.6), loss_type="dapo", rows=2, total_rows=8, world=2))
+    1.2000000476837158
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if not 0 < rows <= total_rows:
+        raise ValueError(f"a micro-batch of {rows} rows out of {total_rows}")
+    if loss_type == "dapo":
+        return loss * world
+    # loss * rows / total_rows, written as a division by the number of micro-batches of this size
+    # in the batch: with equal micro-batches that is exactly loss / micro_batches
+    return loss / (total_rows / rows)

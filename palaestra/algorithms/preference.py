@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from palaestra.config import DPO_LOSS_TYPES  # one list, checked by config without importing torch
+from palaestra.config.choices import DPO_LOSS_TYPES
 
 __all__ = ["DPO_LOSS_TYPES", "bradley_terry_loss", "dpo_loss", "sequence_logprob"]
 

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from palaestra.config import ConfigError
+from palaestra.config.errors import ConfigError
 from palaestra.data.jsonl import read_jsonl, write_jsonl
 
 __all__ = [

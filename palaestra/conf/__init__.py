@@ -1,5 +1,5 @@
-"""Hydra config groups shipped with palaestra (model/, task/, algo/, experiment/)."""
+"""Hydra config groups shipped with palaestra (model/, task/, algo/, experiment/, ...)."""
 
-from palaestra.config import register_schema
+from palaestra.jobs import register_schema
 
-register_schema()  # the dataclasses' defaults, under the YAML files here (conf/config.yaml's first default)
+register_schema()  # the dataclasses' defaults, under the YAML files here (each algo/<method>.yaml's first default)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from palaestra.config import ConfigError
+from palaestra.config.errors import ConfigError
 from palaestra.data.jsonl import read_jsonl
 from palaestra.models.shapes import bucket_length
 
@@ -73,7 +73,7 @@ def to_messages(row: dict, where: str = "row") -> list[dict]:
     >>> to_messages({"text": "hi"}, "a.jsonl:3")
     Traceback (most recent call last):
     ...
-    palaestra.config.ConfigError: a.jsonl:3: a row needs "messages" or "prompt" and "completion" (got keys: text)
+    palaestra.config.errors.ConfigError: a.jsonl:3: a row needs "messages" or "prompt" and "completion" (got keys: text)
     """
     if not isinstance(row, dict):
         raise ConfigError(f"{where}: a row must be a JSON object, got {type(row).__name__}")

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from palaestra.config import ConfigError
+from palaestra.config.errors import ConfigError
 
 __all__ = ["read_jsonl", "write_jsonl"]
 

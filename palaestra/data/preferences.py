@@ -16,6 +16,8 @@ a rollout, with the chosen answers in the first half of the rows and the rejecte
 
 from __future__ import annotations
 
+import logging
+
 import math
 import random
 from dataclasses import dataclass
@@ -25,6 +27,9 @@ import torch
 
 from palaestra.data.jsonl import read_jsonl
 from palaestra.models.shapes import bucket_length
+
+
+log = logging.getLogger("palaestra")
 
 __all__ = [
     "EncodedPair", "PreferenceBatch", "PreferencePair", "batch_for_step", "collate_pairs",
@@ -236,3 +241,42 @@ def collate_pairs(pairs: list[EncodedPair], pad_token_id: int) -> PreferenceBatc
     prompt_ids_, prompt_mask = _pad(prompts, pad_token_id, left=True)
     completion_ids, completion_mask = _pad(answers, pad_token_id, left=False)
     return PreferenceBatch(prompt_ids_, prompt_mask, completion_ids, completion_mask)
+
+
+def load_pairs(data, seed: int) -> tuple[list, list]:
+    """Training and held-out preference pairs of the ``data`` section; file problems become one-line ConfigErrors."""
+    from palaestra.config.errors import ConfigError
+
+    try:
+        return load_preference_splits(data.path, train_file=data.preference_train_file, val_file=data.preference_val_file,
+                                      val_fraction=data.val_fraction, seed=seed)
+    except ValueError as error:
+        raise ConfigError(str(error).splitlines()[0]) from None
+
+
+def pair_rows(tokenizer, train_pairs: list, val_pairs: list, *, max_length: int, add_eos: bool) -> tuple[list, list]:
+    """Tokenised training and held-out preference pairs; a warning when truncation made training pairs identical."""
+    train_rows = [encode_pair(tokenizer, pair, max_length, add_eos=add_eos) for pair in train_pairs]
+    val_rows = [encode_pair(tokenizer, pair, max_length, add_eos=add_eos) for pair in val_pairs]
+    if identical_pairs(train_rows):
+        log.warning("%d training pairs are identical after truncation to data.max_length=%d; raise data.max_length",
+                    identical_pairs(train_rows), max_length)
+    return train_rows, val_rows
+
+
+def pair_steps(pairs: int, batch_size: int, epochs: int, max_steps: int) -> tuple[int, int]:
+    """(steps per epoch, steps in all: ``max_steps`` or ``epochs`` epochs) of training on ``pairs`` pairs."""
+    per_epoch = math.ceil(pairs / batch_size)
+    return per_epoch, max_steps or epochs * per_epoch
+
+
+def pair_batch(rows: list, batch_size: int, step: int, seed: int) -> tuple[int, list]:
+    """(epoch, the rows of ``step``): the step's share of its epoch's seeded shuffle (the step number alone fixes it)."""
+    epoch, indices = batch_for_step(len(rows), batch_size, step, seed)
+    return epoch, [rows[i] for i in indices]
+
+
+def pair_epoch(step: int, epoch: int, batch_size: int, count: int) -> float:
+    """Epochs done after ``step`` of :func:`palaestra.data.preferences.batch_for_step` (fractional)."""
+    per_epoch = math.ceil(count / batch_size)
+    return epoch + min(((step - 1) % per_epoch + 1) * batch_size, count) / count

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from palaestra.config import ConfigError
+from palaestra.config.errors import ConfigError
 from palaestra.data.chat import dataset_version, to_messages
 from palaestra.data.jsonl import read_jsonl
 

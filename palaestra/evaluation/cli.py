@@ -7,47 +7,20 @@ from pathlib import Path
 from typing import Callable
 
 from palaestra import checkpoint as ckpt
-from palaestra.config import ConfigError, PalaestraConfig, reward_weights
+from palaestra.checkpoint import checkpoint_path, load_trained_weights
+from palaestra.config import reward_weights
+from palaestra.config.errors import ConfigError
 from palaestra.evaluation.evaluate import evaluate
 from palaestra.models import load_model_and_tokenizer, model_id
 from palaestra.models.precision import resolve_precision, weights_dtype
-from palaestra.recipes.common import training_device
+from palaestra.runtime import training_device
 from palaestra.rollout import HFGenerator, SamplingParams
 from palaestra.tasks.build import build_task
 
 log = logging.getLogger("palaestra")
 
 
-def load_trained_weights(model, checkpoint: Path):
-    """Put a checkpoint's trained weights on ``model``: its LoRA adapter, or its full weights."""
-    adapter = checkpoint / "adapter"
-    if adapter.is_dir():
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, str(adapter))
-    for parameter in model.parameters():  # full fine-tuning: every weight was trainable
-        parameter.requires_grad_(True)
-    ckpt.load_checkpoint(checkpoint, model=model, restore_rng=False)
-    return model
-
-
-def checkpoint_path(path: str | None) -> Path | None:
-    """The checkpoint named by eval.checkpoint (a step folder, or a run folder's latest), or None."""
-    if not path:
-        return None
-    if not Path(path).exists():
-        raise ConfigError(f"eval.checkpoint={path} does not exist; point it at a run folder or a checkpoints/step-* folder")
-    try:
-        checkpoint = ckpt.resolve_resume(path, Path(path))
-    except FileNotFoundError:
-        checkpoint = None
-    if checkpoint is None:
-        raise ConfigError(f"eval.checkpoint={path} holds no complete checkpoint; point it at a run folder or a "
-                          "checkpoints/step-* folder")
-    return checkpoint
-
-
-def evaluate_command(config: PalaestraConfig) -> str:
+def evaluate_command(config) -> str:
     """Run the evaluation, log it to MLflow, and return a printable summary."""
     checkpoint = checkpoint_path(config.eval.checkpoint)
     task = build_task(config.task)
@@ -116,7 +89,7 @@ def track_evaluation(tracking, run_name: str, figures: dict, *, tags: dict, para
     return tracker.run_id, f"\nMLflow run {tracker.run_id}: {tracker.run_url_hint()}"
 
 
-def evaluate_team_command(config: PalaestraConfig) -> str:
+def evaluate_team_command(config) -> str:
     """``palaestra eval algo=at_grpo env=...``: play the test problems with the (trained) team."""
     from palaestra.envs import resolve_env
     from palaestra.models.policies import build_policies, reusing_weights
@@ -161,7 +134,7 @@ def evaluate_team_command(config: PalaestraConfig) -> str:
     return "\n".join(lines) + where
 
 
-def evaluate_index_command(config: PalaestraConfig) -> str:
+def evaluate_index_command(config) -> str:
     """``palaestra eval algo=rag eval.checkpoint=RUN``: search a built index with the judged queries."""
     from palaestra.recipes.rag import sources
     from palaestra.retrieval.data import read_queries
@@ -187,7 +160,7 @@ def evaluate_index_command(config: PalaestraConfig) -> str:
     return "\n".join(lines) + where
 
 
-def evaluate_language_model_command(config: PalaestraConfig) -> str:
+def evaluate_language_model_command(config) -> str:
     """``palaestra eval algo=mamba eval.checkpoint=RUN``: the held-out perplexity of a trained language model.
 
     The held-out documents are the training run's when ``algo.corpus``, ``algo.val_fraction`` and
@@ -211,7 +184,7 @@ def evaluate_language_model_command(config: PalaestraConfig) -> str:
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder)).to(device)
     chunks = chunk(token_stream(tokenizer, [d.text for d in held_out]), algo.max_length)
-    figures = held_out_figures(model, chunks, batch_size=config.train.micro_batch_size, pad_id=tokenizer.pad_token_id,
+    figures = held_out_figures(model, chunks, batch_size=config.train.sequences_per_forward, pad_id=tokenizer.pad_token_id,
                                device=device)
     _, where = track_evaluation(config.tracking, f"eval-{corpus.name}-mamba", figures,
                              tags={"algo": "eval", "model": str(folder.resolve()), "corpus": corpus.name})

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from palaestra.config import ConfigError
+from palaestra.config.errors import ConfigError
 from palaestra.data.jsonl import read_jsonl
 
 __all__ = ["Corpus", "CorpusError", "Document", "read_corpus", "shipped_corpus", "split_documents", "write_corpus"]

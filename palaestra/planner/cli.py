@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from palaestra.config import ConfigError, check_writable
+from palaestra.config.errors import ConfigError, check_writable
 from palaestra.planner.data import make_planner_dataset
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 
-from palaestra.planner.data import RECIPES, household_restrictions, plan_cost, recipe_allowed
+from palaestra.planner.domain import RECIPES, household_restrictions, plan_cost, recipe_allowed
 
 __all__ = [
     "LOWER_IS_BETTER", "SOFT_METRICS", "aggregate_planner_metrics", "constraint_respect",

@@ -25,7 +25,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from palaestra.planner.data import RECIPES, household_restrictions, plan_cost, recipe_allowed
+from palaestra.planner.domain import RECIPES, household_restrictions, plan_cost, recipe_allowed
 from palaestra.planner.metrics import constraint_violations, parse_plan
 
 __all__ = ["CORRUPTIONS", "corrupt_plan", "make_preference_pairs", "plan_problems", "write_preference_files"]

@@ -25,24 +25,28 @@ from pathlib import Path
 import torch
 
 from palaestra.algorithms.at_grpo import select_samples
-from palaestra.algorithms.grpo import group_advantages, policy_loss
-from palaestra.config import ConfigError, PalaestraConfig
+from palaestra.algorithms.grpo import group_advantages
+from palaestra.config.errors import ConfigError
+from palaestra.recipes.at_grpo_config import ATGRPOConfig
 from palaestra.envs import resolve_env, train_seeds
 from palaestra.evaluation.team import evaluate_team, rollout_metrics, team_sampling
 from palaestra.models import model_id
-from palaestra.models.logprobs import batch_logprobs, shared_prompt_rows
+from palaestra.models.logprobs import shared_prompt_rows
 from palaestra.models.policies import Policy, build_policies, reusing_weights
-from palaestra.models.precision import autocast, resolve_precision, weights_dtype
-from palaestra.recipes.common import adamw, clip_gradients, policy_identity, seed_everything, training_device
+from palaestra.models.precision import resolve_precision, weights_dtype
+from palaestra.models.loading import policy_identity
+from palaestra.optim import adamw
+from palaestra.runtime import seed_everything, training_device
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
+from palaestra.recipes.update import micro_batch_logprobs, policy_update
 from palaestra.rollout import SamplingParams
 from palaestra.rollout.tree import AgentGroup, Episode, independent_groups, stack_rows, tree_rollout
 
 log = logging.getLogger("palaestra")
 
 
-def main(config: PalaestraConfig, *, evaluate_before_after: bool = True) -> dict:
+def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
     """Train a team with AT-GRPO; return the run folder, the MLflow run id and the figures."""
     train_cfg, algo, env_cfg = config.train, config.algo, config.env
     seed_everything(train_cfg.seed, threads=train_cfg.threads)
@@ -172,39 +176,27 @@ def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config)
         return {f"{name}/loss": 0.0, f"{name}/samples": 0.0}
     policy.activate()
     batch = stack_rows(pairs, policy.tokenizer.pad_token_id)
-    advantages_t = torch.tensor(advs, dtype=torch.float32)
-    device = next(policy.model.parameters()).device
-    mask = batch.completion_mask.float().to(device)
+    model = policy.model
+    device = next(model.parameters()).device
     precision = policy.generator.precision
-    size = train_cfg.micro_batch_size
+    size = train_cfg.answers_per_forward
     slices = [slice(i, i + size) for i in range(0, len(pairs), size)]
     shared = _rows_sharing_prompt(batch, block_sizes, size, algo.samples_per_state, train_cfg.share_prompt_forward)
-    num_items = mask.sum().clamp(min=1)
-    policy.optimizer.zero_grad(set_to_none=True)
-    totals = {"loss": 0.0, "kl": 0.0, "clip_ratio/region": 0.0}
-    for rows in slices:
-        args = (batch.prompt_ids[rows], batch.prompt_mask[rows], batch.completion_ids[rows], batch.completion_mask[rows])
-        ref = None
-        if algo.beta > 0:
-            with torch.no_grad(), policy.model.disable_adapter(), autocast(precision, device):
-                ref = batch_logprobs(policy.model, *args, shared, temperature=algo.temperature)[0]
-        with autocast(precision, device):
-            logp = batch_logprobs(policy.model, *args, shared, temperature=algo.temperature)[0]
-        loss, loss_stats = policy_loss(
-            logp, logp.detach(), advantages_t[rows].to(device), mask[rows], loss_type=algo.loss_type,
-            epsilon=algo.epsilon, epsilon_high=algo.epsilon_high, beta=algo.beta, ref_logp=ref,
-            max_completion_length=algo.max_completion_length, num_items_in_batch=num_items,
-        )
-        share = len(range(*rows.indices(len(pairs)))) / len(pairs)
-        scaled = loss if algo.loss_type == "dapo" else loss * share
-        scaled.backward()
-        totals["loss"] += float(scaled.detach())
-        totals["kl"] += loss_stats["kl"] * share
-        totals["clip_ratio/region"] += loss_stats["clip_ratio/region"] * share
-    grad_norm = clip_gradients(list(policy.parameters().values()), train_cfg.max_grad_norm)
-    policy.optimizer.step()
-    policy.scheduler.step()
-    return {f"{name}/{key}": value for key, value in totals.items()} | {
+
+    def reference(rows: slice) -> torch.Tensor:
+        """The micro-batch's log-probs under the base model: the policy with its adapter off."""
+        with torch.no_grad(), model.disable_adapter():
+            return micro_batch_logprobs(model, batch, rows, algo.temperature, shared, precision)[0]
+
+    totals, grad_norm = policy_update(
+        policy.optimizer, policy.scheduler, list(policy.parameters().values()), torch.tensor(advs, dtype=torch.float32),
+        batch.completion_mask.float().to(device), slices=slices,
+        logprobs=lambda rows: micro_batch_logprobs(model, batch, rows, algo.temperature, shared, precision),
+        ref_logps=reference if algo.beta > 0 else None, loss_type=algo.loss_type, epsilon=algo.epsilon,
+        epsilon_high=algo.epsilon_high, beta=algo.beta, max_completion_length=algo.max_completion_length,
+        max_grad_norm=train_cfg.max_grad_norm,
+    )
+    return {f"{name}/{key}": totals[key] for key in ("loss", "kl", "clip_ratio/region")} | {
         f"{name}/grad_norm": grad_norm, f"{name}/samples": float(len(pairs))}
 
 

@@ -7,7 +7,7 @@ Launch::
     palaestra train --target=classifier algo.data=tickets/ algo.num_labels=5 model.name=hf model.path=my-bert/
 
 The loop, top to bottom: read and check the labelled text (train, validation, test), load the
-encoder with a new ``num_labels``-way head, then per step take the next ``train.batch_size`` texts
+encoder with a new ``num_labels``-way head, then per step take the next ``train.texts_per_step`` texts
 of a seeded per-epoch shuffle, padded to a bucketed width, and step AdamW on the cross-entropy.
 Each epoch ends with the validation accuracy, macro-F1 and loss; keep-best and early stopping
 follow ``train.best_metric`` (macro-F1 by default). At the end the best epoch's weights are
@@ -31,12 +31,13 @@ import torch
 from palaestra.classification.data import load_classification_data, topic_classification_set
 from palaestra.classification.metrics import classification_figures, confusion, plot_confusion
 from palaestra.classification.model import encode_batches, load_classifier
-from palaestra.config import PalaestraConfig
+from palaestra.recipes.classifier_config import ClassifierConfig
 from palaestra.data.jsonl import write_jsonl
 from palaestra.data.shipped import shipped_dataset
 from palaestra.export import export_policy
 from palaestra.models.precision import autocast, resolve_precision
-from palaestra.recipes.common import adamw, clip_gradients, seed_everything, training_device
+from palaestra.optim import adamw, clip_gradients
+from palaestra.runtime import seed_everything, training_device
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
 
@@ -44,7 +45,7 @@ log = logging.getLogger("palaestra")
 
 
 
-def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dict:
+def main(config: ClassifierConfig, *, evaluate_before_after: bool = False) -> dict:
     """Fine-tune the encoder; return the run folder, the MLflow run id, the exported folder and the test figures."""
     algo, train_cfg = config.algo, config.train
     seed_everything(train_cfg.seed, threads=train_cfg.threads)
@@ -62,7 +63,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     model, tokenizer = load_classifier(config.model.name, config.model.path, data.labels, device)
     model.train()
     texts, labels = [x.text for x in data.train], [x.label for x in data.train]
-    steps_per_epoch = math.ceil(len(data.train) / train_cfg.batch_size)
+    steps_per_epoch = math.ceil(len(data.train) / train_cfg.texts_per_step)
     total_steps = steps_per_epoch * algo.epochs
 
     # ---- the run: folder, optimizer, resume, tracking
@@ -87,10 +88,10 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
     with run:
         for step in run.steps():
-            # 1. the batch: the next batch_size texts of this epoch's shuffle
+            # 1. the batch: the next texts_per_step texts of this epoch's shuffle
             epoch, position = divmod(step - 1, steps_per_epoch)
             order = epoch_order(len(texts), train_cfg.seed, epoch)
-            chosen = order[position * train_cfg.batch_size : (position + 1) * train_cfg.batch_size]
+            chosen = order[position * train_cfg.texts_per_step : (position + 1) * train_cfg.texts_per_step]
             (batch,) = encode_batches(tokenizer, texts, labels, chosen, len(chosen), algo.max_length)
             batch = batch.to(device)
 

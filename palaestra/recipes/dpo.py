@@ -28,16 +28,18 @@ from pathlib import Path
 import torch
 
 from palaestra.algorithms.preference import dpo_loss, sequence_logprob
-from palaestra.config import PalaestraConfig
+from palaestra.recipes.dpo_config import DPOConfig
 from palaestra.data.preferences import PreferenceBatch, collate_pairs
 from palaestra.export import export_policy
 from palaestra.models import frozen_reference_copy, reference_logits_context
 from palaestra.models.logprobs import completion_logprobs
 from palaestra.models.precision import autocast
-from palaestra.recipes.common import (
-    adamw, clip_gradients, load_pairs, load_policy, pair_batch, pair_epoch, pair_rows, pair_steps, register, seed_everything,
-    policy_identity, track_data_method, training_device,
-)
+from palaestra.data.preferences import load_pairs, pair_batch, pair_epoch, pair_rows, pair_steps
+from palaestra.models.loading import load_policy, policy_identity
+from palaestra.optim import adamw, clip_gradients
+from palaestra.recipes.run import track_data_method
+from palaestra.registry.models import register
+from palaestra.runtime import seed_everything, training_device
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run
 
@@ -48,7 +50,7 @@ _STAT_NAMES = {"rewards/chosen": "rewards/chosen", "rewards/rejected": "rewards/
 """dpo_loss's stats -> the names logged (TRL's, so dashboards read the same)."""
 
 
-def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dict:
+def main(config: DPOConfig, *, evaluate_before_after: bool = False) -> dict:
     """Train the policy with DPO; return the run folder, MLflow run id, figures and ``outputs["model_dir"]``."""
     train_cfg, algo, data = config.train, config.algo, config.data
 
@@ -68,7 +70,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     train_rows, val_rows = pair_rows(tokenizer, train_pairs, val_pairs, max_length=data.max_length, add_eos=True)
 
     # ---- run folder, optimizer, resume, tracking
-    per_epoch, total_steps = pair_steps(len(train_rows), train_cfg.batch_size, algo.epochs, algo.max_steps)
+    per_epoch, total_steps = pair_steps(len(train_rows), train_cfg.pairs_per_step, algo.epochs, algo.max_steps)
     run = Run(train_cfg, method="dpo", runs_root=Path("runs") / f"{data.name}-{algo.name}", total_steps=total_steps,
               identity=policy_identity(config.model),
               best=best_metric(config),
@@ -85,7 +87,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     loss_args = {"beta": algo.beta, "label_smoothing": algo.label_smoothing, "loss_type": algo.loss_type}
 
     def run_eval(step: int, label: str) -> dict:
-        figures = preference_eval(model, reference, val_rows, pad_id, batch_pairs=train_cfg.micro_batch_size,
+        figures = preference_eval(model, reference, val_rows, pad_id, batch_pairs=train_cfg.pairs_per_forward,
                                   precision=precision, **loss_args)
         return run.log_eval(step, label, figures)
 
@@ -95,14 +97,14 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     with run:
         for step in run.steps():
             # 1. batch: the step's pairs of this epoch's seeded shuffle
-            epoch, rows = pair_batch(train_rows, train_cfg.batch_size, step, train_cfg.seed)
+            epoch, rows = pair_batch(train_rows, train_cfg.pairs_per_step, step, train_cfg.seed)
 
             # 2. log-probs of both answers under the policy and the reference, 3. DPO loss, accumulated
             optimizer.zero_grad(set_to_none=True)
             totals = {"loss": 0.0, **{name: 0.0 for name in _STAT_NAMES.values()}, "logps/chosen": 0.0, "logps/rejected": 0.0}
             tokens = 0
-            for start in range(0, len(rows), train_cfg.micro_batch_size):
-                micro = rows[start : start + train_cfg.micro_batch_size]
+            for start in range(0, len(rows), train_cfg.pairs_per_forward):
+                micro = rows[start : start + train_cfg.pairs_per_forward]
                 batch = collate_pairs(micro, pad_id)
                 with run.timed("reference"), torch.no_grad():
                     ref_logps = answer_logps(reference if reference is not None else model, batch, precision,
@@ -129,7 +131,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             # 5. log / eval (every epoch) / checkpoint
             elapsed = run.step_seconds()
             run.log(step, {**totals, "grad_norm": grad_norm, "learning_rate": scheduler.get_last_lr()[0],
-                           "epoch": pair_epoch(step, epoch, train_cfg.batch_size, len(train_rows)),
+                           "epoch": pair_epoch(step, epoch, train_cfg.pairs_per_step, len(train_rows)),
                            "tokens_per_second": tokens / elapsed})
             if run.end_of_step(step, run_eval(step, "train") if run.eval_due(step, epoch_steps=per_epoch) else None):
                 break

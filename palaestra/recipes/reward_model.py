@@ -31,15 +31,18 @@ from pathlib import Path
 import torch
 
 from palaestra.algorithms.preference import bradley_terry_loss
-from palaestra.config import ConfigError, PalaestraConfig
+from palaestra.config.errors import ConfigError
+from palaestra.recipes.reward_model_config import RewardModelConfig
 from palaestra.data.preferences import PreferenceBatch, collate_pairs
 from palaestra.export import export_policy
 from palaestra.models import load_model_and_tokenizer, model_id
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
-from palaestra.recipes.common import (
-    adamw, clip_gradients, load_pairs, pair_batch, pair_epoch, pair_rows, pair_steps, register, seed_everything,
-    policy_identity, track_data_method, training_device,
-)
+from palaestra.data.preferences import load_pairs, pair_batch, pair_epoch, pair_rows, pair_steps
+from palaestra.models.loading import policy_identity
+from palaestra.optim import adamw, clip_gradients
+from palaestra.recipes.run import track_data_method
+from palaestra.registry.models import register
+from palaestra.runtime import seed_everything, training_device
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run
 from palaestra.rewards.reward_model import METADATA_FILE
@@ -47,7 +50,7 @@ from palaestra.rewards.reward_model import METADATA_FILE
 log = logging.getLogger("palaestra")
 
 
-def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dict:
+def main(config: RewardModelConfig, *, evaluate_before_after: bool = False) -> dict:
     """Train a reward model; return the run folder, MLflow run id, figures and ``outputs["reward_model_dir"]``."""
     train_cfg, algo, data = config.train, config.algo, config.data
 
@@ -71,7 +74,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     train_rows, val_rows = pair_rows(tokenizer, train_pairs, val_pairs, max_length=data.max_length, add_eos=False)
 
     # ---- run folder, optimizer, resume, tracking
-    per_epoch, total_steps = pair_steps(len(train_rows), train_cfg.batch_size, algo.epochs, algo.max_steps)
+    per_epoch, total_steps = pair_steps(len(train_rows), train_cfg.pairs_per_step, algo.epochs, algo.max_steps)
     run = Run(train_cfg, method="reward", runs_root=Path("runs") / f"{data.name}-{algo.name}", total_steps=total_steps,
               identity=policy_identity(config.model),
               best=best_metric(config),
@@ -86,7 +89,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     results: dict = {"outputs": {}}
 
     def run_eval(step: int, label: str) -> dict:
-        figures = pairwise_eval(model, val_rows, pad_id, batch_pairs=train_cfg.micro_batch_size, precision=precision,
+        figures = pairwise_eval(model, val_rows, pad_id, batch_pairs=train_cfg.pairs_per_forward, precision=precision,
                                 margin=algo.margin)
         return run.log_eval(step, label, figures)
 
@@ -96,14 +99,14 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     with run:
         for step in run.steps():
             # 1. batch: the step's pairs of this epoch's seeded shuffle
-            epoch, rows = pair_batch(train_rows, train_cfg.batch_size, step, train_cfg.seed)
+            epoch, rows = pair_batch(train_rows, train_cfg.pairs_per_step, step, train_cfg.seed)
 
             # 2. score and loss: chosen and rejected in one forward per micro-batch, gradients accumulated
             optimizer.zero_grad(set_to_none=True)
             totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0}
             with run.timed("forward_backward"):
-                for start in range(0, len(rows), train_cfg.micro_batch_size):
-                    micro = rows[start : start + train_cfg.micro_batch_size]
+                for start in range(0, len(rows), train_cfg.pairs_per_forward):
+                    micro = rows[start : start + train_cfg.pairs_per_forward]
                     batch = collate_pairs(micro, pad_id)
                     loss, stats = reward_loss(model, batch, precision=precision, margin=algo.margin,
                                               center_coefficient=algo.center_rewards_coefficient)
@@ -122,7 +125,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
             # 4. log / eval (every epoch) / checkpoint
             elapsed = run.step_seconds()
             run.log(step, {**totals, "grad_norm": grad_norm, "learning_rate": scheduler.get_last_lr()[0],
-                           "epoch": pair_epoch(step, epoch, train_cfg.batch_size, len(train_rows)),
+                           "epoch": pair_epoch(step, epoch, train_cfg.pairs_per_step, len(train_rows)),
                            "pairs_per_second": len(rows) / elapsed})
             if run.end_of_step(step, run_eval(step, "train") if run.eval_due(step, epoch_steps=per_epoch) else None):
                 break

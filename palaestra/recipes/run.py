@@ -28,29 +28,25 @@ main one writes.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import resource
+import signal
+import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
 from palaestra import checkpoint as ckpt
-from palaestra.config import ConfigError
+from palaestra.config.errors import ConfigError
 from palaestra.distributed import Distributed
-from palaestra.recipes.common import (
-    StopSignals,
-    append_jsonl,
-    attach_log_file,
-    fmt,
-    lock_run_folder,
-    memory_figures,
-    remember,
-    resolve_run_dir,
-    timed,
-)
+from palaestra.runtime import timed
 
 log = logging.getLogger("palaestra")
 
@@ -117,26 +113,11 @@ def decide(
 
 
 def config_dict(config) -> dict:
-    """The resolved config as plain containers (MLflow params and the config.yaml artifact): what
-    the method reads, without the other methods' sections (task, env, policy, data), the commands'
-    (export, pipeline) and the shared keys the method ignores."""
+    """The resolved config as plain containers (MLflow params and the config.yaml artifact): every key the
+    method reads, which is every key of its schema."""
     from omegaconf import OmegaConf
 
-    from palaestra.recipes.methods import OPTIONAL_SECTIONS, method_of
-
-    method = method_of(config)
-    resolved = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
-    for key in (*OPTIONAL_SECTIONS, "export", "pipeline"):
-        if key not in method.reads:
-            resolved.pop(key, None)
-    for ignored in method.ignores:
-        *parents, leaf = ignored.split(".")
-        section = resolved
-        for parent in parents:
-            section = section.get(parent, {}) if isinstance(section, dict) else {}
-        if isinstance(section, dict):
-            section.pop(leaf, None)
-    return resolved
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
 
 
 class Run:
@@ -170,7 +151,9 @@ class Run:
         if self.best_mode not in ("max", "min"):
             raise ValueError(f"the best mode must be max or min, got {self.best_mode!r}")
         self.train, self.method, self.total_steps = train, method, total_steps
-        self.patience = train.early_stopping_patience if patience is None else patience
+        # a step loop's train section has its evaluation interval and patience; epoch methods pass theirs
+        self.patience = getattr(train, "early_stopping_patience", 0) if patience is None else patience
+        self.eval_interval = getattr(train, "eval_interval", 0)
         self.dist = dist or Distributed()
         self.progress_keys, self.curves, self.plot = tuple(progress), tuple(curves), plot
         self.clock = clock
@@ -340,7 +323,7 @@ class Run:
     def eval_due(self, step: int, epoch_steps: int = 0) -> bool:
         """True every ``train.eval_interval`` steps, and with ``epoch_steps`` at the end of every epoch
         of that many steps and at the last step."""
-        interval = bool(self.train.eval_interval) and step % self.train.eval_interval == 0
+        interval = bool(self.eval_interval) and step % self.eval_interval == 0
         epoch_end = bool(epoch_steps) and (step % epoch_steps == 0 or step == self.total_steps)
         return interval or epoch_end
 
@@ -442,3 +425,170 @@ class Run:
                 "stop_signal": self._stop.received if self.stopped_by_signal else None,
                 "mlflow_hint": self.tracker.run_url_hint() if self.tracker else None, "step": self.step,
                 "finished": self.finished, "out_of_time": self.out_of_time, "train_seconds": self.clock() - self._started}
+
+
+def remember(state: dict, figures: dict, step: int) -> None:
+    """Keep curves in the trainer state so plots survive a resume."""
+    for key, value in figures.items():
+        state["history"].setdefault(key, []).append([step, float(value)])  # lists: JSON round-trips them
+
+
+def attach_log_file(path: Path) -> None:
+    """Log to train.log beside the checkpoints (appending on resume) and to the console."""
+    log.setLevel(logging.INFO)
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    console = TqdmHandler()
+    console.addFilter(lambda record: getattr(record, "console", True))  # per-step lines go to the file only
+    log.addHandler(file_handler)
+    log.addHandler(console)
+    log.propagate = False
+
+
+class TqdmHandler(logging.Handler):
+    """Console lines that do not break the progress bar."""
+
+    def emit(self, record):
+        tqdm.write(self.format(record))
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """A local, exact record of every step's figures beside the checkpoints."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def memory_figures() -> dict[str, float]:
+    """This process's resident memory now and its peak so far, in MB (``memory/rss_mb``,
+    ``memory/peak_rss_mb``): logged every step, so memory that grows with the steps shows in the run."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    try:
+        with open("/proc/self/statm") as handle:
+            current = int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:  # no /proc (macOS): the peak is the best figure there is
+        current = peak
+    return {"memory/rss_mb": current, "memory/peak_rss_mb": peak}
+
+
+def fmt(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+
+
+class StopSignals:
+    """SIGUSR1: save a checkpoint at the next step boundary. SIGINT/SIGTERM: save and stop there.
+
+    A second SIGINT interrupts immediately.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.save_requested = False
+        self.received: int | None = None
+        """The signal that stopped the run (SIGINT or SIGTERM), for the exit code 128 + its number."""
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is None:
+                continue
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, sig, frame):
+        if sig == getattr(signal, "SIGUSR1", None):
+            self.save_requested = True
+            return
+        if self.requested and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.received = self.received or int(sig)
+        log.info("signal %s received: saving at the end of this step", signal.Signals(sig).name)
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def lock_run_folder(run_dir: Path):
+    """Hold ``run_dir/.lock`` while this process writes the run folder; returns the open lock file (close it
+    to let go), or None where the system has no ``flock``.
+
+    A second process that wants the same folder gets a one-line ConfigError at once instead of
+    interleaving its train.log and metrics.jsonl with the first and pruning its checkpoints. The
+    operating system drops the lock when the holder ends, however it ends, so a killed run leaves no
+    stale lock behind.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not a Unix system
+        return None
+    from palaestra.config.errors import ConfigError
+
+    handle = open(Path(run_dir) / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"run folder {run_dir} is in use by {holder}; wait for that run to end, or give another "
+                          "train.output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()}")
+    handle.flush()
+    return handle
+
+
+def resolve_run_dir(train_cfg, runs_root: Path) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to resume from (None: a fresh start).
+
+    ``train.resume`` = a path: that checkpoint (its run folder continues; a different
+    ``train.output_dir`` is a ConfigError). ``train.output_dir``:
+    that folder (with ``resume=auto``, its latest checkpoint). Otherwise a new timestamped folder
+    under ``runs_root``, or with ``resume=auto`` the newest run there that has a checkpoint.
+    """
+    from palaestra import checkpoint as ckpt
+
+    resume = train_cfg.resume
+    if resume and resume != "auto":
+        checkpoint = ckpt.resolve_resume(resume, Path(resume))
+        if checkpoint is not None:
+            own = checkpoint.parent.parent  # a resumed run goes on in its own folder (and its own MLflow run)
+            if train_cfg.output_dir and Path(train_cfg.output_dir).resolve() != own.resolve():
+                from palaestra.config.errors import ConfigError
+
+                raise ConfigError(f"train.resume={resume} goes on in its own run folder {own}, not "
+                                  f"train.output_dir={train_cfg.output_dir}; drop one of the two")
+            return own, checkpoint
+    if train_cfg.output_dir:
+        run_dir = Path(train_cfg.output_dir)
+        return run_dir, ckpt.resolve_resume(resume, run_dir) if resume else None
+    if resume == "auto":
+        for candidate in sorted(runs_root.glob("*"), reverse=True):
+            checkpoint = ckpt.latest_checkpoint(candidate)
+            if checkpoint is not None:
+                return candidate, checkpoint
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = runs_root / stamp
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = runs_root / f"{stamp}-{suffix}"
+    return run_dir, None
+
+
+def track_data_method(run, config, dataset_version: str | None = None):
+    """Start the MLflow run of a method trained on the ``data`` section (reward, dpo, ppo): the planner
+    contract's tags (policy_id, task, dataset_version: default the data folder's) and the whole config as params."""
+    from palaestra.data.chat import dataset_version as version_of
+    from palaestra.models import model_id
+
+    data, algo = config.data, config.algo.name
+    dataset_version = dataset_version or version_of(data.path, data.version)
+    tags = {"task": data.name, "algo": algo, "model": model_id(config.model.name, config.model.path),
+            "dataset_version": dataset_version, "policy_id": config.tracking.policy_id or f"{data.name}-{algo}"}
+    return run.track(config.tracking, run_name=f"{data.name}-{algo}-{config.model.name}", tags=tags, config=config_dict(config))

@@ -8,8 +8,8 @@ Launch::
 
 The loop, top to bottom: tokenise every conversation with the model's chat template (labels only
 on assistant turns), pack short examples into sequences of up to ``data.max_length`` tokens, then
-per update take ``train.batch_size`` sequences of a seeded per-epoch shuffle in micro-batches of
-``train.micro_batch_size`` and step AdamW on the token-mean cross-entropy of the whole update.
+per update take ``train.sequences_per_step`` sequences of a seeded per-epoch shuffle in micro-batches of
+``train.sequences_per_forward`` and step AdamW on the token-mean cross-entropy of the whole update.
 Each epoch ends with the validation loss; the best epoch's weights are kept and exported as a
 merged Hugging Face folder (``run_dir/model``, tokenizer included) that the MLflow run carries as
 its ``model`` artifact and, with ``tracking.registered_model``, registers in the model registry.
@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from palaestra.config import ConfigError, PalaestraConfig
+from palaestra.config.errors import ConfigError
+from palaestra.recipes.sft_config import SFTConfig
 from palaestra.data.chat import (
     Batch,
     TokenizedExample,
@@ -46,16 +47,17 @@ from palaestra.data.chat import (
 from palaestra.export import export_policy, save_tokenizer
 from palaestra.models import model_id
 from palaestra.models.precision import autocast
-from palaestra.recipes.common import (
-    adamw, clip_gradients, load_policy, policy_identity, remember, seed_everything, training_device,
-)
+from palaestra.models.loading import load_policy, policy_identity
+from palaestra.optim import adamw, clip_gradients
+from palaestra.recipes.run import remember
+from palaestra.runtime import seed_everything, training_device
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
 
 log = logging.getLogger("palaestra")
 
 
-def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dict:
+def main(config: SFTConfig, *, evaluate_before_after: bool = False) -> dict:
     """Fine-tune on chat data; return the run folder, the MLflow run id and the exported model folder."""
     train_cfg, algo, data_cfg = config.train, config.algo, config.data
 
@@ -75,7 +77,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     train_rows = _rows(tokenizer, chat.train, data_cfg.max_length, algo.assistant_only_loss, algo.packing, "train")
     val_rows = _rows(tokenizer, chat.val, data_cfg.max_length, algo.assistant_only_loss, algo.packing, "validation")
     pad_id = tokenizer.pad_token_id
-    updates_per_epoch = math.ceil(len(train_rows) / train_cfg.batch_size)
+    updates_per_epoch = math.ceil(len(train_rows) / train_cfg.sequences_per_step)
     total_updates = updates_per_epoch * algo.epochs
     if algo.max_steps:
         total_updates = min(total_updates, algo.max_steps)
@@ -102,7 +104,7 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
                         params=contract_params(config, chat.version) if config.tracking.params == "contract" else None)
     results: dict = {"outputs": {}}
     forward = dict(device=device, precision=precision, dtype=compute_dtype)
-    validate = dict(batch_size=train_cfg.micro_batch_size, pad_id=pad_id, packed=algo.packing, **forward)
+    validate = dict(batch_size=train_cfg.sequences_per_forward, pad_id=pad_id, packed=algo.packing, **forward)
 
     if evaluate_before_after and run.step == 0:
         results["before"] = {"val_loss": validation_loss(model, val_rows, **validate)}
@@ -111,12 +113,12 @@ def main(config: PalaestraConfig, *, evaluate_before_after: bool = False) -> dic
     with run:
         for step in run.steps():
 
-            # 1. batch: the next batch_size sequences of this epoch's shuffle, in micro-batches
+            # 1. batch: the next sequences_per_step sequences of this epoch's shuffle, in micro-batches
             order = _epoch_order(len(train_rows), train_cfg.seed, state["epoch"])
-            chosen = order[state["epoch_position"] : state["epoch_position"] + train_cfg.batch_size]
+            chosen = order[state["epoch_position"] : state["epoch_position"] + train_cfg.sequences_per_step]
             micro_batches = [
-                collate([train_rows[i] for i in chosen[k : k + train_cfg.micro_batch_size]], pad_id, algo.packing)
-                for k in range(0, len(chosen), train_cfg.micro_batch_size)
+                collate([train_rows[i] for i in chosen[k : k + train_cfg.sequences_per_forward]], pad_id, algo.packing)
+                for k in range(0, len(chosen), train_cfg.sequences_per_forward)
             ]
             num_targets = sum(batch.num_targets for batch in micro_batches)
 
@@ -256,16 +258,16 @@ def _epoch_order(count: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def _policy_id(config: PalaestraConfig) -> str:
+def _policy_id(config: SFTConfig) -> str:
     return config.tracking.policy_id or f"{config.data.name}-sft"
 
 
-def contract_params(config: PalaestraConfig, dataset_version: str) -> dict[str, str]:
+def contract_params(config: SFTConfig, dataset_version: str) -> dict[str, str]:
     """The run's MLflow params: exactly the planner template's eight (the full config is an artifact)."""
     lora = config.model.lora
     return {
         "learning_rate": config.train.learning_rate,
-        "batch_size": config.train.batch_size,
+        "batch_size": config.train.sequences_per_step,
         "epochs": config.algo.epochs,
         "dataset_version": dataset_version,
         "model_base": model_id(config.model.name, config.model.path),

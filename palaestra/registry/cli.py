@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 from mlflow.exceptions import MlflowException
 
-from palaestra.config import ConfigError
+from palaestra.config.errors import ConfigError
 
 __all__ = ["policy_main", "registry_main", "replay_main"]
 

@@ -14,6 +14,8 @@ User mistakes (an unknown model, version or run, a store that does not exist) ra
 
 from __future__ import annotations
 
+import logging
+
 import hashlib
 import json
 import os
@@ -28,8 +30,11 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from palaestra.config import ConfigError
+from palaestra.config.errors import ConfigError
 from palaestra.tracking import default_tracking_uri
+
+
+log = logging.getLogger("palaestra")
 
 __all__ = [
     "ModelVersionInfo", "download_model", "list_models", "open_client", "register_model", "resolve_version",
@@ -228,3 +233,16 @@ def _marker(folder: Path) -> dict | None:
         return json.loads((folder / _DOWNLOAD_MARKER).read_text())
     except (OSError, ValueError):
         return None
+
+
+def register(tracker, name: str, results: dict) -> None:
+    """Register the run's ``model`` artifact as a new version of ``name`` in MLflow's model registry."""
+    store = tracker.live()  # the registry needs the run's writes in the store
+    if store is None:
+        log.warning("the model was not registered as %s: the tracking store is away; resume the run when it is back "
+                    "to register it", name)
+        return
+    version = register_model(store, store.run_id, name)
+    tracker.set_tags({"registered_model": name, "registered_model_version": version})
+    results["registered_model_version"] = version
+    log.info("registered models:/%s/%s", name, version)

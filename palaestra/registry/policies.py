@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from mlflow import MlflowClient
 
-from palaestra.config import ConfigError
+from palaestra.config.errors import ConfigError
 from palaestra.registry.models import _check_model, open_client, resolve_version
 
 __all__ = [

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from palaestra.config import ConfigError
+from palaestra.config.errors import ConfigError
 from palaestra.planner.metrics import SOFT_METRICS, passes_gate
 from palaestra.registry.models import download_model, open_client, resolve_version
 from palaestra.tracking import MlflowTracker, default_tracking_uri

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from palaestra.config import ConfigError
+from palaestra.config.errors import ConfigError
 from palaestra.data.jsonl import read_jsonl, write_jsonl
 
 __all__ = ["Document", "Query", "RetrievalDataError", "faq_retrieval_set", "read_documents", "read_queries"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from palaestra.config import RETRIEVAL_MODES as MODES  # one list, checked by config without importing torch
+from palaestra.config.choices import RETRIEVAL_MODES as MODES
 from palaestra.retrieval.data import Document
 from palaestra.retrieval.embedder import Embedder
 

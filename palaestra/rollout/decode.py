@@ -7,7 +7,8 @@ stopping criteria, a growing attention mask). This loop does only what sampling 
 1. one forward of one new token per live row, with a preallocated attention mask sliced per step
    (for Llama-family models the lean fused step of :mod:`palaestra.rollout.fast_llama`, for any
    other model the Hugging Face forward);
-2. temperature, top-k and top-p applied to the last logits only, then one inverse-CDF draw per row;
+2. temperature, top-k and top-p applied to the last logits only, then one inverse-CDF draw per row
+   (:func:`sample_next`, which the serving engine uses too, one row at a time);
 3. rows that produced a stop token leave the batch (their cache rows are dropped), so the last
    long completion does not drag the finished ones through every remaining step.
 
@@ -19,14 +20,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["HFDecodeState", "decode", "draw", "sample_next"]
+__all__ = ["HFDecodeState", "decode", "draw", "filtered_logits", "sample_next"]
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, greedy: bool) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, greedy: bool,
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token per row from last-position logits [B, V]: greedy argmax, or a sample.
 
-    Sampling: logits / temperature, keep the top_k largest (0: all), then the smallest set whose
-    probability reaches top_p (1.0: all), renormalise, draw.
+    Sampling: :func:`filtered_logits` (logits / temperature, then top-k and top-p), renormalised,
+    one :func:`draw` per row from ``generator`` (default: torch's global one). The rollouts call it
+    once for the whole batch; the serving engine once per row, with the row's own settings and
+    generator.
 
     >>> sample_next(torch.tensor([[0.0, 3.0, 1.0]]), 1.0, 0, 1.0, greedy=True).tolist()
     [1]
@@ -36,6 +40,20 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     """
     if greedy:
         return logits.argmax(dim=-1)
+    return draw(filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1), generator)
+
+
+def filtered_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The scores [B, V] (float32) that sampling draws from: logits / temperature, then -inf outside
+    the top_k largest (0: all) and outside the smallest set whose probability reaches top_p (1.0: all),
+    as Hugging Face defines them. The one place where both are written.
+
+    >>> probs = torch.tensor([[0.5, 0.3, 0.2]])
+    >>> [round(p, 4) for p in filtered_logits(probs.log(), top_p=0.6).softmax(dim=-1)[0].tolist()]  # 0.5 is short of 0.6
+    [0.625, 0.375, 0.0]
+    >>> filtered_logits(probs.log(), top_k=1).isinf().tolist()
+    [[False, True, True]]
+    """
     scores = logits.float() / temperature
     if top_k and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
@@ -46,7 +64,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         # drop a token when the tokens before it already reach top_p (the first one always stays)
         drop_sorted = (cumulative - sorted_scores.softmax(dim=-1)) >= top_p
         scores = scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return draw(scores.softmax(dim=-1))
+    return scores
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from palaestra.config import ConfigError
+from palaestra.config.errors import ConfigError
 
 __all__ = ["Catalog", "LoadedModel", "ModelNotFound", "Route", "plan_models"]
 
@@ -185,7 +185,7 @@ class Catalog:
     def load(cls, *, model_name: str, model_path: str | None, base_id: str, plan: dict[str, Source], device: str,
              dtype: str, registry: bool = False, tracking_uri: str | None = None) -> "Catalog":
         """Load the base model, then every planned source (adapters over the base, others beside it)."""
-        from palaestra.evaluation.cli import load_trained_weights
+        from palaestra.checkpoint import load_trained_weights
         from palaestra.models import load_model_and_tokenizer
 
         def load(name, path=None):

@@ -14,21 +14,23 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from palaestra.config import ConfigError, PalaestraConfig, validate_serve
+from palaestra.config import ServeJob
+from palaestra.config.commands import validate_serve_job
+from palaestra.config.errors import ConfigError
 
 __all__ = ["base_model_id", "build_services", "serve_command"]
 
 log = logging.getLogger(__name__)
 
 
-def base_model_id(config: PalaestraConfig) -> str:
+def base_model_id(config: ServeJob) -> str:
     """The base model's id: serve.base_id, else model.name (the folder name for model.path)."""
     if config.serve.base_id:
         return config.serve.base_id
     return Path(config.model.path).expanduser().resolve().name if config.model.path else config.model.name
 
 
-def build_services(config: PalaestraConfig):
+def build_services(config: ServeJob):
     """A loader of everything the API serves (run on the server's loading thread)."""
     from palaestra.serving.catalog import plan_models
 
@@ -44,7 +46,7 @@ def build_services(config: PalaestraConfig):
         import torch
 
         from palaestra.models.precision import resolve_precision
-        from palaestra.recipes.common import training_device
+        from palaestra.runtime import training_device
         from palaestra.serving.app import Services
         from palaestra.serving.catalog import Catalog
         from palaestra.serving.engine import Engine
@@ -81,13 +83,13 @@ def _index_embedder(folder: Path) -> str | None:
     return json.loads((folder / "index.json").read_text()).get("embedder")
 
 
-def serve_command(config: PalaestraConfig) -> int:
+def serve_command(config: ServeJob) -> int:
     """Serve until interrupted; a failure to load the models is a one-line error (exit code 2)."""
     import uvicorn
 
     from palaestra.serving.app import build_app
 
-    validate_serve(config)
+    validate_serve_job(config)
     load = build_services(config)
     failure: list[BaseException] = []
     server: uvicorn.Server | None = None

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from palaestra.models.shapes import bucket_length
-from palaestra.rollout.decode import draw
+from palaestra.rollout.decode import sample_next
 
 __all__ = ["Delta", "Engine", "Failed", "Finished", "GenerationJob", "Sampling", "TokenLogprob"]
 
@@ -369,8 +369,8 @@ class Engine:
 def _sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
     """The next token of each row [B] (CPU) and, for rows that asked, its log-probabilities.
 
-    Temperature 0 is greedy. Otherwise logits / temperature, then top-p (the smallest set of tokens
-    whose probability reaches top_p, renormalised), then one draw from the row's own generator.
+    Temperature 0 is greedy. Otherwise the rollouts' sampler (:func:`~palaestra.rollout.decode.sample_next`:
+    logits / temperature, then top-p) on the row alone, with the row's settings and its own generator.
     """
     logits = logits.float()
     chosen = logits.argmax(dim=-1)
@@ -378,14 +378,8 @@ def _sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[
         sampling = row.job.sampling
         if sampling.temperature <= 0:
             continue
-        scores = logits[i] / sampling.temperature
-        if sampling.top_p < 1.0:
-            ordered, order = torch.sort(scores, descending=True)
-            probs = ordered.softmax(dim=-1)
-            # drop a token when the tokens before it already reach top_p (the first one always stays)
-            drop = (probs.cumsum(dim=-1) - probs) >= sampling.top_p
-            scores = scores.index_put((order[drop],), torch.tensor(float("-inf"), device=scores.device))
-        chosen[i] = draw(scores.softmax(dim=-1).unsqueeze(0), row.generator)[0]
+        chosen[i] = sample_next(logits[i : i + 1], sampling.temperature, 0, sampling.top_p, greedy=False,
+                                generator=row.generator)[0]
     chosen = chosen.cpu()
     wanted = [i for i, row in enumerate(rows) if row.job.sampling.logprobs]
     logprobs: list[TokenLogprob | None] = [None] * len(rows)

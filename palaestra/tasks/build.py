@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from palaestra.config import ConfigError
+from palaestra.config.errors import ConfigError
 from palaestra.tasks.base import Task
 from palaestra.tasks.gsm8k import build_gsm8k_task
 from palaestra.tasks.reasoning_gym_tasks import build_reasoning_gym_task

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from palaestra.config import ConfigError
+from palaestra.config.errors import ConfigError
 from palaestra.data.jsonl import read_jsonl
 from palaestra.tasks.base import Example, Task, split_examples
 

@@ -11,7 +11,7 @@ import hashlib
 import random
 from pathlib import Path
 
-from palaestra.config import ConfigError
+from palaestra.config.errors import ConfigError
 from palaestra.tasks.base import Example, Task, default_verifier
 
 __all__ = ["build_gsm8k_task", "load_gsm8k"]

@@ -14,7 +14,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from palaestra.config import ConfigError
+from palaestra.config.errors import ConfigError
 from palaestra.data.jsonl import read_jsonl, write_jsonl
 from palaestra.tasks.base import Example, Task, split_examples
 

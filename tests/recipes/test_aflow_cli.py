@@ -13,7 +13,7 @@ from tests.conftest import run_cli
 
 AFLOW_TINY = [
     "experiment=aflow", "model=tiny", "task.workflow.executor.backend=scripted", "task.train_size=12", "task.test_size=6",
-    "algo.max_prompt_length=256", "algo.max_completion_length=12", "train.batch_size=8", "train.micro_batch_size=4",
+    "algo.max_prompt_length=256", "algo.max_completion_length=12", "train.completions_per_step=8", "train.completions_per_forward=4",
     "train.learning_rate=1e-3", "train.steps=2", "train.save_interval=1", "train.eval_interval=2", "eval.max_examples=6",
     "train.log_samples_interval=1", "train.output_dir=run",
     # a random policy writes no valid workflow, so every workflow reward is 0 and the advantages vanish; the
@@ -82,7 +82,7 @@ def test_eval_reports_the_workflow_figures_per_domain(tmp_path):
 @pytest.mark.slow
 def test_any_grpo_run_can_train_on_the_mixture(tmp_path):
     result = run_cli(["train", "task=mixture", "model=tiny", "task.train_size=20", "task.test_size=6", "train.steps=2",
-                      "train.batch_size=8", "train.micro_batch_size=4", "algo.num_generations=4",
+                      "train.completions_per_step=8", "train.completions_per_forward=4", "algo.num_generations=4",
                       "algo.max_completion_length=16", "train.eval_interval=2", "tracking.enabled=false",
                       "train.output_dir=run"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -110,8 +110,8 @@ def test_aflow_pipeline_warm_starts_on_demonstrations_then_runs_grpo(tmp_path):
     result = run_cli([
         "pipeline", "aflow", "model=tiny", "task.workflow.executor.backend=scripted", "task.train_size=12",
         "task.test_size=6", "eval.max_examples=6", "train.threads=1", "data.max_length=384", "sft.algo.max_steps=1",
-        "grpo.algo.max_prompt_length=256", "grpo.algo.max_completion_length=12", "grpo.train.batch_size=8",
-        "grpo.train.micro_batch_size=4", "grpo.train.steps=1", "grpo.train.eval_interval=0", "pipeline.output_dir=pipe",
+        "grpo.algo.max_prompt_length=256", "grpo.algo.max_completion_length=12", "grpo.train.completions_per_step=8",
+        "grpo.train.completions_per_forward=4", "grpo.train.steps=1", "grpo.train.eval_interval=0", "pipeline.output_dir=pipe",
     ], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     stages = {s["stage"]: s for s in json.loads((tmp_path / "pipe" / "history.json").read_text())["stages"]}

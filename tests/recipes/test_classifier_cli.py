@@ -32,7 +32,7 @@ def _data(folder: Path) -> Path:
 
 def _args(tmp_path: Path) -> list[str]:
     return ["train", "--target=classifier", "model.name=tiny", f"algo.data={_data(tmp_path / 'tickets')}", "algo.epochs=3",
-            "train.batch_size=4", "train.learning_rate=1e-3"]
+            "train.texts_per_step=4", "train.learning_rate=1e-3"]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -62,7 +62,7 @@ def test_the_classifier_trains_tracks_and_exports_a_folder_a_pipeline_loads(tmp_
     run = client.get_run(state["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert {"eval/accuracy", "eval/macro_f1", "test/accuracy", "test/macro_f1", "loss"} <= set(run.data.metrics)
-    assert run.data.params["train.batch_size"] == "4" and "model.lora.r" not in run.data.params  # only what it reads
+    assert run.data.params["train.texts_per_step"] == "4" and "model.lora.r" not in run.data.params  # only what it reads
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/confusion_matrix.png" in artifacts
 
@@ -110,4 +110,4 @@ def test_mark_target_names_and_a_user_yaml(tmp_path):
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "name: classifier" in shown.stdout and "seed: 7" in shown.stdout
     assert "epochs: 4" in shown.stdout  # the command line wins over the file
-    assert "batch_size: 16" in shown.stdout and "learning_rate: 5.0e-05" in shown.stdout  # MARK's defaults
+    assert "texts_per_step: 16" in shown.stdout and "learning_rate: 5.0e-05" in shown.stdout  # MARK's defaults

@@ -124,7 +124,7 @@ def test_eval_command_on_the_base_model_at_every_precision(tmp_path, precision):
     [
         (["train", "task=no_such_task"], "no_such_task"),
         (["train", "model=tiny", "algo.num_generations=1"], "algo.num_generations=1 must be >= 2"),
-        (["train", "model=tiny", "train.batch_size=30"], "not divisible by algo.num_generations"),
+        (["train", "model=tiny", "train.completions_per_step=30"], "not divisible by algo.num_generations"),
         (["train", "model=tiny", "train.learning_rate=-1"], "train.learning_rate=-1.0 must be >= 0"),
         (["train", "model=tiny", "task=gsm8k", "task.path=nowhere.jsonl"], "task.path=nowhere.jsonl does not exist"),
         (["train", "model=hf", "model.path=./no/such/folder"], "no/such/folder"),
@@ -181,7 +181,7 @@ def test_signals_save_at_a_step_boundary(tmp_path, sig):
 
 
 TEAM = ["train", "algo=at_grpo", "env=math", "env.name=tests.recipes.envs:CountingEnv", "+env.params.max_turns=2",
-        "model=tiny", "env.train_envs=2", "env.test_envs=2", "algo.max_completion_length=6", "train.micro_batch_size=8",
+        "model=tiny", "env.train_envs=2", "env.test_envs=2", "algo.max_completion_length=6", "train.answers_per_forward=8",
         "train.learning_rate=1e-2", "train.save_interval=1"]
 
 

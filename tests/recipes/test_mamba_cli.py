@@ -28,7 +28,7 @@ def _corpus(path: Path, paragraphs: int = 24) -> Path:
 def _args(tmp_path: Path) -> list[str]:
     corpus = _corpus(tmp_path / "animals.txt")
     return ["train", "--target=mamba", f"algo.corpus={corpus}", "algo.vocab_size=300", "algo.d_model=32", "algo.n_layers=2",
-            "algo.max_length=64", "algo.epochs=2", "algo.sample_tokens=8", "train.batch_size=4", "train.micro_batch_size=2"]
+            "algo.max_length=64", "algo.epochs=2", "algo.sample_tokens=8", "train.sequences_per_step=4", "train.sequences_per_forward=2"]
 
 
 def _metrics(run_dir: Path) -> list[dict]:

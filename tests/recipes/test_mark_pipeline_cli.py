@@ -17,9 +17,9 @@ TINY = [
     "model=tiny", "train.threads=1", "pipeline.output_dir=pipe", "export.output_dir=bundle",
     "mamba.algo.vocab_size=300", "mamba.algo.d_model=32", "mamba.algo.n_layers=2", "mamba.algo.max_length=64",
     "mamba.algo.max_steps=2", "mamba.algo.sample_tokens=4", "mamba.algo.val_fraction=0.02",
-    "classifier.algo.epochs=1", "classifier.train.batch_size=64",
-    "rag.algo.batch_size=400",
-    "grpo.train.steps=2", "grpo.train.batch_size=4", "grpo.train.micro_batch_size=4", "grpo.algo.num_generations=2",
+    "classifier.algo.epochs=1", "classifier.train.texts_per_step=64",
+    "rag.algo.documents_per_step=400",
+    "grpo.train.steps=2", "grpo.train.completions_per_step=4", "grpo.train.completions_per_forward=4", "grpo.algo.num_generations=2",
     "grpo.algo.max_completion_length=8", "grpo.task.train_size=8", "grpo.task.test_size=4",
 ]
 

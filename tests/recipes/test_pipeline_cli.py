@@ -43,9 +43,10 @@ def test_rlhf_pipeline_runs_every_stage_then_resumes_from_a_failed_one(tmp_path)
     (data / "test.jsonl").rename(tmp_path / "test.jsonl")  # the evaluate stage reads it: it will fail there
     command = [
         "pipeline", "rlhf", "model=tiny", f"data.path={data}", "data.max_length=160", "train.threads=1",
-        "train.batch_size=4", "train.micro_batch_size=4", "train.save_interval=1",
+        "sft.train.sequences_per_step=4", "sft.train.sequences_per_forward=4", "reward.train.pairs_per_step=4",
+        "reward.train.pairs_per_forward=4", "train.save_interval=1",
         "sft.algo.max_steps=2", "reward.algo.max_steps=2", "ppo.train.steps=2", "ppo.algo.prompts_per_step=2",
-        "ppo.algo.max_completion_length=8", "ppo.train.micro_batch_size=2", "ppo.train.batch_size=2",
+        "ppo.algo.max_completion_length=8", "ppo.train.minibatch_size=2",
         "eval.max_new_tokens=8", "export.output_dir=shelf/exported", "pipeline.output_dir=pipe",
     ]
 
@@ -104,8 +105,9 @@ def test_bad_stage_key_fails_in_one_line_before_any_model_loads(tmp_path):
 @pytest.mark.slow
 def test_full_pipeline_prepares_its_data_and_chains_dpo_into_ppo(tmp_path):
     result = run_cli([
-        "pipeline", "full", "model=tiny", "data.max_length=160", "train.threads=1", "train.batch_size=4",
-        "train.micro_batch_size=4", "sft.algo.max_steps=1", "reward.algo.max_steps=1", "dpo.algo.max_steps=1",
+        "pipeline", "full", "model=tiny", "data.max_length=160", "train.threads=1", "sft.train.sequences_per_step=4",
+        "sft.train.sequences_per_forward=4", "reward.train.pairs_per_step=4", "reward.train.pairs_per_forward=4",
+        "dpo.train.pairs_per_step=4", "dpo.train.pairs_per_forward=4", "sft.algo.max_steps=1", "reward.algo.max_steps=1", "dpo.algo.max_steps=1",
         "ppo.train.steps=1", "ppo.algo.prompts_per_step=2", "ppo.algo.max_completion_length=8",
         "eval.max_examples=2", "eval.max_new_tokens=8", "export.output_dir=exported", "pipeline.output_dir=pipe",
     ], tmp_path)

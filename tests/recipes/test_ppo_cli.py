@@ -16,7 +16,7 @@ from tests.conftest import run_cli
 
 TINY = [
     "--target=ppo", "model=tiny", "data.max_length=256", "algo.prompts_per_step=4", "algo.max_completion_length=12",
-    "train.micro_batch_size=2", "train.learning_rate=1e-3", "eval.max_examples=2", "eval.batch_size=2",
+    "train.minibatch_size=2", "train.learning_rate=1e-3", "eval.max_examples=2", "eval.batch_size=2",
     "data.rewards=[tests.recipes.rewards:digit_share]", "train.threads=1",
 ]
 

@@ -30,7 +30,7 @@ def _files(folder: Path) -> list[str]:
     (folder / "docs.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in DOCUMENTS))
     (folder / "judged.jsonl").write_text("".join(json.dumps({"id": i, "text": t, "relevant": r}) + "\n" for i, t, r in QUERIES))
     return ["--target=rag", f"algo.documents={folder / 'docs.jsonl'}", f"algo.queries={folder / 'judged.jsonl'}",
-            "algo.batch_size=2"]
+            "algo.documents_per_step=2"]
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -16,7 +16,7 @@ from tests.conftest import run_cli
 
 TINY = [
     "model=tiny", "model.precision=fp32", "train.threads=1", "data.name=synthetic", "data.path=prefs",
-    "data.max_length=128", "train.batch_size=8", "train.micro_batch_size=4", "train.learning_rate=3e-3",
+    "data.max_length=128", "train.pairs_per_step=8", "train.pairs_per_forward=4", "train.learning_rate=3e-3",
 ]
 
 

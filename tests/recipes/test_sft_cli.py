@@ -36,8 +36,8 @@ def _trainable(checkpoint: Path) -> dict:
 @pytest.mark.slow
 def test_planner_experiment_logs_the_contract_and_registers_the_model(tmp_path):
     data = make_planner_dataset(tmp_path, date="2026-05-04", n_train=16, n_val=4, n_test=4)
-    result = run_cli(["train", "experiment=planner", *SMALL, f"data.path={data}", "train.batch_size=8",
-                      "train.micro_batch_size=4", "train.output_dir=run"], tmp_path)
+    result = run_cli(["train", "experiment=planner", *SMALL, f"data.path={data}", "train.sequences_per_step=8",
+                      "train.sequences_per_forward=4", "train.output_dir=run"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "run"
 
@@ -90,7 +90,7 @@ def _short_chats(path: Path, count: int) -> Path:
 @pytest.mark.slow
 def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path):
     data = _short_chats(tmp_path / "chats.jsonl", 20)  # 18 train / 2 val; ~50 tokens each, two per sequence
-    common = ["train", "algo=sft", *SMALL, f"data.path={data}", "train.batch_size=4", "train.micro_batch_size=2",
+    common = ["train", "algo=sft", *SMALL, f"data.path={data}", "train.sequences_per_step=4", "train.sequences_per_forward=2",
               "train.keep_last_n=0", "model.lora.dropout=0.1"]  # dropout: the RNG must be restored too
     straight = run_cli([*common, "train.output_dir=straight", "tracking.enabled=false"], tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from palaestra.config import PalaestraConfig
+from palaestra.config import ServeJob
 from palaestra.models import apply_lora, build_tiny_model
 from palaestra.rollout.hf import encode_chat
 
@@ -61,9 +61,9 @@ def index_dir(tmp_path_factory):
     return folder
 
 
-def serve_config(adapter_dir, index_dir=None, **serve) -> PalaestraConfig:
+def serve_config(adapter_dir, index_dir=None, **serve) -> ServeJob:
     """The config ``palaestra serve model=tiny serve.models=[ADAPTER] ...`` would make."""
-    config = PalaestraConfig()
+    config = ServeJob()
     config.model.name, config.model.dtype = "tiny", "float32"
     config.serve.models = [str(adapter_dir)]  # served as "tuned", its folder's name
     config.serve.embedder = None

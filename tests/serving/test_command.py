@@ -12,7 +12,8 @@ import time
 import httpx
 import pytest
 
-from palaestra.config import ConfigError, PalaestraConfig, validate_serve
+from palaestra.config import ConfigError, ServeJob
+from palaestra.config.commands import validate_serve_job
 from palaestra.serving.catalog import plan_models
 from tests.conftest import REPO, run_cli
 
@@ -26,10 +27,10 @@ from tests.conftest import REPO, run_cli
     ("named_models", {"x": "no/such/run"}, "serve.models: no/such/run is not a folder"),
 ])
 def test_bad_serve_settings_are_one_line_errors(key, value, expected):
-    config = PalaestraConfig()
+    config = ServeJob()
     setattr(config.serve, key, value)
     with pytest.raises(ConfigError) as caught:
-        validate_serve(config)
+        validate_serve_job(config)
     assert expected in str(caught.value) and "\n" not in str(caught.value)
 
 

@@ -91,7 +91,7 @@ def test_stack_rows_pads_rows_from_different_rollouts():
 
 
 def test_per_role_policy_updates_only_the_acting_roles_adapter():
-    from palaestra.config import ATGRPOConfig, PalaestraConfig
+    from palaestra.recipes.at_grpo_config import ATGRPOConfig
     from palaestra.models.policies import build_policies
     from palaestra.recipes.at_grpo import _train_policy
     from palaestra.rollout import SamplingParams
@@ -117,7 +117,7 @@ def test_per_role_policy_updates_only_the_acting_roles_adapter():
     proposer_groups = [g for g in groups if g.agent == "proposer"]
     advantages = [torch.tensor([1.0, -1.0, 0.5, -0.5]) for _ in proposer_groups]
     keep = [torch.ones(4, dtype=torch.bool) for _ in proposer_groups]
-    config = PalaestraConfig(algo=ATGRPOConfig())
+    config = ATGRPOConfig()
     stats = _train_policy(policies["proposer"], proposer_groups, advantages, keep, role_policy, config)
     assert stats["proposer/samples"] == 4.0
     _train_policy(policies["checker"], proposer_groups, advantages, keep, role_policy, config)  # no checker answers

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from palaestra.config import ConfigError, DataConfig
+from palaestra.config import ChatData, ConfigError
 from palaestra.data import (
     IGNORE_INDEX,
     collate,
@@ -84,7 +84,7 @@ def test_folder_without_val_file_holds_out_the_end_of_train(tmp_path):
     folder = tmp_path / "2026-03-01"
     folder.mkdir()
     _write(folder / "train.jsonl", [_chat(i) for i in range(10)])
-    data = load_chat_data(DataConfig(path=str(folder), val_fraction=0.2))
+    data = load_chat_data(ChatData(path=str(folder), val_fraction=0.2))
     # ceil(10 * 0.2) = 2 held out: the last two conversations, in file order; no test file -> empty
     assert [c[0]["content"] for c in data.val] == ["q8", "q9"]
     assert len(data.train) == 8 and data.test == [] and data.version == "2026-03-01"
@@ -92,26 +92,26 @@ def test_folder_without_val_file_holds_out_the_end_of_train(tmp_path):
 
 def test_folder_splits_and_version_override(tmp_path):
     folder = make_planner_dataset(tmp_path, date="2026-02-02", n_train=5, n_val=2, n_test=3)
-    data = load_chat_data(DataConfig(path=str(folder)))
+    data = load_chat_data(ChatData(path=str(folder)))
     assert (len(data.train), len(data.val), len(data.test)) == (5, 2, 3)
     assert [m["role"] for m in data.train[0]] == ["system", "user", "assistant"]
-    assert load_chat_data(DataConfig(path=str(folder), version="v7")).version == "v7"
+    assert load_chat_data(ChatData(path=str(folder), version="v7")).version == "v7"
 
 
 def test_single_file_is_split_by_val_fraction(tmp_path):
     path = _write(tmp_path / "chats.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)])
-    data = load_chat_data(DataConfig(path=path, val_fraction=0.1))
+    data = load_chat_data(ChatData(path=path, val_fraction=0.1))
     assert (len(data.train), len(data.val), data.version) == (18, 2, "chats")
 
 
 def test_missing_files_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_chat_data(DataConfig(path=str(tmp_path / "nowhere")))
+        load_chat_data(ChatData(path=str(tmp_path / "nowhere")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="train.jsonl does not exist"):
-        load_chat_data(DataConfig(path=str(tmp_path / "empty")))
+        load_chat_data(ChatData(path=str(tmp_path / "empty")))
     with pytest.raises(ConfigError, match="at least 2"):
-        load_chat_data(DataConfig(path=_write(tmp_path / "one.jsonl", [_chat(0)])))
+        load_chat_data(ChatData(path=_write(tmp_path / "one.jsonl", [_chat(0)])))
 
 
 def test_dataset_version_names():

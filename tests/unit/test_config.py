@@ -5,27 +5,33 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 
-from palaestra.config import ConfigError, PalaestraConfig, to_config
+from palaestra.config import ConfigError
+from palaestra.jobs import compose_jobs, to_config
+from palaestra.recipes.methods import METHODS
 from tests.conftest import write_gsm8k
 
 CONF = Path(__file__).resolve().parents[2] / "palaestra" / "conf"
 
 
-def _compose(overrides: list[str]) -> PalaestraConfig:
-    with initialize_config_module(config_module="palaestra.conf", version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=overrides))
+def _compose(overrides: list[str]):
+    """Composed and checked as the command line is (palaestra.jobs)."""
+    (_, cfg), = compose_jobs(overrides)
+    return to_config(cfg)
 
 
 def test_default_config_is_the_main_job():
     config = _compose([])
     assert config.model.name == "smollm2-135m"
     assert config.task.name == "chain_sum" and config.algo.name == "grpo"
-    assert config.train.batch_size % config.algo.num_generations == 0
+    assert config.train.completions_per_step % config.algo.num_generations == 0
 
 
-@pytest.mark.parametrize("group", ["model", "task", "algo", "experiment"])
+GROUP_METHOD = {"env": "at_grpo", "policy": "at_grpo", "data": "sft"}
+"""Groups only some methods read -> a method that reads it (the others are composed with grpo)."""
+
+
+@pytest.mark.parametrize("group", ["model", "task", "algo", "experiment", "env", "policy", "data"])
 def test_every_shipped_yaml_composes_and_validates(group, tmp_path):
     data = write_gsm8k(tmp_path / "gsm8k.jsonl")
     files = sorted((CONF / group).glob("*.yaml"))
@@ -35,8 +41,12 @@ def test_every_shipped_yaml_composes_and_validates(group, tmp_path):
         extra = [f"task.path={data}"] if path.stem in ("gsm8k", "gsm8k_tunix") else []
         if path.stem == "hf":
             extra.append("model.path=some/model")
+        if path.stem == "all-minilm-l6-v2":  # the classifier's encoder
+            extra.append("algo=classifier")
+        if group in GROUP_METHOD:
+            extra.append(f"algo={GROUP_METHOD[group]}")
         config = _compose([option, *extra])
-        assert isinstance(config, PalaestraConfig)
+        assert isinstance(config, METHODS[config.algo.name].schema)
 
 
 @pytest.mark.parametrize(
@@ -44,13 +54,15 @@ def test_every_shipped_yaml_composes_and_validates(group, tmp_path):
     [
         (["task.dataset=not_a_dataset"], "task.dataset='not_a_dataset' is not a reasoning-gym dataset"),
         (["algo.num_generations=1"], "algo.num_generations=1 must be >= 2"),
-        (["train.batch_size=30"], "train.batch_size=30 is not divisible by algo.num_generations=8"),
+        (["train.completions_per_step=30"], "train.completions_per_step=30 is not divisible by algo.num_generations=8"),
         (["train.learning_rate=-0.1"], "train.learning_rate=-0.1 must be >= 0"),
         (["task=gsm8k", "task.path=missing.jsonl"], "task.path=missing.jsonl does not exist"),
         (["task=gsm8k"], "task.source=gsm8k needs task.path"),
         (["algo.loss_type=ppo"], "algo.loss_type='ppo' is unknown"),
         (["algo.scale_rewards=rank"], "algo.scale_rewards='rank' is unknown"),
-        (["train.micro_batch_size=5"], "train.micro_batch_size=5 must divide train.batch_size=32"),
+        (["train.completions_per_forward=5"], "train.completions_per_forward=5 must divide train.completions_per_step=32"),
+        (["train.batch_size=32"], "algo=grpo reads no train.batch_size: it is train.completions_per_step now"),
+        (["env.train_envs=2"], "algo=grpo does not read env.train_envs (algo=at_grpo reads it)"),
         (["+train.bogus=1"], "unknown config key 'train.bogus'"),
         (["train.steps=many"], "bad value for 'train.steps'"),
         (["task.rewards=[nope]", "task.reward_weights=null"], "nope"),
@@ -70,7 +82,7 @@ def test_bad_input_gives_one_line_error(overrides, expected):
 
 
 def test_the_value_lists_config_checks_without_torch_match_the_code():
-    from palaestra.config import PRECISIONS, WEIGHT_DTYPES
+    from palaestra.config.choices import PRECISIONS, WEIGHT_DTYPES
     from palaestra.models.loading import DTYPES
     from palaestra.models.precision import resolve_precision
 
@@ -115,4 +127,4 @@ def test_run_folders_and_checkpoints_are_checked_before_any_work(tmp_path):
     # a run with steps left, or a method whose epochs decide its length, resumes
     assert _compose(["train.resume=auto", f"train.output_dir={tmp_path / 'run'}", "train.steps=8"]).train.steps == 8
     _compose(["algo=sft", f"data.path={tmp_path}", "data.train_file=afile", "train.resume=auto",
-              f"train.output_dir={tmp_path / 'run'}", "train.steps=3"])
+              f"train.output_dir={tmp_path / 'run'}"])

@@ -86,7 +86,7 @@ def test_torchrun_two_processes_train_and_checkpoint(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(port),
                "-m", "palaestra.cli", "train", "model=tiny", "task.train_size=32", "task.test_size=8",
-               "algo.num_generations=4", "algo.max_completion_length=6", "train.batch_size=16", "train.micro_batch_size=4",
+               "algo.num_generations=4", "algo.max_completion_length=6", "train.completions_per_step=16", "train.completions_per_forward=4",
                "train.steps=2", "train.output_dir=run", "tracking.enabled=false"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -38,27 +38,29 @@ def test_docstring_examples():
 
 def test_marks_defaults_and_one_line_config_errors(tmp_path):
     from palaestra.pipeline import compose_config
-    from palaestra.recipes.methods import check_read
 
     config = compose_config(["algo=mamba"])
     algo, train = config.algo, config.train
     assert (algo.vocab_size, algo.d_model, algo.n_layers, algo.max_length, algo.corpus) == (5000, 256, 4, 512, None)
-    assert (train.batch_size, train.learning_rate, train.adam_beta2, train.weight_decay) == (8, 2e-3, 0.95, 0.1)
+    assert (train.sequences_per_step, train.learning_rate, train.adam_beta2, train.weight_decay) == (8, 2e-3, 0.95, 0.1)
     for overrides, message in [
         (["algo.corpus=nowhere/"], "algo.corpus=nowhere/ does not exist"),
         (["algo.vocab_size=258"], "algo.vocab_size=258 must be > 258"),
         (["algo.val_fraction=0.5"], "algo.val_fraction=0.5 must be in (0, 0.5)"),
         (["algo.sample_prompts=['']"], "algo.sample_prompts=[''] must be non-empty strings"),
-        (["train.micro_batch_size=3"], "train.micro_batch_size=3 must divide train.batch_size=8"),
+        (["train.sequences_per_forward=3"], "train.sequences_per_forward=3 must divide train.sequences_per_step=8"),
         (["train.best_metric=perplexity"], "mamba keeps the best by val_loss"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             compose_config(["algo=mamba", *overrides])
-    for override in ("model=tiny", "train.steps=5", "eval.checkpoint=x", "train.eval_interval=2", "tracking.policy_id=p"):
+    from palaestra.jobs import compose_jobs, to_config
+
+    for override in ("model=tiny", "train.steps=5", "train.eval_interval=2", "tracking.policy_id=p"):
         with pytest.raises(ConfigError, match="algo=mamba does not read"):
-            check_read("mamba", [override])
-    check_read("mamba", ["algo.corpus=x", "train.batch_size=4", "train.micro_batch_size=2", "train.learning_rate=1e-3",
-                         "train.seed=1", "train.output_dir=run", "tracking.experiment=lm"])
+            to_config(compose_jobs(["algo=mamba", override])[0][1], check_values=False)
+    to_config(compose_jobs(["algo=mamba", "algo.corpus=x", "train.sequences_per_step=4", "train.sequences_per_forward=2",
+                            "train.learning_rate=1e-3", "train.seed=1", "train.output_dir=run", "tracking.experiment=lm",
+                            "eval.checkpoint=x"])[0][1], check_values=False)
 
 
 # ---------------------------------------------------------------------------------------- corpora

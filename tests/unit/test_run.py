@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from palaestra.config import ConfigError, TrainConfig
+from palaestra.config import ConfigError, StepLoopSettings
 from palaestra.recipes.run import Run, decide
 
 QUIET = dict(total_steps=10, save_interval=0, value=None, best=None, mode="max", evals_without_improvement=0,
@@ -97,7 +97,7 @@ class _Clock:
 
 def _train(tmp_path, *, steps=6, evals=None, clock=None, method="toy", identity=None, **train_changes):
     """A Linear model trained by a loop shaped like a recipe's; eval figures from ``evals`` (step -> value)."""
-    train = replace(TrainConfig(), **{"output_dir": str(tmp_path / "run"), "resume": "auto", "save_interval": 0,
+    train = replace(StepLoopSettings(), **{"output_dir": str(tmp_path / "run"), "resume": "auto", "save_interval": 0,
                                       "keep_last_n": 0, **train_changes})
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
@@ -167,7 +167,7 @@ def test_time_budget_in_a_run(tmp_path):
 
 def test_a_best_metric_the_method_does_not_report_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="train.best_metric='score' is not a figure toy evaluates; use one of loss"):
-        train = replace(TrainConfig(), output_dir=str(tmp_path / "run"))
+        train = replace(StepLoopSettings(), output_dir=str(tmp_path / "run"))
         run = Run(train, method="toy", runs_root=tmp_path, total_steps=2, best=("score", "max"))
         run.resume(model=torch.nn.Linear(1, 1))
         with run:
@@ -176,7 +176,7 @@ def test_a_best_metric_the_method_does_not_report_is_one_line(tmp_path):
 
 
 def test_evaluations_due_by_interval_and_by_epoch(tmp_path):
-    train = replace(TrainConfig(), output_dir=str(tmp_path / "run"), eval_interval=3)
+    train = replace(StepLoopSettings(), output_dir=str(tmp_path / "run"), eval_interval=3)
     run = Run(train, method="toy", runs_root=tmp_path, total_steps=10, best=("score", "max"))
     assert [s for s in range(1, 11) if run.eval_due(s)] == [3, 6, 9]
     # epochs of 4 steps: their ends (4, 8), the last step (10) and the interval
@@ -184,7 +184,7 @@ def test_evaluations_due_by_interval_and_by_epoch(tmp_path):
 
 
 def test_a_step_must_be_logged(tmp_path):
-    train = replace(TrainConfig(), output_dir=str(tmp_path / "run"))
+    train = replace(StepLoopSettings(), output_dir=str(tmp_path / "run"))
     run = Run(train, method="toy", runs_root=tmp_path, total_steps=3, best=("score", "max"))
     with pytest.raises(RuntimeError, match="step 1 of toy ended without run.log"):
         with run:
@@ -197,7 +197,7 @@ def test_one_run_per_folder_and_a_killed_holder_leaves_no_lock(tmp_path):
     import sys
     import time
 
-    from palaestra.recipes.common import lock_run_folder
+    from palaestra.recipes.run import lock_run_folder
 
     held = lock_run_folder(tmp_path)
     with pytest.raises(ConfigError, match=rf"run folder {tmp_path} is in use by process \d+; wait for that run to end"):
@@ -206,7 +206,7 @@ def test_one_run_per_folder_and_a_killed_holder_leaves_no_lock(tmp_path):
     lock_run_folder(tmp_path).close()  # let go: free again
 
     # a holder killed with SIGKILL (no cleanup at all) does not keep the folder
-    code = ("import sys, time; from palaestra.recipes.common import lock_run_folder; h = lock_run_folder(sys.argv[1]); "
+    code = ("import sys, time; from palaestra.recipes.run import lock_run_folder; h = lock_run_folder(sys.argv[1]); "
             "print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -232,11 +232,11 @@ def test_a_checkpoint_of_another_method_or_model_is_refused_by_name(tmp_path):
 
 
 def test_resuming_a_checkpoint_keeps_its_own_run_folder(tmp_path):
-    from palaestra.recipes.common import resolve_run_dir
+    from palaestra.recipes.run import resolve_run_dir
 
     _train(tmp_path, steps=2, save_interval=2)
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
-    train = replace(TrainConfig(), resume=str(checkpoint), output_dir=str(tmp_path / "elsewhere"))
+    train = replace(StepLoopSettings(), resume=str(checkpoint), output_dir=str(tmp_path / "elsewhere"))
     with pytest.raises(ConfigError, match=f"goes on in its own run folder {tmp_path / 'run'}, not train.output_dir="):
         resolve_run_dir(train, tmp_path / "runs")
     assert resolve_run_dir(replace(train, output_dir=None), tmp_path / "runs") == (tmp_path / "run", checkpoint)
@@ -258,7 +258,7 @@ def test_a_corrupt_checkpoint_is_named_and_auto_resume_takes_the_one_before(tmp_
 
     (latest / file).write_bytes(b"")  # a chosen checkpoint has no fallback: one line naming the file
     model = torch.nn.Linear(3, 1)
-    run = Run(replace(TrainConfig(), resume=str(latest)), method="toy", runs_root=tmp_path, total_steps=6,
+    run = Run(replace(StepLoopSettings(), resume=str(latest)), method="toy", runs_root=tmp_path, total_steps=6,
               best=("score", "max"), identity={"model": "linear-3"})
     with pytest.raises(ConfigError, match=rf"checkpoint file {latest / file} is corrupt \(.*\); resume from another"):
         run.resume(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from palaestra.config import ConfigError, to_config
+from palaestra.config import ConfigError
+from palaestra.jobs import to_config
 from palaestra.tasks.base import Example, Task
 from palaestra.tasks.build import build_task
 from palaestra.workflows import FALLBACK_WORKFLOWS, ExperienceBuffer, ScriptedBackend, WorkflowTask
@@ -214,12 +215,12 @@ def test_in_process_backend_batches_on_the_tiny_model():
 
 
 def test_url_backend_talks_to_an_openai_compatible_server():
-    from palaestra.config import PalaestraConfig
+    from palaestra.config import ServeJob
     from palaestra.serving import BackgroundServer, build_app
     from palaestra.serving.command import build_services
     from palaestra.workflows import OpenAIBackend, Request
 
-    config = PalaestraConfig()
+    config = ServeJob()
     config.model.name, config.model.dtype = "tiny", "float32"
     config.serve.models, config.serve.embedder, config.serve.index, config.serve.device = [], None, None, "cpu"
     with BackgroundServer(build_app(build_services(config))) as server:

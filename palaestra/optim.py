@@ -1,0 +1,45 @@
+"""The optimizer every method uses: AdamW with linear warmup then cosine (or constant), and gradient clipping."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["adamw", "clip_gradients", "lr_lambda"]
+
+
+def lr_lambda(total: int, warmup_ratio: float, schedule: str):
+    """Linear warmup over warmup_ratio of the updates, then cosine to 0 (or constant)."""
+    warmup = int(total * warmup_ratio)
+
+    def factor(update: int) -> float:
+        if update < warmup:
+            return (update + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (update - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def clip_gradients(parameters: list, max_norm: float) -> float:
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    norms = [p.grad.detach().norm() for p in parameters if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def adamw(params, train, total_updates: int):
+    """(AdamW over ``params`` (tensors or param groups) with the ``train`` section's settings, its
+    schedule: linear warmup then cosine or constant over ``total_updates`` optimizer updates)."""
+    params = list(params)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    # the fused kernel (one pass over all parameters) steps a 22M-parameter encoder in a fifth of the time
+    # of the per-tensor loop on a CPU; it needs floating-point parameters on a CPU or a GPU
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
+    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                                  weight_decay=train.weight_decay, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_updates, train.warmup_ratio, train.lr_schedule))
+    return optimizer, scheduler

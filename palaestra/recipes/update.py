@@ -1,0 +1,142 @@
+"""One GRPO optimizer update over micro-batches: the component GRPO and AT-GRPO both call.
+
+The loop, top to bottom: zero the gradients; for every micro-batch, the policy's log-probs (with
+the old policy's and the reference's, precomputed per micro-batch or computed by a callable), the
+clipped loss of :func:`palaestra.algorithms.grpo.policy_loss`, scaled by
+:func:`~palaestra.algorithms.grpo.accumulated_loss` so that the summed gradients are those of the
+whole batch, and its backward; then, with data parallelism, the gradients averaged over processes;
+then clipping, the optimizer step and the scheduler step.
+
+What differs between the recipes stays with them: GRPO precomputes the old and reference
+log-probs of every micro-batch before its ``num_iterations`` updates (lists), AT-GRPO computes the
+reference per micro-batch with the policy's adapter switched off (a callable); GRPO logs the
+entropy (its log-prob callable returns it), AT-GRPO does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor
+
+from palaestra.algorithms.grpo import accumulated_loss, policy_loss
+from palaestra.algorithms.logprob_math import masked_mean
+from palaestra.distributed import Distributed
+from palaestra.models.logprobs import batch_logprobs
+from palaestra.models.precision import autocast
+from palaestra.optim import clip_gradients
+from palaestra.runtime import timed
+
+__all__ = ["micro_batch_logprobs", "policy_update"]
+
+# log-probs [b, T] of a micro-batch's completions under the policy and their entropies [b, T] (or None)
+LogprobsFn = Callable[[slice], tuple[Tensor, Tensor | None]]
+# per-micro-batch log-probs [b, T] of another policy: one tensor per micro-batch, in the order of
+# ``slices``, or a callable of the micro-batch's rows
+PerMicroBatch = Sequence[Tensor] | Callable[[slice], Tensor] | None
+
+
+def policy_update(
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    parameters: list[torch.nn.Parameter],
+    advantages: Tensor,
+    loss_mask: Tensor,
+    *,
+    slices: Sequence[slice],
+    logprobs: LogprobsFn,
+    old_logps: PerMicroBatch = None,
+    ref_logps: PerMicroBatch = None,
+    loss_type: str = "grpo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    max_completion_length: int | None = None,
+    max_grad_norm: float = 0.0,
+    dist: Distributed | None = None,
+    timings: dict[str, float] | None = None,
+) -> tuple[dict[str, float], float]:
+    """One optimizer update of ``parameters`` on this process's batch, accumulated over ``slices``.
+
+    Args:
+        optimizer, scheduler: stepped once, after the last micro-batch.
+        parameters: the trainable parameters (gradients averaged over processes, then clipped).
+        advantages: [B] one per completion of this process's batch.
+        loss_mask: [B, T] 1 on the completion tokens that count in the loss.
+        slices: the micro-batches, as row slices of the batch (they may differ in size).
+        logprobs: ``logprobs(rows) -> (logp [b, T], entropy [b, T] or None)`` under the policy
+            being trained (with gradients).
+        old_logps: the sampling policy's log-probs per micro-batch; None: the policy itself,
+            detached (one update per rollout batch: the ratio is 1).
+        ref_logps: the reference's log-probs per micro-batch; needed when ``beta`` > 0.
+            A callable is called before the policy's forward of the same micro-batch.
+        loss_type, epsilon, epsilon_high, beta, max_completion_length: the loss
+            (:func:`~palaestra.algorithms.grpo.policy_loss`).
+        max_grad_norm: clip the gradients' norm to this; 0: no clipping (the norm is still measured).
+        dist: data parallelism; the dapo denominator counts the tokens of every process and the
+            gradients are averaged over them. None: one process.
+        timings: when given, the wall time of ``policy_forward_backward`` and ``optimizer`` is added.
+
+    Returns:
+        (stats, grad_norm): stats are ``loss`` (this process's batch's; for dapo, whose denominator
+        counts every process's tokens, this process's part of the sum over processes), ``kl``,
+        ``clip_ratio/low``, ``clip_ratio/high``, ``clip_ratio/region`` and, when ``logprobs``
+        gives entropies, ``entropy``: means over the batch, each micro-batch weighing its share of
+        the rows; grad_norm is the norm before clipping.
+    """
+    if not slices:
+        raise ValueError("policy_update needs at least one micro-batch")
+    world = dist.world if dist is not None else 1
+    batch = loss_mask.shape[0]
+    sizes = [len(range(*rows.indices(batch))) for rows in slices]
+    total_rows = sum(sizes)
+    num_items = loss_mask.sum()
+    num_items = (dist.sum(num_items) if dist is not None else num_items).clamp(min=1)  # dapo's denominator
+    clock = (lambda name: timed(timings, name)) if timings is not None else (lambda name: nullcontext())
+    optimizer.zero_grad(set_to_none=True)
+    totals = {"loss": 0.0, "kl": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0, "clip_ratio/region": 0.0}
+    for index, (rows, size) in enumerate(zip(slices, sizes)):
+        with clock("policy_forward_backward"):
+            old = _micro_batch(old_logps, index, rows)
+            ref = _micro_batch(ref_logps, index, rows)
+            logp, entropy = logprobs(rows)
+            mask = loss_mask[rows]
+            loss, loss_stats = policy_loss(
+                logp, old if old is not None else logp.detach(), advantages[rows].to(logp.device), mask,
+                loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, ref_logp=ref,
+                max_completion_length=max_completion_length, num_items_in_batch=num_items,
+            )
+            scaled = accumulated_loss(loss, loss_type=loss_type, rows=size, total_rows=total_rows, world=world)
+            scaled.backward()
+        parts = total_rows / size  # micro-batches of this size in the batch: stats weigh rows / total_rows
+        totals["loss"] += float(scaled.detach()) / (world if loss_type == "dapo" else 1)
+        if entropy is not None:
+            totals["entropy"] = totals.get("entropy", 0.0) + float(masked_mean(entropy, mask)) / parts
+        for key, value in loss_stats.items():
+            totals[key] += value / parts
+    with clock("optimizer"):
+        if dist is not None:
+            dist.average_gradients(parameters)
+        grad_norm = clip_gradients(parameters, max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+    return totals, grad_norm
+
+
+def micro_batch_logprobs(model, batch, rows: slice, temperature: float, shared_rows: int, precision: str,
+                         with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Log-probs [b, T] (and entropies, or None) of the completions of ``batch`` (a
+    :class:`~palaestra.rollout.hf.Rollout`) in ``rows``, at the training ``precision``: packed, each
+    run of ``shared_rows`` rows sharing one prompt computed once, or ``shared_rows`` 0: the plain
+    padded batch (:func:`~palaestra.models.logprobs.batch_logprobs`)."""
+    tensors = (batch.prompt_ids[rows], batch.prompt_mask[rows], batch.completion_ids[rows], batch.completion_mask[rows])
+    with autocast(precision, next(model.parameters()).device.type):
+        return batch_logprobs(model, *tensors, shared_rows, temperature=temperature, with_entropy=with_entropy)
+
+
+def _micro_batch(source: PerMicroBatch, index: int, rows: slice) -> Tensor | None:
+    if source is None:
+        return None
+    return source(rows) if callable(source) else source[index]
