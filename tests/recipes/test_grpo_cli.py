@@ -20,7 +20,7 @@ from tests.conftest import REPO, run_cli, write_gsm8k
 
 TINY = [
     "model=tiny", "task.train_size=32", "task.test_size=8", "algo.num_generations=4", "algo.max_completion_length=8",
-    "train.batch_size=8", "train.micro_batch_size=4", "train.learning_rate=1e-3", "eval.batch_size=16",
+    "train.completions_per_step=8", "train.completions_per_forward=4", "train.learning_rate=1e-3", "eval.batch_size=16",
     "task.rewards=[correctness,tests.recipes.rewards:digit_share]", "task.reward_weights=[1.0,1.0]",
 ]
 
