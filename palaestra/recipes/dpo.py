@@ -38,7 +38,6 @@ from palaestra.data.preferences import load_pairs, pair_batch, pair_epoch, pair_
 from palaestra.models.loading import load_policy, policy_identity
 from palaestra.optim import adamw, clip_gradients
 from palaestra.recipes.run import track_data_method
-from palaestra.registry.models import register
 from palaestra.runtime import seed_everything, training_device
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run
@@ -145,6 +144,8 @@ def main(config: DPOConfig, *, evaluate_before_after: bool = False) -> dict:
         if tracker:  # the policy is the run's "model" artifact (tokenizer inside), as SFT's is
             tracker.log_artifacts(folder, "model")
             if config.tracking.registered_model:
+                from palaestra.registry.models import register  # the registry only when asked for
+
                 register(tracker, config.tracking.registered_model, results)
     return {**run.finish(), **results}
 

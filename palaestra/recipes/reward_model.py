@@ -41,7 +41,6 @@ from palaestra.data.preferences import load_pairs, pair_batch, pair_epoch, pair_
 from palaestra.models.loading import policy_identity
 from palaestra.optim import adamw, clip_gradients
 from palaestra.recipes.run import track_data_method
-from palaestra.registry.models import register
 from palaestra.runtime import seed_everything, training_device
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run
@@ -138,6 +137,8 @@ def main(config: RewardModelConfig, *, evaluate_before_after: bool = False) -> d
         log.info("reward model written to %s", folder)
         if tracker and config.tracking.registered_model:  # the folder is large: logged only to register it
             tracker.log_artifacts(folder, "model")
+            from palaestra.registry.models import register  # the registry only when asked for
+
             register(tracker, config.tracking.registered_model, results)
     return {**run.finish(), **results}
 
