@@ -10,7 +10,7 @@ from typing import Optional
 
 from palaestra.config.errors import ConfigError, check, check_writable, one_of
 
-__all__ = ["OptimizerSettings", "RunSettings", "StepLoopSettings", "validate_run"]
+__all__ = ["OptimizerSettings", "PairTrain", "RunSettings", "StepLoopSettings", "validate_run"]
 
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("cosine", "constant")
@@ -81,6 +81,16 @@ class StepLoopSettings(OptimizerSettings):
     """Log a table of sample completions every N steps (0 disables)."""
 
 
+@dataclass
+class PairTrain(OptimizerSettings):
+    """Updates on preference pairs (the reward model, dpo)."""
+
+    pairs_per_step: int = 32
+    """Preference pairs per optimizer update."""
+    pairs_per_forward: int = 8
+    """Preference pairs per forward/backward; pairs_per_step / pairs_per_forward is the gradient accumulation."""
+
+
 def validate_run(train: RunSettings) -> None:
     """Every method's run settings (and, where the section has them, the optimizer's and the loop's)."""
     one_of("train.device", train.device, DEVICES)
@@ -104,6 +114,8 @@ def validate_run(train: RunSettings) -> None:
             check(getattr(train, key) >= 0, f"train.{key}={getattr(train, key)} must be >= 0")
         check(train.early_stopping_patience == 0 or train.eval_interval > 0,
               "train.early_stopping_patience needs train.eval_interval > 0 (it counts evaluations)")
+    if isinstance(train, PairTrain):
+        check_batch("train.pairs_per_step", train.pairs_per_step, "train.pairs_per_forward", train.pairs_per_forward)
     if train.output_dir:
         check_writable("train.output_dir", train.output_dir)
     _validate_resume(train)

@@ -8,10 +8,10 @@ from palaestra.config.choices import DPO_LOSS_TYPES
 from palaestra.config.data import PairData, validate_data
 from palaestra.config.errors import check, one_of
 from palaestra.config.model import ModelConfig, validate_model
-from palaestra.config.run import OptimizerSettings, check_batch, validate_run
+from palaestra.config.run import PairTrain, validate_run
 from palaestra.config.tracking import RegisteredPolicyTracking
 
-__all__ = ["DPOAlgo", "DPOConfig", "DPOTrain", "validate_dpo"]
+__all__ = ["DPOAlgo", "DPOConfig", "validate_dpo"]
 
 
 @dataclass
@@ -33,23 +33,13 @@ class DPOAlgo:
 
 
 @dataclass
-class DPOTrain(OptimizerSettings):
-    """DPO's updates: preference pairs."""
-
-    pairs_per_step: int = 32
-    """Preference pairs per optimizer update."""
-    pairs_per_forward: int = 8
-    """Preference pairs per forward/backward; pairs_per_step / pairs_per_forward is the gradient accumulation."""
-
-
-@dataclass
 class DPOConfig:
     """``palaestra train algo=dpo``."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PairData = field(default_factory=PairData)
     algo: DPOAlgo = field(default_factory=lambda: DPOAlgo())
-    train: DPOTrain = field(default_factory=DPOTrain)
+    train: PairTrain = field(default_factory=PairTrain)
     tracking: RegisteredPolicyTracking = field(default_factory=RegisteredPolicyTracking)
 
 
@@ -59,7 +49,6 @@ def validate_dpo(config: DPOConfig) -> None:
     validate_model(config.model)
     validate_data(config.data)
     validate_run(train)
-    check_batch("train.pairs_per_step", train.pairs_per_step, "train.pairs_per_forward", train.pairs_per_forward)
     check(algo.epochs > 0, f"algo.epochs={algo.epochs} must be positive")
     check(algo.max_steps >= 0, f"algo.max_steps={algo.max_steps} must be >= 0")
     check(algo.beta > 0, f"algo.beta={algo.beta} must be > 0")

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from palaestra.config.data import PairData, validate_data
 from palaestra.config.errors import check
 from palaestra.config.model import ModelConfig, validate_model
-from palaestra.config.run import OptimizerSettings, check_batch, validate_run
+from palaestra.config.run import PairTrain, validate_run
 from palaestra.config.tracking import RegisteredTracking
 
-__all__ = ["RewardModelAlgo", "RewardModelConfig", "RewardModelTrain", "validate_reward"]
+__all__ = ["RewardModelAlgo", "RewardModelConfig", "validate_reward"]
 
 
 @dataclass
@@ -31,23 +31,13 @@ class RewardModelAlgo:
 
 
 @dataclass
-class RewardModelTrain(OptimizerSettings):
-    """The reward model's updates: preference pairs."""
-
-    pairs_per_step: int = 32
-    """Preference pairs per optimizer update."""
-    pairs_per_forward: int = 8
-    """Preference pairs per forward/backward; pairs_per_step / pairs_per_forward is the gradient accumulation."""
-
-
-@dataclass
 class RewardModelConfig:
     """``palaestra train algo=reward``."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PairData = field(default_factory=PairData)
     algo: RewardModelAlgo = field(default_factory=lambda: RewardModelAlgo())
-    train: RewardModelTrain = field(default_factory=RewardModelTrain)
+    train: PairTrain = field(default_factory=PairTrain)
     tracking: RegisteredTracking = field(default_factory=RegisteredTracking)
 
 
@@ -57,6 +47,5 @@ def validate_reward(config: RewardModelConfig) -> None:
     validate_model(config.model)
     validate_data(config.data)
     validate_run(train)
-    check_batch("train.pairs_per_step", train.pairs_per_step, "train.pairs_per_forward", train.pairs_per_forward)
     check(algo.epochs > 0, f"algo.epochs={algo.epochs} must be positive")
     check(algo.max_steps >= 0, f"algo.max_steps={algo.max_steps} must be >= 0")
