@@ -125,7 +125,7 @@ def _report(results: dict, config) -> None:
 def _export(config) -> int:
     from palaestra.export import export_command
 
-    print(export_command(config))
+    print(export_command(config.model, config.eval.checkpoint, config.export.output_dir, merge=config.export.merge))
     return 0
 
 

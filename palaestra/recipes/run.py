@@ -589,6 +589,8 @@ def track_data_method(run, config, dataset_version: str | None = None):
 
     data, algo = config.data, config.algo.name
     dataset_version = dataset_version or version_of(data.path, data.version)
+    # the reward model is no policy: its tracking has no policy_id key, and its runs are tagged <data>-reward
+    policy_id = getattr(config.tracking, "policy_id", None) or f"{data.name}-{algo}"
     tags = {"task": data.name, "algo": algo, "model": model_id(config.model.name, config.model.path),
-            "dataset_version": dataset_version, "policy_id": config.tracking.policy_id or f"{data.name}-{algo}"}
+            "dataset_version": dataset_version, "policy_id": policy_id}
     return run.track(config.tracking, run_name=f"{data.name}-{algo}-{config.model.name}", tags=tags, config=config_dict(config))

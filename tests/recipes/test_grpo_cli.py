@@ -246,9 +246,9 @@ def test_export_merged_model_loads_with_plain_transformers(tmp_path):
 
     trained = run_cli(["train", *TINY, "train.steps=1", "train.output_dir=run", "tracking.enabled=false"], tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    merged = run_cli(["export", *TINY, "eval.checkpoint=run", "export.output_dir=merged"], tmp_path)
+    merged = run_cli(["export", "model=tiny", "eval.checkpoint=run", "export.output_dir=merged"], tmp_path)
     assert merged.returncode == 0, merged.stderr[-3000:]
-    adapter = run_cli(["export", *TINY, "eval.checkpoint=run", "export.output_dir=adapter", "export.merge=false"], tmp_path)
+    adapter = run_cli(["export", "model=tiny", "eval.checkpoint=run", "export.output_dir=adapter", "export.merge=false"], tmp_path)
     assert adapter.returncode == 0, adapter.stderr[-3000:]
     assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "adapter" / "adapter_config.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
