@@ -8,6 +8,7 @@ Layout under a run directory::
         adapter/                peft models only: the adapter for PeftModel.from_pretrained
         optimizer.pt  scheduler.pt
         rng.pt                  python `random`, numpy, torch CPU and CUDA generator states
+        rng-rank1.pt ...        the same of every other process of a data-parallel run
         trainer_state.json      step, data position, MLflow run id, ... (written last)
       best/                     a copy of the best step so far, plus best.json
 
@@ -72,7 +73,8 @@ def _fresh_tmp(parent: Path, name: str) -> Path:
     return tmp
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """This process's random states: python's, numpy's, torch's CPU and CUDA generators."""
     import numpy as np
     import torch
 
@@ -137,6 +139,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep_last_n: int | None = None,
     parts: dict[str, CheckpointPart] | None = None,
+    rank_rng_states: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/step-{step:06d}` atomically and return its path.
 
@@ -144,7 +147,8 @@ def save_checkpoint(
     the folder, or `parts` (name -> CheckpointPart) for several policies, each in `policy-<name>/`.
     `trainer_state` is any JSON-serialisable dict (data position, MLflow run id, best metric...);
     `step` is added to it. With `keep_last_n`, older `step-*` folders beyond the newest n are
-    deleted (never the one just written, never `best`).
+    deleted (never the one just written, never `best`). `rank_rng_states`: every process's random
+    states, in rank order, for a data-parallel run (this process, the main one, is the first).
     """
     import torch
 
@@ -159,7 +163,9 @@ def save_checkpoint(
             folder = tmp / f"policy-{name}" if name else tmp
             folder.mkdir(exist_ok=True)
             _save_part(folder, part)
-        torch.save(_rng_state(), tmp / "rng.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        for rank, state in enumerate((rank_rng_states or [])[1:], start=1):
+            torch.save(state, tmp / f"rng-rank{rank}.pt")
         _write_json(tmp / _STATE_FILE, {**trainer_state, "step": step})  # last: marks it complete
         _swap_into_place(tmp, target)
     finally:
@@ -239,6 +245,18 @@ def load_checkpoint(
     if restore_rng:
         _set_rng_state(_read(path / "rng.pt", lambda file: torch.load(file, weights_only=True)))
     return state
+
+
+def restore_rank_rng(path: Path, rank: int) -> bool:
+    """Set this process's random states to those the checkpoint holds for ``rank`` (rank 0's are ``rng.pt``);
+    False when it holds none (it was written by fewer processes)."""
+    import torch
+
+    file = Path(path) / ("rng.pt" if rank == 0 else f"rng-rank{rank}.pt")
+    if rank and not file.is_file():
+        return False
+    _set_rng_state(_read(file, lambda handle: torch.load(handle, weights_only=True)))
+    return True
 
 
 def _load_part(folder: Path, part: CheckpointPart, path: Path) -> None:

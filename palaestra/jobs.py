@@ -27,14 +27,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from palaestra.config import ExportJob, PipelineJob, ServeJob
-from palaestra.config.commands import validate_export, validate_pipeline_job, validate_serve_job
+from palaestra.config.commands import validate_export, validate_pipeline_job
+from palaestra.config.sections import validate_sections
 from palaestra.config.errors import ConfigError
 from palaestra.recipes.methods import METHODS
 
 __all__ = ["CONFIG_SECTIONS", "RENAMED", "compose_job", "compose_jobs", "config_name", "hydra_error_line", "parse_command_line",
            "reader_of", "reads", "register_schema", "schema_keys", "to_config", "validate"]
 
-COMMAND_SCHEMAS = {"export": (ExportJob, validate_export), "serve": (ServeJob, validate_serve_job),
+COMMAND_SCHEMAS = {"export": (ExportJob, validate_export), "serve": (ServeJob, None),
                    "pipeline": (PipelineJob, validate_pipeline_job)}
 """Commands that are not a method -> (the schema of their whole config, its checks); the others (train,
 run, eval) use the schema of the method ``algo`` names."""
@@ -123,9 +124,13 @@ def to_config(cfg: DictConfig | dict, command: str = "train", *, check_values: b
 
 
 def validate(config, command: str = "train") -> None:
-    """Check the values of ``config`` (a schema of ``command``): cheap, no model or dataset loads."""
+    """Check the values of ``config`` (a schema of ``command``): its shared sections, then its own keys; cheap,
+    no model or dataset loads."""
+    validate_sections(config)
     if command in COMMAND_SCHEMAS:
-        COMMAND_SCHEMAS[command][1](config)
+        own_checks = COMMAND_SCHEMAS[command][1]  # serve has none beyond its sections'
+        if own_checks:
+            own_checks(config)
     else:
         METHODS[config.algo.name].validate(config)
 

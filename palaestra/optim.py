@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["adamw", "clip_gradients", "lr_lambda"]
+__all__ = ["adamw", "clip_gradients", "lr_lambda", "optimizer_step"]
 
 
 def lr_lambda(total: int, warmup_ratio: float, schedule: str):
@@ -43,3 +43,15 @@ def adamw(params, train, total_updates: int):
                                   weight_decay=train.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_updates, train.warmup_ratio, train.lr_schedule))
     return optimizer, scheduler
+
+
+def optimizer_step(parameters: list, optimizer, scheduler, max_grad_norm: float, dist=None) -> float:
+    """One update from the accumulated gradients: with several processes (``dist``, a
+    :class:`palaestra.distributed.Distributed`), their sum over the ranks; then clipped by global norm
+    (0: no clipping), the optimizer and its schedule stepped. Returns the gradient norm before clipping."""
+    if dist is not None:
+        dist.sum_gradients(parameters)
+    grad_norm = clip_gradients(parameters, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return grad_norm

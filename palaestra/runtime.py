@@ -12,8 +12,11 @@ import torch
 __all__ = ["seed_everything", "timed", "training_device"]
 
 
-def training_device(choice: str = "auto") -> str:
-    """``train.device`` as a torch device: auto is a CUDA GPU when torch sees one, else the CPU."""
+def training_device(choice: str = "auto", dist=None) -> str:
+    """``train.device`` as a torch device: auto is a CUDA GPU when torch sees one, else the CPU; with several
+    processes (``dist``), this process's own GPU."""
+    if dist is not None and dist.enabled:
+        return dist.device(choice)
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return choice

@@ -49,7 +49,8 @@ def markdown() -> str:
     lines = [BEGIN]
     for section in sections:
         lines += ["", f"#### `{section}`", "", "| key | default | read by | meaning |", "|---|---|---|---|"]
-        for (key, default, doc), who in rows.items():
+        named_first = sorted(rows.items(), key=lambda row: row[0][0] != f"{section}.name")  # stable otherwise
+        for (key, default, doc), who in named_first:
             if key.split(".")[0] == section:
                 lines.append(f"| `{key}` | {default} | {_readers(who)} | {doc.replace('|', '/')} |")
     return "\n".join([*lines, "", END])

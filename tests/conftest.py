@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +21,24 @@ def _offline(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real ``palaestra`` command in ``cwd``; returns the completed process."""
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, processes: int = 1) -> subprocess.CompletedProcess:
+    """Run the real ``palaestra`` command in ``cwd`` (``processes`` > 1: under torchrun, one thread each, a local
+    rendezvous); returns the completed process."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(
-        [sys.executable, "-m", "palaestra.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    launcher = [sys.executable, "-m", "palaestra.cli"]
+    if processes > 1:
+        env["OMP_NUM_THREADS"] = "1"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "palaestra.cli"]
+    return subprocess.run([*launcher, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a torchrun rendezvous)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def write_gsm8k(path: Path, count: int = 12) -> Path:

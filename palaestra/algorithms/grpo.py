@@ -168,18 +168,17 @@ def policy_loss(
     return loss, stats
 
 
-def accumulated_loss(loss: Tensor, *, loss_type: str, rows: int, total_rows: int, world: int = 1) -> Tensor:
+def accumulated_loss(loss: Tensor, *, loss_type: str, rows: int, total_rows: int) -> Tensor:
     """A micro-batch's :func:`policy_loss` scaled for gradient accumulation.
 
-    Summing the gradients of every micro-batch's scaled loss (and averaging them over ``world``
-    data-parallel processes) gives the gradient of the whole batch's loss in one process.
+    Summing the gradients of every micro-batch's scaled loss (over the micro-batches of every
+    data-parallel process) gives the gradient of the whole batch's loss in one process.
 
     Args:
         loss: the micro-batch's scalar loss.
         loss_type: the loss's reduction; one of ``LOSS_TYPES``.
         rows: completions in this micro-batch.
-        total_rows: completions in this process's batch (all its micro-batches).
-        world: data-parallel processes whose gradients are averaged afterwards.
+        total_rows: completions in the whole batch (every micro-batch of every process).
 
     Returns:
         The scaled scalar loss, for ``backward``.
@@ -188,20 +187,19 @@ def accumulated_loss(loss: Tensor, *, loss_type: str, rows: int, total_rows: int
     ``rows / total_rows`` (1 / micro-batches when they are equal); ``bnpo`` weighs the same, and
     since its mean runs over the micro-batch's tokens it equals the whole batch's bnpo exactly when
     every micro-batch has the same tokens per row. ``dapo`` already divides by the whole batch's
-    tokens on every process (``num_items_in_batch``), so it is summed as is, times ``world`` to
-    undo the averaging over processes.
+    tokens (``num_items_in_batch``, every process's), so it is summed as is.
 
     >>> float(accumulated_loss(torch.tensor(0.6), loss_type="grpo", rows=2, total_rows=8))
     0.15000000596046448
-    >>> float(accumulated_loss(torch.tensor(0.6), loss_type="dapo", rows=2, total_rows=8, world=2))
-    1.2000000476837158
+    >>> float(accumulated_loss(torch.tensor(0.6), loss_type="dapo", rows=2, total_rows=8))
+    0.6000000238418579
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if not 0 < rows <= total_rows:
         raise ValueError(f"a micro-batch of {rows} rows out of {total_rows}")
     if loss_type == "dapo":
-        return loss * world
+        return loss
     # loss * rows / total_rows, written as a division by the number of micro-batches of this size
     # in the batch: with equal micro-batches that is exactly loss / micro_batches
     return loss / (total_rows / rows)

@@ -13,6 +13,8 @@ for completion tokens; ``mask`` is 1 on real completion tokens and 0 on padding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -88,7 +90,8 @@ def gae(
     return advantages, returns
 
 
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           reduce_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Normalise ``x`` to unit variance (and zero mean) over the valid positions.
 
     Args:
@@ -96,15 +99,22 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) 
         mask: [B, T] 1 for positions that count.
         shift_mean: if False, the mean is added back (only the scale changes).
         eps: added to the variance.
+        reduce_sum: with data parallelism, the sum of a tensor over the processes, so that the mean and
+            variance are those of every process's rows together.
 
     Returns:
         [B, T], 0 on masked positions.
     """
     # x' = (x - mean) / sqrt(var + eps), var with Bessel's correction n / (n - 1)
     mask = mask.to(x.dtype)
-    mean = masked_mean(x, mask)
-    count = mask.sum()
-    var = masked_mean((x - mean) ** 2, mask)
+    if reduce_sum is not None:
+        count = reduce_sum(mask.sum())
+        mean = reduce_sum((x * mask).sum()) / count.clamp(min=1)
+        var = reduce_sum(((x - mean) ** 2 * mask).sum()) / count.clamp(min=1)
+    else:
+        mean = masked_mean(x, mask)
+        count = mask.sum()
+        var = masked_mean((x - mean) ** 2, mask)
     if count > 1:
         var = var * count / (count - 1)
     whitened = (x - mean) * torch.rsqrt(var + eps)

@@ -19,8 +19,9 @@ from palaestra.models.shapes import bucket_length
 __all__ = ["TextBatch", "encode_batches", "load_classifier"]
 
 
-def load_classifier(name: str, path: str | None, labels: list[str], device: str):
-    """(model, tokenizer): the chosen encoder (see the module docstring) with a ``len(labels)``-way head."""
+def load_classifier(name: str, path: str | None, labels: list[str], device: str, dropout: float | None = None):
+    """(model, tokenizer): the chosen encoder (see the module docstring) with a ``len(labels)``-way head;
+    ``dropout`` (None: the model's own) sets the rate of every dropout layer."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from palaestra.models import ModelLoadError
@@ -49,6 +50,10 @@ def load_classifier(name: str, path: str | None, labels: list[str], device: str)
     if tokenizer.pad_token_id is None:
         raise ModelLoadError(f"the tokenizer of {folder} has no padding token; give an encoder with one (BERT models have [PAD])")
     model.config.pad_token_id = tokenizer.pad_token_id
+    if dropout is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = dropout
     return model.to(device), tokenizer
 
 

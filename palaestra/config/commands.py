@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Optional
 
 from palaestra.config.errors import check, check_writable, one_of
-from palaestra.config.evaluation import CheckpointEval, validate_eval
-from palaestra.config.model import ModelChoice, ServedModel, validate_model
+from palaestra.config.evaluation import CheckpointEval
+from palaestra.config.model import ModelChoice, ServedModel
 from palaestra.config.run import DEVICES
 from palaestra.config.tracking import TrackingConfig
 
 __all__ = ["ExportConfig", "ExportJob", "PipelineConfig", "PipelineData", "PipelineJob", "ServeConfig", "ServeJob",
-           "validate_export", "validate_pipeline_job", "validate_serve", "validate_serve_job"]
+           "validate_export", "validate_pipeline_job", "validate_serve"]
 
 
 @dataclass
@@ -142,14 +142,7 @@ class PipelineJob:
 def validate_export(job: ExportJob) -> None:
     """palaestra export: a checkpoint to read and a destination it can write."""
     check(bool(job.eval.checkpoint), "palaestra export needs eval.checkpoint=<run folder or step-* folder>")
-    validate_model(job.model)
-    validate_eval(job.eval)
     check_writable("export.output_dir", job.export.output_dir)
-
-
-def validate_serve_job(job: ServeJob) -> None:
-    validate_model(job.model)
-    validate_serve(job.serve)
 
 
 def validate_pipeline_job(job: PipelineJob) -> None:

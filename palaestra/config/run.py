@@ -10,7 +10,7 @@ from typing import Optional
 
 from palaestra.config.errors import ConfigError, check, check_writable, one_of
 
-__all__ = ["OptimizerSettings", "PairTrain", "RunSettings", "StepLoopSettings", "validate_run"]
+__all__ = ["EpochBudget", "OptimizerSettings", "PairTrain", "RunSettings", "StepLoopSettings", "validate_epochs", "validate_run"]
 
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("cosine", "constant")
@@ -89,6 +89,21 @@ class PairTrain(OptimizerSettings):
     """Preference pairs per optimizer update."""
     pairs_per_forward: int = 8
     """Preference pairs per forward/backward; pairs_per_step / pairs_per_forward is the gradient accumulation."""
+
+
+@dataclass
+class EpochBudget:
+    """How long a method that makes passes over its data trains (the algo keys of sft, reward, dpo, mamba)."""
+
+    epochs: int = 1
+    """Passes over the training data."""
+    max_steps: int = 0
+    """Stop after this many optimizer updates (0: the epochs decide)."""
+
+
+def validate_epochs(budget: EpochBudget) -> None:
+    check(budget.epochs > 0, f"algo.epochs={budget.epochs} must be positive")
+    check(budget.max_steps >= 0, f"algo.max_steps={budget.max_steps} must be >= 0")
 
 
 def validate_run(train: RunSettings) -> None:

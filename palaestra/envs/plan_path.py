@@ -21,7 +21,7 @@ from collections import deque
 
 from palaestra.envs.base import ToolPlanEnv, _short
 
-__all__ = ["PlanPathEnv", "read_moves"]
+__all__ = ["MoveGameEnv", "PlanPathEnv", "read_moves"]
 
 MOVES = {"U": (-1, 0), "D": (1, 0), "L": (0, -1), "R": (0, 1)}
 _WORDS = {"UP": "U", "DOWN": "D", "LEFT": "L", "RIGHT": "R"}
@@ -45,7 +45,51 @@ def read_moves(text: str, limit: int = 40) -> list[str]:
     return moves[:limit]
 
 
-class PlanPathEnv(ToolPlanEnv):
+class MoveGameEnv(ToolPlanEnv):
+    """A grid game played with U/D/L/R moves on a board of side ``self.size`` (plan_path, sokoban)."""
+
+    size: int
+
+    def _lenient_actions(self, text: str) -> list | None:
+        """Moves named in free text: direction words or U/D/L/R letters, in order (at most 4 x size)."""
+        return read_moves(text, limit=4 * self.size) or super()._lenient_actions(text)
+
+    def _format_actions(self, actions) -> str:
+        if actions and all(isinstance(a, str) and len(a) == 1 for a in actions):
+            return "moves " + _short("".join(actions), 30)  # 'RRD' costs a few tokens, a list many
+        return super()._format_actions(actions)
+
+    @property
+    def _game_over(self) -> bool:
+        return self._out_of_moves
+
+    def _end_reward(self, won: bool, win_reward: float) -> float:
+        """What the move just counted earns at the game's end: win_reward once won, r_fail (and the game over)
+        when it spent the move budget, else nothing."""
+        if won:
+            return win_reward
+        if self.moves >= self.max_moves:
+            self._out_of_moves = True
+            return self.r_fail
+        return 0.0
+
+    def _apply(self, actions: list) -> tuple[float, dict] | None:
+        played = self._play_moves(actions, self._move)
+        if played is None:
+            return None
+        total, applied = played
+        return total, {"moves_applied": applied, **self._position()}
+
+    def _move(self, move: str) -> float:
+        """One move; returns its reward."""
+        raise NotImplementedError
+
+    def _position(self) -> dict:
+        """The state after a turn's moves, for the turn's info."""
+        raise NotImplementedError
+
+
+class PlanPathEnv(MoveGameEnv):
     """Grid path planning with the tool + plan protocol.
 
     Args:
@@ -129,9 +173,6 @@ class PlanPathEnv(ToolPlanEnv):
     def success(self) -> bool:
         return getattr(self, "pos", None) is not None and self.pos == self.goal
 
-    @property
-    def _game_over(self) -> bool:
-        return self._out_of_moves
 
     # -- dynamics ------------------------------------------------------------------------------
 
@@ -153,32 +194,15 @@ class PlanPathEnv(ToolPlanEnv):
         reward += self.shaping_coef * (self.gamma * self._phi(new) - self._phi(self.pos))
         self.pos = new
         self.moves += 1
-        if self.pos == self.goal:
-            reward += self.r_goal
-            if self.moves == self.optimal_length:
-                reward += self.r_optimal
-        elif self.moves >= self.max_moves:
-            reward += self.r_fail
-            self._out_of_moves = True
+        reward += self._end_reward(self.pos == self.goal, self.r_goal)
+        if self.pos == self.goal and self.moves == self.optimal_length:
+            reward += self.r_optimal
         return reward
 
-    def _apply(self, actions: list) -> tuple[float, dict] | None:
-        played = self._play_moves(actions, self._move)
-        if played is None:
-            return None
-        total, applied = played
-        return total, {"moves_applied": applied, "pos": self.pos, "invalid_moves": self.invalid_moves}
-
-    def _lenient_actions(self, text: str) -> list | None:
-        """Moves named in free text: direction words or U/D/L/R letters, in order (at most 4 x size)."""
-        return read_moves(text, limit=4 * self.size) or super()._lenient_actions(text)
+    def _position(self) -> dict:
+        return {"pos": self.pos, "invalid_moves": self.invalid_moves}
 
     # -- text ----------------------------------------------------------------------------------
-
-    def _format_actions(self, actions) -> str:
-        if actions and all(isinstance(a, str) and len(a) == 1 for a in actions):
-            return "moves " + _short("".join(actions), 30)  # 'RRD' costs a few tokens, a list many
-        return super()._format_actions(actions)
 
     def _render(self) -> str:
         cells = [list(row) for row in self.grid]

@@ -23,8 +23,7 @@ from __future__ import annotations
 import random
 from collections import deque
 
-from palaestra.envs.base import ToolPlanEnv, _short
-from palaestra.envs.plan_path import MOVES, _WORDS, read_moves
+from palaestra.envs.plan_path import MOVES, _WORDS, MoveGameEnv
 
 __all__ = ["SokobanEnv"]
 
@@ -36,7 +35,7 @@ _STAMPS = (((0, 0),), ((0, -1), (0, 0), (0, 1)), ((-1, 0), (0, 0), (1, 0)),
 Cell = tuple[int, int]
 
 
-class SokobanEnv(ToolPlanEnv):
+class SokobanEnv(MoveGameEnv):
     """Sokoban with the tool + plan protocol.
 
     Args:
@@ -174,10 +173,6 @@ class SokobanEnv(ToolPlanEnv):
     def success(self) -> bool:
         return bool(getattr(self, "boxes", None)) and self.boxes <= self.goals
 
-    @property
-    def _game_over(self) -> bool:
-        return self._out_of_moves
-
     # -- dynamics ------------------------------------------------------------------------------
 
     def _phi(self) -> float:
@@ -210,32 +205,12 @@ class SokobanEnv(ToolPlanEnv):
             reward += self.r_box_off_goal
         reward += self.shaping_coef * (self.gamma * self._phi() - phi_before)
         self.moves += 1
-        if self.success:
-            reward += self.r_win
-        elif self.moves >= self.max_moves:
-            reward += self.r_fail
-            self._out_of_moves = True
-        return reward
+        return reward + self._end_reward(self.success, self.r_win)
 
-    def _apply(self, actions: list) -> tuple[float, dict] | None:
-        played = self._play_moves(actions, self._move)
-        if played is None:
-            return None
-        total, applied = played
-        info = {"moves_applied": applied, "boxes_on_goals": len(self.boxes & self.goals),
-                "invalid_moves": self.invalid_moves}
-        return total, info
-
-    def _lenient_actions(self, text: str) -> list | None:
-        """Moves named in free text (format_penalty mode), as in plan_path."""
-        return read_moves(text, limit=4 * self.size) or super()._lenient_actions(text)
+    def _position(self) -> dict:
+        return {"boxes_on_goals": len(self.boxes & self.goals), "invalid_moves": self.invalid_moves}
 
     # -- text ----------------------------------------------------------------------------------
-
-    def _format_actions(self, actions) -> str:
-        if actions and all(isinstance(a, str) and len(a) == 1 for a in actions):
-            return "moves " + _short("".join(actions), 30)  # 'RRD' costs a few tokens, a list many
-        return super()._format_actions(actions)
 
     def _board(self) -> str:
         rows = []

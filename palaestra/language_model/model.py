@@ -126,16 +126,21 @@ def perplexity(mean_loss: float) -> float:
 
 
 @torch.no_grad()
-def held_out_figures(model, chunks: list[list[int]], *, batch_size: int, pad_id: int, device) -> dict[str, float]:
+def held_out_figures(model, chunks: list[list[int]], *, batch_size: int, pad_id: int, device,
+                     dist=None) -> dict[str, float]:
     """``val_loss`` (the token-mean loss over every predicted token of ``chunks``, however they are
-    batched) and ``perplexity`` = exp(val_loss)."""
+    batched, and with several processes (``dist``) however they are split between them) and
+    ``perplexity`` = exp(val_loss)."""
     was_training = model.training
     model.eval()
+    chunks = dist.split(chunks) if dist else chunks
     total, count = 0.0, 0
     for start in range(0, len(chunks), batch_size):
         loss_sum, n = summed_loss(model, collate(chunks[start : start + batch_size], pad_id).to(device))
         total, count = total + float(loss_sum), count + n
     model.train(was_training)
+    if dist:
+        total, count = dist.totals(total, count)
     mean = total / max(1, count)
     return {"val_loss": mean, "perplexity": perplexity(mean)}
 

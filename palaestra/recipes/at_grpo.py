@@ -5,6 +5,7 @@ Launch::
     palaestra train algo=at_grpo env=plan_path policy=shared
     palaestra train algo=at_grpo env=sokoban policy=per_role algo.samples_per_state=8
     palaestra eval algo=at_grpo env=plan_path eval.checkpoint=runs/plan_path-at_grpo/<stamp>
+    torchrun --nproc_per_node 2 -m palaestra.cli train algo=at_grpo env=plan_path policy=per_role
 
 Each step plays ``env.train_envs`` fresh problems. Every turn, every agent in the environment's
 turn order answers K times from the same state; each answer is applied to its own copy of the
@@ -12,6 +13,11 @@ environment and scored (agent reward = alpha * team + local); the best branch is
 The K answers of one (problem, turn, agent) form a GRPO group; their normalised rewards are the
 advantages. Each policy then takes a clipped policy-gradient step on the answers of the roles it
 serves — with ``policy=per_role`` each role's LoRA adapter learns only from its own answers.
+
+With several processes each plays a block of the step's problems (its own random stream) and of the
+test problems; the group filter and the figures see every process's groups; each policy's update
+counts every process's answers of its roles, and its gradients are summed only with its own
+(each role's adapter or model with itself), so every process applies the same update.
 
 Simplifications relative to the paper: one optimizer step per policy per rollout batch (one PPO
 epoch, as in the reference) and no critic; evaluation plays each test problem without branching.
@@ -29,7 +35,8 @@ from palaestra.algorithms.grpo import group_advantages
 from palaestra.config.errors import ConfigError
 from palaestra.recipes.at_grpo_config import ATGRPOConfig
 from palaestra.envs import resolve_env, train_seeds
-from palaestra.evaluation.team import evaluate_team, rollout_metrics, team_sampling
+from palaestra.distributed import Distributed
+from palaestra.evaluation.team import evaluate_team, everyones, rollout_metrics, team_sampling
 from palaestra.models import model_id
 from palaestra.models.logprobs import shared_prompt_rows
 from palaestra.models.policies import Policy, build_policies, reusing_weights
@@ -49,7 +56,8 @@ log = logging.getLogger("palaestra")
 def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
     """Train a team with AT-GRPO; return the run folder, the MLflow run id and the figures."""
     train_cfg, algo, env_cfg = config.train, config.algo, config.env
-    seed_everything(train_cfg.seed, threads=train_cfg.threads)
+    dist = Distributed.from_environment()
+    seed_everything(train_cfg.seed, threads=train_cfg.threads)  # the same on every process: the same initial weights
 
     # ---- environments (cheap; fails before any model loads on bad parameters)
     env_class = resolve_env(env_cfg.name)
@@ -61,7 +69,7 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
     roles = tuple(make_env().turn_order)
 
     # ---- policies: models, adapters, optimizers
-    device = training_device(train_cfg.device)
+    device = training_device(train_cfg.device, dist)
     precision = resolve_precision(config.model.precision, device)
     lora = config.model.lora
     lora_args = dict(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules) if lora.enabled else None
@@ -74,14 +82,17 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
     for policy in policies.values():
         policy.activate()
         policy.optimizer, policy.scheduler = adamw(list(policy.parameters().values()), train_cfg, train_cfg.steps)
+        dist.broadcast_parameters(list(policy.parameters().values()))  # every process starts from the main one's
 
     # ---- run folder, resume, tracking
     run = Run(train_cfg, method="at_grpo", runs_root=Path("runs") / f"{env_cfg.name}-{algo.name}", total_steps=train_cfg.steps,
               identity={**policy_identity(config.model), "policy": config.policy.mode},
-              best=best_metric(config), progress=("success_rate", "reward/mean", "tokens_per_second"),
+              best=best_metric(config), dist=dist, progress=("success_rate", "reward/mean", "tokens_per_second"),
               curves=("success_rate",), plot=("success_curve.png", "AT-GRPO: success rate"))
     log.info("env %s, roles %s -> policies %s, device %s, precision %s", env_cfg.name, roles, role_policy, device, precision)
     run.resume(parts={name: policy.checkpoint_part() for name, policy in policies.items()})
+    if dist.rank and not run.rng_restored:  # a fresh start (or a checkpoint of fewer processes): the process's own
+        torch.manual_seed(train_cfg.seed + 1000 * dist.rank + run.step)  # stream; rank 0 samples as one process does
     tracker = run.track(
         config.tracking, run_name=f"{env_cfg.name}-{algo.name}-{config.policy.mode}-{config.model.name}",
         tags={"env": env_cfg.name, "task": env_cfg.name, "algo": algo.name, "policy": config.policy.mode,
@@ -102,7 +113,7 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
     def run_eval(step: int, label: str) -> dict:
         with reusing_weights(policies):
             figures, episodes = evaluate_team(make_env, generate, env_cfg.test_envs, sampling=eval_sampling, plays=plays,
-                                              alpha=algo.alpha, seed=train_cfg.seed, base_seed=env_cfg.seed)
+                                              alpha=algo.alpha, seed=train_cfg.seed, base_seed=env_cfg.seed, dist=dist)
         if tracker:
             tracker.log_dict({"episodes": [vars(e) for e in episodes[:4]]}, f"transcripts/{label}_step{step:06d}.json")
         return run.log_eval(step, label, figures)
@@ -113,13 +124,17 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
     with run:
         for step in run.steps():
 
-            # 1. roll out: a tree of K answers per (turn, agent) over fresh training problems
+            # 1. roll out: a tree of K answers per (turn, agent) over fresh training problems (this process's block)
             seeds = train_seeds(env_cfg.train_envs, base=env_cfg.seed + (step - 1) * env_cfg.train_envs)
             with run.timed("rollout"), reusing_weights(policies):
-                groups, episodes = _rollout(make_env, seeds, generate, train_sampling, algo)
+                groups, episodes = _rollout(make_env, dist.split(seeds), generate, train_sampling, algo)
+            all_groups, all_episodes = everyones(groups, episodes, dist)  # for the filter and the figures
 
-            # 2. score and 3. advantages: normalised inside each (problem, turn, agent) group
-            keep = select_samples([torch.tensor(g.rewards) for g in groups], algo.group_filter, algo.filter_ratio)
+            # 2. score and 3. advantages: normalised inside each (problem, turn, agent) group; the filter
+            #    ranks every process's groups and keeps this process's part of its choice
+            offset = sum(dist.gather_objects([len(groups)])[: dist.rank])
+            keep = select_samples([torch.tensor(g.rewards) for g in all_groups], algo.group_filter,
+                                  algo.filter_ratio)[offset : offset + len(groups)]
             advantages = [group_advantages(torch.tensor(g.rewards), len(g.rewards), scale="none" if len(g.rewards) < 2 else algo.scale_rewards)
                           for g in groups]
 
@@ -127,16 +142,16 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
             stats: dict[str, float] = {}
             with run.timed("train"):
                 for name, policy in policies.items():
-                    stats.update(_train_policy(policy, groups, advantages, keep, role_policy, config))
+                    stats.update(_train_policy(policy, groups, advantages, keep, role_policy, config, dist))
 
             # 5. log / eval / checkpoint
             elapsed = run.step_seconds()
-            tokens = sum(int(rollout.completion_mask[row].sum()) for g in groups for rollout, row in g.answers)
-            run.log(step, {**stats, **rollout_metrics(groups, episodes),
+            tokens = dist.totals(sum(int(rollout.completion_mask[row].sum()) for g in groups for rollout, row in g.answers))[0]
+            run.log(step, {**stats, **rollout_metrics(all_groups, all_episodes),
                            "learning_rate": next(iter(policies.values())).scheduler.get_last_lr()[0],
                            "tokens_per_second": tokens / elapsed})
             if tracker and train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
-                tracker.log_dict({"episodes": [vars(e) for e in episodes[:2]]}, f"transcripts/train_step{step:06d}.json")
+                tracker.log_dict({"episodes": [vars(e) for e in all_episodes[:2]]}, f"transcripts/train_step{step:06d}.json")
             if run.end_of_step(step, run_eval(step, "train") if run.eval_due(step) else None):
                 break
 
@@ -160,9 +175,12 @@ def _rollout(make_env, seeds: list[int], generate, sampling: SamplingParams, alg
     return [g for g in independent_groups(groups, k) if len(g.rewards) > 1], episodes
 
 
-def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config) -> dict[str, float]:
-    """One clipped policy-gradient step of ``policy`` on the kept answers of its roles."""
+def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config,
+                  dist: Distributed | None = None) -> dict[str, float]:
+    """One clipped policy-gradient step of ``policy`` on the kept answers of its roles (every process's: a
+    process with none of them still takes part in the step)."""
     algo, train_cfg = config.algo, config.train
+    dist = dist or Distributed()
     pairs, advs, block_sizes = [], [], []
     for group, group_adv, mask in zip(groups, advantages, keep):
         if role_policy[group.agent] != policy.name:
@@ -172,16 +190,20 @@ def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config)
         advs += [adv for _, adv in kept_rows]
         block_sizes.append(len(kept_rows))
     name = policy.name
-    if not pairs:
+    (samples,) = dist.totals(len(pairs))
+    if not samples:
         return {f"{name}/loss": 0.0, f"{name}/samples": 0.0}
     policy.activate()
-    batch = stack_rows(pairs, policy.tokenizer.pad_token_id)
     model = policy.model
     device = next(model.parameters()).device
     precision = policy.generator.precision
     size = train_cfg.answers_per_forward
     slices = [slice(i, i + size) for i in range(0, len(pairs), size)]
-    shared = _rows_sharing_prompt(batch, block_sizes, size, algo.samples_per_state, train_cfg.share_prompt_forward)
+    batch, shared, loss_mask = None, 0, torch.zeros(0, 1)
+    if pairs:
+        batch = stack_rows(pairs, policy.tokenizer.pad_token_id)
+        shared = _rows_sharing_prompt(batch, block_sizes, size, algo.samples_per_state, train_cfg.share_prompt_forward)
+        loss_mask = batch.completion_mask.float().to(device)
 
     def reference(rows: slice) -> torch.Tensor:
         """The micro-batch's log-probs under the base model: the policy with its adapter off."""
@@ -190,14 +212,14 @@ def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config)
 
     totals, grad_norm = policy_update(
         policy.optimizer, policy.scheduler, list(policy.parameters().values()), torch.tensor(advs, dtype=torch.float32),
-        batch.completion_mask.float().to(device), slices=slices,
+        loss_mask, slices=slices,
         logprobs=lambda rows: micro_batch_logprobs(model, batch, rows, algo.temperature, shared, precision),
         ref_logps=reference if algo.beta > 0 else None, loss_type=algo.loss_type, epsilon=algo.epsilon,
         epsilon_high=algo.epsilon_high, beta=algo.beta, max_completion_length=algo.max_completion_length,
-        max_grad_norm=train_cfg.max_grad_norm,
+        max_grad_norm=train_cfg.max_grad_norm, dist=dist,
     )
     return {f"{name}/{key}": totals[key] for key in ("loss", "kl", "clip_ratio/region")} | {
-        f"{name}/grad_norm": grad_norm, f"{name}/samples": float(len(pairs))}
+        f"{name}/grad_norm": grad_norm, f"{name}/samples": samples}
 
 
 def _rows_sharing_prompt(batch, block_sizes: list[int], micro_batch_size: int, group_size: int, enabled: bool) -> int:

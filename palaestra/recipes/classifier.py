@@ -5,6 +5,7 @@ Launch::
     palaestra train --target=classifier                       # the shipped topic set, the embedded MiniLM encoder
     palaestra train --target=transformer                      # the same, by MARK's name
     palaestra train --target=classifier algo.data=tickets/ algo.num_labels=5 model.name=hf model.path=my-bert/
+    torchrun --nproc_per_node 2 -m palaestra.cli train --target=classifier   # data parallel: a block of every batch each
 
 The loop, top to bottom: read and check the labelled text (train, validation, test), load the
 encoder with a new ``num_labels``-way head, then per step take the next ``train.texts_per_step`` texts
@@ -13,7 +14,9 @@ Each epoch ends with the validation accuracy, macro-F1 and loss; keep-best and e
 follow ``train.best_metric`` (macro-F1 by default). At the end the best epoch's weights are
 measured on the test split (figures and a confusion-matrix plot in MLflow) and exported as a plain
 Hugging Face folder (``run_dir/model``, tokenizer and label names included) that
-``transformers.pipeline("text-classification", model=folder)`` loads.
+``transformers.pipeline("text-classification", model=folder)`` loads. With several processes each
+takes a block of every batch (and of the texts evaluated, the predictions gathered in order) and the
+gradients of the batch's summed loss over its size are summed: one process's update on the whole batch.
 
 Simplifications: the whole encoder is fine-tuned (no adapter: the encoder is small); the head is
 BERT's own (the pooled [CLS] state); texts longer than ``algo.max_length`` tokens are truncated.
@@ -33,10 +36,11 @@ from palaestra.classification.metrics import classification_figures, confusion, 
 from palaestra.classification.model import encode_batches, load_classifier
 from palaestra.recipes.classifier_config import ClassifierConfig
 from palaestra.data.jsonl import write_jsonl
+from palaestra.distributed import Distributed
 from palaestra.data.shipped import shipped_dataset
 from palaestra.export import export_policy
 from palaestra.models.precision import autocast, resolve_precision
-from palaestra.optim import adamw, clip_gradients
+from palaestra.optim import adamw, optimizer_step
 from palaestra.runtime import seed_everything, training_device
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
@@ -48,6 +52,7 @@ log = logging.getLogger("palaestra")
 def main(config: ClassifierConfig, *, evaluate_before_after: bool = False) -> dict:
     """Fine-tune the encoder; return the run folder, the MLflow run id, the exported folder and the test figures."""
     algo, train_cfg = config.algo, config.train
+    dist = Distributed.from_environment()
     seed_everything(train_cfg.seed, threads=train_cfg.threads)
 
     # ---- data: parsed and checked before the encoder loads
@@ -58,9 +63,9 @@ def main(config: ClassifierConfig, *, evaluate_before_after: bool = False) -> di
     held_out = data.test or data.val
 
     # ---- the encoder with a new head
-    device = training_device(train_cfg.device)
+    device = training_device(train_cfg.device, dist)
     precision = resolve_precision(config.model.precision, device)
-    model, tokenizer = load_classifier(config.model.name, config.model.path, data.labels, device)
+    model, tokenizer = load_classifier(config.model.name, config.model.path, data.labels, device, dropout=algo.dropout)
     model.train()
     texts, labels = [x.text for x in data.train], [x.label for x in data.train]
     steps_per_epoch = math.ceil(len(data.train) / train_cfg.texts_per_step)
@@ -71,7 +76,7 @@ def main(config: ClassifierConfig, *, evaluate_before_after: bool = False) -> di
             "model": config.model.path or ("tiny" if config.model.name == "tiny" else "all-minilm-l6-v2")}
     run = Run(train_cfg, method="classifier", runs_root=Path("runs") / f"{data.name}-classifier", total_steps=total_steps,
               identity={"encoder": tags["model"], "labels": tags["labels"]},
-              best=best_metric(config), patience=algo.early_stopping_patience,
+              best=best_metric(config), patience=algo.early_stopping_patience, dist=dist,
               progress=("loss", "tokens_per_second"), curves=("loss",),
               plot=("loss_curve.png", "Classifier: training loss and the validation figure kept the best by"))
     optimizer, scheduler = adamw(model.parameters(), train_cfg, total_steps)
@@ -81,33 +86,35 @@ def main(config: ClassifierConfig, *, evaluate_before_after: bool = False) -> di
              device, precision, len(data.train), len(data.val), len(data.test), ", ".join(data.labels), total_steps,
              steps_per_epoch)
     measure = dict(tokenizer=tokenizer, num_labels=len(data.labels), batch_size=algo.eval_batch_size,
-                   max_length=algo.max_length, device=device, precision=precision)
+                   max_length=algo.max_length, device=device, precision=precision, dist=dist)
     results: dict = {"subject": data.name, "outputs": {}}
     if evaluate_before_after and run.step == 0:
         results["before"] = evaluate(model, held_out, **measure)[0]
 
     with run:
         for step in run.steps():
-            # 1. the batch: the next texts_per_step texts of this epoch's shuffle
+            # 1. the batch: the next texts_per_step texts of this epoch's shuffle (this process's block of them)
             epoch, position = divmod(step - 1, steps_per_epoch)
             order = epoch_order(len(texts), train_cfg.seed, epoch)
             chosen = order[position * train_cfg.texts_per_step : (position + 1) * train_cfg.texts_per_step]
-            (batch,) = encode_batches(tokenizer, texts, labels, chosen, len(chosen), algo.max_length)
-            batch = batch.to(device)
+            mine = dist.split(chosen)
 
-            # 2. loss and step
+            # 2. loss (the batch's mean cross-entropy: this block's summed loss over the batch size) and step
             learning_rate = scheduler.get_last_lr()[0]
-            with autocast(precision, device):
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            loss = torch.nn.functional.cross_entropy(logits.float(), batch.labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_gradients(list(model.parameters()), train_cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            run.log(step, {"loss": loss.item(), "learning_rate": learning_rate, "grad_norm": grad_norm,
-                           "epoch": step / steps_per_epoch,
-                           "tokens_per_second": float(batch.attention_mask.sum()) / run.step_seconds()})
+            loss, tokens = 0.0, 0
+            if mine:
+                (batch,) = encode_batches(tokenizer, texts, labels, mine, len(mine), algo.max_length)
+                batch = batch.to(device)
+                with autocast(precision, device):
+                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                block_loss = torch.nn.functional.cross_entropy(logits.float(), batch.labels, reduction="sum") / len(chosen)
+                block_loss.backward()
+                loss, tokens = block_loss.item(), int(batch.attention_mask.sum())
+            grad_norm = optimizer_step(list(model.parameters()), optimizer, scheduler, train_cfg.max_grad_norm, dist)
+            loss, tokens = dist.totals(loss, tokens)
+            run.log(step, {"loss": loss, "learning_rate": learning_rate, "grad_norm": grad_norm,
+                           "epoch": step / steps_per_epoch, "tokens_per_second": tokens / run.step_seconds()})
 
             # 3. epoch end: the validation figures that keep-best and early stopping follow
             figures = None
@@ -126,6 +133,7 @@ def main(config: ClassifierConfig, *, evaluate_before_after: bool = False) -> di
             log.info("the best epoch's weights (%s %.4f)", run.best_metric, run.state["best_metric"])
         figures, predicted = evaluate(model, held_out, **measure)
         results["after"] = results["figures"] = figures
+    if run.finished and dist.is_main:  # the main process writes the predictions, the model and the plot
         rows = [{"text": x.text, "label": data.labels[x.label], "predicted": data.labels[p]} for x, p in zip(held_out, predicted)]
         write_jsonl(run.run_dir / f"{test_split}_predictions.jsonl", rows)
         log.info("%s figures: %s", test_split, ", ".join(f"{k}={v:.4f}" for k, v in figures.items()))
@@ -147,15 +155,18 @@ def main(config: ClassifierConfig, *, evaluate_before_after: bool = False) -> di
 
 @torch.no_grad()
 def evaluate(model, examples, *, tokenizer, num_labels: int, batch_size: int, max_length: int, device,
-             precision: str) -> tuple[dict[str, float], list[int]]:
+             precision: str, dist: Distributed | None = None) -> tuple[dict[str, float], list[int]]:
     """(accuracy, macro_f1 and the mean cross-entropy ``loss`` over ``examples``; the predicted class ids).
 
-    Texts go in length order, so that a batch pads little; dropout is off.
+    Texts go in length order, so that a batch pads little; dropout is off. With several processes each
+    predicts a block of ``examples`` and the predictions are gathered in order.
     """
     was_training = model.training
     model.eval()
+    dist = dist or Distributed()
     texts, labels = [x.text for x in examples], [x.label for x in examples]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    block = dist.split(range(len(texts)))
+    order = sorted(block, key=lambda i: len(texts[i]))
     predicted, loss_sum = [0] * len(texts), 0.0
     for batch in encode_batches(tokenizer, texts, labels, order, batch_size, max_length):
         batch = batch.to(device)
@@ -165,6 +176,9 @@ def evaluate(model, examples, *, tokenizer, num_labels: int, batch_size: int, ma
         for position, label in zip(batch.positions, logits.argmax(-1).tolist()):
             predicted[position] = label
     model.train(was_training)
+    if dist.enabled:
+        predicted = dist.gather_rows(torch.tensor([predicted[i] for i in block], dtype=torch.long)).tolist()
+        (loss_sum,) = dist.totals(loss_sum)
     return {**classification_figures(labels, predicted, num_labels), "loss": loss_sum / max(1, len(texts))}, predicted
 
 

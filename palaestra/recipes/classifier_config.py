@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from palaestra.config.errors import check
-from palaestra.config.model import EncoderConfig, validate_model
-from palaestra.config.run import OptimizerSettings, validate_run
+from palaestra.config.model import EncoderConfig
+from palaestra.config.run import OptimizerSettings
 from palaestra.config.tracking import TrackingConfig
 
 __all__ = ["ClassifierAlgo", "ClassifierConfig", "ClassifierTrain", "validate_classifier"]
@@ -42,6 +42,9 @@ class ClassifierAlgo:
     """Stop after this many epochs without a better validation figure (train.best_metric, macro_f1 by default; 0 disables)."""
     eval_batch_size: int = 64
     """Texts per forward when evaluating."""
+    dropout: Optional[float] = None
+    """Dropout of every dropout layer of the encoder and its head while training; None keeps the model's own
+    (0.1 for BERT models)."""
 
 
 @dataclass
@@ -72,11 +75,9 @@ class ClassifierConfig:
 
 
 def validate_classifier(config: ClassifierConfig) -> None:
-    """Every value the classifier reads: data that exists and numbers that make sense (the files are parsed
-    before the encoder loads)."""
+    """The classifier's own keys (its shared sections are checked first): data that exists and numbers that
+    make sense (the files are parsed before the encoder loads)."""
     algo = config.algo
-    validate_model(config.model)
-    validate_run(config.train)
     check(config.train.texts_per_step > 0, f"train.texts_per_step={config.train.texts_per_step} must be positive")
     check(algo.num_labels >= 2, f"algo.num_labels={algo.num_labels} must be >= 2")
     check(not algo.labels or len(algo.labels) == algo.num_labels,
@@ -86,5 +87,6 @@ def validate_classifier(config: ClassifierConfig) -> None:
     check(0 < algo.val_fraction < 0.5, f"algo.val_fraction={algo.val_fraction} must be in (0, 0.5)")
     check(algo.early_stopping_patience >= 0, f"algo.early_stopping_patience={algo.early_stopping_patience} must be >= 0")
     check(algo.eval_batch_size > 0, f"algo.eval_batch_size={algo.eval_batch_size} must be positive")
+    check(algo.dropout is None or 0 <= algo.dropout < 1, f"algo.dropout={algo.dropout} must be in [0, 1)")
     check(algo.data is None or Path(algo.data).exists(),
            f"algo.data={algo.data} does not exist; give a folder of train/val/test.jsonl or a JSONL file of {{\"text\", \"label\"}} lines")

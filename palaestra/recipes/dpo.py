@@ -5,6 +5,7 @@ Launch::
     palaestra train --target=dpo                                  # SmolLM2-135M on the shipped planner pairs
     palaestra train algo=dpo model=tiny algo.beta=0.2 algo.max_steps=20
     palaestra train algo=dpo algo.loss_type=ipo                   # IPO's squared loss instead of DPO's sigmoid
+    torchrun --nproc_per_node 2 -m palaestra.cli train algo=dpo   # data parallel: each process a block of every batch
 
 The loop, top to bottom: take a batch of pairs; compute the summed log-probability of the chosen
 and of the rejected answer under the policy (with gradients) and under the reference (without);
@@ -15,8 +16,11 @@ is each answer's *implicit reward*: ``rewards/accuracies`` is the share of pairs
 answer's is higher, measured on held-out pairs after every epoch. The result is a merged Hugging
 Face causal-LM folder, ``<run>/model``.
 
-Simplifications relative to the paper: the reference log-probs are recomputed per batch (not
-cached for the dataset), and training is single-process.
+With several processes each takes a block of every batch's pairs (and of the held-out pairs,
+gathered for the figures) and the gradients are summed: one process's update on the whole batch.
+
+Simplification relative to the paper: the reference log-probs are recomputed per batch (not
+cached for the dataset).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 
 from palaestra.algorithms.preference import dpo_loss, sequence_logprob
+from palaestra.distributed import Distributed
 from palaestra.recipes.dpo_config import DPOConfig
 from palaestra.data.preferences import PreferenceBatch, collate_pairs
 from palaestra.export import export_policy
@@ -36,11 +41,10 @@ from palaestra.models.logprobs import completion_logprobs
 from palaestra.models.precision import autocast
 from palaestra.data.preferences import load_pairs, pair_batch, pair_epoch, pair_rows, pair_steps
 from palaestra.models.loading import load_policy, policy_identity
-from palaestra.optim import adamw, clip_gradients
-from palaestra.recipes.run import track_data_method
-from palaestra.runtime import seed_everything, training_device
+from palaestra.optim import adamw, optimizer_step
 from palaestra.recipes.methods import best_metric
-from palaestra.recipes.run import Run
+from palaestra.recipes.run import Run, track_data_method
+from palaestra.runtime import seed_everything, training_device
 
 log = logging.getLogger("palaestra")
 
@@ -53,14 +57,15 @@ def main(config: DPOConfig, *, evaluate_before_after: bool = False) -> dict:
     """Train the policy with DPO; return the run folder, MLflow run id, figures and ``outputs["model_dir"]``."""
     train_cfg, algo, data = config.train, config.algo, config.data
 
-    # ---- seed and threads
+    # ---- processes, seed and threads
+    dist = Distributed.from_environment()
     seed_everything(train_cfg.seed, threads=train_cfg.threads)
 
     # ---- data (cheap, and fails before the model loads on a bad file)
     train_pairs, val_pairs = load_pairs(data, train_cfg.seed)
 
     # ---- policy, adapter, reference
-    device = training_device(train_cfg.device)
+    device = training_device(train_cfg.device, dist)
     model, tokenizer, precision, dtype = load_policy(config.model, device)
     reference = None if config.model.lora.enabled else frozen_reference_copy(model)  # LoRA: adapter off instead
     model.train()
@@ -72,7 +77,7 @@ def main(config: DPOConfig, *, evaluate_before_after: bool = False) -> dict:
     per_epoch, total_steps = pair_steps(len(train_rows), train_cfg.pairs_per_step, algo.epochs, algo.max_steps)
     run = Run(train_cfg, method="dpo", runs_root=Path("runs") / f"{data.name}-{algo.name}", total_steps=total_steps,
               identity=policy_identity(config.model),
-              best=best_metric(config),
+              best=best_metric(config), dist=dist,
               progress=("loss", "rewards/accuracies", "rewards/margins"), curves=("loss", "rewards/margins"),
               plot=("dpo_curve.png", "DPO: loss, reward margin and held-out preference accuracy"))
     log.info("DPO on %d pairs (%d held out), %d updates (%d per epoch); device %s, precision %s, weights %s; reference: %s",
@@ -87,7 +92,7 @@ def main(config: DPOConfig, *, evaluate_before_after: bool = False) -> dict:
 
     def run_eval(step: int, label: str) -> dict:
         figures = preference_eval(model, reference, val_rows, pad_id, batch_pairs=train_cfg.pairs_per_forward,
-                                  precision=precision, **loss_args)
+                                  precision=precision, dist=dist, **loss_args)
         return run.log_eval(step, label, figures)
 
     if evaluate_before_after and run.step == 0:
@@ -98,12 +103,14 @@ def main(config: DPOConfig, *, evaluate_before_after: bool = False) -> dict:
             # 1. batch: the step's pairs of this epoch's seeded shuffle
             epoch, rows = pair_batch(train_rows, train_cfg.pairs_per_step, step, train_cfg.seed)
 
-            # 2. log-probs of both answers under the policy and the reference, 3. DPO loss, accumulated
+            # 2. log-probs of both answers under the policy and the reference, 3. DPO loss, accumulated over
+            #    the micro-batches of this process's block of the pairs
             optimizer.zero_grad(set_to_none=True)
-            totals = {"loss": 0.0, **{name: 0.0 for name in _STAT_NAMES.values()}, "logps/chosen": 0.0, "logps/rejected": 0.0}
-            tokens = 0
-            for start in range(0, len(rows), train_cfg.pairs_per_forward):
-                micro = rows[start : start + train_cfg.pairs_per_forward]
+            totals = {"loss": 0.0, **{name: 0.0 for name in _STAT_NAMES.values()}, "logps/chosen": 0.0, "logps/rejected": 0.0,
+                      "tokens": 0.0}
+            mine = dist.split(rows)
+            for start in range(0, len(mine), train_cfg.pairs_per_forward):
+                micro = mine[start : start + train_cfg.pairs_per_forward]
                 batch = collate_pairs(micro, pad_id)
                 with run.timed("reference"), torch.no_grad():
                     ref_logps = answer_logps(reference if reference is not None else model, batch, precision,
@@ -119,13 +126,13 @@ def main(config: DPOConfig, *, evaluate_before_after: bool = False) -> dict:
                     totals[name] += stats[key] * share
                 totals["logps/chosen"] += float(logps[:half].detach().mean()) * share
                 totals["logps/rejected"] += float(logps[half:].detach().mean()) * share
-                tokens += int(batch.completion_mask.sum())
+                totals["tokens"] += int(batch.completion_mask.sum())
 
-            # 4. step
+            # 4. step (the gradients summed over the processes)
             with run.timed("optimizer"):
-                grad_norm = clip_gradients(trainable, train_cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                grad_norm = optimizer_step(trainable, optimizer, scheduler, train_cfg.max_grad_norm, dist)
+                totals = dict(zip(totals, dist.totals(*totals.values())))
+            tokens = totals.pop("tokens")
 
             # 5. log / eval (every epoch) / checkpoint
             elapsed = run.step_seconds()
@@ -138,6 +145,7 @@ def main(config: DPOConfig, *, evaluate_before_after: bool = False) -> dict:
     # ---- final figures, the merged policy, cleanup
     if run.finished or run.out_of_time:  # a spent time budget ends the run too (it can still be resumed)
         results["after"] = run.evaluation_at(run.step) or run_eval(run.step, "after")
+    if (run.finished or run.out_of_time) and dist.is_main:  # the main process writes the policy
         folder = export_policy(model, tokenizer, run.run_dir / "model", merge=True)  # merges the adapter in place: last use
         results["outputs"]["model_dir"] = str(folder)
         log.info("policy written to %s", folder)
@@ -163,22 +171,26 @@ def answer_logps(model, batch: PreferenceBatch, precision: str, *, adapter_off: 
 
 @torch.no_grad()
 def preference_eval(model, reference, rows: list, pad_id: int, *, batch_pairs: int, precision: str, beta: float,
-                    label_smoothing: float, loss_type: str) -> dict[str, float]:
+                    label_smoothing: float, loss_type: str, dist: Distributed | None = None) -> dict[str, float]:
     """Held-out figures: ``preference_accuracy`` (share of pairs whose chosen answer has the higher implicit reward),
-    ``reward_margin``, ``loss``, and the mean implicit rewards."""
+    ``reward_margin``, ``loss``, and the mean implicit rewards. With several processes each scores a block of
+    ``rows`` and the log-probs are gathered in order."""
     was_training = model.training
     model.eval()
-    policy, ref = [], []
-    for start in range(0, len(rows), batch_pairs):
-        batch = collate_pairs(rows[start : start + batch_pairs], pad_id)
+    dist = dist or Distributed()
+    logps = {key: [torch.zeros(0)] for key in ("chosen", "rejected", "ref_chosen", "ref_rejected")}
+    mine = dist.split(rows)
+    for start in range(0, len(mine), batch_pairs):
+        batch = collate_pairs(mine[start : start + batch_pairs], pad_id)
         half = batch.num_pairs
-        logps = answer_logps(model, batch, precision)
-        ref_logps = answer_logps(reference if reference is not None else model, batch, precision, adapter_off=reference is None)
-        policy.append((logps[:half], logps[half:]))
-        ref.append((ref_logps[:half], ref_logps[half:]))
+        policy = answer_logps(model, batch, precision).cpu()
+        ref = answer_logps(reference if reference is not None else model, batch, precision, adapter_off=reference is None).cpu()
+        for key, value in (("chosen", policy[:half]), ("rejected", policy[half:]), ("ref_chosen", ref[:half]),
+                           ("ref_rejected", ref[half:])):
+            logps[key].append(value)
     model.train(was_training)
-    loss, stats = dpo_loss(torch.cat([c for c, _ in policy]), torch.cat([r for _, r in policy]),
-                           torch.cat([c for c, _ in ref]), torch.cat([r for _, r in ref]),
+    gathered = {key: dist.gather_rows(torch.cat(parts)) for key, parts in logps.items()}
+    loss, stats = dpo_loss(gathered["chosen"], gathered["rejected"], gathered["ref_chosen"], gathered["ref_rejected"],
                            beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)
     return {"preference_accuracy": stats["rewards/accuracy"], "reward_margin": stats["rewards/margin"], "loss": float(loss),
             "rewards/chosen": stats["rewards/chosen"], "rewards/rejected": stats["rewards/rejected"]}

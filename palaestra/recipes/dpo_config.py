@@ -5,17 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from palaestra.config.choices import DPO_LOSS_TYPES
-from palaestra.config.data import PairData, validate_data
+from palaestra.config.data import PairData
 from palaestra.config.errors import check, one_of
-from palaestra.config.model import ModelConfig, validate_model
-from palaestra.config.run import PairTrain, validate_run
+from palaestra.config.model import ModelConfig
+from palaestra.config.run import EpochBudget, PairTrain
 from palaestra.config.tracking import RegisteredPolicyTracking
 
 __all__ = ["DPOAlgo", "DPOConfig", "validate_dpo"]
 
 
 @dataclass
-class DPOAlgo:
+class DPOAlgo(EpochBudget):
     """Direct Preference Optimization on preference pairs; the reference is the model with its adapter off."""
 
     name: str = "dpo"
@@ -26,10 +26,6 @@ class DPOAlgo:
     """sigmoid (DPO) or ipo."""
     label_smoothing: float = 0.0
     """Conservative DPO: assumed probability that a pair's label is flipped (sigmoid only)."""
-    epochs: int = 1
-    """Passes over the training pairs."""
-    max_steps: int = 0
-    """Stop after this many optimizer updates (0: the epochs decide)."""
 
 
 @dataclass
@@ -44,13 +40,8 @@ class DPOConfig:
 
 
 def validate_dpo(config: DPOConfig) -> None:
-    """Every value dpo reads (cheap: the data files are checked, not parsed)."""
-    algo, train = config.algo, config.train
-    validate_model(config.model)
-    validate_data(config.data)
-    validate_run(train)
-    check(algo.epochs > 0, f"algo.epochs={algo.epochs} must be positive")
-    check(algo.max_steps >= 0, f"algo.max_steps={algo.max_steps} must be >= 0")
+    """dpo's own keys (its shared sections are checked first; cheap: the data files are checked, not parsed)."""
+    algo = config.algo
     check(algo.beta > 0, f"algo.beta={algo.beta} must be > 0")
     one_of("algo.loss_type", algo.loss_type, DPO_LOSS_TYPES)
     check(0 <= algo.label_smoothing < 0.5, f"algo.label_smoothing={algo.label_smoothing} must be in [0, 0.5)")

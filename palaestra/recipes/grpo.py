@@ -60,9 +60,7 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
             f"{prompts_per_step} prompts per step (train.completions_per_step={train_cfg.completions_per_step}) cannot be split over {dist.world} "
             f"processes in micro-batches of {train_cfg.completions_per_forward}; use a batch that divides evenly"
         )
-    seed_everything(train_cfg.seed, threads=train_cfg.threads)
-    if dist.rank:  # every process samples differently; rank 0 samples exactly like a single process
-        torch.manual_seed(train_cfg.seed + 1000 * dist.rank)
+    seed_everything(train_cfg.seed, threads=train_cfg.threads)  # the same on every process: the same initial weights
 
     # ---- data (cheap, and fails before the model loads on a bad dataset)
     task = build_task(config.task)
@@ -88,8 +86,10 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
     updates_total = train_cfg.steps * algo.num_iterations
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = adamw(trainable, train_cfg, updates_total)
-    if run.resume(model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=dist.is_main) and dist.rank:
-        torch.manual_seed(train_cfg.seed + 1000 * dist.rank + run.step)
+    dist.broadcast_parameters(trainable)  # every process starts from the main process's weights
+    run.resume(model=model, optimizer=optimizer, scheduler=scheduler)
+    if dist.rank and not run.rng_restored:  # a fresh start (or a checkpoint of fewer processes): the process's own
+        torch.manual_seed(train_cfg.seed + 1000 * dist.rank + run.step)  # stream; rank 0 samples as one process does
     task.load_state_dict(run.state["task_state"])  # a task with state: the workflow task's experience buffer
     tracker = run.track(config.tracking, run_name=f"{config.task.name}-{algo.name}-{config.model.name}",
                         tags={"task": config.task.name, "algo": algo.name, "model": model_id(config.model.name, config.model.path),
@@ -161,11 +161,11 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
             with torch.no_grad():
                 if algo.num_iterations > 1:
                     with run.timed("old_logprobs"):
-                        old_logps = [_logprobs(model, rollout, s, temperature, shared, precision)[0] for s in slices]
+                        old_logps = [micro_batch_logprobs(model, rollout, s, temperature, shared, precision)[0] for s in slices]
                 if algo.beta > 0:
                     with run.timed("reference"), _reference(model, reference):
                         ref_model = reference if reference is not None else model
-                        ref_logps = [_logprobs(ref_model, rollout, s, temperature, shared, precision)[0] for s in slices]
+                        ref_logps = [micro_batch_logprobs(ref_model, rollout, s, temperature, shared, precision)[0] for s in slices]
             stats: dict[str, float] = {}
             for _ in range(algo.num_iterations):
                 stats, grad_norm = update_policy(
@@ -223,14 +223,11 @@ def update_policy(
     """
     return policy_update(
         optimizer, scheduler, trainable, advantages, loss_mask, slices=slices,
-        logprobs=lambda rows: _logprobs(model, rollout, rows, temperature, shared, precision, with_entropy=True),
+        logprobs=lambda rows: micro_batch_logprobs(model, rollout, rows, temperature, shared, precision, with_entropy=True),
         old_logps=old_logps, ref_logps=ref_logps, loss_type=algo.loss_type, epsilon=algo.epsilon,
         epsilon_high=algo.epsilon_high, beta=algo.beta, max_completion_length=algo.max_completion_length,
         max_grad_norm=max_grad_norm, dist=dist, timings=timings,
     )
-
-
-_logprobs = micro_batch_logprobs  # old / reference log-probs of a micro-batch (main) and the policy's (update_policy)
 
 
 def _generator(config: GRPOConfig, model, tokenizer, precision: str):

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from palaestra.config.choices import LOSS_TYPES, SCALE_REWARDS
 from palaestra.config.errors import check, one_of
-from palaestra.config.evaluation import EvalConfig, validate_eval
-from palaestra.config.model import ModelConfig, validate_model
-from palaestra.config.run import StepLoopSettings, check_batch, validate_run
-from palaestra.config.task import TaskConfig, validate_task
+from palaestra.config.evaluation import EvalConfig
+from palaestra.config.model import ModelConfig
+from palaestra.config.run import StepLoopSettings, check_batch
+from palaestra.config.sampling import ClippedObjective, SamplingSettings
+from palaestra.config.task import TaskConfig
 from palaestra.config.tracking import TrackingConfig
 
 __all__ = ["GRPOAlgo", "GRPOConfig", "GRPOTrain", "validate_grpo"]
@@ -19,41 +19,25 @@ ROLLOUT_ENGINES = ("hf", "vllm")
 
 
 @dataclass
-class GRPOAlgo:
-    """GRPO hyperparameters and sampling."""
+class GRPOAlgo(ClippedObjective, SamplingSettings):
+    """GRPO: the clipped objective on advantages relative to a group of completions per prompt."""
 
-    name: str = "grpo"
-    """Algorithm name (recipe)."""
-    num_generations: int = 8
-    """Completions per prompt (the group size G); at least 2."""
-    beta: float = 0.0
-    """Weight of the k3 KL penalty to the reference model; 0 skips the reference pass entirely."""
-    epsilon: float = 0.2
-    """Lower clipping range of the importance ratio."""
-    epsilon_high: Optional[float] = None
-    """Upper clipping range (DAPO clip-higher); None uses epsilon."""
-    num_iterations: int = 1
-    """Optimizer updates per rollout batch (mu); >1 stores the old log-probs."""
-    loss_type: str = "grpo"
-    """Loss normalisation: grpo, dr_grpo, dapo or bnpo."""
-    scale_rewards: str = "group"
-    """Advantage scaling: group (std per group), batch (std of the batch) or none."""
-    mask_truncated_completions: bool = False
-    """Exclude completions that hit max_completion_length without an end token from the loss."""
-    max_prompt_length: int = 256
-    """Prompts longer than this many tokens are truncated from the left."""
     max_completion_length: int = 24
     """Maximum new tokens per completion."""
     temperature: float = 0.8
     """Sampling temperature (initial value when a schedule is set)."""
+    name: str = "grpo"
+    """Algorithm name (recipe)."""
+    num_generations: int = 8
+    """Completions per prompt (the group size G); at least 2."""
+    num_iterations: int = 1
+    """Optimizer updates per rollout batch (mu); >1 stores the old log-probs."""
+    mask_truncated_completions: bool = False
+    """Exclude completions that hit max_completion_length without an end token from the loss."""
     temperature_final: Optional[float] = None
     """Final temperature of a linear schedule; None keeps the temperature constant."""
     temperature_schedule_steps: int = 0
     """Steps over which the temperature moves linearly from temperature to temperature_final."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
-    top_k: int = 0
-    """Top-k sampling (0 disables)."""
     rollout_engine: str = "hf"
     """What samples the completions: hf (palaestra's decode loop on the training model, any device)
     or vllm (a CUDA GPU and the gpu extra: vLLM serves the LoRA adapter, re-synced every step)."""
@@ -88,25 +72,11 @@ class GRPOConfig:
 
 
 def validate_grpo(config: GRPOConfig) -> None:
-    """Every value GRPO reads (cheap: no model, no dataset load)."""
+    """GRPO's own keys (its shared sections are checked first; cheap: no model, no dataset load)."""
     algo, train = config.algo, config.train
-    validate_model(config.model)
-    validate_task(config.task)
-    validate_run(train)
-    validate_eval(config.eval)
     check(algo.num_generations >= 2, f"algo.num_generations={algo.num_generations} must be >= 2 (GRPO compares completions within a group)")
-    check(algo.beta >= 0, f"algo.beta={algo.beta} must be >= 0")
-    check(algo.epsilon > 0, f"algo.epsilon={algo.epsilon} must be > 0")
-    check(algo.epsilon_high is None or algo.epsilon_high > 0, f"algo.epsilon_high={algo.epsilon_high} must be > 0")
     check(algo.num_iterations >= 1, f"algo.num_iterations={algo.num_iterations} must be >= 1")
-    one_of("algo.loss_type", algo.loss_type, LOSS_TYPES)
-    one_of("algo.scale_rewards", algo.scale_rewards, SCALE_REWARDS)
-    check(algo.max_completion_length > 0, f"algo.max_completion_length={algo.max_completion_length} must be positive")
-    check(algo.max_prompt_length > 0, f"algo.max_prompt_length={algo.max_prompt_length} must be positive")
-    check(algo.temperature > 0, f"algo.temperature={algo.temperature} must be > 0")
     check(algo.temperature_final is None or algo.temperature_final > 0, f"algo.temperature_final={algo.temperature_final} must be > 0")
-    check(0 < algo.top_p <= 1, f"algo.top_p={algo.top_p} must be in (0, 1]")
-    check(algo.top_k >= 0, f"algo.top_k={algo.top_k} must be >= 0")
     one_of("algo.rollout_engine", algo.rollout_engine, ROLLOUT_ENGINES)
     if algo.rollout_engine == "vllm":
         _check_vllm(config)

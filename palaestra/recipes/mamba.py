@@ -5,6 +5,7 @@ Launch::
     palaestra train --target=mamba                                   # the shipped corpus (Python's documentation)
     palaestra train --target=mamba algo.corpus=books/ algo.epochs=5  # a folder of .txt files (or a .txt / .jsonl file)
     palaestra eval algo=mamba eval.checkpoint=runs/python-docs-mamba/<stamp>   # held-out perplexity of the exported model
+    torchrun --nproc_per_node 2 -m palaestra.cli train --target=mamba  # data parallel: each process a block of every step
 
 The loop, top to bottom: read the corpus and hold out about ``algo.val_fraction`` of it (whole
 documents, seeded), train a byte-level BPE tokenizer of ``algo.vocab_size`` tokens on the training
@@ -18,6 +19,9 @@ AdamW on the token-mean next-token loss. Each epoch ends with the held-out loss 
 ``algo.sample_prompts`` (train.log and an MLflow table). At the end the best epoch's weights and
 the tokenizer are exported as one Hugging Face folder (``run_dir/model``) that
 ``AutoModelForCausalLM`` and ``AutoTokenizer`` load, logged to MLflow as the ``model`` artifact.
+With several processes each takes a block of every step's chunks (and of the held-out chunks) and
+divides by the step's target tokens summed over the processes; the gradients are summed, so the
+update is the one a single process makes on the whole step. The main process samples and exports.
 
 Simplifications relative to the Mamba paper's language models: no mixed precision, no
 gradient checkpointing and a corpus far smaller than the Pile; the chunks cut across documents
@@ -32,6 +36,7 @@ import random
 from pathlib import Path
 
 from palaestra.recipes.mamba_config import MambaConfig
+from palaestra.distributed import Distributed
 from palaestra.export import export_policy
 from palaestra.language_model.corpus import read_corpus, split_documents
 from palaestra.language_model.model import (
@@ -45,11 +50,10 @@ from palaestra.language_model.model import (
     summed_loss,
 )
 from palaestra.language_model.tokenizer import chunk, load_tokenizer, save_tokenizer, token_stream, train_tokenizer
-from palaestra.optim import adamw, clip_gradients
-from palaestra.recipes.run import resolve_run_dir
-from palaestra.runtime import seed_everything, training_device
+from palaestra.optim import adamw, optimizer_step
 from palaestra.recipes.methods import best_metric
-from palaestra.recipes.run import Run, config_dict
+from palaestra.recipes.run import Run, config_dict, resolve_run_dir
+from palaestra.runtime import seed_everything, training_device
 
 log = logging.getLogger("palaestra")
 
@@ -57,6 +61,7 @@ log = logging.getLogger("palaestra")
 def main(config: MambaConfig, *, evaluate_before_after: bool = False) -> dict:
     """Train the language model; return the run folder, the MLflow run id, the exported folder and the perplexities."""
     algo, train_cfg = config.algo, config.train
+    dist = Distributed.from_environment()
     seed_everything(train_cfg.seed, threads=train_cfg.threads)
 
     # ---- data: read, checked and split before anything heavy
@@ -82,13 +87,13 @@ def main(config: MambaConfig, *, evaluate_before_after: bool = False) -> dict:
     # ---- the run: folder, model from scratch, optimizer, resume, tracking
     run = Run(train_cfg, method="mamba", runs_root=runs_root, total_steps=total_steps, best=best_metric(config),
               identity={"vocab_size": len(tokenizer), "d_model": algo.d_model, "n_layers": algo.n_layers},
-              patience=algo.early_stopping_patience,
+              patience=algo.early_stopping_patience, dist=dist,
               state={"epoch_loss_sum": 0.0, "epoch_tokens": 0, "before": None},
               progress=("loss", "tokens_per_second"), curves=("loss",),
               plot=("loss_curve.png", "Mamba: training loss and held-out loss"))
     if run.dist.is_main and not reuse:
         save_tokenizer(tokenizer, run.run_dir / "tokenizer")
-    device = training_device(train_cfg.device)
+    device = training_device(train_cfg.device, dist)
     model = build_model(tokenizer, d_model=algo.d_model, n_layers=algo.n_layers, seed=train_cfg.seed).to(device)
     model.train()
     optimizer, scheduler = adamw(parameter_groups(model, train_cfg.weight_decay), train_cfg, total_steps)
@@ -101,7 +106,7 @@ def main(config: MambaConfig, *, evaluate_before_after: bool = False) -> dict:
              "vocabulary %d, %.2fM parameters; %d steps (%d per epoch)", device, corpus.name, len(train_docs),
              len(train_chunks), algo.max_length, len(held_docs), len(held_chunks), len(tokenizer),
              sum(p.numel() for p in model.parameters()) / 1e6, total_steps, steps_per_epoch)
-    measure = dict(batch_size=train_cfg.sequences_per_forward, pad_id=tokenizer.pad_token_id, device=device)
+    measure = dict(batch_size=train_cfg.sequences_per_forward, pad_id=tokenizer.pad_token_id, device=device, dist=dist)
     results: dict = {"subject": corpus.name, "outputs": {}}
     if evaluate_before_after and run.step == 0:
         state["before"] = held_out_figures(model, held_chunks, **measure)
@@ -109,14 +114,16 @@ def main(config: MambaConfig, *, evaluate_before_after: bool = False) -> dict:
 
     with run, freed_memory_kept(device == "cpu"):  # a step reuses the last step's pages: about 2x faster on a CPU
         for step in run.steps():
-            # 1. the batch: the next sequences_per_step chunks of this epoch's shuffle, in micro-batches
+            # 1. the batch: the next sequences_per_step chunks of this epoch's shuffle (this process's block of
+            #    them), in micro-batches
             epoch, position = divmod(step - 1, steps_per_epoch)
             order = epoch_order(len(train_chunks), train_cfg.seed, epoch)
             chosen = order[position * train_cfg.sequences_per_step : (position + 1) * train_cfg.sequences_per_step]
-            micro_batches = [collate([train_chunks[i] for i in chosen[k : k + train_cfg.sequences_per_forward]],
+            mine = dist.split(chosen)
+            micro_batches = [collate([train_chunks[i] for i in mine[k : k + train_cfg.sequences_per_forward]],
                                      tokenizer.pad_token_id).to(device)
-                             for k in range(0, len(chosen), train_cfg.sequences_per_forward)]
-            num_targets = sum(batch.num_targets for batch in micro_batches)
+                             for k in range(0, len(mine), train_cfg.sequences_per_forward)]
+            num_targets = int(dist.totals(sum(batch.num_targets for batch in micro_batches))[0])
 
             # 2. loss and step: the token-mean loss of the whole update
             learning_rate = scheduler.get_last_lr()[0]
@@ -126,12 +133,10 @@ def main(config: MambaConfig, *, evaluate_before_after: bool = False) -> dict:
                 loss_sum, _ = summed_loss(model, batch)
                 (loss_sum / num_targets).backward()  # each micro-batch's share of the update's token mean
                 loss += float(loss_sum.detach()) / num_targets
-            grad_norm = clip_gradients(list(model.parameters()), train_cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+            grad_norm = optimizer_step(list(model.parameters()), optimizer, scheduler, train_cfg.max_grad_norm, dist)
+            loss, tokens = dist.totals(loss, sum(int(batch.attention_mask.sum()) for batch in micro_batches))
             state["epoch_loss_sum"] += loss * num_targets
             state["epoch_tokens"] += num_targets
-            tokens = sum(int(batch.attention_mask.sum()) for batch in micro_batches)
             run.log(step, {"loss": loss, "learning_rate": learning_rate, "grad_norm": grad_norm,
                            "epoch": epoch + (position + 1) / steps_per_epoch,
                            "tokens_per_second": tokens / run.step_seconds()})
@@ -145,7 +150,7 @@ def main(config: MambaConfig, *, evaluate_before_after: bool = False) -> dict:
                 run.log_eval(step, f"held-out, epoch {epoch + 1}", figures)
                 run.record({"step": step, "epoch": epoch + 1, "train_loss": train_loss, **figures})
                 state.update(epoch_loss_sum=0.0, epoch_tokens=0)
-                if algo.sample_tokens and algo.sample_prompts:
+                if algo.sample_tokens and algo.sample_prompts and dist.is_main:
                     with run.timed("samples"):
                         _log_samples(run, model, tokenizer, algo, epoch + 1, step, device, train_cfg.seed)
 
@@ -162,6 +167,7 @@ def main(config: MambaConfig, *, evaluate_before_after: bool = False) -> dict:
             results["after"] = run.evaluation_at(run.step) or held_out_figures(model, held_chunks, **measure)
         if state["before"] is not None:
             results["before"] = state["before"]
+    if run.finished and dist.is_main:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model_dir = export_policy(model, tokenizer, run.run_dir / "model")  # with its tokenizer, atomically
         results["outputs"] = {"language_model_dir": str(model_dir)}

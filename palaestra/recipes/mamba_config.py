@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Optional
 
 from palaestra.config.errors import check
-from palaestra.config.evaluation import CheckpointEval, validate_eval
-from palaestra.config.run import OptimizerSettings, check_batch, validate_run
+from palaestra.config.evaluation import CheckpointEval
+from palaestra.config.run import EpochBudget, OptimizerSettings, check_batch
 from palaestra.config.tracking import TrackingConfig
 
 __all__ = ["MambaAlgo", "MambaConfig", "MambaTrain", "validate_mamba"]
 
 
 @dataclass
-class MambaAlgo:
+class MambaAlgo(EpochBudget):
     """A small Mamba language model trained from scratch (MARK's mamba target): a byte-level BPE tokenizer
     trained on the corpus and transformers' Mamba (its selective scan run by mambapy's parallel scan, pure
     PyTorch, so a CPU trains it), measured by held-out perplexity.
@@ -43,8 +43,6 @@ class MambaAlgo:
     """Tokens per sequence: the corpus, one stream of documents, is cut into chunks of this length."""
     epochs: int = 3
     """Passes over the training chunks."""
-    max_steps: int = 0
-    """Stop after this many optimizer updates (0: the epochs decide)."""
     val_fraction: float = 0.1
     """Share of the corpus's characters held out for perplexity: whole documents, drawn with train.seed."""
     early_stopping_patience: int = 2
@@ -87,20 +85,18 @@ class MambaConfig:
 
 
 def validate_mamba(config: MambaConfig) -> None:
-    """Every value mamba reads: a corpus that exists and sizes that make sense (the corpus is read before the
-    tokenizer is trained)."""
+    """mamba's own keys (its shared sections are checked first): a corpus that exists and sizes that make
+    sense (the corpus is read before the tokenizer is trained)."""
     algo, train = config.algo, config.train
-    validate_run(train)
-    validate_eval(config.eval)
     check(algo.corpus is None or Path(algo.corpus).exists(),
            f"algo.corpus={algo.corpus} does not exist; give a .txt file, a folder of .txt files or a JSONL file of "
            f"{{\"text\"}} lines (or leave it unset for the shipped corpus)")
     check(algo.vocab_size > 258, f"algo.vocab_size={algo.vocab_size} must be > 258 (the 256 bytes and 2 special tokens)")
-    for key in ("d_model", "n_layers", "epochs"):
+    for key in ("d_model", "n_layers"):
         check(getattr(algo, key) > 0, f"algo.{key}={getattr(algo, key)} must be positive")
     check(algo.max_length >= 8, f"algo.max_length={algo.max_length} must be >= 8")
     check(0 < algo.val_fraction < 0.5, f"algo.val_fraction={algo.val_fraction} must be in (0, 0.5)")
-    for key in ("max_steps", "early_stopping_patience", "sample_tokens", "sample_temperature"):
+    for key in ("early_stopping_patience", "sample_tokens", "sample_temperature"):
         check(getattr(algo, key) >= 0, f"algo.{key}={getattr(algo, key)} must be >= 0")
     check(all(isinstance(p, str) and p for p in algo.sample_prompts),
            f"algo.sample_prompts={list(algo.sample_prompts)} must be non-empty strings")

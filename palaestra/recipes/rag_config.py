@@ -9,8 +9,8 @@ from typing import Optional
 
 from palaestra.config.choices import RETRIEVAL_MODES
 from palaestra.config.errors import check, one_of
-from palaestra.config.evaluation import CheckpointEval, validate_eval
-from palaestra.config.run import RunSettings, validate_run
+from palaestra.config.evaluation import CheckpointEval
+from palaestra.config.run import RunSettings
 from palaestra.config.tracking import TrackingConfig
 
 __all__ = ["RagAlgo", "RagConfig", "validate_rag"]
@@ -51,11 +51,9 @@ class RagConfig:
 
 
 def validate_rag(config: RagConfig) -> None:
-    """Every value rag reads: files that exist, a known mode, positive cut-offs (the files are parsed before the
-    embedder loads)."""
+    """rag's own keys (its shared sections are checked first): files that exist, a known mode, positive
+    cut-offs (the files are parsed before the embedder loads)."""
     algo = config.algo
-    validate_run(config.train)
-    validate_eval(config.eval)
     one_of("algo.mode", algo.mode, RETRIEVAL_MODES)
     check(algo.documents_per_step > 0, f"algo.documents_per_step={algo.documents_per_step} must be positive")
     check(algo.rrf_k > 0, f"algo.rrf_k={algo.rrf_k} must be positive")

@@ -5,6 +5,7 @@ Launch::
     palaestra train --target=reward                                 # SmolLM2-135M on the shipped planner pairs
     palaestra train algo=reward model=tiny algo.max_steps=20
     palaestra train algo=reward data.path=pairs.jsonl               # {"prompt" | "messages", "chosen", "rejected"} rows
+    torchrun --nproc_per_node 2 -m palaestra.cli train algo=reward  # data parallel: each process a block of every batch
 
 The loop, top to bottom: take a batch of pairs, score the chosen and the rejected answer of every
 pair with the same network (one forward over 2B rows), and minimise the Bradley-Terry loss
@@ -16,8 +17,10 @@ rewards load (:mod:`palaestra.rewards.reward_model`).
 
 The network is the causal LM's body with a linear head on the hidden state of the last answer
 token (``AutoModelForSequenceClassification``, ``num_labels=1``); LoRA adapts the body and the
-head trains in full. Simplifications relative to InstructGPT (Ouyang et al., 2022): one
-comparison per prompt instead of all pairs of K ranked answers, and single-process training.
+head trains in full. With several processes each scores a block of every batch's pairs (and of the
+held-out pairs, gathered for the figures) and the gradients are summed: one process's update on the
+whole batch. Simplification relative to InstructGPT (Ouyang et al., 2022): one comparison per prompt
+instead of all pairs of K ranked answers.
 """
 
 from __future__ import annotations
@@ -34,16 +37,16 @@ from palaestra.algorithms.preference import bradley_terry_loss
 from palaestra.config.errors import ConfigError
 from palaestra.recipes.reward_model_config import RewardModelConfig
 from palaestra.data.preferences import PreferenceBatch, collate_pairs
+from palaestra.distributed import Distributed
 from palaestra.export import export_policy
 from palaestra.models import load_model_and_tokenizer, model_id
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
 from palaestra.data.preferences import load_pairs, pair_batch, pair_epoch, pair_rows, pair_steps
 from palaestra.models.loading import policy_identity
-from palaestra.optim import adamw, clip_gradients
-from palaestra.recipes.run import track_data_method
-from palaestra.runtime import seed_everything, training_device
+from palaestra.optim import adamw, optimizer_step
 from palaestra.recipes.methods import best_metric
-from palaestra.recipes.run import Run
+from palaestra.recipes.run import Run, track_data_method
+from palaestra.runtime import seed_everything, training_device
 from palaestra.rewards.reward_model import METADATA_FILE
 
 log = logging.getLogger("palaestra")
@@ -53,14 +56,15 @@ def main(config: RewardModelConfig, *, evaluate_before_after: bool = False) -> d
     """Train a reward model; return the run folder, MLflow run id, figures and ``outputs["reward_model_dir"]``."""
     train_cfg, algo, data = config.train, config.algo, config.data
 
-    # ---- seed and threads
+    # ---- processes, seed and threads
+    dist = Distributed.from_environment()
     seed_everything(train_cfg.seed, threads=train_cfg.threads)
 
     # ---- data (cheap, and fails before the model loads on a bad file)
     train_pairs, val_pairs = load_pairs(data, train_cfg.seed)
 
     # ---- model: the policy's body with a one-output head; LoRA on the body, the head trains in full
-    device = training_device(train_cfg.device)
+    device = training_device(train_cfg.device, dist)
     precision = resolve_precision(config.model.precision, device)
     dtype = weights_dtype(config.model.dtype, precision, config.model.lora.enabled)
     model, tokenizer = build_reward_model(config.model.name, path=config.model.path, dtype=dtype, device=device)
@@ -76,7 +80,7 @@ def main(config: RewardModelConfig, *, evaluate_before_after: bool = False) -> d
     per_epoch, total_steps = pair_steps(len(train_rows), train_cfg.pairs_per_step, algo.epochs, algo.max_steps)
     run = Run(train_cfg, method="reward", runs_root=Path("runs") / f"{data.name}-{algo.name}", total_steps=total_steps,
               identity=policy_identity(config.model),
-              best=best_metric(config),
+              best=best_metric(config), dist=dist,
               progress=("loss", "accuracy", "margin"), curves=("loss", "accuracy"),
               plot=("reward_model_curve.png", "Reward model: loss and pairwise accuracy"))
     log.info("reward model on %d pairs (%d held out), %d updates (%d per epoch); device %s, precision %s, weights %s",
@@ -89,7 +93,7 @@ def main(config: RewardModelConfig, *, evaluate_before_after: bool = False) -> d
 
     def run_eval(step: int, label: str) -> dict:
         figures = pairwise_eval(model, val_rows, pad_id, batch_pairs=train_cfg.pairs_per_forward, precision=precision,
-                                margin=algo.margin)
+                                margin=algo.margin, dist=dist)
         return run.log_eval(step, label, figures)
 
     if evaluate_before_after and run.step == 0:
@@ -100,12 +104,14 @@ def main(config: RewardModelConfig, *, evaluate_before_after: bool = False) -> d
             # 1. batch: the step's pairs of this epoch's seeded shuffle
             epoch, rows = pair_batch(train_rows, train_cfg.pairs_per_step, step, train_cfg.seed)
 
-            # 2. score and loss: chosen and rejected in one forward per micro-batch, gradients accumulated
+            # 2. score and loss: chosen and rejected in one forward per micro-batch (of this process's block of
+            #    the pairs), gradients accumulated
             optimizer.zero_grad(set_to_none=True)
             totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0}
+            mine = dist.split(rows)
             with run.timed("forward_backward"):
-                for start in range(0, len(rows), train_cfg.pairs_per_forward):
-                    micro = rows[start : start + train_cfg.pairs_per_forward]
+                for start in range(0, len(mine), train_cfg.pairs_per_forward):
+                    micro = mine[start : start + train_cfg.pairs_per_forward]
                     batch = collate_pairs(micro, pad_id)
                     loss, stats = reward_loss(model, batch, precision=precision, margin=algo.margin,
                                               center_coefficient=algo.center_rewards_coefficient)
@@ -115,11 +121,10 @@ def main(config: RewardModelConfig, *, evaluate_before_after: bool = False) -> d
                     for key in ("accuracy", "margin", "rewards/chosen", "rewards/rejected"):
                         totals[key] += stats[key] * share
 
-            # 3. step
+            # 3. step (the gradients summed over the processes)
             with run.timed("optimizer"):
-                grad_norm = clip_gradients(trainable, train_cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                grad_norm = optimizer_step(trainable, optimizer, scheduler, train_cfg.max_grad_norm, dist)
+                totals = dict(zip(totals, dist.totals(*totals.values())))
 
             # 4. log / eval (every epoch) / checkpoint
             elapsed = run.step_seconds()
@@ -129,9 +134,10 @@ def main(config: RewardModelConfig, *, evaluate_before_after: bool = False) -> d
             if run.end_of_step(step, run_eval(step, "train") if run.eval_due(step, epoch_steps=per_epoch) else None):
                 break
 
-    # ---- final figures, the merged reward model, cleanup
+    # ---- final figures, the merged reward model (the main process writes it), cleanup
     if run.finished or run.out_of_time:  # a spent time budget ends the run too (it can still be resumed)
         results["after"] = run.evaluation_at(run.step) or run_eval(run.step, "after")
+    if (run.finished or run.out_of_time) and dist.is_main:
         folder = export_reward_model(model, tokenizer, run.run_dir / "reward_model", max_length=data.max_length)
         results["outputs"]["reward_model_dir"] = str(folder)
         log.info("reward model written to %s", folder)
@@ -216,18 +222,22 @@ def reward_loss(model, batch: PreferenceBatch, *, precision: str, margin: float 
 
 
 @torch.no_grad()
-def pairwise_eval(model, rows: list, pad_id: int, *, batch_pairs: int, precision: str, margin: float = 0.0) -> dict[str, float]:
-    """Held-out figures: ``pairwise_accuracy`` (share of pairs with r_c > r_r), ``margin``, ``loss``, mean rewards."""
+def pairwise_eval(model, rows: list, pad_id: int, *, batch_pairs: int, precision: str, margin: float = 0.0,
+                  dist: Distributed | None = None) -> dict[str, float]:
+    """Held-out figures: ``pairwise_accuracy`` (share of pairs with r_c > r_r), ``margin``, ``loss``, mean rewards.
+    With several processes each scores a block of ``rows`` and the rewards are gathered in order."""
     was_training = model.training
     model.eval()
-    chosen, rejected = [], []
-    for start in range(0, len(rows), batch_pairs):
-        batch = collate_pairs(rows[start : start + batch_pairs], pad_id)
-        rewards = rewards_of(model, batch, precision)
+    dist = dist or Distributed()
+    chosen, rejected = [torch.zeros(0)], [torch.zeros(0)]
+    mine = dist.split(rows)
+    for start in range(0, len(mine), batch_pairs):
+        batch = collate_pairs(mine[start : start + batch_pairs], pad_id)
+        rewards = rewards_of(model, batch, precision).cpu()
         chosen.append(rewards[: batch.num_pairs])
         rejected.append(rewards[batch.num_pairs :])
     model.train(was_training)
-    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    chosen, rejected = dist.gather_rows(torch.cat(chosen)), dist.gather_rows(torch.cat(rejected))
     loss, stats = bradley_terry_loss(chosen, rejected, torch.full_like(chosen, margin) if margin else None)
     return {"pairwise_accuracy": stats["accuracy"], "margin": stats["margin_mean"], "loss": float(loss),
             "rewards/chosen": float(chosen.mean()), "rewards/rejected": float(rejected.mean())}

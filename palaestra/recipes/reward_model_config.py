@@ -5,25 +5,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from palaestra.config.data import PairData, validate_data
+from palaestra.config.data import PairData
 from palaestra.config.errors import check
-from palaestra.config.model import ModelConfig, validate_model
-from palaestra.config.run import PairTrain, validate_run
+from palaestra.config.model import ModelConfig
+from palaestra.config.run import EpochBudget, PairTrain
 from palaestra.config.tracking import RegisteredTracking
 
 __all__ = ["RewardModelAlgo", "RewardModelConfig", "validate_reward"]
 
 
 @dataclass
-class RewardModelAlgo:
+class RewardModelAlgo(EpochBudget):
     """A reward model: a sequence-classification head on the policy's architecture, trained on preference pairs."""
 
     name: str = "reward"
     """Algorithm name (recipe)."""
-    epochs: int = 1
-    """Passes over the training pairs."""
-    max_steps: int = 0
-    """Stop after this many optimizer updates (0: the epochs decide)."""
     margin: float = 0.0
     """Bradley-Terry margin: the chosen reward must beat the rejected one by this much."""
     center_rewards_coefficient: float = 0.0
@@ -42,10 +38,8 @@ class RewardModelConfig:
 
 
 def validate_reward(config: RewardModelConfig) -> None:
-    """Every value reward reads (cheap: the data files are checked, not parsed)."""
-    algo, train = config.algo, config.train
-    validate_model(config.model)
-    validate_data(config.data)
-    validate_run(train)
-    check(algo.epochs > 0, f"algo.epochs={algo.epochs} must be positive")
-    check(algo.max_steps >= 0, f"algo.max_steps={algo.max_steps} must be >= 0")
+    """reward's own keys (its shared sections are checked first; cheap: the data files are checked, not parsed)."""
+    algo = config.algo
+    check(algo.margin >= 0, f"algo.margin={algo.margin} must be >= 0")
+    check(algo.center_rewards_coefficient >= 0,
+          f"algo.center_rewards_coefficient={algo.center_rewards_coefficient} must be >= 0")

@@ -160,6 +160,7 @@ class Run:
         self.tracker = None
         self.out_of_time = False
         self.steps_this_run = 0
+        self.rng_restored = False
         self._checkpoint: dict[str, Any] = {}
         self._stop: StopSignals | None = None
         self._progress = None
@@ -188,9 +189,11 @@ class Run:
         """The last step done (0 before the first)."""
         return self.state["step"]
 
-    def resume(self, *, model=None, optimizer=None, scheduler=None, parts: dict | None = None, restore_rng: bool = True) -> bool:
+    def resume(self, *, model=None, optimizer=None, scheduler=None, parts: dict | None = None) -> bool:
         """Say what a checkpoint holds (a model with its optimizer and scheduler, or ``parts``) and, when
-        the run resumes, load the checkpoint into it and the trainer state; True when it resumed."""
+        the run resumes, load the checkpoint into it, the trainer state and this process's random states;
+        True when it resumed. ``rng_restored`` is False after a resume when the checkpoint holds no random
+        states for this process (it was written by fewer processes): the recipe seeds it afresh."""
         self._checkpoint = {"parts": parts} if parts is not None else {"model": model, "optimizer": optimizer, "scheduler": scheduler}
         if self.resume_from is None:
             return False
@@ -199,7 +202,8 @@ class Run:
         for position, checkpoint in enumerate(candidates):
             try:
                 self._check_identity(checkpoint)
-                loaded = ckpt.load_checkpoint(checkpoint, restore_rng=restore_rng, **self._checkpoint)
+                loaded = ckpt.load_checkpoint(checkpoint, restore_rng=False, **self._checkpoint)
+                self.rng_restored = ckpt.restore_rank_rng(checkpoint, self.dist.rank)
             except ckpt.CorruptCheckpoint as error:
                 if position + 1 == len(candidates):
                     raise ConfigError(f"{error}; resume from another checkpoint (train.resume=<path>) or remove this one") from None
@@ -371,8 +375,9 @@ class Run:
         self.out_of_time = decision.reason == "time_budget"
         if decision.save:
             self._stop.save_requested = False
+            rng_states = dist.gather_objects([ckpt.rng_state()]) if dist.enabled else None  # every process's
             if dist.is_main:
-                path = ckpt.save_checkpoint(self.run_dir, step, trainer_state=self.state,
+                path = ckpt.save_checkpoint(self.run_dir, step, trainer_state=self.state, rank_rng_states=rng_states,
                                             keep_last_n=train.keep_last_n or None, **self._checkpoint)
                 if decision.improved and train.save_best:
                     ckpt.save_best(self.run_dir, path, self.best_metric, decision.best, mode=self.best_mode)

@@ -5,6 +5,7 @@ Launch::
     palaestra train experiment=planner                   # the planner template: LoRA r16 on q/k/v/o, MLflow contract, registry
     palaestra train --target=sft data.path=chats.jsonl   # any chat JSONL file ({"messages"} or {"prompt", "completion"})
     palaestra train algo=sft model.lora.enabled=false    # full fine-tuning
+    torchrun --nproc_per_node 2 -m palaestra.cli train algo=sft   # data parallel: each process a share of every update
 
 The loop, top to bottom: tokenise every conversation with the model's chat template (labels only
 on assistant turns), pack short examples into sequences of up to ``data.max_length`` tokens, then
@@ -13,6 +14,9 @@ per update take ``train.sequences_per_step`` sequences of a seeded per-epoch shu
 Each epoch ends with the validation loss; the best epoch's weights are kept and exported as a
 merged Hugging Face folder (``run_dir/model``, tokenizer included) that the MLflow run carries as
 its ``model`` artifact and, with ``tracking.registered_model``, registers in the model registry.
+With several processes each takes a block of every update's sequences (and of the validation set),
+divides its token loss by the update's target tokens summed over the processes, and the gradients are
+summed: the same update one process makes on the whole batch.
 
 What a planner run logs in MLflow (the planner template's contract; experiment=planner sets
 tracking.params=contract): params learning_rate, batch_size, epochs, dataset_version, model_base,
@@ -44,15 +48,15 @@ from palaestra.data.chat import (
     summed_token_loss,
     tokenize_conversation,
 )
+from palaestra.distributed import Distributed
 from palaestra.export import export_policy, save_tokenizer
 from palaestra.models import model_id
 from palaestra.models.precision import autocast
 from palaestra.models.loading import load_policy, policy_identity
-from palaestra.optim import adamw, clip_gradients
-from palaestra.recipes.run import remember
-from palaestra.runtime import seed_everything, training_device
+from palaestra.optim import adamw, optimizer_step
 from palaestra.recipes.methods import best_metric
-from palaestra.recipes.run import Run, config_dict
+from palaestra.recipes.run import Run, config_dict, remember
+from palaestra.runtime import seed_everything, training_device
 
 log = logging.getLogger("palaestra")
 
@@ -61,14 +65,15 @@ def main(config: SFTConfig, *, evaluate_before_after: bool = False) -> dict:
     """Fine-tune on chat data; return the run folder, the MLflow run id and the exported model folder."""
     train_cfg, algo, data_cfg = config.train, config.algo, config.data
 
-    # ---- seed and threads
+    # ---- processes, seed and threads
+    dist = Distributed.from_environment()
     seed_everything(train_cfg.seed, threads=train_cfg.threads)
 
     # ---- data (cheap, and fails before the model loads on a bad dataset)
     chat = load_chat_data(data_cfg)
 
     # ---- model and adapter
-    device = training_device(train_cfg.device)
+    device = training_device(train_cfg.device, dist)
     model, tokenizer, precision, dtype = load_policy(config.model, device)
     model.train()
     compute_dtype = torch.bfloat16 if precision == "bf16" else next(model.parameters()).dtype
@@ -85,7 +90,7 @@ def main(config: SFTConfig, *, evaluate_before_after: bool = False) -> dict:
     # ---- run folder, optimizer, resume, tracking
     run = Run(train_cfg, method="sft", runs_root=Path("runs") / f"{data_cfg.name}-sft", total_steps=total_updates,
               identity=policy_identity(config.model),
-              best=best_metric(config), patience=algo.early_stopping_patience,
+              best=best_metric(config), patience=algo.early_stopping_patience, dist=dist,
               state={"epoch": 0, "epoch_position": 0, "epoch_loss_sum": 0.0, "epoch_targets": 0},
               progress=("train/step_loss", "learning_rate"), curves=("train/step_loss", "val_loss"),
               plot=("loss_curve.png", "SFT: training and validation loss"))
@@ -104,7 +109,7 @@ def main(config: SFTConfig, *, evaluate_before_after: bool = False) -> dict:
                         params=contract_params(config, chat.version) if config.tracking.params == "contract" else None)
     results: dict = {"outputs": {}}
     forward = dict(device=device, precision=precision, dtype=compute_dtype)
-    validate = dict(batch_size=train_cfg.sequences_per_forward, pad_id=pad_id, packed=algo.packing, **forward)
+    validate = dict(batch_size=train_cfg.sequences_per_forward, pad_id=pad_id, packed=algo.packing, dist=dist, **forward)
 
     if evaluate_before_after and run.step == 0:
         results["before"] = {"val_loss": validation_loss(model, val_rows, **validate)}
@@ -113,26 +118,28 @@ def main(config: SFTConfig, *, evaluate_before_after: bool = False) -> dict:
     with run:
         for step in run.steps():
 
-            # 1. batch: the next sequences_per_step sequences of this epoch's shuffle, in micro-batches
+            # 1. batch: the next sequences_per_step sequences of this epoch's shuffle (this process's block of
+            #    them), in micro-batches
             order = _epoch_order(len(train_rows), train_cfg.seed, state["epoch"])
             chosen = order[state["epoch_position"] : state["epoch_position"] + train_cfg.sequences_per_step]
+            mine = dist.split(chosen)
             micro_batches = [
-                collate([train_rows[i] for i in chosen[k : k + train_cfg.sequences_per_forward]], pad_id, algo.packing)
-                for k in range(0, len(chosen), train_cfg.sequences_per_forward)
+                collate([train_rows[i] for i in mine[k : k + train_cfg.sequences_per_forward]], pad_id, algo.packing)
+                for k in range(0, len(mine), train_cfg.sequences_per_forward)
             ]
-            num_targets = sum(batch.num_targets for batch in micro_batches)
+            num_targets = int(dist.totals(sum(batch.num_targets for batch in micro_batches))[0])
 
             # 2. loss and step: the token-mean loss of the whole update
             learning_rate = scheduler.get_last_lr()[0]
             loss, grad_norm = train_update(model, optimizer, scheduler, trainable, micro_batches, num_targets,
-                                           max_grad_norm=train_cfg.max_grad_norm, **forward)
+                                           max_grad_norm=train_cfg.max_grad_norm, dist=dist, **forward)
             state["epoch_position"] += len(chosen)
             state["epoch_loss_sum"] += loss * num_targets
             state["epoch_targets"] += num_targets
 
             # 3. log the update
             elapsed = run.step_seconds()
-            tokens = sum(int((batch.segment_ids >= 0).sum()) for batch in micro_batches)
+            tokens = dist.totals(sum(int((batch.segment_ids >= 0).sum()) for batch in micro_batches))[0]
             run.log(step, {
                 "train/step_loss": loss, "train/target_tokens": num_targets, "learning_rate": learning_rate,
                 "grad_norm": grad_norm, "epoch": state["epoch"] + state["epoch_position"] / len(order),
@@ -156,8 +163,8 @@ def main(config: SFTConfig, *, evaluate_before_after: bool = False) -> dict:
             if run.end_of_step(step, figures):
                 break
 
-    # ---- the best weights, exported; artifacts, registry, cleanup
-    if run.finished:
+    # ---- the best weights, exported (by the main process); artifacts, registry, cleanup
+    if run.finished and dist.is_main:
         if run.load_best(model):
             log.info("exporting the best epoch's weights (val_loss %.4f)", state["best_metric"])
         if state["best_metric"] is not None:
@@ -194,12 +201,13 @@ def main(config: SFTConfig, *, evaluate_before_after: bool = False) -> dict:
 
 
 def train_update(model, optimizer, scheduler, trainable, micro_batches: list[Batch], num_targets: int, *, device,
-                 precision: str, dtype, max_grad_norm: float) -> tuple[float, float]:
+                 precision: str, dtype, max_grad_norm: float, dist: Distributed | None = None) -> tuple[float, float]:
     """One optimizer update; returns (token-mean loss of the update, gradient norm before clipping).
 
-    Each micro-batch's summed token loss is divided by the target tokens of the *whole* update,
-    so the accumulated gradient is that of the update's token mean, however the tokens fall into
-    micro-batches: loss = sum over micro-batches m of sum_t CE_t(m) / N_update.
+    Each micro-batch's summed token loss is divided by the target tokens of the *whole* update
+    (every process's), so the accumulated gradient, summed over the processes, is that of the
+    update's token mean however the tokens fall into micro-batches and processes:
+    loss = sum over micro-batches m of sum_t CE_t(m) / N_update.
     """
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
@@ -208,10 +216,8 @@ def train_update(model, optimizer, scheduler, trainable, micro_batches: list[Bat
         loss = loss_sum / max(1, num_targets)
         loss.backward()
         total += float(loss.detach())
-    grad_norm = clip_gradients(trainable, max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    return total, grad_norm
+    grad_norm = optimizer_step(trainable, optimizer, scheduler, max_grad_norm, dist)
+    return (dist.totals(total)[0] if dist else total), grad_norm
 
 
 def forward_loss(model, batch: Batch, *, device, precision: str, dtype) -> tuple[torch.Tensor, int]:
@@ -223,16 +229,20 @@ def forward_loss(model, batch: Batch, *, device, precision: str, dtype) -> tuple
 
 @torch.no_grad()
 def validation_loss(model, rows: list[list[TokenizedExample]], *, batch_size: int, pad_id: int, packed: bool,
-                    device, precision: str, dtype) -> float:
-    """Token-mean loss over every scored token of ``rows`` (dropout off)."""
+                    device, precision: str, dtype, dist: Distributed | None = None) -> float:
+    """Token-mean loss over every scored token of ``rows`` (dropout off); with several processes each
+    scores its block of ``rows`` and the sums are added up."""
     was_training = model.training
     model.eval()
+    rows = dist.split(rows) if dist else rows
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start : start + batch_size], pad_id, packed)
         loss_sum, n = forward_loss(model, batch, device=device, precision=precision, dtype=dtype)
         total, count = total + float(loss_sum), count + n
     model.train(was_training)
+    if dist:
+        total, count = dist.totals(total, count)
     return total / max(1, count)
 
 

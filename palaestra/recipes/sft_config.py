@@ -4,25 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from palaestra.config.data import ChatData, validate_data
-from palaestra.config.errors import check
-from palaestra.config.model import ModelConfig, validate_model
-from palaestra.config.run import OptimizerSettings, check_batch, validate_run
-from palaestra.config.tracking import ContractTracking, validate_tracking
+from palaestra.config.data import ChatData
+from palaestra.config.model import ModelConfig
+from palaestra.config.run import EpochBudget, OptimizerSettings, check_batch
+from palaestra.config.tracking import ContractTracking
 
 __all__ = ["SFTAlgo", "SFTConfig", "SFTTrain", "validate_sft"]
 
 
 @dataclass
-class SFTAlgo:
+class SFTAlgo(EpochBudget):
     """Supervised fine-tuning on chat data: loss on the assistant's tokens only."""
 
     name: str = "sft"
     """Algorithm name (recipe)."""
     epochs: int = 3
     """Passes over the training split."""
-    max_steps: int = 0
-    """Stop after this many optimizer updates (0: the epochs decide)."""
     packing: bool = True
     """Pack several short examples into one sequence of up to data.max_length tokens (no cross-attention between them)."""
     assistant_only_loss: bool = True
@@ -53,12 +50,6 @@ class SFTConfig:
 
 
 def validate_sft(config: SFTConfig) -> None:
-    """Every value sft reads (cheap: the data files are checked, not parsed)."""
-    algo, train = config.algo, config.train
-    validate_model(config.model)
-    validate_data(config.data)
-    validate_run(train)
+    """sft's own keys (its shared sections are checked first; cheap: the data files are checked, not parsed)."""
+    train = config.train
     check_batch("train.sequences_per_step", train.sequences_per_step, "train.sequences_per_forward", train.sequences_per_forward)
-    check(algo.epochs > 0, f"algo.epochs={algo.epochs} must be positive")
-    check(algo.max_steps >= 0, f"algo.max_steps={algo.max_steps} must be >= 0")
-    validate_tracking(config.tracking)

@@ -4,8 +4,9 @@ The loop, top to bottom: zero the gradients; for every micro-batch, the policy's
 the old policy's and the reference's, precomputed per micro-batch or computed by a callable), the
 clipped loss of :func:`palaestra.algorithms.grpo.policy_loss`, scaled by
 :func:`~palaestra.algorithms.grpo.accumulated_loss` so that the summed gradients are those of the
-whole batch, and its backward; then, with data parallelism, the gradients averaged over processes;
-then clipping, the optimizer step and the scheduler step.
+whole batch (every process's rows together), and its backward; then, with data parallelism, the
+gradients summed over processes; then clipping, the optimizer step and the scheduler step. A process
+may hold fewer rows than another, or none: the sum is still the whole batch's gradient.
 
 What differs between the recipes stays with them: GRPO precomputes the old and reference
 log-probs of every micro-batch before its ``num_iterations`` updates (lists), AT-GRPO computes the
@@ -26,7 +27,7 @@ from palaestra.algorithms.logprob_math import masked_mean
 from palaestra.distributed import Distributed
 from palaestra.models.logprobs import batch_logprobs
 from palaestra.models.precision import autocast
-from palaestra.optim import clip_gradients
+from palaestra.optim import optimizer_step
 from palaestra.runtime import timed
 
 __all__ = ["micro_batch_logprobs", "policy_update"]
@@ -62,10 +63,11 @@ def policy_update(
 
     Args:
         optimizer, scheduler: stepped once, after the last micro-batch.
-        parameters: the trainable parameters (gradients averaged over processes, then clipped).
+        parameters: the trainable parameters (gradients summed over processes, then clipped).
         advantages: [B] one per completion of this process's batch.
         loss_mask: [B, T] 1 on the completion tokens that count in the loss.
-        slices: the micro-batches, as row slices of the batch (they may differ in size).
+        slices: the micro-batches, as row slices of the batch (they may differ in size; none when this
+            process holds no completions).
         logprobs: ``logprobs(rows) -> (logp [b, T], entropy [b, T] or None)`` under the policy
             being trained (with gradients).
         old_logps: the sampling policy's log-probs per micro-batch; None: the policy itself,
@@ -75,25 +77,23 @@ def policy_update(
         loss_type, epsilon, epsilon_high, beta, max_completion_length: the loss
             (:func:`~palaestra.algorithms.grpo.policy_loss`).
         max_grad_norm: clip the gradients' norm to this; 0: no clipping (the norm is still measured).
-        dist: data parallelism; the dapo denominator counts the tokens of every process and the
-            gradients are averaged over them. None: one process.
+        dist: data parallelism; the rows and the dapo denominator count every process's and the
+            gradients are summed over them. None: one process.
         timings: when given, the wall time of ``policy_forward_backward`` and ``optimizer`` is added.
 
     Returns:
-        (stats, grad_norm): stats are ``loss`` (this process's batch's; for dapo, whose denominator
-        counts every process's tokens, this process's part of the sum over processes), ``kl``,
-        ``clip_ratio/low``, ``clip_ratio/high``, ``clip_ratio/region`` and, when ``logprobs``
-        gives entropies, ``entropy``: means over the batch, each micro-batch weighing its share of
-        the rows; grad_norm is the norm before clipping.
+        (stats, grad_norm): stats are ``loss``, ``kl``, ``clip_ratio/low``, ``clip_ratio/high``,
+        ``clip_ratio/region`` and, when ``logprobs`` gives entropies, ``entropy``: of the whole batch
+        (every process's), each micro-batch weighing its share of the rows; grad_norm is the norm
+        before clipping.
     """
-    if not slices:
-        raise ValueError("policy_update needs at least one micro-batch")
-    world = dist.world if dist is not None else 1
+    dist = dist or Distributed()
     batch = loss_mask.shape[0]
     sizes = [len(range(*rows.indices(batch))) for rows in slices]
-    total_rows = sum(sizes)
-    num_items = loss_mask.sum()
-    num_items = (dist.sum(num_items) if dist is not None else num_items).clamp(min=1)  # dapo's denominator
+    total_rows = int(dist.totals(sum(sizes))[0])  # every process's rows
+    if total_rows == 0:
+        raise ValueError("policy_update needs at least one completion (on some process)")
+    num_items = dist.sum(loss_mask.sum()).clamp(min=1)  # dapo's denominator: every process's tokens
     clock = (lambda name: timed(timings, name)) if timings is not None else (lambda name: nullcontext())
     optimizer.zero_grad(set_to_none=True)
     totals = {"loss": 0.0, "kl": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0, "clip_ratio/region": 0.0}
@@ -108,20 +108,20 @@ def policy_update(
                 loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, ref_logp=ref,
                 max_completion_length=max_completion_length, num_items_in_batch=num_items,
             )
-            scaled = accumulated_loss(loss, loss_type=loss_type, rows=size, total_rows=total_rows, world=world)
+            scaled = accumulated_loss(loss, loss_type=loss_type, rows=size, total_rows=total_rows)
             scaled.backward()
-        parts = total_rows / size  # micro-batches of this size in the batch: stats weigh rows / total_rows
-        totals["loss"] += float(scaled.detach()) / (world if loss_type == "dapo" else 1)
+        share = size / total_rows  # the stats weigh each micro-batch's share of the rows
+        totals["loss"] += float(scaled.detach())
         if entropy is not None:
-            totals["entropy"] = totals.get("entropy", 0.0) + float(masked_mean(entropy, mask)) / parts
+            totals["entropy"] = totals.get("entropy", 0.0) + float(masked_mean(entropy, mask)) * share
         for key, value in loss_stats.items():
-            totals[key] += value / parts
+            totals[key] += value * share
+    if dist.enabled:  # the whole batch's figures: every process's shares added up
+        if dist.any("entropy" in totals):
+            totals.setdefault("entropy", 0.0)
+        totals = dict(zip(totals, dist.totals(*totals.values())))
     with clock("optimizer"):
-        if dist is not None:
-            dist.average_gradients(parameters)
-        grad_norm = clip_gradients(parameters, max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        grad_norm = optimizer_step(parameters, optimizer, scheduler, max_grad_norm, dist)
     return totals, grad_norm
 
 

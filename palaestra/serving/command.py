@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from palaestra.config import ServeJob
-from palaestra.config.commands import validate_serve_job
+from palaestra.config.sections import validate_sections
 from palaestra.config.errors import ConfigError
 
 __all__ = ["base_model_id", "build_services", "serve_command"]
@@ -89,7 +89,7 @@ def serve_command(config: ServeJob) -> int:
 
     from palaestra.serving.app import build_app
 
-    validate_serve_job(config)
+    validate_sections(config)
     load = build_services(config)
     failure: list[BaseException] = []
     server: uvicorn.Server | None = None

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from palaestra.config import ConfigError, ServeJob
-from palaestra.config.commands import validate_serve_job
+from palaestra.config.sections import validate_sections
 from palaestra.serving.catalog import plan_models
 from tests.conftest import REPO, run_cli
 
@@ -30,7 +30,7 @@ def test_bad_serve_settings_are_one_line_errors(key, value, expected):
     config = ServeJob()
     setattr(config.serve, key, value)
     with pytest.raises(ConfigError) as caught:
-        validate_serve_job(config)
+        validate_sections(config)
     assert expected in str(caught.value) and "\n" not in str(caught.value)
 
 

@@ -4,8 +4,10 @@ nothing below the recipes imports a recipe or a command module."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -74,9 +76,10 @@ def test_config_errors_is_a_leaf():
 @pytest.mark.slow
 @pytest.mark.parametrize("chunk", range(4))
 def test_every_module_imports_alone(chunk):
-    failures = []
-    for module in MODULES[chunk::4]:
+    def import_alone(module: str) -> str | None:
         result = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO, capture_output=True, text=True)
-        if result.returncode:
-            failures.append(f"{module}: {result.stderr.strip().splitlines()[-1]}")
+        return f"{module}: {result.stderr.strip().splitlines()[-1]}" if result.returncode else None
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # one fresh interpreter per module, a core each
+        failures = [failure for failure in pool.map(import_alone, MODULES[chunk::4]) if failure]
     assert failures == []

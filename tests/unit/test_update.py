@@ -53,9 +53,8 @@ def test_accumulated_loss_weighs_rows_and_leaves_dapo_whole():
     assert torch.equal(accumulated_loss(loss, loss_type="grpo", rows=2, total_rows=8), loss / 4)
     # 3 of 5 rows: 0.6 * 3 / 5 = 0.36
     assert float(accumulated_loss(loss, loss_type="dr_grpo", rows=3, total_rows=5)) == pytest.approx(0.36)
-    # dapo already divides by the whole batch's tokens: summed as is, times the processes averaged over
+    # dapo already divides by the whole batch's tokens (every process's): summed as is
     assert torch.equal(accumulated_loss(loss, loss_type="dapo", rows=3, total_rows=5), loss)
-    assert torch.equal(accumulated_loss(loss, loss_type="dapo", rows=3, total_rows=5, world=2), loss * 2)
     with pytest.raises(ValueError, match="loss_type"):
         accumulated_loss(loss, loss_type="ppo", rows=1, total_rows=2)
     with pytest.raises(ValueError, match="micro-batch"):
@@ -140,26 +139,32 @@ def test_old_and_reference_log_probs_as_lists_or_callables_agree():
 
 
 class _TwinProcess:
-    """A data-parallel world of 2 whose other process holds the same batch (its sums double, its average is this)."""
+    """A data-parallel world of 2 whose other process holds the same batch: every sum over the processes doubles."""
 
-    world = 2
+    world, rank, enabled = 2, 0, True
 
     def sum(self, value):
         return value * 2
 
-    def average_gradients(self, parameters):
-        pass
+    def totals(self, *values):
+        return tuple(2.0 * float(v) for v in values)
+
+    def any(self, flag):
+        return flag
+
+    def sum_gradients(self, parameters):
+        for parameter in parameters:
+            parameter.grad = parameter.grad * 2
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_a_twin_process_makes_the_single_process_update(loss_type):
-    # the whole batch is both processes' rows: twice the tokens, the same means -> the same gradient
+    # the whole batch is both processes' rows: twice the rows and tokens, the same means -> the same gradient
     single, single_stats, _ = _theta_update(HALVES, loss_type)
     twin, twin_stats, _ = _theta_update(HALVES, loss_type, dist=_TwinProcess())
     torch.testing.assert_close(twin, single, atol=1e-7, rtol=0)
-    # the logged loss is this process's: for dapo its tokens' part of the sum over both processes' tokens
-    share = 0.5 if loss_type == "dapo" else 1.0
-    assert twin_stats["loss"] == pytest.approx(single_stats["loss"] * share)
+    # the logged figures are the whole batch's: each process's share of the rows (and of dapo's tokens) added up
+    assert twin_stats == pytest.approx(single_stats)
 
 
 def test_timings_and_one_optimizer_step():
@@ -172,7 +177,7 @@ def test_timings_and_one_optimizer_step():
     assert set(timings) == {"policy_forward_backward", "optimizer"}
     torch.testing.assert_close(theta.detach(), -torch.tensor(EXPECTED["grpo"]), atol=1e-7, rtol=0)  # one SGD step, lr 1
     assert scheduler.last_epoch == 1
-    with pytest.raises(ValueError, match="micro-batch"):
+    with pytest.raises(ValueError, match="at least one completion"):
         policy_update(optimizer, scheduler, [theta], ADVANTAGES, MASK, slices=[], logprobs=lambda rows: (theta[rows], None))
 
 
