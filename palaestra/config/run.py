@@ -65,6 +65,9 @@ class OptimizerSettings(RunSettings):
     """After warmup: cosine (to 0) or constant."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm (0 disables)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations during the backward pass instead of keeping them from the forward:
+    less memory for a longer step."""
 
 
 @dataclass

@@ -299,3 +299,12 @@ def load_policy(model_cfg, device: str):
         lora = model_cfg.lora
         model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
     return model, tokenizer, precision, dtype
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """``train.gradient_checkpointing``: each layer's activations are recomputed in the backward pass instead of
+    kept from the forward (non-reentrant checkpointing: a LoRA model's frozen inputs need no gradient). Only
+    training forwards checkpoint; generation (which asks for its key-value cache) and the no-grad passes run
+    as before."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # a training forward keeps no cache

@@ -41,7 +41,7 @@ from palaestra.models import model_id
 from palaestra.models.logprobs import shared_prompt_rows
 from palaestra.models.policies import Policy, build_policies, reusing_weights
 from palaestra.models.precision import resolve_precision, weights_dtype
-from palaestra.models.loading import policy_identity
+from palaestra.models.loading import enable_gradient_checkpointing, policy_identity
 from palaestra.optim import adamw
 from palaestra.runtime import seed_everything, training_device
 from palaestra.recipes.methods import best_metric
@@ -79,6 +79,9 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
         device=device, lora=lora_args, role_models=dict(config.policy.role_models),
         max_prompt_length=algo.max_prompt_length, precision=precision,
     )
+    if train_cfg.gradient_checkpointing:
+        for model in {id(policy.model): policy.model for policy in policies.values()}.values():
+            enable_gradient_checkpointing(model)
     for policy in policies.values():
         policy.activate()
         policy.optimizer, policy.scheduler = adamw(list(policy.parameters().values()), train_cfg, train_cfg.steps)

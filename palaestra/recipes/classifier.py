@@ -39,6 +39,7 @@ from palaestra.data.jsonl import write_jsonl
 from palaestra.distributed import Distributed
 from palaestra.data.shipped import shipped_dataset
 from palaestra.export import export_policy
+from palaestra.models.loading import enable_gradient_checkpointing
 from palaestra.models.precision import autocast, resolve_precision
 from palaestra.optim import adamw, optimizer_step
 from palaestra.runtime import seed_everything, training_device
@@ -66,6 +67,8 @@ def main(config: ClassifierConfig, *, evaluate_before_after: bool = False) -> di
     device = training_device(train_cfg.device, dist)
     precision = resolve_precision(config.model.precision, device)
     model, tokenizer = load_classifier(config.model.name, config.model.path, data.labels, device, dropout=algo.dropout)
+    if train_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
     texts, labels = [x.text for x in data.train], [x.label for x in data.train]
     steps_per_epoch = math.ceil(len(data.train) / train_cfg.texts_per_step)

@@ -40,7 +40,7 @@ from palaestra.models import frozen_reference_copy, reference_logits_context
 from palaestra.models.logprobs import completion_logprobs
 from palaestra.models.precision import autocast
 from palaestra.data.preferences import load_pairs, pair_batch, pair_epoch, pair_rows, pair_steps
-from palaestra.models.loading import load_policy, policy_identity
+from palaestra.models.loading import enable_gradient_checkpointing, load_policy, policy_identity
 from palaestra.optim import adamw, optimizer_step
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, track_data_method
@@ -67,6 +67,8 @@ def main(config: DPOConfig, *, evaluate_before_after: bool = False) -> dict:
     # ---- policy, adapter, reference
     device = training_device(train_cfg.device, dist)
     model, tokenizer, precision, dtype = load_policy(config.model, device)
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     reference = None if config.model.lora.enabled else frozen_reference_copy(model)  # LoRA: adapter off instead
     model.train()
     pad_id = tokenizer.pad_token_id

@@ -35,7 +35,7 @@ from palaestra.evaluation.evaluate import evaluate
 from palaestra.models import embedded_model_dir, frozen_reference_copy, model_id, reference_logits_context
 from palaestra.models.logprobs import shared_prompt_rows
 from palaestra.data.order import next_items
-from palaestra.models.loading import load_policy, policy_identity
+from palaestra.models.loading import enable_gradient_checkpointing, load_policy, policy_identity
 from palaestra.optim import adamw
 from palaestra.runtime import seed_everything
 from palaestra.recipes.methods import best_metric
@@ -69,6 +69,8 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
     # ---- model, adapter, reference
     device = dist.device(config.train.device)
     model, tokenizer, precision, dtype = load_policy(config.model, device)
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     reference = None
     if algo.beta > 0 and not config.model.lora.enabled:
         reference = frozen_reference_copy(model)  # full fine-tuning needs a frozen copy; LoRA does not

@@ -50,6 +50,7 @@ from palaestra.language_model.model import (
     summed_loss,
 )
 from palaestra.language_model.tokenizer import chunk, load_tokenizer, save_tokenizer, token_stream, train_tokenizer
+from palaestra.models.loading import enable_gradient_checkpointing
 from palaestra.optim import adamw, optimizer_step
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict, resolve_run_dir
@@ -95,6 +96,8 @@ def main(config: MambaConfig, *, evaluate_before_after: bool = False) -> dict:
         save_tokenizer(tokenizer, run.run_dir / "tokenizer")
     device = training_device(train_cfg.device, dist)
     model = build_model(tokenizer, d_model=algo.d_model, n_layers=algo.n_layers, seed=train_cfg.seed).to(device)
+    if train_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
     optimizer, scheduler = adamw(parameter_groups(model, train_cfg.weight_decay), train_cfg, total_steps)
     run.resume(model=model, optimizer=optimizer, scheduler=scheduler)

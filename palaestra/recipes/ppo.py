@@ -57,7 +57,7 @@ from palaestra.models.precision import autocast
 from palaestra.models.value_head import ValueHead, explained_variance, logprobs_and_values
 from palaestra.plugins import lookup
 from palaestra.data.order import next_items
-from palaestra.models.loading import load_policy, policy_identity
+from palaestra.models.loading import enable_gradient_checkpointing, load_policy, policy_identity
 from palaestra.optim import adamw, optimizer_step
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, track_data_method
@@ -96,6 +96,8 @@ def main(config: PPOConfig, *, evaluate_before_after: bool = False) -> dict:
 
     # ---- model, adapter, reference, value head
     model, tokenizer, precision, dtype = load_policy(config.model, device)
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     reference = None
     if algo.kl_coef > 0 and not config.model.lora.enabled:
         reference = frozen_reference_copy(model)  # full fine-tuning needs a frozen copy; LoRA does not

@@ -42,7 +42,7 @@ from palaestra.export import export_policy
 from palaestra.models import load_model_and_tokenizer, model_id
 from palaestra.models.precision import autocast, resolve_precision, weights_dtype
 from palaestra.data.preferences import load_pairs, pair_batch, pair_epoch, pair_rows, pair_steps
-from palaestra.models.loading import policy_identity
+from palaestra.models.loading import enable_gradient_checkpointing, policy_identity
 from palaestra.optim import adamw, optimizer_step
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, track_data_method
@@ -71,6 +71,8 @@ def main(config: RewardModelConfig, *, evaluate_before_after: bool = False) -> d
     if config.model.lora.enabled:
         lora = config.model.lora
         model = apply_reward_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    if train_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
     pad_id = tokenizer.pad_token_id
     # The head reads the last answer token; no end-of-sequence token (for SmolLM2 it is the pad token).

@@ -52,7 +52,7 @@ from palaestra.distributed import Distributed
 from palaestra.export import export_policy, save_tokenizer
 from palaestra.models import model_id
 from palaestra.models.precision import autocast
-from palaestra.models.loading import load_policy, policy_identity
+from palaestra.models.loading import enable_gradient_checkpointing, load_policy, policy_identity
 from palaestra.optim import adamw, optimizer_step
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict, remember
@@ -75,6 +75,8 @@ def main(config: SFTConfig, *, evaluate_before_after: bool = False) -> dict:
     # ---- model and adapter
     device = training_device(train_cfg.device, dist)
     model, tokenizer, precision, dtype = load_policy(config.model, device)
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
     compute_dtype = torch.bfloat16 if precision == "bf16" else next(model.parameters()).dtype
 

@@ -1,0 +1,72 @@
+"""train.gradient_checkpointing trades memory for compute and nothing else: with it on, the real CLI makes the
+same updates (the final weights equal to 1e-6) for a LoRA causal LM (SFT, GRPO's packed training forward, the
+reward model's head), an encoder (the classifier) and a model trained from scratch (Mamba)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    return load_file(last / "trainable.safetensors")
+
+
+def _with_and_without(args: list[str], tmp_path: Path) -> None:
+    for name, flag in (("plain", "false"), ("checkpointed", "true")):
+        result = run_cli([*args, f"train.gradient_checkpointing={flag}", f"train.output_dir={name}", "train.threads=1",
+                          "tracking.enabled=false"], tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    plain, checkpointed = _final_weights(tmp_path / "plain"), _final_weights(tmp_path / "checkpointed")
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+def _sft(tmp_path: Path) -> list[str]:
+    from palaestra.planner.data import make_planner_dataset
+
+    data = make_planner_dataset(tmp_path, date="2026-05-04", n_train=8, n_val=2, n_test=2)
+    return ["train", "algo=sft", "model=tiny", "model.precision=fp32", f"data.path={data}", "data.max_length=128",
+            "algo.epochs=1", "train.sequences_per_step=4", "train.sequences_per_forward=2", "train.learning_rate=1e-3"]
+
+
+def _grpo(tmp_path: Path) -> list[str]:
+    from tests.recipes.test_grpo_cli import TINY
+
+    return ["train", *TINY, "model.precision=fp32", "train.steps=2"]
+
+
+def _reward(tmp_path: Path) -> list[str]:
+    from tests.recipes.test_reward_dpo_cli import _write_pairs
+
+    _write_pairs(tmp_path / "prefs", train=8, val=4)
+    return ["train", "algo=reward", "model=tiny", "model.precision=fp32", "data.path=prefs", "data.max_length=64",
+            "train.pairs_per_step=4", "train.pairs_per_forward=2", "train.learning_rate=1e-3"]
+
+
+def _classifier(tmp_path: Path) -> list[str]:
+    from tests.recipes.test_classifier_cli import _data
+
+    return ["train", "--target=classifier", "model.name=tiny", "model.precision=fp32", f"algo.data={_data(tmp_path / 'texts')}",
+            "algo.epochs=1", "algo.dropout=0", "train.texts_per_step=6", "train.learning_rate=1e-3"]
+
+
+def _mamba(tmp_path: Path) -> list[str]:
+    from tests.recipes.test_mamba_cli import _corpus
+
+    return ["train", "--target=mamba", f"algo.corpus={_corpus(tmp_path / 'animals.txt', paragraphs=12)}",
+            "algo.vocab_size=300", "algo.d_model=32", "algo.n_layers=2", "algo.max_length=64", "algo.epochs=1",
+            "algo.sample_tokens=0", "train.sequences_per_step=4", "train.sequences_per_forward=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [_sft, _grpo, _reward, _classifier, _mamba], ids=lambda f: f.__name__[1:])
+def test_gradient_checkpointing_changes_no_update(tmp_path, method):
+    _with_and_without(method(tmp_path), tmp_path)
