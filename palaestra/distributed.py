@@ -8,7 +8,7 @@ ranks before the optimizer step, so every rank applies the update one process wo
 step and the models stay identical. Rank 0 logs and checkpoints.
 
     torchrun --nproc_per_node 2 -m palaestra.cli train algo=sft
-    accelerate launch --num_processes 8 -m palaestra.cli train model=hf model.path=...
+    accelerate launch --multi_gpu --num_processes 8 -m palaestra.cli train model=hf model.path=...
 """
 
 from __future__ import annotations
