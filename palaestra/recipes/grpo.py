@@ -217,7 +217,7 @@ def update_policy(
     model, optimizer, scheduler, trainable, rollout, advantages, loss_mask, *, algo, slices, shared, precision,
     temperature, old_logps, ref_logps, max_grad_norm, dist: Distributed, timings: dict,
 ) -> tuple[dict[str, float], float]:
-    """One optimizer update on this process's share of the batch, gradients averaged over processes:
+    """One optimizer update on this process's share of the batch, gradients summed over processes:
     :func:`palaestra.recipes.update.policy_update` on the rollout's micro-batches, entropy logged.
 
     ``old_logps`` / ``ref_logps``: one tensor per micro-batch of ``slices`` (computed once before
