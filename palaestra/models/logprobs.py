@@ -16,7 +16,7 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, *, tempera
     positions that predict them: the LM head and the log-softmax over chunks of ``chunk_tokens`` positions,
     each chunk recomputed in the backward pass (``torch.utils.checkpoint``), so that the [N, V] logits never
     exist at once; the figures are those of the whole-matrix computation."""
-    head = _parts(model)[1]
+    head = decoder_and_head(model)[1]
 
     def chunk_logprobs(states: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         logits = head(states).float() / temperature
@@ -34,7 +34,7 @@ def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, *, tempera
     return torch.cat(logprobs), (torch.cat(entropies) if with_entropy else None)
 
 
-def _parts(model):
+def decoder_and_head(model):
     """(the decoder body, the LM head) of a causal LM, through a peft wrapper."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings()
@@ -64,7 +64,7 @@ def completion_logprobs(
     inputs = padded_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, device)
     if chunk_tokens:
         kept = inputs.pop("logits_to_keep")
-        hidden = _parts(model)[0](**inputs, use_cache=False).last_hidden_state[:, -kept:][:, :width]
+        hidden = decoder_and_head(model)[0](**inputs, use_cache=False).last_hidden_state[:, -kept:][:, :width]
         logprobs, entropy = head_logprobs(model, hidden.reshape(-1, hidden.shape[-1]), completion_ids.to(device).reshape(-1),
                                           temperature=temperature, chunk_tokens=chunk_tokens, with_entropy=with_entropy)
         return logprobs.view(completion_ids.shape), (entropy.view(completion_ids.shape) if with_entropy else None)
@@ -208,7 +208,7 @@ def _packed_row(model, prompts: list, completion_ids: torch.Tensor, lengths: lis
     inputs = {"input_ids": torch.cat(tokens).unsqueeze(0).to(device), "attention_mask": mask[None, None].to(device),
               "position_ids": torch.cat(positions).unsqueeze(0).to(device), "use_cache": False}
     if hidden:
-        return _parts(model)[0](**inputs).last_hidden_state[0, sources[:predicted].to(device)]
+        return decoder_and_head(model)[0](**inputs).last_hidden_state[0, sources[:predicted].to(device)]
     return model(**inputs, logits_to_keep=sources.to(device)).logits[0, :predicted]
 
 

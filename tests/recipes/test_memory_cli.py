@@ -73,13 +73,21 @@ def test_gradient_checkpointing_changes_no_update(tmp_path, method):
     _with_and_without(method(tmp_path), tmp_path)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("team", [False, True], ids=["grpo", "at_grpo"])
-def test_the_lm_head_in_chunks_changes_no_update(tmp_path, team):
-    """train.logprob_chunk_tokens: the policy's log-probs (training, old and reference passes) with the LM head
-    over chunks of 5 tokens, each recomputed in the backward."""
+def _dpo(tmp_path: Path) -> list[str]:
+    return ["algo=dpo" if arg == "algo=reward" else arg for arg in _reward(tmp_path)]
+
+
+def _team(tmp_path: Path) -> list[str]:
     from tests.recipes.test_grpo_cli import TEAM
 
     # one step: a later step samples from the updated weights, where a last-bit difference can pick another token
-    args = [*TEAM, "policy=shared", "train.steps=1", "model.precision=fp32"] if team else [*_grpo(tmp_path), "algo.beta=0.04"]
-    _with_and_without(args, tmp_path, "train.logprob_chunk_tokens=5")
+    return [*TEAM, "policy=shared", "train.steps=1", "model.precision=fp32"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [_sft, _dpo, _grpo, _team], ids=["sft", "dpo", "grpo", "at_grpo"])
+def test_the_lm_head_in_chunks_changes_no_update(tmp_path, method):
+    """train.logprob_chunk_tokens: the LM head over chunks of 5 tokens, each recomputed in the backward (the
+    training forward and the old, reference and held-out passes)."""
+    args = method(tmp_path)
+    _with_and_without([*args, "algo.beta=0.04"] if method is _grpo else args, tmp_path, "train.logprob_chunk_tokens=5")
