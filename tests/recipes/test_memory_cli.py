@@ -77,6 +77,12 @@ def _dpo(tmp_path: Path) -> list[str]:
     return ["algo=dpo" if arg == "algo=reward" else arg for arg in _reward(tmp_path)]
 
 
+def _ppo(tmp_path: Path) -> list[str]:
+    from tests.recipes.test_ppo_cli import TINY, _dataset
+
+    return ["train", *TINY, _dataset(tmp_path), "model.precision=fp32", "train.steps=1"]
+
+
 def _team(tmp_path: Path) -> list[str]:
     from tests.recipes.test_grpo_cli import TEAM
 
@@ -85,7 +91,7 @@ def _team(tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [_sft, _dpo, _grpo, _team], ids=["sft", "dpo", "grpo", "at_grpo"])
+@pytest.mark.parametrize("method", [_sft, _dpo, _ppo, _grpo, _team], ids=["sft", "dpo", "ppo", "grpo", "at_grpo"])
 def test_the_lm_head_in_chunks_changes_no_update(tmp_path, method):
     """train.logprob_chunk_tokens: the LM head over chunks of 5 tokens, each recomputed in the backward (the
     training forward and the old, reference and held-out passes)."""
