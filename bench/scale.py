@@ -1,20 +1,22 @@
-"""Memory of training past what a step would otherwise keep: gradient checkpointing on a GRPO update.
+"""Memory of training past what a step would otherwise keep: gradient checkpointing and chunked log-probs on
+a GRPO update.
 
     .venv/bin/python bench/scale.py                       # 8 completions of 512 tokens, 3 updates each way
-    .venv/bin/python bench/scale.py --completion-tokens 256 --updates 2
+    .venv/bin/python bench/scale.py --completion-tokens 256 --updates 2 --chunk-tokens 256
 
 GRPO's update (:func:`palaestra.recipes.update.policy_update`, the one GRPO and AT-GRPO run) on the
 embedded SmolLM2-135M with LoRA r16 on every linear layer, at the machine's training precision
 (``model.precision=auto``): a batch of ``--completions`` completions of ``--completion-tokens`` tokens each
 after a 64-token prompt (every token real, so every one is scored), in micro-batches of
 ``--per-forward``, the way ``palaestra train`` computes them (the packed shared-prompt forward, 8 samples per
-prompt). Each variant runs in its own process: without and with ``train.gradient_checkpointing``.
+prompt). Each variant runs in its own process: as is, with ``train.gradient_checkpointing``, with
+``train.logprob_chunk_tokens`` (the LM head and log-softmax over ``--chunk-tokens`` positions at a
+time, recomputed in the backward) and with both.
 The figures: the peak resident memory of the update above the memory after loading (the activations
 and gradients a step keeps), and the seconds per update (the first update is warm-up and not timed).
 Appends an entry to ``bench/RESULTS.md``.
 
-Not here yet: per-process memory of DDP and FSDP2 and chunked log-probs (the distributed work of the
-scaling issue).
+Not here yet: per-process memory of DDP and FSDP2 (the distributed work of the scaling issue).
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ def _worker(args) -> dict:
     for update in range(args.updates):
         started = time.perf_counter()
         policy_update(optimizer, scheduler, trainable, advantages, rollout.completion_mask.float(), slices=slices,
-                      logprobs=lambda rows: micro_batch_logprobs(model, rollout, rows, 1.0, shared, precision),
+                      logprobs=lambda rows: micro_batch_logprobs(model, rollout, rows, 1.0, shared, precision,
+                                               chunk_tokens=args.chunk_tokens),
                       loss_type="grpo", max_grad_norm=1.0)
         if update:  # the first update is warm-up
             seconds.append(time.perf_counter() - started)
@@ -93,12 +96,19 @@ def _worker(args) -> dict:
             "step_mb": _peak_rss_mb() - loaded_mb, "seconds_per_update": sum(seconds) / len(seconds)}
 
 
-def _run(args, checkpointing: bool) -> dict:
+VARIANTS = {  # name -> (gradient checkpointing, chunked log-probs)
+    "as is": (False, False),
+    "gradient checkpointing": (True, False),
+    "chunked log-probs": (False, True),
+    "both": (True, True),
+}
+
+
+def _run(args, checkpointing: bool, chunked: bool) -> dict:
     command = [sys.executable, __file__, "--worker", "--completions", str(args.completions), "--completion-tokens",
                str(args.completion_tokens), "--per-forward", str(args.per_forward), "--updates", str(args.updates),
-               *(["--checkpointing"] if checkpointing else [])]
+               "--chunk-tokens", str(args.chunk_tokens if chunked else 0), *(["--checkpointing"] if checkpointing else [])]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
-    print(f"gradient checkpointing {'on' if checkpointing else 'off'} ...", flush=True)
     result = subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -109,6 +119,7 @@ def main() -> None:
     parser.add_argument("--completion-tokens", type=int, default=512)
     parser.add_argument("--per-forward", type=int, default=8, help="completions per forward/backward")
     parser.add_argument("--updates", type=int, default=3, help="updates per variant (the first is warm-up)")
+    parser.add_argument("--chunk-tokens", type=int, default=512, help="train.logprob_chunk_tokens of the chunked variants")
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,23 +129,25 @@ def main() -> None:
         print(json.dumps(_worker(args)))
         return
 
-    plain, checkpointed = _run(args, False), _run(args, True)
-    rows = [
-        ("peak RSS above the loaded model (MB)", f"{plain['step_mb']:.0f}", f"{checkpointed['step_mb']:.0f}",
-         f"{checkpointed['step_mb'] / plain['step_mb']:.2f}x"),
-        ("peak RSS (MB)", f"{plain['peak_mb']:.0f}", f"{checkpointed['peak_mb']:.0f}",
-         f"{checkpointed['peak_mb'] / plain['peak_mb']:.2f}x"),
-        ("seconds per update", f"{plain['seconds_per_update']:.2f}", f"{checkpointed['seconds_per_update']:.2f}",
-         f"{checkpointed['seconds_per_update'] / plain['seconds_per_update']:.2f}x"),
-    ]
-    table = ["| | without | with gradient checkpointing | with / without |", "|---|---|---|---|",
-             *[f"| {name} | {a} | {b} | {ratio} |" for name, a, b, ratio in rows]]
+    results = {}
+    for name, (checkpointing, chunked) in VARIANTS.items():
+        print(f"{name} ...", flush=True)
+        results[name] = _run(args, checkpointing, chunked)
+    plain = results["as is"]
+    table = ["| | step memory above the loaded model (MB) | vs as is | peak RSS (MB) | seconds per update | vs as is |",
+             "|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        table.append(f"| {name} | {result['step_mb']:.0f} | {result['step_mb'] / plain['step_mb']:.2f}x | "
+                     f"{result['peak_mb']:.0f} | {result['seconds_per_update']:.2f} | "
+                     f"{result['seconds_per_update'] / plain['seconds_per_update']:.2f}x |")
     command = " ".join(["python", "bench/scale.py", *sys.argv[1:]])
     entry = "\n".join([
-        f"### {date.today().isoformat()}: gradient checkpointing on a GRPO update ({_cpu()}, {os.cpu_count()} CPU cores)",
+        f"### {date.today().isoformat()}: memory of a GRPO update: gradient checkpointing and chunked log-probs "
+        f"({_cpu()}, {os.cpu_count()} CPU cores)",
         f"`{command}`: the embedded SmolLM2-135M, LoRA r16 on every linear layer, precision {plain['precision']} "
         f"(weights {plain['dtype']}); {args.completions} completions of {args.completion_tokens} tokens after a "
-        f"{PROMPT_TOKENS}-token prompt, {args.per_forward} per forward, {args.updates - 1} timed updates each way.",
+        f"{PROMPT_TOKENS}-token prompt, {args.per_forward} per forward, {args.updates - 1} timed updates each way; "
+        f"chunks of {args.chunk_tokens} tokens.",
         "", *table,
     ])
     print(entry)

@@ -10,7 +10,7 @@ from typing import Optional
 
 from palaestra.config.errors import ConfigError, check, check_writable, one_of
 
-__all__ = ["EpochBudget", "OptimizerSettings", "PairTrain", "RunSettings", "StepLoopSettings", "validate_epochs", "validate_run"]
+__all__ = ["ChunkedLogprobs", "EpochBudget", "OptimizerSettings", "PairTrain", "RunSettings", "StepLoopSettings", "validate_chunked_logprobs", "validate_epochs", "validate_run"]
 
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("cosine", "constant")
@@ -102,6 +102,20 @@ class EpochBudget:
     """Passes over the training data."""
     max_steps: int = 0
     """Stop after this many optimizer updates (0: the epochs decide)."""
+
+
+@dataclass
+class ChunkedLogprobs:
+    """How the training forward computes a policy's log-probs (the train keys of the GRPO family)."""
+
+    logprob_chunk_tokens: int = 0
+    """Run the LM head and the log-softmax over chunks of this many completion tokens, each recomputed in the
+    backward pass, so the [tokens, vocabulary] logits never exist at once (less memory for long completions,
+    the same numbers); 0: all at once."""
+
+
+def validate_chunked_logprobs(chunks: ChunkedLogprobs) -> None:
+    check(chunks.logprob_chunk_tokens >= 0, f"train.logprob_chunk_tokens={chunks.logprob_chunk_tokens} must be >= 0")
 
 
 def validate_epochs(budget: EpochBudget) -> None:

@@ -10,7 +10,14 @@ from palaestra.config.data import DataSource, validate_data
 from palaestra.config.env import EnvConfig, validate_env
 from palaestra.config.evaluation import CheckpointEval, validate_eval
 from palaestra.config.model import EncoderConfig, ModelChoice, validate_model
-from palaestra.config.run import EpochBudget, RunSettings, validate_epochs, validate_run
+from palaestra.config.run import (
+    ChunkedLogprobs,
+    EpochBudget,
+    RunSettings,
+    validate_chunked_logprobs,
+    validate_epochs,
+    validate_run,
+)
 from palaestra.config.sampling import ClippedObjective, SamplingSettings, validate_objective, validate_sampling
 from palaestra.config.task import TaskConfig, validate_task
 from palaestra.config.tracking import TrackingConfig, validate_tracking
@@ -26,6 +33,7 @@ SECTION_CHECKS = (
     (SamplingSettings, validate_sampling),
     (ClippedObjective, validate_objective),
     (RunSettings, validate_run),
+    (ChunkedLogprobs, validate_chunked_logprobs),
     (CheckpointEval, validate_eval),
     (TrackingConfig, validate_tracking),
     (ServeConfig, validate_serve),

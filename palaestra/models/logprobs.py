@@ -4,9 +4,40 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from palaestra.algorithms.logprob_math import entropy_from_logits, selective_log_softmax
 from palaestra.models.shapes import bucket_length
+
+
+def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float, chunk_tokens: int,
+                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [N] of ``targets`` [N] (and entropies [N], or None) from the final hidden states [N, H] of the
+    positions that predict them: the LM head and the log-softmax over chunks of ``chunk_tokens`` positions,
+    each chunk recomputed in the backward pass (``torch.utils.checkpoint``), so that the [N, V] logits never
+    exist at once; the figures are those of the whole-matrix computation."""
+    head = decoder_and_head(model)[1]
+
+    def chunk_logprobs(states: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        logits = head(states).float() / temperature
+        return selective_log_softmax(logits.unsqueeze(0), chosen.unsqueeze(0))[0]
+
+    logprobs, entropies = [], []
+    for states, chosen in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
+        if torch.is_grad_enabled():
+            logprobs.append(checkpoint(chunk_logprobs, states, chosen, use_reentrant=False))
+        else:
+            logprobs.append(chunk_logprobs(states, chosen))
+        if with_entropy:
+            with torch.no_grad():
+                entropies.append(entropy_from_logits((head(states).float() / temperature).unsqueeze(0))[0])
+    return torch.cat(logprobs), (torch.cat(entropies) if with_entropy else None)
+
+
+def decoder_and_head(model):
+    """(the decoder body, the LM head) of a causal LM, through a peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
 
 
 def completion_logprobs(
@@ -18,6 +49,7 @@ def completion_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    chunk_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [B, C] of ``completion_ids`` given left-padded prompts, and optionally entropy [B, C].
 
@@ -25,10 +57,17 @@ def completion_logprobs(
     the completions were drawn from. Only the last C + 1 positions go through the LM head
     (``logits_to_keep``): prompt positions never need a vocabulary projection. Position ids follow
     the attention mask, exactly as ``generate`` numbered the tokens under left padding.
+    ``chunk_tokens`` > 0 runs the LM head over chunks of that many positions (:func:`head_logprobs`).
     """
     width = completion_ids.shape[1]
     device = next(model.parameters()).device
     inputs = padded_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, device)
+    if chunk_tokens:
+        kept = inputs.pop("logits_to_keep")
+        hidden = decoder_and_head(model)[0](**inputs, use_cache=False).last_hidden_state[:, -kept:][:, :width]
+        logprobs, entropy = head_logprobs(model, hidden.reshape(-1, hidden.shape[-1]), completion_ids.to(device).reshape(-1),
+                                          temperature=temperature, chunk_tokens=chunk_tokens, with_entropy=with_entropy)
+        return logprobs.view(completion_ids.shape), (entropy.view(completion_ids.shape) if with_entropy else None)
     logits = model(**inputs, use_cache=False).logits[:, :width, :]
     logits = logits.float() / temperature
     logprobs = selective_log_softmax(logits, completion_ids.to(device))
@@ -70,6 +109,7 @@ def grouped_completion_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     max_packed_tokens: int = 4096,
+    chunk_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`completion_logprobs` without padding, each shared prompt computed once.
 
@@ -86,6 +126,7 @@ def grouped_completion_logprobs(
     G*(P + M): with a 150-token prompt, G = 4 and completions of 25 tokens under a 64-token cap,
     250 tokens instead of 856. Groups are packed together up to ``max_packed_tokens`` per
     row (the mask is quadratic in the row's length); larger micro-batches take several forwards.
+    ``chunk_tokens`` > 0 runs the LM head over chunks of that many positions (:func:`head_logprobs`).
     """
     batch, width = completion_ids.shape
     if batch % group_size:
@@ -105,9 +146,18 @@ def grouped_completion_logprobs(
         size += group_tokens
     chunks.append(current)
     device = next(model.parameters()).device
-    pieces = [_packed_row(model, prompts, completion_ids, lengths, group_size, chunk, device) for chunk in chunks]
-    logits = torch.cat(pieces).float() / temperature  # [real completion tokens, V], row by row
     targets = completion_ids[scored].to(device)
+    pieces = [_packed_row(model, prompts, completion_ids, lengths, group_size, chunk, device, hidden=bool(chunk_tokens))
+              for chunk in chunks]
+    if chunk_tokens:  # pieces are final hidden states [real completion tokens, H]
+        scores, entropies = head_logprobs(model, torch.cat(pieces), targets, temperature=temperature,
+                                          chunk_tokens=chunk_tokens, with_entropy=with_entropy)
+        logprobs = torch.zeros(batch, width, device=device, dtype=scores.dtype).masked_scatter(scored.to(device), scores)
+        entropy = None
+        if with_entropy:
+            entropy = torch.zeros(batch, width, device=device).masked_scatter(scored.to(device), entropies)
+        return logprobs, entropy
+    logits = torch.cat(pieces).float() / temperature  # [real completion tokens, V], row by row
     logprobs = torch.zeros(batch, width, device=device, dtype=logits.dtype)
     logprobs = logprobs.masked_scatter(scored.to(device), selective_log_softmax(logits, targets))
     entropy = None
@@ -118,8 +168,9 @@ def grouped_completion_logprobs(
 
 
 def _packed_row(model, prompts: list, completion_ids: torch.Tensor, lengths: list, group_size: int, groups: list[int],
-                device) -> torch.Tensor:
-    """Logits [n, V] predicting every real completion token of ``groups`` (row by row), from one packed row."""
+                device, hidden: bool = False) -> torch.Tensor:
+    """Logits [n, V] predicting every real completion token of ``groups`` (row by row), from one packed row
+    (``hidden``: the final hidden states [n, H] there instead, for the LM head to run in chunks)."""
     tokens, positions, group_of, owners, sources = [], [], [], [], []
     offset = 0
     for group in groups:
@@ -154,24 +205,24 @@ def _packed_row(model, prompts: list, completion_ids: torch.Tensor, lengths: lis
     visible = causal & (group_of[:, None] == group_of[None, :]) & ((owners[None, :] == -1) | (owners[:, None] == owners[None, :]))
     mask_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else next(model.parameters()).dtype
     mask = torch.zeros(width, width, dtype=mask_dtype).masked_fill(~visible, torch.finfo(mask_dtype).min)
-    return model(
-        input_ids=torch.cat(tokens).unsqueeze(0).to(device),
-        attention_mask=mask[None, None].to(device),
-        position_ids=torch.cat(positions).unsqueeze(0).to(device),
-        logits_to_keep=sources.to(device),
-        use_cache=False,
-    ).logits[0, :predicted]
+    inputs = {"input_ids": torch.cat(tokens).unsqueeze(0).to(device), "attention_mask": mask[None, None].to(device),
+              "position_ids": torch.cat(positions).unsqueeze(0).to(device), "use_cache": False}
+    if hidden:
+        return decoder_and_head(model)[0](**inputs).last_hidden_state[0, sources[:predicted].to(device)]
+    return model(**inputs, logits_to_keep=sources.to(device)).logits[0, :predicted]
 
 
 def batch_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, shared_rows: int, *,
-                   temperature: float = 1.0, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   temperature: float = 1.0, with_entropy: bool = False,
+                   chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The recipes' choice: packed (:func:`grouped_completion_logprobs`, each run of ``shared_rows``
     rows sharing one prompt) when ``shared_rows`` >= 1, the plain padded forward when it is 0
-    (see :func:`shared_prompt_rows`)."""
+    (see :func:`shared_prompt_rows`); ``chunk_tokens`` > 0: the LM head in chunks (:func:`head_logprobs`)."""
     batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+    options = {"temperature": temperature, "with_entropy": with_entropy, "chunk_tokens": chunk_tokens}
     if shared_rows:
-        return grouped_completion_logprobs(model, *batch, shared_rows, temperature=temperature, with_entropy=with_entropy)
-    return completion_logprobs(model, *batch, temperature=temperature, with_entropy=with_entropy)
+        return grouped_completion_logprobs(model, *batch, shared_rows, **options)
+    return completion_logprobs(model, *batch, **options)
 
 
 def shared_prompt_rows(micro_batch_size: int, group_size: int, enabled: bool = True) -> int:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from palaestra.algorithms.logprob_math import entropy_from_logits, masked_mean, selective_log_softmax
-from palaestra.models.logprobs import padded_inputs
+from palaestra.models.logprobs import decoder_and_head, head_logprobs, padded_inputs
 
 __all__ = ["ValueHead", "explained_variance", "logprobs_and_values"]
 
@@ -90,6 +90,7 @@ def logprobs_and_values(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    chunk_tokens: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One forward of the policy: completion log-probs, values and (optionally) entropy.
 
@@ -100,6 +101,8 @@ def logprobs_and_values(
         completion_ids, completion_mask: [B, C] right-padded completions.
         temperature: the sampling temperature (log-probs are those of the sampling distribution).
         with_entropy: also return the per-token entropy (no gradient).
+        chunk_tokens: > 0: the LM head over chunks of that many positions, each recomputed in the backward
+            (:func:`palaestra.models.logprobs.head_logprobs`); the same figures.
 
     Returns:
         (logp [B, C] float32, values [B, C] float32, entropy [B, C] or None). ``values[:, t]`` is
@@ -109,6 +112,13 @@ def logprobs_and_values(
     device = next(model.parameters()).device
     width = completion_ids.shape[1]
     inputs = padded_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, device)
+    if chunk_tokens:
+        kept = inputs.pop("logits_to_keep")
+        hidden = decoder_and_head(model)[0](**inputs, use_cache=False).last_hidden_state[:, -kept:][:, :width]
+        logp, entropy = head_logprobs(model, hidden.reshape(-1, hidden.shape[-1]), completion_ids.to(device).reshape(-1),
+                                      temperature=temperature, chunk_tokens=chunk_tokens, with_entropy=with_entropy)
+        return (logp.view(completion_ids.shape), value_head(hidden),
+                entropy.view(completion_ids.shape) if with_entropy else None)
     out = model(**inputs, output_hidden_states=True, use_cache=False)
     # the kept positions from the prompt's last token on: the first C predict completion tokens
     # 0 .. C-1 and are the states they were sampled from

@@ -211,12 +211,14 @@ def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config,
     def reference(rows: slice) -> torch.Tensor:
         """The micro-batch's log-probs under the base model: the policy with its adapter off."""
         with torch.no_grad(), model.disable_adapter():
-            return micro_batch_logprobs(model, batch, rows, algo.temperature, shared, precision)[0]
+            return micro_batch_logprobs(model, batch, rows, algo.temperature, shared, precision,
+                                        chunk_tokens=train_cfg.logprob_chunk_tokens)[0]
 
     totals, grad_norm = policy_update(
         policy.optimizer, policy.scheduler, list(policy.parameters().values()), torch.tensor(advs, dtype=torch.float32),
         loss_mask, slices=slices,
-        logprobs=lambda rows: micro_batch_logprobs(model, batch, rows, algo.temperature, shared, precision),
+        logprobs=lambda rows: micro_batch_logprobs(model, batch, rows, algo.temperature, shared, precision,
+                                                   chunk_tokens=train_cfg.logprob_chunk_tokens),
         ref_logps=reference if algo.beta > 0 else None, loss_type=algo.loss_type, epsilon=algo.epsilon,
         epsilon_high=algo.epsilon_high, beta=algo.beta, max_completion_length=algo.max_completion_length,
         max_grad_norm=train_cfg.max_grad_norm, dist=dist,

@@ -9,7 +9,7 @@ from palaestra.config.env import EnvConfig, PolicyConfig, validate_policy
 from palaestra.config.errors import check, one_of
 from palaestra.config.evaluation import SampledEval
 from palaestra.config.model import ModelConfig
-from palaestra.config.run import StepLoopSettings
+from palaestra.config.run import ChunkedLogprobs, StepLoopSettings
 from palaestra.config.sampling import ClippedObjective, SamplingSettings
 from palaestra.config.tracking import TrackingConfig
 
@@ -43,7 +43,7 @@ class ATGRPOAlgo(ClippedObjective, SamplingSettings):
 
 
 @dataclass
-class ATGRPOTrain(StepLoopSettings):
+class ATGRPOTrain(StepLoopSettings, ChunkedLogprobs):
     """AT-GRPO's loop: each step plays env.train_envs problems, then every policy takes one update on its answers."""
 
     answers_per_forward: int = 8

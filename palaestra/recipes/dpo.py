@@ -91,10 +91,11 @@ def main(config: DPOConfig, *, evaluate_before_after: bool = False) -> dict:
     tracker = track_data_method(run, config)
     results: dict = {"outputs": {}}
     loss_args = {"beta": algo.beta, "label_smoothing": algo.label_smoothing, "loss_type": algo.loss_type}
+    chunks = train_cfg.logprob_chunk_tokens
 
     def run_eval(step: int, label: str) -> dict:
         figures = preference_eval(model, reference, val_rows, pad_id, batch_pairs=train_cfg.pairs_per_forward,
-                                  precision=precision, dist=dist, **loss_args)
+                                  precision=precision, dist=dist, chunk_tokens=chunks, **loss_args)
         return run.log_eval(step, label, figures)
 
     if evaluate_before_after and run.step == 0:
@@ -116,9 +117,9 @@ def main(config: DPOConfig, *, evaluate_before_after: bool = False) -> dict:
                 batch = collate_pairs(micro, pad_id)
                 with run.timed("reference"), torch.no_grad():
                     ref_logps = answer_logps(reference if reference is not None else model, batch, precision,
-                                             adapter_off=reference is None)
+                                             adapter_off=reference is None, chunk_tokens=chunks)
                 with run.timed("policy_forward_backward"):
-                    logps = answer_logps(model, batch, precision)
+                    logps = answer_logps(model, batch, precision, chunk_tokens=chunks)
                     half = batch.num_pairs
                     loss, stats = dpo_loss(logps[:half], logps[half:], ref_logps[:half], ref_logps[half:], **loss_args)
                     share = len(micro) / len(rows)  # the batch loss is the mean over all its pairs
@@ -163,17 +164,21 @@ def main(config: DPOConfig, *, evaluate_before_after: bool = False) -> dict:
 # ---------------------------------------------------------------------------------------- building blocks
 
 
-def answer_logps(model, batch: PreferenceBatch, precision: str, *, adapter_off: bool = False) -> torch.Tensor:
-    """[2B] summed log-probs of each row's answer; ``adapter_off`` computes the LoRA model's reference."""
+def answer_logps(model, batch: PreferenceBatch, precision: str, *, adapter_off: bool = False,
+                 chunk_tokens: int = 0) -> torch.Tensor:
+    """[2B] summed log-probs of each row's answer; ``adapter_off`` computes the LoRA model's reference;
+    ``chunk_tokens`` > 0: the LM head in chunks (``train.logprob_chunk_tokens``)."""
     device = next(model.parameters()).device
     with reference_logits_context(model) if adapter_off else nullcontext(), autocast(precision, device.type):
-        token_logps, _ = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+        token_logps, _ = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                             batch.completion_mask, chunk_tokens=chunk_tokens)
     return sequence_logprob(token_logps.float(), batch.completion_mask.to(device))
 
 
 @torch.no_grad()
 def preference_eval(model, reference, rows: list, pad_id: int, *, batch_pairs: int, precision: str, beta: float,
-                    label_smoothing: float, loss_type: str, dist: Distributed | None = None) -> dict[str, float]:
+                    label_smoothing: float, loss_type: str, dist: Distributed | None = None,
+                    chunk_tokens: int = 0) -> dict[str, float]:
     """Held-out figures: ``preference_accuracy`` (share of pairs whose chosen answer has the higher implicit reward),
     ``reward_margin``, ``loss``, and the mean implicit rewards. With several processes each scores a block of
     ``rows`` and the log-probs are gathered in order."""
@@ -185,8 +190,9 @@ def preference_eval(model, reference, rows: list, pad_id: int, *, batch_pairs: i
     for start in range(0, len(mine), batch_pairs):
         batch = collate_pairs(mine[start : start + batch_pairs], pad_id)
         half = batch.num_pairs
-        policy = answer_logps(model, batch, precision).cpu()
-        ref = answer_logps(reference if reference is not None else model, batch, precision, adapter_off=reference is None).cpu()
+        policy = answer_logps(model, batch, precision, chunk_tokens=chunk_tokens).cpu()
+        ref = answer_logps(reference if reference is not None else model, batch, precision, adapter_off=reference is None,
+                           chunk_tokens=chunk_tokens).cpu()
         for key, value in (("chosen", policy[:half]), ("rejected", policy[half:]), ("ref_chosen", ref[:half]),
                            ("ref_rejected", ref[half:])):
             logps[key].append(value)

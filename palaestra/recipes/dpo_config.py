@@ -8,10 +8,10 @@ from palaestra.config.choices import DPO_LOSS_TYPES
 from palaestra.config.data import PairData
 from palaestra.config.errors import check, one_of
 from palaestra.config.model import ModelConfig
-from palaestra.config.run import EpochBudget, PairTrain
+from palaestra.config.run import ChunkedLogprobs, EpochBudget, PairTrain
 from palaestra.config.tracking import RegisteredPolicyTracking
 
-__all__ = ["DPOAlgo", "DPOConfig", "validate_dpo"]
+__all__ = ["DPOAlgo", "DPOConfig", "DPOTrain", "validate_dpo"]
 
 
 @dataclass
@@ -29,13 +29,18 @@ class DPOAlgo(EpochBudget):
 
 
 @dataclass
+class DPOTrain(PairTrain, ChunkedLogprobs):
+    """DPO's updates: preference pairs, the answers' log-probs under the policy and the reference."""
+
+
+@dataclass
 class DPOConfig:
     """``palaestra train algo=dpo``."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PairData = field(default_factory=PairData)
     algo: DPOAlgo = field(default_factory=lambda: DPOAlgo())
-    train: PairTrain = field(default_factory=PairTrain)
+    train: DPOTrain = field(default_factory=DPOTrain)
     tracking: RegisteredPolicyTracking = field(default_factory=RegisteredPolicyTracking)
 
 

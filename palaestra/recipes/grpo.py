@@ -163,17 +163,20 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
             with torch.no_grad():
                 if algo.num_iterations > 1:
                     with run.timed("old_logprobs"):
-                        old_logps = [micro_batch_logprobs(model, rollout, s, temperature, shared, precision)[0] for s in slices]
+                        old_logps = [micro_batch_logprobs(model, rollout, s, temperature, shared, precision,
+                                                          chunk_tokens=train_cfg.logprob_chunk_tokens)[0] for s in slices]
                 if algo.beta > 0:
                     with run.timed("reference"), _reference(model, reference):
                         ref_model = reference if reference is not None else model
-                        ref_logps = [micro_batch_logprobs(ref_model, rollout, s, temperature, shared, precision)[0] for s in slices]
+                        ref_logps = [micro_batch_logprobs(ref_model, rollout, s, temperature, shared, precision,
+                                                          chunk_tokens=train_cfg.logprob_chunk_tokens)[0] for s in slices]
             stats: dict[str, float] = {}
             for _ in range(algo.num_iterations):
                 stats, grad_norm = update_policy(
                     model, optimizer, scheduler, trainable, rollout, advantages, loss_mask, algo=algo, slices=slices,
                     shared=shared, precision=precision, temperature=temperature, old_logps=old_logps,
                     ref_logps=ref_logps, max_grad_norm=train_cfg.max_grad_norm, dist=dist, timings=run.timings,
+                    chunk_tokens=train_cfg.logprob_chunk_tokens,
                 )
 
             # 5. log / eval / checkpoint
@@ -215,7 +218,7 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
 
 def update_policy(
     model, optimizer, scheduler, trainable, rollout, advantages, loss_mask, *, algo, slices, shared, precision,
-    temperature, old_logps, ref_logps, max_grad_norm, dist: Distributed, timings: dict,
+    temperature, old_logps, ref_logps, max_grad_norm, dist: Distributed, timings: dict, chunk_tokens: int = 0,
 ) -> tuple[dict[str, float], float]:
     """One optimizer update on this process's share of the batch, gradients summed over processes:
     :func:`palaestra.recipes.update.policy_update` on the rollout's micro-batches, entropy logged.
@@ -225,7 +228,8 @@ def update_policy(
     """
     return policy_update(
         optimizer, scheduler, trainable, advantages, loss_mask, slices=slices,
-        logprobs=lambda rows: micro_batch_logprobs(model, rollout, rows, temperature, shared, precision, with_entropy=True),
+        logprobs=lambda rows: micro_batch_logprobs(model, rollout, rows, temperature, shared, precision, with_entropy=True,
+                                                   chunk_tokens=chunk_tokens),
         old_logps=old_logps, ref_logps=ref_logps, loss_type=algo.loss_type, epsilon=algo.epsilon,
         epsilon_high=algo.epsilon_high, beta=algo.beta, max_completion_length=algo.max_completion_length,
         max_grad_norm=max_grad_norm, dist=dist, timings=timings,

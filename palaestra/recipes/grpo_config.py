@@ -8,7 +8,7 @@ from typing import Optional
 from palaestra.config.errors import check, one_of
 from palaestra.config.evaluation import EvalConfig
 from palaestra.config.model import ModelConfig
-from palaestra.config.run import StepLoopSettings, check_batch
+from palaestra.config.run import ChunkedLogprobs, StepLoopSettings, check_batch
 from palaestra.config.sampling import ClippedObjective, SamplingSettings
 from palaestra.config.task import TaskConfig
 from palaestra.config.tracking import TrackingConfig
@@ -44,7 +44,7 @@ class GRPOAlgo(ClippedObjective, SamplingSettings):
 
 
 @dataclass
-class GRPOTrain(StepLoopSettings):
+class GRPOTrain(StepLoopSettings, ChunkedLogprobs):
     """GRPO's loop: steps of one rollout batch each, and how that batch is cut for the forward/backward."""
 
     steps: int = 120

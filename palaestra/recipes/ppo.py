@@ -169,12 +169,14 @@ def main(config: PPOConfig, *, evaluate_before_after: bool = False) -> dict:
             with torch.no_grad(), run.timed("old_logprobs_values"):
                 batch["old_logp"], batch["old_values"] = _rollout_pass(
                     batch, train_cfg.minibatch_size, precision,
-                    lambda mb: logprobs_and_values(model, value_head, *_inputs(mb), temperature=algo.temperature)[:2],
+                    lambda mb: logprobs_and_values(model, value_head, *_inputs(mb), temperature=algo.temperature,
+                                                   chunk_tokens=train_cfg.logprob_chunk_tokens)[:2],
                 )
             with torch.no_grad(), run.timed("reference"):
                 ref_logp = batch["old_logp"]  # no penalty: the reference pass is skipped
                 if algo.kl_coef > 0:
-                    ref_logp = _reference_logprobs(model, reference, batch, train_cfg.minibatch_size, precision, algo.temperature)
+                    ref_logp = _reference_logprobs(model, reference, batch, train_cfg.minibatch_size, precision, algo.temperature,
+                                                   train_cfg.logprob_chunk_tokens)
             mask = batch["mask"].float()
             # r_t = -kl_coef * (log pi_old - log pi_ref), plus the score on the last token
             token_rewards = kl_penalty_rewards(scores, batch["old_logp"], ref_logp, mask, kl_coef=algo.kl_coef)
@@ -186,6 +188,7 @@ def main(config: PPOConfig, *, evaluate_before_after: bool = False) -> dict:
                 model, value_head, optimizer, scheduler, trainable, batch, algo=algo,
                 minibatch_size=train_cfg.minibatch_size, max_grad_norm=train_cfg.max_grad_norm,
                 precision=precision, order_seed=(train_cfg.seed, step), timings=run.timings, dist=dist,
+                chunk_tokens=train_cfg.logprob_chunk_tokens,
             )
 
             # 5. log (figures over every process's completions) / eval / checkpoint
@@ -239,6 +242,7 @@ def main(config: PPOConfig, *, evaluate_before_after: bool = False) -> dict:
 def ppo_update(
     model, value_head, optimizer, scheduler, trainable, batch: dict, *, algo, minibatch_size: int,
     max_grad_norm: float, precision: str, order_seed: tuple[int, int], timings: dict, dist: Distributed | None = None,
+    chunk_tokens: int = 0,
 ) -> dict[str, float]:
     """``algo.ppo_epochs`` passes over the rollout batch in shuffled minibatches, one update each.
 
@@ -273,7 +277,8 @@ def ppo_update(
                 with timed(timings, "forward_backward"):
                     with autocast(precision, mask.device.type):
                         logp, values, entropy = logprobs_and_values(model, value_head, *_inputs(mb),
-                                                                    temperature=algo.temperature, with_entropy=True)
+                                                                    temperature=algo.temperature, with_entropy=True,
+                                                                    chunk_tokens=chunk_tokens)
                     policy_loss, policy_stats = ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mask, epsilon=algo.cliprange)
                     critic_loss, value_stats = value_loss(values, mb["old_values"], mb["returns"], mask, clip_range=algo.cliprange_value)
                     loss = policy_loss + algo.vf_coef * critic_loss
@@ -317,12 +322,14 @@ def _rollout_pass(batch: dict, size: int, precision: str, forward) -> list[torch
     return [torch.cat(column, dim=0) for column in zip(*outputs)]
 
 
-def _reference_logprobs(model, reference, batch: dict, size: int, precision: str, temperature: float) -> torch.Tensor:
+def _reference_logprobs(model, reference, batch: dict, size: int, precision: str, temperature: float,
+                        chunk_tokens: int = 0) -> torch.Tensor:
     """[B, C] log-probs under the reference: the frozen copy (full fine-tuning) or the model with its adapter off."""
     ref_model = reference if reference is not None else model
     with nullcontext() if reference is not None else reference_logits_context(model):
         (logp,) = _rollout_pass(batch, size, precision,
-                                lambda mb: completion_logprobs(ref_model, *_inputs(mb), temperature=temperature)[:1])
+                                lambda mb: completion_logprobs(ref_model, *_inputs(mb), temperature=temperature,
+                                                               chunk_tokens=chunk_tokens)[:1])
     return logp
 
 

@@ -10,7 +10,7 @@ from palaestra.config.data import PromptData
 from palaestra.config.errors import check
 from palaestra.config.evaluation import GenerationEval
 from palaestra.config.model import ModelConfig
-from palaestra.config.run import StepLoopSettings
+from palaestra.config.run import ChunkedLogprobs, StepLoopSettings
 from palaestra.config.sampling import SamplingSettings
 from palaestra.config.tracking import PolicyTracking
 
@@ -48,7 +48,7 @@ class PPOAlgo(SamplingSettings):
 
 
 @dataclass
-class PPOTrain(StepLoopSettings):
+class PPOTrain(StepLoopSettings, ChunkedLogprobs):
     """PPO's loop: each step samples algo.prompts_per_step completions, then algo.ppo_epochs passes of minibatches."""
 
     minibatch_size: int = 8

@@ -40,6 +40,7 @@ import torch
 from palaestra.config.errors import ConfigError
 from palaestra.recipes.sft_config import SFTConfig
 from palaestra.data.chat import (
+    IGNORE_INDEX,
     Batch,
     TokenizedExample,
     collate,
@@ -51,8 +52,9 @@ from palaestra.data.chat import (
 from palaestra.distributed import Distributed
 from palaestra.export import export_policy, save_tokenizer
 from palaestra.models import model_id
-from palaestra.models.precision import autocast
 from palaestra.models.loading import enable_gradient_checkpointing, load_policy, policy_identity
+from palaestra.models.logprobs import decoder_and_head, head_logprobs
+from palaestra.models.precision import autocast
 from palaestra.optim import adamw, optimizer_step
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict, remember
@@ -110,7 +112,7 @@ def main(config: SFTConfig, *, evaluate_before_after: bool = False) -> dict:
                         config=config_dict(config),
                         params=contract_params(config, chat.version) if config.tracking.params == "contract" else None)
     results: dict = {"outputs": {}}
-    forward = dict(device=device, precision=precision, dtype=compute_dtype)
+    forward = dict(device=device, precision=precision, dtype=compute_dtype, chunk_tokens=train_cfg.logprob_chunk_tokens)
     validate = dict(batch_size=train_cfg.sequences_per_forward, pad_id=pad_id, packed=algo.packing, dist=dist, **forward)
 
     if evaluate_before_after and run.step == 0:
@@ -203,7 +205,8 @@ def main(config: SFTConfig, *, evaluate_before_after: bool = False) -> dict:
 
 
 def train_update(model, optimizer, scheduler, trainable, micro_batches: list[Batch], num_targets: int, *, device,
-                 precision: str, dtype, max_grad_norm: float, dist: Distributed | None = None) -> tuple[float, float]:
+                 precision: str, dtype, max_grad_norm: float, dist: Distributed | None = None,
+                 chunk_tokens: int = 0) -> tuple[float, float]:
     """One optimizer update; returns (token-mean loss of the update, gradient norm before clipping).
 
     Each micro-batch's summed token loss is divided by the target tokens of the *whole* update
@@ -214,7 +217,7 @@ def train_update(model, optimizer, scheduler, trainable, micro_batches: list[Bat
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for batch in micro_batches:
-        loss_sum, _ = forward_loss(model, batch, device=device, precision=precision, dtype=dtype)
+        loss_sum, _ = forward_loss(model, batch, device=device, precision=precision, dtype=dtype, chunk_tokens=chunk_tokens)
         loss = loss_sum / max(1, num_targets)
         loss.backward()
         total += float(loss.detach())
@@ -222,16 +225,22 @@ def train_update(model, optimizer, scheduler, trainable, micro_batches: list[Bat
     return (dist.totals(total)[0] if dist else total), grad_norm
 
 
-def forward_loss(model, batch: Batch, *, device, precision: str, dtype) -> tuple[torch.Tensor, int]:
-    """(summed next-token loss over the batch's scored tokens, their count)."""
+def forward_loss(model, batch: Batch, *, device, precision: str, dtype, chunk_tokens: int = 0) -> tuple[torch.Tensor, int]:
+    """(summed next-token loss over the batch's scored tokens, their count). ``chunk_tokens`` > 0: the LM head
+    only at the positions that predict a scored token, over chunks of that many (``train.logprob_chunk_tokens``)."""
     with autocast(precision, device):
-        logits = model(**batch.model_inputs(device, dtype)).logits
-    return summed_token_loss(logits, batch.labels)
+        if not chunk_tokens:
+            return summed_token_loss(model(**batch.model_inputs(device, dtype)).logits, batch.labels)
+        hidden = decoder_and_head(model)[0](**batch.model_inputs(device, dtype)).last_hidden_state[:, :-1]
+        targets = batch.labels[:, 1:].to(hidden.device)
+        scored = targets != IGNORE_INDEX
+        logprobs, _ = head_logprobs(model, hidden[scored], targets[scored], temperature=1.0, chunk_tokens=chunk_tokens)
+    return -logprobs.sum(), int(scored.sum())
 
 
 @torch.no_grad()
 def validation_loss(model, rows: list[list[TokenizedExample]], *, batch_size: int, pad_id: int, packed: bool,
-                    device, precision: str, dtype, dist: Distributed | None = None) -> float:
+                    device, precision: str, dtype, dist: Distributed | None = None, chunk_tokens: int = 0) -> float:
     """Token-mean loss over every scored token of ``rows`` (dropout off); with several processes each
     scores its block of ``rows`` and the sums are added up."""
     was_training = model.training
@@ -240,7 +249,7 @@ def validation_loss(model, rows: list[list[TokenizedExample]], *, batch_size: in
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start : start + batch_size], pad_id, packed)
-        loss_sum, n = forward_loss(model, batch, device=device, precision=precision, dtype=dtype)
+        loss_sum, n = forward_loss(model, batch, device=device, precision=precision, dtype=dtype, chunk_tokens=chunk_tokens)
         total, count = total + float(loss_sum), count + n
     model.train(was_training)
     if dist:

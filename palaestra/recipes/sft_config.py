@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from palaestra.config.data import ChatData
 from palaestra.config.model import ModelConfig
-from palaestra.config.run import EpochBudget, OptimizerSettings, check_batch
+from palaestra.config.run import ChunkedLogprobs, EpochBudget, OptimizerSettings, check_batch
 from palaestra.config.tracking import ContractTracking
 
 __all__ = ["SFTAlgo", "SFTConfig", "SFTTrain", "validate_sft"]
@@ -29,7 +29,7 @@ class SFTAlgo(EpochBudget):
 
 
 @dataclass
-class SFTTrain(OptimizerSettings):
+class SFTTrain(OptimizerSettings, ChunkedLogprobs):
     """SFT's updates: token sequences (packed examples, or one example each with algo.packing=false)."""
 
     sequences_per_step: int = 32

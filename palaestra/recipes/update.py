@@ -126,14 +126,16 @@ def policy_update(
 
 
 def micro_batch_logprobs(model, batch, rows: slice, temperature: float, shared_rows: int, precision: str,
-                         with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                         with_entropy: bool = False, chunk_tokens: int = 0) -> tuple[Tensor, Tensor | None]:
     """Log-probs [b, T] (and entropies, or None) of the completions of ``batch`` (a
     :class:`~palaestra.rollout.hf.Rollout`) in ``rows``, at the training ``precision``: packed, each
     run of ``shared_rows`` rows sharing one prompt computed once, or ``shared_rows`` 0: the plain
-    padded batch (:func:`~palaestra.models.logprobs.batch_logprobs`)."""
+    padded batch (:func:`~palaestra.models.logprobs.batch_logprobs`); ``chunk_tokens`` > 0: the LM head in
+    chunks of that many tokens (``train.logprob_chunk_tokens``)."""
     tensors = (batch.prompt_ids[rows], batch.prompt_mask[rows], batch.completion_ids[rows], batch.completion_mask[rows])
     with autocast(precision, next(model.parameters()).device.type):
-        return batch_logprobs(model, *tensors, shared_rows, temperature=temperature, with_entropy=with_entropy)
+        return batch_logprobs(model, *tensors, shared_rows, temperature=temperature, with_entropy=with_entropy,
+                              chunk_tokens=chunk_tokens)
 
 
 def _micro_batch(source: PerMicroBatch, index: int, rows: slice) -> Tensor | None:

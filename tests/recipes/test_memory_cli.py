@@ -14,14 +14,15 @@ from tests.conftest import run_cli
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Every trainable tensor of the last checkpoint, by part (policy-<name>/ folders) and name."""
     last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
-    return load_file(last / "trainable.safetensors")
+    return {f"{file.parent.name}/{name}": tensor for file in sorted(last.rglob("trainable.safetensors"))
+            for name, tensor in load_file(file).items()}
 
 
-def _with_and_without(args: list[str], tmp_path: Path) -> None:
-    for name, flag in (("plain", "false"), ("checkpointed", "true")):
-        result = run_cli([*args, f"train.gradient_checkpointing={flag}", f"train.output_dir={name}", "train.threads=1",
-                          "tracking.enabled=false"], tmp_path)
+def _with_and_without(args: list[str], tmp_path: Path, setting: str = "train.gradient_checkpointing=true") -> None:
+    for name, extra in (("plain", []), ("checkpointed", [setting])):
+        result = run_cli([*args, *extra, f"train.output_dir={name}", "train.threads=1", "tracking.enabled=false"], tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
     plain, checkpointed = _final_weights(tmp_path / "plain"), _final_weights(tmp_path / "checkpointed")
     assert plain.keys() == checkpointed.keys()
@@ -70,3 +71,29 @@ def _mamba(tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize("method", [_sft, _grpo, _reward, _classifier, _mamba], ids=lambda f: f.__name__[1:])
 def test_gradient_checkpointing_changes_no_update(tmp_path, method):
     _with_and_without(method(tmp_path), tmp_path)
+
+
+def _dpo(tmp_path: Path) -> list[str]:
+    return ["algo=dpo" if arg == "algo=reward" else arg for arg in _reward(tmp_path)]
+
+
+def _ppo(tmp_path: Path) -> list[str]:
+    from tests.recipes.test_ppo_cli import TINY, _dataset
+
+    return ["train", *TINY, _dataset(tmp_path), "model.precision=fp32", "train.steps=1"]
+
+
+def _team(tmp_path: Path) -> list[str]:
+    from tests.recipes.test_grpo_cli import TEAM
+
+    # one step: a later step samples from the updated weights, where a last-bit difference can pick another token
+    return [*TEAM, "policy=shared", "train.steps=1", "model.precision=fp32"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [_sft, _dpo, _ppo, _grpo, _team], ids=["sft", "dpo", "ppo", "grpo", "at_grpo"])
+def test_the_lm_head_in_chunks_changes_no_update(tmp_path, method):
+    """train.logprob_chunk_tokens: the LM head over chunks of 5 tokens, each recomputed in the backward (the
+    training forward and the old, reference and held-out passes)."""
+    args = method(tmp_path)
+    _with_and_without([*args, "algo.beta=0.04"] if method is _grpo else args, tmp_path, "train.logprob_chunk_tokens=5")

@@ -164,3 +164,29 @@ def test_a_prompt_ending_with_an_assistant_message_is_continued_not_closed():
     opened = tokenizer.decode(generator.encode_prompts([question])[0])
     started = tokenizer.decode(generator.encode_prompts([question + [{"role": "assistant", "content": "#### ["}]])[0])
     assert started == opened + "#### ["  # the generation prompt, then the answer's start, left open
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["padded", "packed"])
+def test_the_lm_head_in_chunks_gives_the_same_logprobs_entropies_and_gradients(grouped):
+    """train.logprob_chunk_tokens: the LM head over chunks of 3 positions, recomputed in the backward."""
+    batch = _grouped_batch()
+    mask = batch[3].float()
+
+    def run(chunk_tokens: int):
+        torch.manual_seed(0)  # the adapter's A matrices are drawn from the global generator
+        model, _ = _lora_model()
+        if grouped:
+            logp, entropy = grouped_completion_logprobs(model, *batch, 4, temperature=0.7, with_entropy=True,
+                                                        chunk_tokens=chunk_tokens)
+        else:
+            logp, entropy = completion_logprobs(model, *batch, temperature=0.7, with_entropy=True, chunk_tokens=chunk_tokens)
+        (logp * mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logp.detach() * mask, entropy * mask, grads
+
+    whole, chunked = run(0), run(3)
+    torch.testing.assert_close(chunked[0], whole[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(chunked[1], whole[1], atol=1e-5, rtol=0)
+    assert whole[2].keys() == chunked[2].keys() and whole[2]
+    for name in whole[2]:
+        torch.testing.assert_close(chunked[2][name], whole[2][name], atol=1e-6, rtol=1e-5)
