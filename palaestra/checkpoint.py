@@ -12,6 +12,12 @@ Layout under a run directory::
         trainer_state.json      step, data position, MLflow run id, ... (written last)
       best/                     a copy of the best step so far, plus best.json
 
+A sharded run (``train.strategy=fsdp``) has ``sharded/`` in place of ``trainable.safetensors``, ``adapter/``
+and ``optimizer.pt``: the trainable parameters and their optimizer state as every process held them,
+written by all of them through ``torch.distributed.checkpoint`` (``adapter-config/`` keeps a LoRA run's
+adapter settings). It loads with any number of processes, sharded or not: the reader takes the slices
+it needs.
+
 A checkpoint is built in a hidden `.tmp-step-...-<pid>` folder next to its final place and renamed
 into place only when complete, so a crash mid-write leaves no half checkpoint that looks real.
 Frozen weights are not saved: they come back from the base model that the recipe loads again.
@@ -37,15 +43,16 @@ if TYPE_CHECKING:  # the annotations; the functions that need torch import it
     import torch
 
 __all__ = [
-    "CorruptCheckpoint", "checkpoint_path", "earlier_checkpoints", "latest_checkpoint", "load_checkpoint", "load_trained_weights",
-    "read_trainer_state", "resolve_resume",
-    "save_best", "save_checkpoint",
+    "CorruptCheckpoint", "checkpoint_path", "earlier_checkpoints", "is_sharded_checkpoint", "latest_checkpoint", "load_checkpoint",
+    "load_trained_weights", "read_trainer_state", "resolve_resume", "save_best", "save_checkpoint", "save_sharded_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STATE_FILE = "trainer_state.json"
+_SHARDED = "sharded"
+_ADAPTER_CONFIG = "adapter-config"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -120,13 +127,14 @@ class CheckpointPart:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     peft_model: Any = None  # also save this model's adapters in peft's own format, if given
+    module: Any = None  # the model the parameters belong to (a sharded checkpoint reads and writes through it)
 
 
 def model_part(model: torch.nn.Module, optimizer=None, scheduler=None) -> CheckpointPart:
     """The part of a single-model run: every parameter that requires grad."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     peft_model = model if hasattr(model, "peft_config") and hasattr(model, "save_pretrained") else None
-    return CheckpointPart(params, optimizer, scheduler, peft_model)
+    return CheckpointPart(params, optimizer, scheduler, peft_model, module=model)
 
 
 def save_checkpoint(
@@ -182,6 +190,69 @@ def _parts(model, optimizer, scheduler, parts) -> dict[str, CheckpointPart]:
     if (model is None) == (parts is None):
         raise ValueError("give either model (with optimizer and scheduler) or parts, not both")
     return parts if parts is not None else {"": model_part(model, optimizer, scheduler)}
+
+
+def save_sharded_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    dist,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    trainer_state: dict[str, Any],
+    keep_last_n: int | None = None,
+    rank_rng_states: list[dict[str, Any]] | None = None,
+) -> Path:
+    """:func:`save_checkpoint` of a sharded model, called by every process together (``dist``): each writes its
+    slices of the trainable parameters and of their optimizer state into ``sharded/``, the main process the
+    rest, and the folder is renamed into place once all have written. Returns its path."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    target = ckpt_dir / f"step-{step:06d}"
+    tmp = dist.broadcast(_fresh_tmp(ckpt_dir, target.name) if dist.is_main else None)
+    try:
+        part = model_part(model, optimizer, scheduler)
+        dcp.save(_sharded_state(part), checkpoint_id=str(tmp / _SHARDED))
+        if dist.is_main:
+            if part.peft_model is not None:
+                part.peft_model.peft_config["default"].save_pretrained(str(tmp / _ADAPTER_CONFIG))
+            torch.save(scheduler.state_dict() if scheduler is not None else None, tmp / "scheduler.pt")
+            torch.save(rng_state(), tmp / "rng.pt")
+            for rank, state in enumerate((rank_rng_states or [])[1:], start=1):
+                torch.save(state, tmp / f"rng-rank{rank}.pt")
+            _write_json(tmp / _STATE_FILE, {**trainer_state, "step": step, "processes": dist.world})
+        dist.barrier()
+        if dist.is_main:
+            _swap_into_place(tmp, target)
+    finally:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if keep_last_n is not None and dist.is_main:
+        older = [p for p in _complete_checkpoints(ckpt_dir) if p != target]
+        for stale in older[: max(0, len(older) - (keep_last_n - 1))]:
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    return target
+
+
+def _sharded_state(part: CheckpointPart) -> dict[str, Any]:
+    """The trainable parameters (by the model's own names) and their optimizer state, as this process holds them:
+    DTensor slices of a sharded model, whole tensors of a model that is not."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    weights = {name: value for name, value in get_model_state_dict(part.module).items() if name in part.parameters}
+    state: dict[str, Any] = {"model": weights}
+    if part.optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(part.module, part.optimizer)
+    return state
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """True for a checkpoint a sharded run wrote (its weights under ``sharded/``)."""
+    return (Path(path) / _SHARDED / ".metadata").is_file()
 
 
 def _save_part(folder: Path, part: CheckpointPart) -> None:
@@ -263,6 +334,10 @@ def _load_part(folder: Path, part: CheckpointPart, path: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
+    if is_sharded_checkpoint(folder):
+        _load_sharded_part(folder, part, path)
+        return
+
     saved = _read(folder / "trainable.safetensors", lambda file: load_file(str(file)))
     params = part.parameters
     missing = sorted(n for n in params if n not in saved)
@@ -281,6 +356,30 @@ def _load_part(folder: Path, part: CheckpointPart, path: Path) -> None:
             params[name].copy_(tensor)
     if part.optimizer is not None:
         part.optimizer.load_state_dict(_read(folder / "optimizer.pt", lambda file: torch.load(file, weights_only=True)))
+    if part.scheduler is not None:
+        part.scheduler.load_state_dict(_read(folder / "scheduler.pt", lambda file: torch.load(file, weights_only=True)))
+
+
+def _load_sharded_part(folder: Path, part: CheckpointPart, path: Path) -> None:
+    """Read a sharded checkpoint into ``part``: each process reads the slices its parameters hold (all of them
+    when the model is not sharded), so any number of processes loads it."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    if part.module is None:
+        raise ValueError(f"checkpoint {path} is sharded; loading it needs the model (CheckpointPart.module)")
+    state = _sharded_state(part)
+    metadata = _read(folder / _SHARDED, lambda file: dcp.FileSystemReader(str(file)).read_metadata())
+    saved = {key.split(".", 1)[1] for key in metadata.state_dict_metadata if key.startswith("model.")}
+    missing, unexpected = sorted(set(state["model"]) - saved), sorted(saved - set(state["model"]))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model: missing trainable {missing[:5]}, unexpected "
+                         f"{unexpected[:5]} (a different model or LoRA config?)")
+    _read(folder / _SHARDED, lambda file: dcp.load(state, checkpoint_id=str(file)))
+    set_model_state_dict(part.module, state["model"], options=StateDictOptions(strict=False))
+    if part.optimizer is not None:
+        set_optimizer_state_dict(part.module, part.optimizer, state["optimizer"])
     if part.scheduler is not None:
         part.scheduler.load_state_dict(_read(folder / "scheduler.pt", lambda file: torch.load(file, weights_only=True)))
 
@@ -385,6 +484,12 @@ def load_trained_weights(model, checkpoint: Path):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, str(adapter))
+    if (checkpoint / _ADAPTER_CONFIG).is_dir():  # a sharded LoRA run: its adapter's settings, its weights in sharded/
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig.from_pretrained(str(checkpoint / _ADAPTER_CONFIG)))
+        load_checkpoint(checkpoint, model=model, restore_rng=False)
+        return model
     for parameter in model.parameters():  # full fine-tuning: every weight was trainable
         parameter.requires_grad_(True)
     load_checkpoint(checkpoint, model=model, restore_rng=False)

@@ -25,6 +25,11 @@ def lr_lambda(total: int, warmup_ratio: float, schedule: str):
 
 
 def clip_gradients(parameters: list, max_norm: float) -> float:
+    """Clip the gradients of ``parameters`` to a global norm of ``max_norm`` (0: leave them) and return their norm
+    before clipping (of the whole parameters when they are sharded)."""
+    if _sharded(parameters):  # the norm of DTensor gradients is a DTensor to gather; inf leaves them as they are
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     if max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
     norms = [p.grad.detach().norm() for p in parameters if p.grad is not None]
@@ -47,11 +52,17 @@ def adamw(params, train, total_updates: int):
 
 def optimizer_step(parameters: list, optimizer, scheduler, max_grad_norm: float, dist=None) -> float:
     """One update from the accumulated gradients: with several processes (``dist``, a
-    :class:`palaestra.distributed.Distributed`), their sum over the ranks; then clipped by global norm
-    (0: no clipping), the optimizer and its schedule stepped. Returns the gradient norm before clipping."""
-    if dist is not None:
+    :class:`palaestra.distributed.Distributed`), their sum over the ranks (sharded parameters' gradients are
+    summed by their backward already); then clipped by global norm (0: no clipping), the optimizer and its
+    schedule stepped. Returns the gradient norm before clipping."""
+    if dist is not None and not _sharded(parameters):
         dist.sum_gradients(parameters)
     grad_norm = clip_gradients(parameters, max_grad_norm)
     optimizer.step()
     scheduler.step()
     return grad_norm
+
+
+def _sharded(parameters: list) -> bool:
+    """True when the parameters are FSDP shards (DTensors)."""
+    return any(hasattr(p, "full_tensor") for p in parameters)

@@ -10,7 +10,8 @@ from typing import Optional
 
 from palaestra.config.errors import ConfigError, check, check_writable, one_of
 
-__all__ = ["ChunkedLogprobs", "EpochBudget", "OptimizerSettings", "PairTrain", "RunSettings", "StepLoopSettings", "validate_chunked_logprobs", "validate_epochs", "validate_run"]
+__all__ = ["ChunkedLogprobs", "EpochBudget", "OptimizerSettings", "PairTrain", "RunSettings", "ShardingSettings", "StepLoopSettings",
+           "check_shardable", "validate_chunked_logprobs", "validate_epochs", "validate_run", "validate_sharding"]
 
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("cosine", "constant")
@@ -114,6 +115,55 @@ class ChunkedLogprobs:
     the same numbers); 0: all at once."""
 
 
+@dataclass
+class ShardingSettings:
+    """How several processes hold the model (the train keys of the methods FSDP shards: sft and grpo)."""
+
+    strategy: str = "ddp"
+    """ddp: every process holds the whole model and its optimizer state, and the gradients are summed; fsdp: each
+    holds 1/N of the parameters, gradients and optimizer state (FSDP2), gathering a layer's weights only while it
+    runs, and checkpoints are saved sharded. One process trains the whole model either way."""
+    fsdp_cpu_offload: bool = False
+    """With train.strategy=fsdp on GPUs: keep the parameter shards, their gradients and the optimizer state in CPU
+    memory between uses (slower steps, for a model whose shards do not fit the GPUs)."""
+
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def validate_sharding(sharding: ShardingSettings) -> None:
+    one_of("train.strategy", sharding.strategy, STRATEGIES)
+    if sharding.fsdp_cpu_offload:
+        check(sharding.strategy == "fsdp", "train.fsdp_cpu_offload offloads FSDP shards; it needs train.strategy=fsdp")
+        import torch
+
+        check(getattr(sharding, "device", "auto") != "cpu" and torch.cuda.is_available(),
+              "train.fsdp_cpu_offload moves GPU shards to the CPU between uses; a CPU run keeps them there already, "
+              "so drop it")
+
+
+def check_shardable(model, sharding: ShardingSettings) -> None:
+    """train.strategy=fsdp needs a causal LM with decoder layers: a local model folder's config.json says so
+    before the model loads (the embedded and tiny models have them)."""
+    if sharding.strategy != "fsdp" or not getattr(model, "path", None):
+        return
+    import json
+    from pathlib import Path
+
+    config_file = Path(model.path) / "config.json"
+    if not config_file.is_file():
+        return  # a GGUF file or a hub id: the run checks the loaded model
+    try:
+        settings = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return  # the model loader says what is wrong with it
+    architectures = settings.get("architectures") or []
+    check("num_hidden_layers" in settings and any(a.endswith("ForCausalLM") for a in architectures),
+          f"train.strategy=fsdp shards a causal LM layer by layer, and {model.path} is a "
+          f"{', '.join(architectures) or settings.get('model_type', 'model')} without decoder layers to shard; "
+          "use train.strategy=ddp")
+
+
 def validate_chunked_logprobs(chunks: ChunkedLogprobs) -> None:
     check(chunks.logprob_chunk_tokens >= 0, f"train.logprob_chunk_tokens={chunks.logprob_chunk_tokens} must be >= 0")
 
@@ -177,7 +227,13 @@ def _validate_resume(train: RunSettings) -> None:
                               "checkpoints/step-* folders, or use train.resume=auto") from None
     else:
         return
-    if checkpoint is None or not isinstance(train, StepLoopSettings):  # epochs decide the others' length
+    if checkpoint is None:
+        return
+    sharded_world = int(os.environ.get("WORLD_SIZE", "1")) > 1 and getattr(train, "strategy", "ddp") == "fsdp"
+    check(not sharded_world or ckpt.is_sharded_checkpoint(checkpoint),
+          f"train.resume: {checkpoint} was saved by an unsharded run, which train.strategy=fsdp cannot load into its "
+          "shards; resume it with train.strategy=ddp (a sharded checkpoint resumes under either strategy)")
+    if not isinstance(train, StepLoopSettings):  # epochs decide the others' length
         return
     try:
         step = ckpt.read_trainer_state(checkpoint).get("step")

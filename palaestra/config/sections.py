@@ -14,9 +14,11 @@ from palaestra.config.run import (
     ChunkedLogprobs,
     EpochBudget,
     RunSettings,
+    ShardingSettings,
     validate_chunked_logprobs,
     validate_epochs,
     validate_run,
+    validate_sharding,
 )
 from palaestra.config.sampling import ClippedObjective, SamplingSettings, validate_objective, validate_sampling
 from palaestra.config.task import TaskConfig, validate_task
@@ -34,6 +36,7 @@ SECTION_CHECKS = (
     (ClippedObjective, validate_objective),
     (RunSettings, validate_run),
     (ChunkedLogprobs, validate_chunked_logprobs),
+    (ShardingSettings, validate_sharding),
     (CheckpointEval, validate_eval),
     (TrackingConfig, validate_tracking),
     (ServeConfig, validate_serve),

@@ -8,6 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 from palaestra.algorithms.logprob_math import entropy_from_logits, selective_log_softmax
 from palaestra.models.shapes import bucket_length
+from palaestra.sharding import is_sharded
 
 
 def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float, chunk_tokens: int,
@@ -40,6 +41,24 @@ def decoder_and_head(model):
     return base.get_decoder(), base.get_output_embeddings()
 
 
+def final_hidden_states(model, **inputs) -> torch.Tensor:
+    """The decoder's last hidden states [B, T, H] for ``inputs``, without the LM head: the decoder body's
+    forward. A sharded model (``train.strategy=fsdp``) runs its own forward with the head passing its input
+    through instead, so that its groups are gathered, and their gradients reduced, as in any forward."""
+    body, head = decoder_and_head(model)
+    if not is_sharded(model):
+        return body(**inputs).last_hidden_state
+    head.forward = _identity  # an instance attribute: the module's class and hooks stay as they are
+    try:
+        return model(**inputs).logits
+    finally:
+        del head.forward
+
+
+def _identity(states: torch.Tensor) -> torch.Tensor:
+    return states
+
+
 def completion_logprobs(
     model,
     prompt_ids: torch.Tensor,
@@ -64,7 +83,7 @@ def completion_logprobs(
     inputs = padded_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, device)
     if chunk_tokens:
         kept = inputs.pop("logits_to_keep")
-        hidden = decoder_and_head(model)[0](**inputs, use_cache=False).last_hidden_state[:, -kept:][:, :width]
+        hidden = final_hidden_states(model, **inputs, use_cache=False)[:, -kept:][:, :width]
         logprobs, entropy = head_logprobs(model, hidden.reshape(-1, hidden.shape[-1]), completion_ids.to(device).reshape(-1),
                                           temperature=temperature, chunk_tokens=chunk_tokens, with_entropy=with_entropy)
         return logprobs.view(completion_ids.shape), (entropy.view(completion_ids.shape) if with_entropy else None)
@@ -208,7 +227,7 @@ def _packed_row(model, prompts: list, completion_ids: torch.Tensor, lengths: lis
     inputs = {"input_ids": torch.cat(tokens).unsqueeze(0).to(device), "attention_mask": mask[None, None].to(device),
               "position_ids": torch.cat(positions).unsqueeze(0).to(device), "use_cache": False}
     if hidden:
-        return decoder_and_head(model)[0](**inputs).last_hidden_state[0, sources[:predicted].to(device)]
+        return final_hidden_states(model, **inputs)[0, sources[:predicted].to(device)]
     return model(**inputs, logits_to_keep=sources.to(device)).logits[0, :predicted]
 
 

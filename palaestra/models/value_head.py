@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from palaestra.algorithms.logprob_math import entropy_from_logits, masked_mean, selective_log_softmax
-from palaestra.models.logprobs import decoder_and_head, head_logprobs, padded_inputs
+from palaestra.models.logprobs import final_hidden_states, head_logprobs, padded_inputs
 
 __all__ = ["ValueHead", "explained_variance", "logprobs_and_values"]
 
@@ -114,7 +114,7 @@ def logprobs_and_values(
     inputs = padded_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask, device)
     if chunk_tokens:
         kept = inputs.pop("logits_to_keep")
-        hidden = decoder_and_head(model)[0](**inputs, use_cache=False).last_hidden_state[:, -kept:][:, :width]
+        hidden = final_hidden_states(model, **inputs, use_cache=False)[:, -kept:][:, :width]
         logp, entropy = head_logprobs(model, hidden.reshape(-1, hidden.shape[-1]), completion_ids.to(device).reshape(-1),
                                       temperature=temperature, chunk_tokens=chunk_tokens, with_entropy=with_entropy)
         return (logp.view(completion_ids.shape), value_head(hidden),

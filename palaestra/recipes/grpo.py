@@ -5,12 +5,15 @@ Launch::
     palaestra train                                  # embedded SmolLM2-135M on chain_sum
     palaestra train task=countdown algo.beta=0.04 train.steps=100
     palaestra train model=tiny experiment=quick_test
+    torchrun --nproc_per_node 2 -m palaestra.cli train train.strategy=fsdp   # 2 processes, each 1/2 of the weights
 
 The loop, top to bottom: sample ``num_generations`` completions per prompt, score them with the
 task's reward functions, normalise rewards within each group into advantages, and take a clipped
 policy-gradient step (optionally with a k3 KL penalty to the reference model, which is the same
 model with its LoRA adapter switched off). Every ``save_interval`` steps a checkpoint with
-everything needed to resume bit-for-bit is written atomically.
+everything needed to resume bit-for-bit is written atomically. With several processes each rolls out
+its share of the step's prompts; with ``train.strategy=fsdp`` each also holds only its shard of the
+weights (:mod:`palaestra.sharding`), gathered whole while it samples and scores.
 
 Simplifications relative to the DeepSeekMath paper: one rollout batch per step and no separate
 reward model (rewards are programs); ``num_iterations`` > 1 re-uses the batch with stored old
@@ -43,6 +46,7 @@ from palaestra.recipes.run import Run, config_dict
 from palaestra.recipes.update import micro_batch_logprobs, policy_update
 from palaestra.rewards import combine_rewards
 from palaestra.rollout import HFGenerator, SamplingParams
+from palaestra.sharding import full_weights, shard_model
 from palaestra.tasks.build import build_task
 
 log = logging.getLogger("palaestra")
@@ -71,9 +75,13 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
     model, tokenizer, precision, dtype = load_policy(config.model, device)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    dist.broadcast_parameters([p for p in model.parameters() if p.requires_grad])  # every process: the main one's weights
     reference = None
     if algo.beta > 0 and not config.model.lora.enabled:
         reference = frozen_reference_copy(model)  # full fine-tuning needs a frozen copy; LoRA does not
+    if train_cfg.strategy == "fsdp" and dist.enabled:
+        for policy in (model, reference) if reference is not None else (model,):
+            shard_model(policy, dist, precision=precision, cpu_offload=train_cfg.fsdp_cpu_offload)
     model.train()
     generator = _generator(config, model, tokenizer, precision)
     task.bind(generator)  # a workflow task's executor may be the policy with its adapter off
@@ -88,7 +96,6 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
     updates_total = train_cfg.steps * algo.num_iterations
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = adamw(trainable, train_cfg, updates_total)
-    dist.broadcast_parameters(trainable)  # every process starts from the main process's weights
     run.resume(model=model, optimizer=optimizer, scheduler=scheduler)
     if dist.rank and not run.rng_restored:  # a fresh start (or a checkpoint of fewer processes): the process's own
         torch.manual_seed(train_cfg.seed + 1000 * dist.rank + run.step)  # stream; rank 0 samples as one process does
@@ -106,21 +113,22 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
 
     def run_eval(step: int, label: str) -> dict | None:
         """Evaluate on the main process (the others wait); figures on the main process, else None."""
-        if not dist.is_main:
+        with full_weights(model):  # sharded weights gathered on every process: the main one evaluates alone
+            if not dist.is_main:
+                dist.barrier()
+                return None
+            result = evaluate(
+                generator, task, eval_examples, reward_weights=weights, format_reward=config.task.format_reward,
+                sampling=eval_sampling, num_samples=config.eval.num_samples, pass_k=list(config.eval.pass_k),
+                batch_size=config.eval.batch_size, seed=train_cfg.seed, show_progress=True,
+            )
+            metrics = result.metrics()
+            metrics.update(task.evaluation_figures(result.samples))  # the workflow task's per-domain figures
+            figures = run.log_eval(step, label, metrics)
+            if tracker:
+                tracker.log_table(result.samples[:32], f"eval/samples_{label}_step{step:06d}.json")
             dist.barrier()
-            return None
-        result = evaluate(
-            generator, task, eval_examples, reward_weights=weights, format_reward=config.task.format_reward,
-            sampling=eval_sampling, num_samples=config.eval.num_samples, pass_k=list(config.eval.pass_k),
-            batch_size=config.eval.batch_size, seed=train_cfg.seed, show_progress=True,
-        )
-        metrics = result.metrics()
-        metrics.update(task.evaluation_figures(result.samples))  # the workflow task's per-domain figures
-        figures = run.log_eval(step, label, metrics)
-        if tracker:
-            tracker.log_table(result.samples[:32], f"eval/samples_{label}_step{step:06d}.json")
-        dist.barrier()
-        return figures
+            return figures
 
     if evaluate_before_after and run.step == 0:
         results["before"] = run_eval(0, "before")
@@ -134,19 +142,21 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
                 task.train, run.state["data_position"], prompts_per_step, train_cfg.seed
             )
             examples = dist.share(examples)  # every process draws the same prompts and keeps its share
-            with run.timed("generation"):
-                if algo.rollout_engine == "vllm":
-                    generator.sync_adapter()  # vLLM samples from the adapter as the last update left it
-                rollout = generator.generate(
-                    [task.prompt(e) for e in examples], algo.num_generations,
-                    SamplingParams(algo.max_completion_length, temperature, algo.top_p, algo.top_k),
-                )
+            with full_weights(model):  # 1-2 run on each process alone (sharded weights gathered whole)
+                with run.timed("generation"):
+                    if algo.rollout_engine == "vllm":
+                        generator.sync_adapter()  # vLLM samples from the adapter as the last update left it
+                    rollout = generator.generate(
+                        [task.prompt(e) for e in examples], algo.num_generations,
+                        SamplingParams(algo.max_completion_length, temperature, algo.top_p, algo.top_k),
+                    )
 
-            # 2. score: weighted sum of reward functions, each component kept for logging
-            with run.timed("rewards"):
-                columns = task.columns([e for e in examples for _ in range(algo.num_generations)])
-                rewards, components = combine_rewards(rollout.texts, columns, weights)
-                rewards = torch.tensor(rewards, dtype=torch.float32)
+                # 2. score: weighted sum of reward functions, each component kept for logging (a workflow task's
+                #    executor may run the policy)
+                with run.timed("rewards"):
+                    columns = task.columns([e for e in examples for _ in range(algo.num_generations)])
+                    rewards, components = combine_rewards(rollout.texts, columns, weights)
+                    rewards = torch.tensor(rewards, dtype=torch.float32)
 
             # 3. advantages: normalised within each prompt's group (batch scaling sees every process)
             all_rewards = dist.gather(rewards)

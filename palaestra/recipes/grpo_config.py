@@ -8,7 +8,7 @@ from typing import Optional
 from palaestra.config.errors import check, one_of
 from palaestra.config.evaluation import EvalConfig
 from palaestra.config.model import ModelConfig
-from palaestra.config.run import ChunkedLogprobs, StepLoopSettings, check_batch
+from palaestra.config.run import ChunkedLogprobs, ShardingSettings, StepLoopSettings, check_batch, check_shardable
 from palaestra.config.sampling import ClippedObjective, SamplingSettings
 from palaestra.config.task import TaskConfig
 from palaestra.config.tracking import TrackingConfig
@@ -44,7 +44,7 @@ class GRPOAlgo(ClippedObjective, SamplingSettings):
 
 
 @dataclass
-class GRPOTrain(StepLoopSettings, ChunkedLogprobs):
+class GRPOTrain(StepLoopSettings, ChunkedLogprobs, ShardingSettings):
     """GRPO's loop: steps of one rollout batch each, and how that batch is cut for the forward/backward."""
 
     steps: int = 120
@@ -80,6 +80,8 @@ def validate_grpo(config: GRPOConfig) -> None:
     one_of("algo.rollout_engine", algo.rollout_engine, ROLLOUT_ENGINES)
     if algo.rollout_engine == "vllm":
         _check_vllm(config)
+        check(train.strategy == "ddp", "algo.rollout_engine=vllm syncs the adapter from whole weights; use train.strategy=ddp with it")
+    check_shardable(config.model, train)
 
     check(train.completions_per_step % algo.num_generations == 0,
           f"train.completions_per_step={train.completions_per_step} is not divisible by algo.num_generations="

@@ -376,11 +376,14 @@ class Run:
         if decision.save:
             self._stop.save_requested = False
             rng_states = dist.gather_objects([ckpt.rng_state()]) if dist.enabled else None  # every process's
-            if dist.is_main:
-                path = ckpt.save_checkpoint(self.run_dir, step, trainer_state=self.state, rank_rng_states=rng_states,
-                                            keep_last_n=train.keep_last_n or None, **self._checkpoint)
-                if decision.improved and train.save_best:
-                    ckpt.save_best(self.run_dir, path, self.best_metric, decision.best, mode=self.best_mode)
+            saving = dict(trainer_state=self.state, rank_rng_states=rng_states, keep_last_n=train.keep_last_n or None,
+                          **self._checkpoint)
+            if self._sharded:  # every process writes its shards
+                path = ckpt.save_sharded_checkpoint(self.run_dir, step, dist=dist, **saving)
+            elif dist.is_main:
+                path = ckpt.save_checkpoint(self.run_dir, step, **saving)
+            if dist.is_main and decision.improved and train.save_best:
+                ckpt.save_best(self.run_dir, path, self.best_metric, decision.best, mode=self.best_mode)
             dist.barrier()
         if decision.reason == "early_stopping":
             log.info("early stopping at step %d: no better %s in %d evaluations", step, self.best_metric,
@@ -397,9 +400,16 @@ class Run:
         """The run reached its last step or stopped early (a resumed invocation has nothing left to do)."""
         return self.step >= self.total_steps or bool(self.state["early_stopped"])
 
+    @property
+    def _sharded(self) -> bool:
+        """The checkpoint's model is sharded over the processes (``train.strategy=fsdp``)."""
+        from palaestra.sharding import is_sharded
+
+        return is_sharded(self._checkpoint.get("model"))
+
     def load_best(self, model) -> bool:
         """Put the weights of the best evaluation (``checkpoints/best``) on ``model`` when the run kept them
-        (``train.save_best``); True when it did."""
+        (``train.save_best``); True when it did. Every process calls it when the model is sharded."""
         best = self.run_dir / "checkpoints" / "best"
         if not (self.train.save_best and (best / "trainer_state.json").is_file()):
             return False

@@ -6,6 +6,7 @@ Launch::
     palaestra train --target=sft data.path=chats.jsonl   # any chat JSONL file ({"messages"} or {"prompt", "completion"})
     palaestra train algo=sft model.lora.enabled=false    # full fine-tuning
     torchrun --nproc_per_node 2 -m palaestra.cli train algo=sft   # data parallel: each process a share of every update
+    torchrun --nproc_per_node 2 -m palaestra.cli train algo=sft train.strategy=fsdp   # and each 1/2 of the weights
 
 The loop, top to bottom: tokenise every conversation with the model's chat template (labels only
 on assistant turns), pack short examples into sequences of up to ``data.max_length`` tokens, then
@@ -16,7 +17,8 @@ merged Hugging Face folder (``run_dir/model``, tokenizer included) that the MLfl
 its ``model`` artifact and, with ``tracking.registered_model``, registers in the model registry.
 With several processes each takes a block of every update's sequences (and of the validation set),
 divides its token loss by the update's target tokens summed over the processes, and the gradients are
-summed: the same update one process makes on the whole batch.
+summed: the same update one process makes on the whole batch. With ``train.strategy=fsdp`` each process
+also holds only its shard of the weights, gradients and optimizer state (:mod:`palaestra.sharding`).
 
 What a planner run logs in MLflow (the planner template's contract; experiment=planner sets
 tracking.params=contract): params learning_rate, batch_size, epochs, dataset_version, model_base,
@@ -53,12 +55,13 @@ from palaestra.distributed import Distributed
 from palaestra.export import export_policy, save_tokenizer
 from palaestra.models import model_id
 from palaestra.models.loading import enable_gradient_checkpointing, load_policy, policy_identity
-from palaestra.models.logprobs import decoder_and_head, head_logprobs
+from palaestra.models.logprobs import final_hidden_states, head_logprobs
 from palaestra.models.precision import autocast
 from palaestra.optim import adamw, optimizer_step
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict, remember
 from palaestra.runtime import seed_everything, training_device
+from palaestra.sharding import full_weights, idle_pass, lockstep_passes, shard_model, whole_model
 
 log = logging.getLogger("palaestra")
 
@@ -79,6 +82,8 @@ def main(config: SFTConfig, *, evaluate_before_after: bool = False) -> dict:
     model, tokenizer, precision, dtype = load_policy(config.model, device)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if train_cfg.strategy == "fsdp" and dist.enabled:
+        shard_model(model, dist, precision=precision, cpu_offload=train_cfg.fsdp_cpu_offload)
     model.train()
     compute_dtype = torch.bfloat16 if precision == "bf16" else next(model.parameters()).dtype
 
@@ -167,9 +172,12 @@ def main(config: SFTConfig, *, evaluate_before_after: bool = False) -> dict:
             if run.end_of_step(step, figures):
                 break
 
-    # ---- the best weights, exported (by the main process); artifacts, registry, cleanup
+    # ---- the best weights (every process loads its shards), exported by the main process; artifacts, registry
+    if run.finished:
+        loaded_best = run.load_best(model)
+        model = whole_model(model, lambda: load_policy(config.model, device)[0])  # a sharded model, gathered
     if run.finished and dist.is_main:
-        if run.load_best(model):
+        if loaded_best:
             log.info("exporting the best epoch's weights (val_loss %.4f)", state["best_metric"])
         if state["best_metric"] is not None:
             results["after"] = {"val_loss": state["best_metric"]}
@@ -215,12 +223,15 @@ def train_update(model, optimizer, scheduler, trainable, micro_batches: list[Bat
     loss = sum over micro-batches m of sum_t CE_t(m) / N_update.
     """
     optimizer.zero_grad(set_to_none=True)
-    total = 0.0
+    idle_passes = lockstep_passes(model, len(micro_batches), dist) if dist else 0  # a sharded model's processes
+    total = 0.0                                                                     # pass as often as each other
     for batch in micro_batches:
         loss_sum, _ = forward_loss(model, batch, device=device, precision=precision, dtype=dtype, chunk_tokens=chunk_tokens)
         loss = loss_sum / max(1, num_targets)
         loss.backward()
         total += float(loss.detach())
+    for _ in range(idle_passes):
+        idle_pass(model)
     grad_norm = optimizer_step(trainable, optimizer, scheduler, max_grad_norm, dist)
     return (dist.totals(total)[0] if dist else total), grad_norm
 
@@ -231,7 +242,7 @@ def forward_loss(model, batch: Batch, *, device, precision: str, dtype, chunk_to
     with autocast(precision, device):
         if not chunk_tokens:
             return summed_token_loss(model(**batch.model_inputs(device, dtype)).logits, batch.labels)
-        hidden = decoder_and_head(model)[0](**batch.model_inputs(device, dtype)).last_hidden_state[:, :-1]
+        hidden = final_hidden_states(model, **batch.model_inputs(device, dtype))[:, :-1]
         targets = batch.labels[:, 1:].to(hidden.device)
         scored = targets != IGNORE_INDEX
         logprobs, _ = head_logprobs(model, hidden[scored], targets[scored], temperature=1.0, chunk_tokens=chunk_tokens)
@@ -242,15 +253,16 @@ def forward_loss(model, batch: Batch, *, device, precision: str, dtype, chunk_to
 def validation_loss(model, rows: list[list[TokenizedExample]], *, batch_size: int, pad_id: int, packed: bool,
                     device, precision: str, dtype, dist: Distributed | None = None, chunk_tokens: int = 0) -> float:
     """Token-mean loss over every scored token of ``rows`` (dropout off); with several processes each
-    scores its block of ``rows`` and the sums are added up."""
+    scores its block of ``rows`` (with the whole weights, when they are sharded) and the sums are added up."""
     was_training = model.training
     model.eval()
     rows = dist.split(rows) if dist else rows
     total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start : start + batch_size], pad_id, packed)
-        loss_sum, n = forward_loss(model, batch, device=device, precision=precision, dtype=dtype, chunk_tokens=chunk_tokens)
-        total, count = total + float(loss_sum), count + n
+    with full_weights(model):
+        for start in range(0, len(rows), batch_size):
+            batch = collate(rows[start : start + batch_size], pad_id, packed)
+            loss_sum, n = forward_loss(model, batch, device=device, precision=precision, dtype=dtype, chunk_tokens=chunk_tokens)
+            total, count = total + float(loss_sum), count + n
     model.train(was_training)
     if dist:
         total, count = dist.totals(total, count)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from palaestra.config.data import ChatData
 from palaestra.config.model import ModelConfig
-from palaestra.config.run import ChunkedLogprobs, EpochBudget, OptimizerSettings, check_batch
+from palaestra.config.run import ChunkedLogprobs, EpochBudget, OptimizerSettings, ShardingSettings, check_batch, check_shardable
 from palaestra.config.tracking import ContractTracking
 
 __all__ = ["SFTAlgo", "SFTConfig", "SFTTrain", "validate_sft"]
@@ -29,7 +29,7 @@ class SFTAlgo(EpochBudget):
 
 
 @dataclass
-class SFTTrain(OptimizerSettings, ChunkedLogprobs):
+class SFTTrain(OptimizerSettings, ChunkedLogprobs, ShardingSettings):
     """SFT's updates: token sequences (packed examples, or one example each with algo.packing=false)."""
 
     sequences_per_step: int = 32
@@ -53,3 +53,4 @@ def validate_sft(config: SFTConfig) -> None:
     """sft's own keys (its shared sections are checked first; cheap: the data files are checked, not parsed)."""
     train = config.train
     check_batch("train.sequences_per_step", train.sequences_per_step, "train.sequences_per_forward", train.sequences_per_forward)
+    check_shardable(config.model, train)
