@@ -36,10 +36,9 @@ _GROUPS = "_palaestra_fsdp_groups"
 
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The decoder layers of a causal LM (through a peft wrapper): the units FSDP gathers one at a time."""
-    from palaestra.models.logprobs import decoder_and_head
-
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        body, _ = decoder_and_head(model)
+        body = base.get_decoder()
     except (AttributeError, NotImplementedError):
         return []
     layers = getattr(body, "layers", None)
