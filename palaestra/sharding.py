@@ -28,7 +28,8 @@ import torch
 from palaestra.config.errors import ConfigError
 from palaestra.distributed import Distributed
 
-__all__ = ["full_state_dict", "full_weights", "idle_pass", "is_sharded", "lockstep_passes", "shard_model"]
+__all__ = ["full_state_dict", "full_weights", "idle_forward", "idle_pass", "is_sharded", "lockstep_passes", "shard_model",
+           "whole_model"]
 
 _GROUPS = "_palaestra_fsdp_groups"
 """The attribute of a sharded model listing its FSDP groups and whether each drops its weights after a forward."""
@@ -128,6 +129,12 @@ def idle_pass(model) -> None:
     """A forward and backward of one token whose loss is multiplied by 0: the collectives of a pass, no gradient."""
     output = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=_device(model)))
     (output.logits.float().sum() * 0.0).backward()
+
+
+@torch.no_grad()
+def idle_forward(model) -> None:
+    """A forward of one token without gradients: the collectives of a reference pass."""
+    model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=_device(model)))
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:

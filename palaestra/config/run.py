@@ -117,7 +117,7 @@ class ChunkedLogprobs:
 
 @dataclass
 class ShardingSettings:
-    """How several processes hold the model (the train keys of the methods FSDP shards: sft and grpo)."""
+    """How several processes hold the model (the train keys of the methods FSDP shards: sft, dpo and grpo)."""
 
     strategy: str = "ddp"
     """ddp: every process holds the whole model and its optimizer state, and the gradients are summed; fsdp: each

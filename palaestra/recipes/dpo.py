@@ -6,6 +6,7 @@ Launch::
     palaestra train algo=dpo model=tiny algo.beta=0.2 algo.max_steps=20
     palaestra train algo=dpo algo.loss_type=ipo                   # IPO's squared loss instead of DPO's sigmoid
     torchrun --nproc_per_node 2 -m palaestra.cli train algo=dpo   # data parallel: each process a block of every batch
+    torchrun --nproc_per_node 2 -m palaestra.cli train algo=dpo train.strategy=fsdp   # and each 1/2 of the weights
 
 The loop, top to bottom: take a batch of pairs; compute the summed log-probability of the chosen
 and of the rejected answer under the policy (with gradients) and under the reference (without);
@@ -18,6 +19,8 @@ Face causal-LM folder, ``<run>/model``.
 
 With several processes each takes a block of every batch's pairs (and of the held-out pairs,
 gathered for the figures) and the gradients are summed: one process's update on the whole batch.
+With ``train.strategy=fsdp`` each process also holds only its shard of the policy's (and a full
+fine-tuning reference's) weights (:mod:`palaestra.sharding`).
 
 Simplification relative to the paper: the reference log-probs are recomputed per batch (not
 cached for the dataset).
@@ -45,6 +48,7 @@ from palaestra.optim import adamw, optimizer_step
 from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, track_data_method
 from palaestra.runtime import seed_everything, training_device
+from palaestra.sharding import full_weights, idle_forward, idle_pass, lockstep_passes, shard_model, whole_model
 
 log = logging.getLogger("palaestra")
 
@@ -70,6 +74,9 @@ def main(config: DPOConfig, *, evaluate_before_after: bool = False) -> dict:
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     reference = None if config.model.lora.enabled else frozen_reference_copy(model)  # LoRA: adapter off instead
+    if train_cfg.strategy == "fsdp" and dist.enabled:
+        for policy in (model, reference) if reference is not None else (model,):
+            shard_model(policy, dist, precision=precision, cpu_offload=train_cfg.fsdp_cpu_offload)
     model.train()
     pad_id = tokenizer.pad_token_id
     # Answers end with the end-of-sequence token: the policy learns where a good answer stops.
@@ -94,8 +101,9 @@ def main(config: DPOConfig, *, evaluate_before_after: bool = False) -> dict:
     chunks = train_cfg.logprob_chunk_tokens
 
     def run_eval(step: int, label: str) -> dict:
-        figures = preference_eval(model, reference, val_rows, pad_id, batch_pairs=train_cfg.pairs_per_forward,
-                                  precision=precision, dist=dist, chunk_tokens=chunks, **loss_args)
+        with full_weights(model), full_weights(reference):  # sharded weights gathered: each process scores its block alone
+            figures = preference_eval(model, reference, val_rows, pad_id, batch_pairs=train_cfg.pairs_per_forward,
+                                      precision=precision, dist=dist, chunk_tokens=chunks, **loss_args)
         return run.log_eval(step, label, figures)
 
     if evaluate_before_after and run.step == 0:
@@ -112,7 +120,11 @@ def main(config: DPOConfig, *, evaluate_before_after: bool = False) -> dict:
             totals = {"loss": 0.0, **{name: 0.0 for name in _STAT_NAMES.values()}, "logps/chosen": 0.0, "logps/rejected": 0.0,
                       "tokens": 0.0}
             mine = dist.split(rows)
-            for start in range(0, len(mine), train_cfg.pairs_per_forward):
+            micro_batches = range(0, len(mine), train_cfg.pairs_per_forward)
+            for _ in range(lockstep_passes(model, len(micro_batches), dist)):  # a sharded model's processes pass as
+                idle_forward(reference if reference is not None else model)    # often as each other: the reference's
+                idle_pass(model)                                               # and the policy's passes, idly
+            for start in micro_batches:
                 micro = mine[start : start + train_cfg.pairs_per_forward]
                 batch = collate_pairs(micro, pad_id)
                 with run.timed("reference"), torch.no_grad():
@@ -148,6 +160,8 @@ def main(config: DPOConfig, *, evaluate_before_after: bool = False) -> dict:
     # ---- final figures, the merged policy, cleanup
     if run.finished or run.out_of_time:  # a spent time budget ends the run too (it can still be resumed)
         results["after"] = run.evaluation_at(run.step) or run_eval(run.step, "after")
+    if run.finished or run.out_of_time:
+        model = whole_model(model, lambda: load_policy(config.model, device)[0])  # a sharded model, gathered
     if (run.finished or run.out_of_time) and dist.is_main:  # the main process writes the policy
         folder = export_policy(model, tokenizer, run.run_dir / "model", merge=True)  # merges the adapter in place: last use
         results["outputs"]["model_dir"] = str(folder)

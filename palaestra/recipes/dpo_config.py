@@ -8,7 +8,7 @@ from palaestra.config.choices import DPO_LOSS_TYPES
 from palaestra.config.data import PairData
 from palaestra.config.errors import check, one_of
 from palaestra.config.model import ModelConfig
-from palaestra.config.run import ChunkedLogprobs, EpochBudget, PairTrain
+from palaestra.config.run import ChunkedLogprobs, EpochBudget, PairTrain, ShardingSettings, check_shardable
 from palaestra.config.tracking import RegisteredPolicyTracking
 
 __all__ = ["DPOAlgo", "DPOConfig", "DPOTrain", "validate_dpo"]
@@ -29,7 +29,7 @@ class DPOAlgo(EpochBudget):
 
 
 @dataclass
-class DPOTrain(PairTrain, ChunkedLogprobs):
+class DPOTrain(PairTrain, ChunkedLogprobs, ShardingSettings):
     """DPO's updates: preference pairs, the answers' log-probs under the policy and the reference."""
 
 
@@ -50,3 +50,4 @@ def validate_dpo(config: DPOConfig) -> None:
     check(algo.beta > 0, f"algo.beta={algo.beta} must be > 0")
     one_of("algo.loss_type", algo.loss_type, DPO_LOSS_TYPES)
     check(0 <= algo.label_smoothing < 0.5, f"algo.label_smoothing={algo.label_smoothing} must be in [0, 0.5)")
+    check_shardable(config.model, config.train)

@@ -85,6 +85,27 @@ def test_sharded_grpo_full_finetuning_makes_the_updates_of_ddp(tmp_path):
 
 
 @pytest.mark.slow
+def test_sharded_dpo_full_finetuning_makes_the_updates_of_ddp(tmp_path):
+    """The frozen reference is sharded too; 13 pairs, 4 a step: the last step's one pair leaves a process idle."""
+    from tests.recipes.test_reward_dpo_cli import _write_pairs
+
+    _write_pairs(tmp_path / "prefs", train=13, val=7)
+    args = ["train", "algo=dpo", *EXACT, "data.path=prefs", "data.max_length=64", "algo.epochs=1", "model.lora.enabled=false",
+            "train.pairs_per_step=4", "train.pairs_per_forward=2", "train.learning_rate=1e-3"]
+    _train([*args, "train.strategy=fsdp", "train.output_dir=fsdp"], tmp_path)
+    _train([*args, "train.strategy=ddp", "train.output_dir=ddp"], tmp_path)
+    sharded, replicated = _records(tmp_path / "fsdp"), _records(tmp_path / "ddp")
+    assert [r["step"] for r in sharded] == [r["step"] for r in replicated] == [1, 2, 3, 4]
+    for a, b in zip(sharded, replicated):
+        for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    evaluations = [json.loads((tmp_path / run / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+                   ["last_eval"]["figures"] for run in ("fsdp", "ddp")]
+    assert evaluations[0] == pytest.approx(evaluations[1], abs=1e-5)  # held-out pairs scored on the gathered weights
+    _assert_same_model(tmp_path / "fsdp" / "model", tmp_path / "ddp" / "model", atol=1e-5)
+
+
+@pytest.mark.slow
 def test_a_sharded_checkpoint_resumes_bit_for_bit_in_two_processes_and_loads_in_one(tmp_path):
     args = [*_sft(tmp_path), "model.lora.enabled=false", "train.strategy=fsdp"]
     _train([*args, "train.output_dir=straight"], tmp_path)
@@ -119,7 +140,7 @@ def test_an_unsharded_checkpoint_is_not_resumed_sharded(tmp_path):
 
 def test_sharding_settings_are_checked_before_the_model_loads(tmp_path):
     refused = run_cli(["train", "--target=mamba", "train.strategy=fsdp"], tmp_path)
-    assert refused.returncode == 2 and "algo=mamba does not read train.strategy (algo=sft, algo=grpo read it)" in refused.stderr
+    assert refused.returncode == 2 and "algo=mamba does not read train.strategy (algo=sft, algo=dpo, algo=grpo read it)" in refused.stderr
 
     refused = run_cli(["train", "model=tiny", "train.strategy=fsdp", "train.fsdp_cpu_offload=true"], tmp_path)
     assert refused.returncode == 2 and "train.fsdp_cpu_offload" in refused.stderr
