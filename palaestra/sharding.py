@@ -4,8 +4,8 @@ gradients and their optimizer state, on PyTorch's FSDP2 (``fully_shard``).
 Each decoder layer is one group, whose weights are gathered just before it runs and dropped after; the
 rest (embeddings, final norm, LM head) is the root's group, gathered from the forward to the backward, so
 that a chunked LM head after the model's forward finds it (see
-:func:`palaestra.models.logprobs.final_hidden_states`). The
-gradients are summed over the processes (a reduce-scatter: each keeps the sum of its own slice), as
+:func:`palaestra.models.logprobs.final_hidden_states`). The gradients are summed over the processes (a
+reduce-scatter: each keeps the sum of its own slice), as
 :meth:`palaestra.distributed.Distributed.sum_gradients` sums them under DDP, so a recipe's loss scaling
 makes the same update under both strategies. Where the compute precision is bf16 and the weights are fp32,
 a mixed-precision policy gathers the weights in bf16 and reduces the gradients in fp32.
@@ -78,8 +78,10 @@ def shard_model(model, dist: Distributed, *, precision: str, cpu_offload: bool =
     object.__setattr__(model, _GROUPS, groups)
     # one forward through the model sets FSDP up (the root, its groups' order) before anything gathers a group by
     # hand (full_weights); then every group drops its gathered weights, so that the parameters are the shards again
-    with torch.no_grad():
-        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=_device(model)))
+    was_training = model.training
+    model.eval()  # no dropout: the set-up draws nothing from the random streams
+    idle_forward(model)
+    model.train(was_training)
     for module, _ in groups:
         module.reshard()
     return model

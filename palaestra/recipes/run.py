@@ -23,7 +23,8 @@ SIGUSR1 (save at the next step boundary) and SIGINT/SIGTERM (save and stop there
 bar, the per-step figures (plus ``memory/rss_mb`` and ``memory/peak_rss_mb``), and the decision
 after every step, which :func:`decide` makes from plain numbers so that it is tested by hand.
 Several processes (:class:`palaestra.distributed.Distributed`) agree on every decision; only the
-main one writes.
+main one writes, but for a sharded model's checkpoint (``train.strategy=fsdp``), to which every
+process writes its shards.
 """
 
 from __future__ import annotations
