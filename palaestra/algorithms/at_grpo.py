@@ -1,8 +1,9 @@
 """AT-GRPO math: agent rewards and group filters (agent- and turn-wise grouped GRPO).
 
 A group is the K answers one agent gave from one shared state: key (problem, turn, agent). The
-advantages inside a group are GRPO's (``grpo.group_advantages``); what is specific to AT-GRPO is
-how an answer's reward mixes the team's and the agent's own, and which groups are worth training on.
+advantages inside a group are GRPO's (``grpo.group_advantages``, any of its estimators); what is
+specific to AT-GRPO is how an answer's reward mixes the team's and the agent's own, and which groups
+are worth training on.
 """
 
 from __future__ import annotations
@@ -10,7 +11,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from palaestra.algorithms.grpo import group_advantages
 from palaestra.config.choices import GROUP_FILTERS
+
+
+def tree_advantages(groups: list[Tensor], estimator: str = "grpo", scale: str = "group", eps: float = 1e-4) -> list[Tensor]:
+    """The advantages of every group of a step (groups may differ in size; a group of one gets 0).
+
+    ``grpo`` and ``rloo`` work inside each group (:func:`~palaestra.algorithms.grpo.group_advantages`, with
+    ``scale``); ``reinforce_pp`` takes each group's mean off, then the mean of all the groups' answers, and
+    divides by their std: the batch is every group of the step.
+
+    >>> [a.tolist() for a in tree_advantages([torch.tensor([1., 0.]), torch.tensor([1.])], "rloo", "none")]
+    [[1.0, -1.0], [0.0]]
+    """
+    if estimator != "reinforce_pp":
+        return [group_advantages(rewards, len(rewards), scale="none" if len(rewards) < 2 else scale, eps=eps,
+                                 estimator=estimator) for rewards in groups]
+    if not groups:
+        return []
+    # A = (r - mean(r_group)), then (A - mean(A_all)) / (std(A_all) + eps)
+    centred = torch.cat([rewards.float() - rewards.float().mean() for rewards in groups])
+    return list(group_advantages(centred, centred.numel(), eps=eps, estimator="reinforce_pp").split([len(g) for g in groups]))
 
 
 def agent_reward(local: float, team: float, alpha: float) -> float:

@@ -6,7 +6,14 @@ of completions, T for completion tokens and V for the vocabulary size.
 
 The loss follows GRPO (Shao et al., 2024, arXiv:2402.03300) with the reductions of its
 successors: ``bnpo``, Dr. GRPO (Liu et al., 2025, arXiv:2503.20783) and DAPO (Yu et al., 2025,
-arXiv:2503.14476), whose asymmetric ``epsilon_high`` ("clip-higher") is also supported.
+arXiv:2503.14476), whose asymmetric ``epsilon_high`` ("clip-higher") is also supported; and the
+objectives that replace the clipped surrogate: CISPO (MiniMax-M1, 2025, arXiv:2506.13585: a clipped,
+stop-gradient importance weight on a REINFORCE term) and SAPO (Gao et al., 2025, arXiv:2511.20347: a
+sigmoid gate in place of the hard clip). GSPO (Zheng et al., 2025, arXiv:2507.18071) takes the
+importance ratio per sequence, the geometric mean of its tokens' ratios (``importance_sampling_level``).
+The advantages are GRPO's group-relative ones, RLOO's leave-one-out baseline (Ahmadian et al., 2024,
+arXiv:2402.14740) or REINFORCE++'s group baseline normalised over the batch (Hu et al., 2025,
+arXiv:2501.03262).
 """
 
 from __future__ import annotations
@@ -15,9 +22,11 @@ import torch
 from torch import Tensor
 
 from palaestra.algorithms.logprob_math import entropy_from_logits, masked_mean, selective_log_softmax  # noqa: F401 - re-exported
-from palaestra.config.choices import LOSS_TYPES, SCALE_REWARDS
+from palaestra.config.choices import ADVANTAGE_ESTIMATORS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "IMPORTANCE_SAMPLING_LEVELS",
     "LOSS_TYPES",
     "SCALE_REWARDS",
     "accumulated_loss",
@@ -39,32 +48,45 @@ def _std(x: Tensor, dim: int | None = None) -> Tensor:
 
 
 def group_advantages(
-    rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+    rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, estimator: str = "grpo"
 ) -> Tensor:
-    """Group-relative advantages: each reward against the other answers to the same prompt.
+    """Advantages of completions sampled in groups (each group the answers to one prompt).
 
     Args:
         rewards: [B], laid out as consecutive groups of ``group_size`` (B % group_size == 0).
         group_size: answers per prompt (G).
         scale: "group" divides by the group's std, "batch" by the whole batch's std,
             "none" does not divide (Dr. GRPO: std scaling biases towards easy/hard prompts).
+            REINFORCE++ normalises over the batch itself and reads no ``scale``.
         eps: added to the std so zero-variance groups give 0, not NaN.
+        estimator: "grpo": each reward less its group's mean; "rloo": less the mean of the *other* answers
+            in its group, ``G / (G - 1)`` times GRPO's; "reinforce_pp": less its group's mean, then the
+            batch's mean taken off and divided by the batch's std.
 
     Returns:
         [B] advantages.
     """
     if scale not in SCALE_REWARDS:
         raise ValueError(f"scale must be one of {SCALE_REWARDS}, got {scale!r}")
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ADVANTAGE_ESTIMATORS}, got {estimator!r}")
     if group_size < 1 or rewards.numel() % group_size != 0:
         raise ValueError(
             f"number of rewards ({rewards.numel()}) must be a multiple of group_size ({group_size})"
         )
     rewards = rewards.float() if not rewards.is_floating_point() else rewards
     grouped = rewards.reshape(-1, group_size)  # [B / G, G]
-    # A_i = r_i - mean(r_group)             ("none")
+    # A_i = r_i - mean(r_group)                            (grpo, reinforce_pp)
+    # A_i = r_i - mean(r_j, j != i) = G / (G - 1) * (r_i - mean(r_group))   (rloo; 0 for a group of one)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if estimator == "rloo":
+        advantages = advantages * (group_size / (group_size - 1) if group_size > 1 else 0.0)
+    if estimator == "reinforce_pp":
+        # A = (A - mean(A_batch)) / (std(A_batch) + eps)
+        flat = advantages.reshape(-1)
+        return (flat - flat.mean()) / (_std(flat) + eps)
     # A_i = A_i / (std(r_group) + eps)      ("group")
     # A_i = A_i / (std(r_batch) + eps)      ("batch")
-    advantages = grouped - grouped.mean(dim=1, keepdim=True)
     if scale == "group":
         advantages = advantages / (_std(grouped, dim=1).unsqueeze(1) + eps)
     elif scale == "batch":
@@ -100,29 +122,44 @@ def policy_loss(
     ref_logp: Tensor | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch: int | Tensor | None = None,
+    importance_sampling_level: str = "token",
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Clipped GRPO surrogate loss with an optional k3 KL penalty.
+    """The policy-gradient loss of a batch of completions, with an optional k3 KL penalty.
 
     Args:
         logp: [B, T] log-probs of the completion tokens under the policy being trained.
         old_logp: [B, T] the same under the policy that sampled them (detached here).
         advantages: [B], one per completion, broadcast to its tokens (detached here).
         mask: [B, T] 1 for real completion tokens, 0 for padding.
-        loss_type: how token losses are reduced; one of ``LOSS_TYPES``.
+        loss_type: the objective and how token losses are reduced; one of ``LOSS_TYPES``: the clipped
+            surrogate reduced per sequence (grpo), per batch token (bnpo), over B * max_completion_length
+            (dr_grpo) or over the generation batch's tokens (dapo); cispo (reduced as dapo) or sapo
+            (reduced as grpo).
         epsilon: lower clip range, ratio >= 1 - epsilon.
-        epsilon_high: upper clip range, ratio <= 1 + epsilon_high; defaults to ``epsilon``.
+        epsilon_high: upper clip range, ratio <= 1 + epsilon_high; defaults to ``epsilon``. CISPO's cap on
+            its importance weight (the weight itself, not 1 + it).
         beta: KL coefficient; needs ``ref_logp`` when > 0.
         ref_logp: [B, T] reference-model log-probs (detached here).
         max_completion_length: the generation limit; the ``dr_grpo`` denominator is B * this.
         num_items_in_batch: completion tokens in the whole generation batch (all gradient
-            accumulation micro-batches); the ``dapo`` denominator. Defaults to this batch's count.
+            accumulation micro-batches); the ``dapo`` and ``cispo`` denominator. Defaults to this batch's count.
+        importance_sampling_level: "token": one ratio per token; "sequence" (GSPO): one per completion,
+            exp of the mean of its tokens' log-ratios, shared by its tokens.
+        sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures for positive and negative
+            advantages.
 
     Returns:
         (scalar loss, stats) where stats are python floats: ``kl``, ``clip_ratio/low``,
-        ``clip_ratio/high`` and ``clip_ratio/region`` (fractions of mask tokens).
+        ``clip_ratio/high`` and ``clip_ratio/region`` (fractions of mask tokens; for CISPO the share whose
+        weight the cap cut, as ``clip_ratio/high``; SAPO clips nothing).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                         f"got {importance_sampling_level!r}")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (reference-model log-probs)")
     if loss_type == "dr_grpo" and max_completion_length is None:
@@ -131,21 +168,35 @@ def policy_loss(
     mask = mask.to(logp.dtype)
     adv = advantages.detach().unsqueeze(1)  # [B, 1], broadcast over tokens
 
-    # ratio = pi / pi_old = exp(logp - old_logp)
-    # L_tok = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)  [+ beta * k3]
-    ratio = torch.exp(logp - old_logp.detach())
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)
+    # log ratio = logp - old_logp                           (token: [B, T])
+    # log ratio = sum_t (logp - old_logp) m / sum_t m       (sequence, GSPO: [B, 1])
+    log_ratio = logp - old_logp.detach()
+    if importance_sampling_level == "sequence":
+        log_ratio = masked_mean(log_ratio, mask, dim=1).unsqueeze(1)
+    ratio = torch.exp(log_ratio)
+    if loss_type == "cispo":
+        # L_tok = -sg(min(ratio, eps_high)) * A * logp      (REINFORCE with a capped importance weight)
+        per_token = -torch.clamp(ratio, max=epsilon_high).detach() * adv * logp
+    elif loss_type == "sapo":
+        # L_tok = -sigmoid(tau * (ratio - 1)) * 4 / tau * A,  tau = tau_pos if A > 0 else tau_neg
+        # (a soft gate: its gradient is ratio's times 1 at ratio = 1, fading smoothly away from it)
+        tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+    else:
+        # L_tok = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+        clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+        per_token = -torch.min(ratio * adv, clipped * adv)
+    per_token = per_token.expand_as(logp)  # a sequence-level term is its tokens' each
     kl = None
     if beta > 0:
         kl = k3_kl(logp, ref_logp.detach())
         per_token = per_token + beta * kl
 
-    # grpo:    mean_b( sum_t L * m / sum_t m )         (each sequence weighs the same)
-    # bnpo:    sum_bt L * m / sum_bt m                 (each token in this batch weighs the same)
-    # dr_grpo: sum_bt L * m / (B * max_completion_length)
-    # dapo:    sum_bt L * m / tokens in the whole generation batch
-    if loss_type == "grpo":
+    # grpo, sapo:    mean_b( sum_t L * m / sum_t m )         (each sequence weighs the same)
+    # bnpo:          sum_bt L * m / sum_bt m                 (each token in this batch weighs the same)
+    # dr_grpo:       sum_bt L * m / (B * max_completion_length)
+    # dapo, cispo:   sum_bt L * m / tokens in the whole generation batch
+    if loss_type in ("grpo", "sapo"):
         loss = masked_mean(per_token, mask, dim=1).mean()
     elif loss_type == "bnpo":
         loss = masked_mean(per_token, mask)
@@ -157,8 +208,14 @@ def policy_loss(
         loss = (per_token * mask).sum() / total.clamp(min=1)
 
     with torch.no_grad():
-        low = (ratio < 1 - epsilon) & (adv < 0)
-        high = (ratio > 1 + epsilon_high) & (adv > 0)
+        if loss_type == "cispo":
+            low, high = torch.zeros_like(ratio, dtype=torch.bool), (ratio > epsilon_high) & (adv > 0)
+        elif loss_type == "sapo":
+            low = high = torch.zeros_like(ratio, dtype=torch.bool)
+        else:
+            low = (ratio < 1 - epsilon) & (adv < 0)
+            high = (ratio > 1 + epsilon_high) & (adv > 0)
+        low, high = low.expand_as(logp), high.expand_as(logp)
         stats = {
             "kl": masked_mean(kl, mask).item() if kl is not None else 0.0,
             "clip_ratio/low": masked_mean(low.to(mask.dtype), mask).item(),
@@ -186,8 +243,9 @@ def accumulated_loss(loss: Tensor, *, loss_type: str, rows: int, total_rows: int
     ``grpo`` and ``dr_grpo`` are means over rows, so each micro-batch weighs its share of the rows,
     ``rows / total_rows`` (1 / micro-batches when they are equal); ``bnpo`` weighs the same, and
     since its mean runs over the micro-batch's tokens it equals the whole batch's bnpo exactly when
-    every micro-batch has the same tokens per row. ``dapo`` already divides by the whole batch's
-    tokens (``num_items_in_batch``, every process's), so it is summed as is.
+    every micro-batch has the same tokens per row. ``dapo`` and ``cispo`` already divide by the whole
+    batch's tokens (``num_items_in_batch``, every process's), so they are summed as they are; ``sapo`` is a
+    mean over rows as ``grpo`` is.
 
     >>> float(accumulated_loss(torch.tensor(0.6), loss_type="grpo", rows=2, total_rows=8))
     0.15000000596046448
@@ -198,7 +256,7 @@ def accumulated_loss(loss: Tensor, *, loss_type: str, rows: int, total_rows: int
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if not 0 < rows <= total_rows:
         raise ValueError(f"a micro-batch of {rows} rows out of {total_rows}")
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo"):
         return loss
     # loss * rows / total_rows, written as a division by the number of micro-batches of this size
     # in the batch: with equal micro-batches that is exactly loss / micro_batches

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from palaestra.algorithms.at_grpo import select_samples
-from palaestra.algorithms.grpo import group_advantages
+from palaestra.algorithms.at_grpo import select_samples, tree_advantages
 from palaestra.config.errors import ConfigError
+from palaestra.config.sampling import objective_settings
 from palaestra.recipes.at_grpo_config import ATGRPOConfig
 from palaestra.envs import resolve_env, train_seeds
 from palaestra.distributed import Distributed
@@ -138,8 +138,8 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
             offset = sum(dist.gather_objects([len(groups)])[: dist.rank])
             keep = select_samples([torch.tensor(g.rewards) for g in all_groups], algo.group_filter,
                                   algo.filter_ratio)[offset : offset + len(groups)]
-            advantages = [group_advantages(torch.tensor(g.rewards), len(g.rewards), scale="none" if len(g.rewards) < 2 else algo.scale_rewards)
-                          for g in groups]
+            advantages = tree_advantages([torch.tensor(g.rewards) for g in all_groups], algo.advantage,
+                                         algo.scale_rewards)[offset : offset + len(groups)]
 
             # 4. loss and step: each policy on the answers of the roles it serves
             stats: dict[str, float] = {}
@@ -219,9 +219,8 @@ def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config,
         loss_mask, slices=slices,
         logprobs=lambda rows: micro_batch_logprobs(model, batch, rows, algo.temperature, shared, precision,
                                                    chunk_tokens=train_cfg.logprob_chunk_tokens),
-        ref_logps=reference if algo.beta > 0 else None, loss_type=algo.loss_type, epsilon=algo.epsilon,
-        epsilon_high=algo.epsilon_high, beta=algo.beta, max_completion_length=algo.max_completion_length,
-        max_grad_norm=train_cfg.max_grad_norm, dist=dist,
+        ref_logps=reference if algo.beta > 0 else None, max_completion_length=algo.max_completion_length,
+        max_grad_norm=train_cfg.max_grad_norm, dist=dist, **objective_settings(algo),
     )
     return {f"{name}/{key}": totals[key] for key in ("loss", "kl", "clip_ratio/region")} | {
         f"{name}/grad_norm": grad_norm, f"{name}/samples": samples}

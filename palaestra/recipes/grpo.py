@@ -32,6 +32,7 @@ import torch
 from palaestra.algorithms.grpo import group_advantages
 from palaestra.config import reward_weights
 from palaestra.config.errors import ConfigError
+from palaestra.config.sampling import objective_settings
 from palaestra.recipes.grpo_config import GRPOConfig
 from palaestra.distributed import Distributed
 from palaestra.evaluation.evaluate import evaluate
@@ -160,7 +161,7 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
 
             # 3. advantages: normalised within each prompt's group (batch scaling sees every process)
             all_rewards = dist.gather(rewards)
-            advantages = group_advantages(all_rewards, algo.num_generations, scale=algo.scale_rewards)
+            advantages = group_advantages(all_rewards, algo.num_generations, scale=algo.scale_rewards, estimator=algo.advantage)
             advantages = advantages.chunk(dist.world)[dist.rank].to(device)
             loss_mask = rollout.completion_mask.float()
             if algo.mask_truncated_completions:
@@ -240,8 +241,7 @@ def update_policy(
         optimizer, scheduler, trainable, advantages, loss_mask, slices=slices,
         logprobs=lambda rows: micro_batch_logprobs(model, rollout, rows, temperature, shared, precision, with_entropy=True,
                                                    chunk_tokens=chunk_tokens),
-        old_logps=old_logps, ref_logps=ref_logps, loss_type=algo.loss_type, epsilon=algo.epsilon,
-        epsilon_high=algo.epsilon_high, beta=algo.beta, max_completion_length=algo.max_completion_length,
+        old_logps=old_logps, ref_logps=ref_logps, max_completion_length=algo.max_completion_length, **objective_settings(algo),
         max_grad_norm=max_grad_norm, dist=dist, timings=timings,
     )
 

@@ -50,14 +50,11 @@ def policy_update(
     logprobs: LogprobsFn,
     old_logps: PerMicroBatch = None,
     ref_logps: PerMicroBatch = None,
-    loss_type: str = "grpo",
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    beta: float = 0.0,
     max_completion_length: int | None = None,
     max_grad_norm: float = 0.0,
     dist: Distributed | None = None,
     timings: dict[str, float] | None = None,
+    **objective,
 ) -> tuple[dict[str, float], float]:
     """One optimizer update of ``parameters`` on this process's batch, accumulated over ``slices``.
 
@@ -74,8 +71,9 @@ def policy_update(
             detached (one update per rollout batch: the ratio is 1).
         ref_logps: the reference's log-probs per micro-batch; needed when ``beta`` > 0.
             A callable is called before the policy's forward of the same micro-batch.
-        loss_type, epsilon, epsilon_high, beta, max_completion_length: the loss
-            (:func:`~palaestra.algorithms.grpo.policy_loss`).
+        max_completion_length, objective: the loss (:func:`~palaestra.algorithms.grpo.policy_loss`'s
+            ``loss_type``, ``epsilon``, ``epsilon_high``, ``beta``, ``importance_sampling_level``, ...; its defaults
+            where not given).
         max_grad_norm: clip the gradients' norm to this; 0: no clipping (the norm is still measured).
         dist: data parallelism; the rows and the dapo denominator count every process's and the
             gradients are summed over them. None: one process.
@@ -104,11 +102,10 @@ def policy_update(
             logp, entropy = logprobs(rows)
             mask = loss_mask[rows]
             loss, loss_stats = policy_loss(
-                logp, old if old is not None else logp.detach(), advantages[rows].to(logp.device), mask,
-                loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, ref_logp=ref,
-                max_completion_length=max_completion_length, num_items_in_batch=num_items,
+                logp, old if old is not None else logp.detach(), advantages[rows].to(logp.device), mask, ref_logp=ref,
+                max_completion_length=max_completion_length, num_items_in_batch=num_items, **objective,
             )
-            scaled = accumulated_loss(loss, loss_type=loss_type, rows=size, total_rows=total_rows)
+            scaled = accumulated_loss(loss, loss_type=objective.get("loss_type", "grpo"), rows=size, total_rows=total_rows)
             scaled.backward()
         share = size / total_rows  # the stats weigh each micro-batch's share of the rows
         totals["loss"] += float(scaled.detach())

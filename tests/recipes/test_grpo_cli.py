@@ -186,9 +186,29 @@ TEAM = ["train", "algo=at_grpo", "env=math", "env.name=tests.recipes.envs:Counti
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["shared", "per_role", "separate"])
-def test_at_grpo_trains_every_policy_mode(tmp_path, mode):
-    result = run_cli([*TEAM, f"policy={mode}", "train.steps=2", "train.output_dir=run"], tmp_path)
+@pytest.mark.parametrize("objective", [
+    ["algo.loss_type=cispo", "algo.epsilon_high=5", "algo.advantage=rloo"],
+    ["algo.loss_type=grpo", "algo.importance_sampling_level=sequence", "algo.epsilon=3e-4", "algo.epsilon_high=4e-4",
+     "algo.advantage=reinforce_pp", "algo.num_iterations=2"],
+])
+def test_grpo_trains_with_the_newer_objectives(tmp_path, objective):
+    """CISPO with RLOO's baseline; GSPO's sequence-level ratio with REINFORCE++ advantages (two updates a batch, so
+    the ratio moves off 1)."""
+    result = run_cli(["train", *TINY, *objective, "train.steps=2", "tracking.enabled=false", "train.output_dir=run"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = _metrics(tmp_path / "run")
+    assert sorted(steps) == [1, 2] and all(math.isfinite(steps[s]["loss"]) for s in steps)
+    adapter = load_file(tmp_path / "run" / "checkpoints" / "step-000002" / "trainable.safetensors")
+    assert any(t.abs().sum() > 0 for name, t in adapter.items() if "lora_B" in name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, objective", [
+    ("shared", []), ("per_role", ["algo.loss_type=sapo", "algo.advantage=reinforce_pp"]),
+    ("separate", ["algo.advantage=rloo"]),
+])
+def test_at_grpo_trains_every_policy_mode(tmp_path, mode, objective):
+    result = run_cli([*TEAM, f"policy={mode}", *objective, "train.steps=2", "train.output_dir=run"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "success_rate" in result.stdout  # the before/after table
     final = tmp_path / "run" / "checkpoints" / "step-000002"
