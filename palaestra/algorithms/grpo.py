@@ -34,6 +34,7 @@ __all__ = [
     "group_advantages",
     "k3_kl",
     "masked_mean",
+    "overlong_penalty",
     "policy_loss",
     "selective_log_softmax",
 ]
@@ -92,6 +93,27 @@ def group_advantages(
     elif scale == "batch":
         advantages = advantages / (_std(rewards) + eps)
     return advantages.reshape(-1)
+
+
+def overlong_penalty(lengths: Tensor, max_length: int, buffer: int) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al., 2025, arXiv:2503.14476, eq. 13): a reward term that falls
+    linearly from 0 to -1 over the last ``buffer`` tokens of the ``max_length`` budget.
+
+    Args:
+        lengths: [B] completion lengths in tokens.
+        max_length: the generation budget, L_max.
+        buffer: the soft band, L_cache (0: no band, only a completion past the budget is punished).
+
+    Returns:
+        [B] penalties: 0 up to L_max - L_cache, (L_max - L_cache - L) / L_cache inside the band, -1 past L_max.
+
+    >>> overlong_penalty(torch.tensor([70, 80, 90, 100, 101]), max_length=100, buffer=20).tolist()
+    [0.0, 0.0, -0.5, -1.0, -1.0]
+    """
+    lengths = lengths.float()
+    start = max_length - buffer
+    inside = (start - lengths) / buffer if buffer else torch.zeros_like(lengths)
+    return torch.where(lengths <= start, torch.zeros_like(lengths), torch.where(lengths <= max_length, inside, -torch.ones_like(lengths)))
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:

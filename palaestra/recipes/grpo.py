@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from palaestra.algorithms.grpo import group_advantages
+from palaestra.algorithms.grpo import group_advantages, overlong_penalty
 from palaestra.config import reward_weights
 from palaestra.config.errors import ConfigError
 from palaestra.config.sampling import objective_settings
@@ -158,6 +158,10 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
                     columns = task.columns([e for e in examples for _ in range(algo.num_generations)])
                     rewards, components = combine_rewards(rollout.texts, columns, weights)
                     rewards = torch.tensor(rewards, dtype=torch.float32)
+                    if algo.overlong_buffer:  # DAPO's soft punishment of completions near the length budget
+                        overlong = algo.overlong_penalty * overlong_penalty(
+                            rollout.completion_mask.sum(dim=1), algo.max_completion_length, algo.overlong_buffer)
+                        rewards, components["overlong"] = rewards + overlong, overlong.tolist()
 
             # 3. advantages: normalised within each prompt's group (batch scaling sees every process)
             all_rewards = dist.gather(rewards)

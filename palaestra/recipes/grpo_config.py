@@ -34,6 +34,12 @@ class GRPOAlgo(ClippedObjective, SamplingSettings):
     """Optimizer updates per rollout batch (mu); >1 stores the old log-probs."""
     mask_truncated_completions: bool = False
     """Exclude completions that hit max_completion_length without an end token from the loss."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment (arXiv:2503.14476): over the last this many tokens of
+    max_completion_length a reward term falls linearly from 0 to -overlong_penalty (logged as reward/overlong);
+    0 turns it off."""
+    overlong_penalty: float = 1.0
+    """The weight of that term: a completion that uses the whole budget loses this much reward."""
     temperature_final: Optional[float] = None
     """Final temperature of a linear schedule; None keeps the temperature constant."""
     temperature_schedule_steps: int = 0
@@ -78,6 +84,9 @@ def validate_grpo(config: GRPOConfig) -> None:
     check(algo.num_iterations >= 1, f"algo.num_iterations={algo.num_iterations} must be >= 1")
     check(algo.temperature_final is None or algo.temperature_final > 0, f"algo.temperature_final={algo.temperature_final} must be > 0")
     one_of("algo.rollout_engine", algo.rollout_engine, ROLLOUT_ENGINES)
+    check(0 <= algo.overlong_buffer <= algo.max_completion_length,
+          f"algo.overlong_buffer={algo.overlong_buffer} must be in [0, algo.max_completion_length={algo.max_completion_length}]")
+    check(algo.overlong_penalty >= 0, f"algo.overlong_penalty={algo.overlong_penalty} must be >= 0")
     if algo.rollout_engine == "vllm":
         _check_vllm(config)
         check(train.strategy == "ddp", "algo.rollout_engine=vllm syncs the adapter from whole weights; use train.strategy=ddp with it")

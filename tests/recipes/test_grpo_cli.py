@@ -187,17 +187,19 @@ TEAM = ["train", "algo=at_grpo", "env=math", "env.name=tests.recipes.envs:Counti
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", [
-    ["algo.loss_type=cispo", "algo.epsilon_high=5", "algo.advantage=rloo"],
+    ["algo.loss_type=cispo", "algo.epsilon_high=5", "algo.advantage=rloo", "algo.overlong_buffer=4"],
     ["algo.loss_type=grpo", "algo.importance_sampling_level=sequence", "algo.epsilon=3e-4", "algo.epsilon_high=4e-4",
      "algo.advantage=reinforce_pp", "algo.num_iterations=2"],
 ])
 def test_grpo_trains_with_the_newer_objectives(tmp_path, objective):
-    """CISPO with RLOO's baseline; GSPO's sequence-level ratio with REINFORCE++ advantages (two updates a batch, so
-    the ratio moves off 1)."""
+    """CISPO with RLOO's baseline and DAPO's overlong shaping; GSPO's sequence-level ratio with REINFORCE++
+    advantages (two updates a batch, so the ratio moves off 1)."""
     result = run_cli(["train", *TINY, *objective, "train.steps=2", "tracking.enabled=false", "train.output_dir=run"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = _metrics(tmp_path / "run")
     assert sorted(steps) == [1, 2] and all(math.isfinite(steps[s]["loss"]) for s in steps)
+    if "algo.overlong_buffer=4" in objective:  # 8-token completions of the tiny model run into the band
+        assert all(-1 <= steps[s]["reward/overlong/mean"] <= 0 for s in steps)
     adapter = load_file(tmp_path / "run" / "checkpoints" / "step-000002" / "trainable.safetensors")
     assert any(t.abs().sum() > 0 for name, t in adapter.items() if "lora_B" in name)
 

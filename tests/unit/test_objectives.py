@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from palaestra.algorithms.at_grpo import tree_advantages
-from palaestra.algorithms.grpo import LOSS_TYPES, accumulated_loss, group_advantages, policy_loss
+from palaestra.algorithms.grpo import LOSS_TYPES, accumulated_loss, group_advantages, overlong_penalty, policy_loss
 
 # ---------------------------------------------------------------- advantage estimators
 
@@ -45,6 +45,20 @@ def test_tree_advantages_of_groups_of_different_sizes():
     torch.testing.assert_close(reinforce, torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.0, 0.0, 0.0]) / spread)
     with pytest.raises(ValueError, match="estimator"):
         group_advantages(torch.ones(2), 2, estimator="ppo")
+
+
+# ---------------------------------------------------------------- overlong shaping
+
+
+def test_overlong_penalty_by_hand_and_as_trls_soft_overlong_punishment():
+    from trl.rewards import get_soft_overlong_punishment
+
+    # budget 24, band 8: 0 up to 16 tokens, then (16 - L) / 8: L = 20 -> -0.5, L = 24 -> -1
+    assert overlong_penalty(torch.tensor([10, 16, 20, 24]), 24, 8).tolist() == [0.0, 0.0, -0.5, -1.0]
+    for budget, band in [(100, 20), (24, 8), (10, 0), (16, 16), (7, 3)]:
+        lengths = list(range(budget + 3))
+        theirs = get_soft_overlong_punishment(max_completion_len=budget, soft_punish_cache=band)([[1] * n for n in lengths])
+        torch.testing.assert_close(overlong_penalty(torch.tensor(lengths), budget, band), torch.tensor(theirs, dtype=torch.float32))
 
 
 # ---------------------------------------------------------------- losses, by hand
