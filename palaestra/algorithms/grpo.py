@@ -32,7 +32,9 @@ __all__ = [
     "accumulated_loss",
     "entropy_from_logits",
     "group_advantages",
+    "informative_groups",
     "k3_kl",
+    "keep_first",
     "masked_mean",
     "overlong_penalty",
     "policy_loss",
@@ -93,6 +95,26 @@ def group_advantages(
     elif scale == "batch":
         advantages = advantages / (_std(rewards) + eps)
     return advantages.reshape(-1)
+
+
+def informative_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """[B / G] True for each group whose rewards are not all equal: the groups with an advantage to learn from
+    (DAPO's dynamic sampling drops the others).
+
+    >>> informative_groups(torch.tensor([1., 1., 0., 1., 0., 0.]), 2).tolist()
+    [False, True, False]
+    """
+    grouped = rewards.reshape(-1, group_size)
+    return grouped.max(dim=1).values > grouped.min(dim=1).values
+
+
+def keep_first(flags: Tensor, count: int) -> Tensor:
+    """``flags`` with only its first ``count`` true entries kept (a batch topped up to ``count`` in draw order).
+
+    >>> keep_first(torch.tensor([True, False, True, True]), 2).tolist()
+    [True, False, True, False]
+    """
+    return flags & (torch.cumsum(flags.long(), dim=0) <= count)
 
 
 def overlong_penalty(lengths: Tensor, max_length: int, buffer: int) -> Tensor:

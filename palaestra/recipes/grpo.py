@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from palaestra.algorithms.grpo import group_advantages, overlong_penalty
+from palaestra.algorithms.grpo import group_advantages, informative_groups, keep_first, overlong_penalty
 from palaestra.config import reward_weights
 from palaestra.config.errors import ConfigError
 from palaestra.config.sampling import objective_settings
@@ -46,7 +47,7 @@ from palaestra.recipes.methods import best_metric
 from palaestra.recipes.run import Run, config_dict
 from palaestra.recipes.update import micro_batch_logprobs, policy_update
 from palaestra.rewards import combine_rewards
-from palaestra.rollout import HFGenerator, SamplingParams
+from palaestra.rollout import HFGenerator, Rollout, SamplingParams
 from palaestra.sharding import full_weights, shard_model
 from palaestra.tasks.build import build_task
 
@@ -107,7 +108,6 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
                         config=config_dict(config))
 
     weights = reward_weights(config.task)
-    micro_batches = train_cfg.completions_per_step // dist.world // train_cfg.completions_per_forward
     shared = shared_prompt_rows(train_cfg.completions_per_forward, algo.num_generations, train_cfg.share_prompt_forward)
     eval_sampling = _eval_sampling(config)
     results: dict = {}
@@ -131,6 +131,23 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
             dist.barrier()
             return figures
 
+    def sample_and_score(examples: list, temperature: float) -> ScoredGroups:
+        """1. G completions for each of ``examples``, 2. their rewards (with their components)."""
+        with run.timed("generation"):
+            if algo.rollout_engine == "vllm":
+                generator.sync_adapter()  # vLLM samples from the adapter as the last update left it
+            rollout = generator.generate([task.prompt(e) for e in examples], algo.num_generations,
+                                         SamplingParams(algo.max_completion_length, temperature, algo.top_p, algo.top_k))
+        with run.timed("rewards"):  # a workflow task's executor may run the policy
+            columns = task.columns([e for e in examples for _ in range(algo.num_generations)])
+            rewards, components = combine_rewards(rollout.texts, columns, weights)
+            rewards = torch.tensor(rewards, dtype=torch.float32)
+            if algo.overlong_buffer:  # DAPO's soft punishment of completions near the length budget
+                overlong = algo.overlong_penalty * overlong_penalty(
+                    rollout.completion_mask.sum(dim=1), algo.max_completion_length, algo.overlong_buffer)
+                rewards, components["overlong"] = rewards + overlong, overlong.tolist()
+        return ScoredGroups(list(examples), rollout, rewards, components)
+
     if evaluate_before_after and run.step == 0:
         results["before"] = run_eval(0, "before")
 
@@ -138,42 +155,40 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
         for step in run.steps():
             temperature = _temperature(algo, step)
 
-            # 1. roll out: G completions for each prompt of this step
-            examples, run.state["data_position"] = next_items(
-                task.train, run.state["data_position"], prompts_per_step, train_cfg.seed
-            )
-            examples = dist.share(examples)  # every process draws the same prompts and keeps its share
-            with full_weights(model):  # 1-2 run on each process alone (sharded weights gathered whole)
-                with run.timed("generation"):
-                    if algo.rollout_engine == "vllm":
-                        generator.sync_adapter()  # vLLM samples from the adapter as the last update left it
-                    rollout = generator.generate(
-                        [task.prompt(e) for e in examples], algo.num_generations,
-                        SamplingParams(algo.max_completion_length, temperature, algo.top_p, algo.top_k),
+            # 1-2. roll out G completions for each prompt of this step and score them (a weighted sum of reward
+            #      functions, each component kept for logging); with algo.dynamic_sampling, groups whose rewards
+            #      all agree are dropped and rounds of fresh prompts drawn until the step has prompts_per_step
+            #      groups, or algo.max_sampling_rounds rounds are spent
+            parts, drawn, kept_groups, generated_tokens = [], [], 0, 0
+            with full_weights(model):  # on each process alone (sharded weights gathered whole)
+                while len(drawn) < (algo.max_sampling_rounds if algo.dynamic_sampling else 1) and kept_groups < prompts_per_step:
+                    examples, run.state["data_position"] = next_items(
+                        task.train, run.state["data_position"], prompts_per_step, train_cfg.seed
                     )
+                    scored = sample_and_score(dist.share(examples), temperature)  # each process its share
+                    generated_tokens += scored.rollout.num_completion_tokens
+                    drawn.append(dist.gather(scored.rewards))  # every process's, in draw order
+                    keep = informative_groups(drawn[-1], algo.num_generations) if algo.dynamic_sampling else \
+                        torch.ones(prompts_per_step, dtype=torch.bool)
+                    keep = keep_first(keep, prompts_per_step - kept_groups)
+                    kept_groups += int(keep.sum())
+                    parts.append(scored.groups(keep.chunk(dist.world)[dist.rank], algo.num_generations))
+            batch = ScoredGroups.concat(parts)
+            rollout, rewards, components = batch.rollout, batch.rewards, batch.components
+            all_drawn = torch.cat(drawn)
 
-                # 2. score: weighted sum of reward functions, each component kept for logging (a workflow task's
-                #    executor may run the policy)
-                with run.timed("rewards"):
-                    columns = task.columns([e for e in examples for _ in range(algo.num_generations)])
-                    rewards, components = combine_rewards(rollout.texts, columns, weights)
-                    rewards = torch.tensor(rewards, dtype=torch.float32)
-                    if algo.overlong_buffer:  # DAPO's soft punishment of completions near the length budget
-                        overlong = algo.overlong_penalty * overlong_penalty(
-                            rollout.completion_mask.sum(dim=1), algo.max_completion_length, algo.overlong_buffer)
-                        rewards, components["overlong"] = rewards + overlong, overlong.tolist()
-
-            # 3. advantages: normalised within each prompt's group (batch scaling sees every process)
-            all_rewards = dist.gather(rewards)
+            # 3. advantages: normalised within each prompt's group (batch scaling sees every process's groups)
+            all_rewards = dist.gather_rows(rewards)
             advantages = group_advantages(all_rewards, algo.num_generations, scale=algo.scale_rewards, estimator=algo.advantage)
-            advantages = advantages.chunk(dist.world)[dist.rank].to(device)
+            start = sum(dist.gather_objects([len(rewards)])[: dist.rank])
+            advantages = advantages[start : start + len(rewards)].to(device)
             loss_mask = rollout.completion_mask.float()
             if algo.mask_truncated_completions:
                 loss_mask = loss_mask * (~rollout.truncated).float().unsqueeze(1)
             loss_mask = loss_mask.to(device)
 
             # 4. loss and step: old/ref log-probs once, then num_iterations clipped updates
-            slices = [slice(i * train_cfg.completions_per_forward, (i + 1) * train_cfg.completions_per_forward) for i in range(micro_batches)]
+            slices = [slice(i, i + train_cfg.completions_per_forward) for i in range(0, len(rewards), train_cfg.completions_per_forward)]
             old_logps = ref_logps = None
             with torch.no_grad():
                 if algo.num_iterations > 1:
@@ -186,7 +201,8 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
                         ref_logps = [micro_batch_logprobs(ref_model, rollout, s, temperature, shared, precision,
                                                           chunk_tokens=train_cfg.logprob_chunk_tokens)[0] for s in slices]
             stats: dict[str, float] = {}
-            for _ in range(algo.num_iterations):
+            grad_norm = 0.0
+            for _ in range(algo.num_iterations if kept_groups else 0):  # no group to learn from: no update
                 stats, grad_norm = update_policy(
                     model, optimizer, scheduler, trainable, rollout, advantages, loss_mask, algo=algo, slices=slices,
                     shared=shared, precision=precision, temperature=temperature, old_logps=old_logps,
@@ -197,10 +213,13 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
             # 5. log / eval / checkpoint
             lengths = rollout.completion_mask.sum(dim=1).float()
             elapsed = run.step_seconds()
+            sampling = {"sampling/rounds": len(drawn), "sampling/groups": kept_groups,
+                        "sampling/dropped_share": 1 - kept_groups / (len(drawn) * prompts_per_step)} if algo.dynamic_sampling else {}
             run.log(step, {
                 **stats,
-                "reward/mean": float(all_rewards.mean()),
-                "reward/std": float(all_rewards.std()) if len(all_rewards) > 1 else 0.0,
+                "reward/mean": float(all_drawn.mean()),  # every completion drawn this step
+                "reward/std": float(all_drawn.std()) if len(all_drawn) > 1 else 0.0,
+                **sampling,
                 **{f"reward/{_short(name)}/mean": float(np.mean(values)) for name, values in components.items()},
                 "completion_length/mean": float(lengths.mean()),
                 "completion_length/max": float(lengths.max()),
@@ -209,10 +228,10 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
                 "grad_norm": grad_norm,
                 "learning_rate": scheduler.get_last_lr()[0],
                 "temperature": temperature,
-                "tokens_per_second": float(dist.sum(torch.tensor(float(rollout.num_completion_tokens)))) / elapsed,
+                "tokens_per_second": float(dist.sum(torch.tensor(float(generated_tokens)))) / elapsed,
             })
             if tracker and train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
-                tracker.log_table(_sample_rows(step, examples, rollout.texts, rewards, components, algo.num_generations),
+                tracker.log_table(_sample_rows(step, batch.examples, rollout.texts, rewards, components, algo.num_generations),
                                   f"samples/step{step:06d}.json")
             run.state["task_state"] = task.state_dict()
             if run.end_of_step(step, run_eval(step, "train") if run.eval_due(step) else None):
@@ -229,6 +248,38 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class ScoredGroups:
+    """Completions sampled in groups, with their rewards: one group of G per prompt, in prompt order."""
+
+    examples: list
+    """The prompts' examples, one per group."""
+    rollout: Rollout
+    """G completions per example, group after group."""
+    rewards: torch.Tensor
+    """[B] each completion's reward (the weighted sum)."""
+    components: dict[str, list[float]]
+    """Each reward function's unweighted values, [B] each."""
+
+    def groups(self, keep: torch.Tensor, group_size: int) -> "ScoredGroups":
+        """The groups where ``keep`` ([B / G] bool) is true."""
+        rows = keep.repeat_interleave(group_size)
+        if bool(rows.all()):
+            return self
+        chosen = [index for index, kept in enumerate(rows.tolist()) if kept]
+        return ScoredGroups([e for e, kept in zip(self.examples, keep.tolist()) if kept], self.rollout.select(rows),
+                            self.rewards[rows], {name: [values[i] for i in chosen] for name, values in self.components.items()})
+
+    @staticmethod
+    def concat(parts: list["ScoredGroups"]) -> "ScoredGroups":
+        """The groups of every part, one part after the other."""
+        if len(parts) == 1:
+            return parts[0]
+        return ScoredGroups([e for p in parts for e in p.examples], Rollout.concat([p.rollout for p in parts]),
+                            torch.cat([p.rewards for p in parts]),
+                            {name: [v for p in parts for v in p.components[name]] for name in parts[0].components})
 
 
 def update_policy(

@@ -40,6 +40,12 @@ class GRPOAlgo(ClippedObjective, SamplingSettings):
     0 turns it off."""
     overlong_penalty: float = 1.0
     """The weight of that term: a completion that uses the whole budget loses this much reward."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (arXiv:2503.14476): drop the groups whose rewards are all equal (no advantage, no
+    gradient) and draw fresh prompts until the step has its prompts_per_step groups (logged: sampling/rounds,
+    sampling/dropped_share); a step that finds none makes no update."""
+    max_sampling_rounds: int = 3
+    """With dynamic_sampling: the most rounds of prompts_per_step prompts one step draws."""
     temperature_final: Optional[float] = None
     """Final temperature of a linear schedule; None keeps the temperature constant."""
     temperature_schedule_steps: int = 0
@@ -87,6 +93,10 @@ def validate_grpo(config: GRPOConfig) -> None:
     check(0 <= algo.overlong_buffer <= algo.max_completion_length,
           f"algo.overlong_buffer={algo.overlong_buffer} must be in [0, algo.max_completion_length={algo.max_completion_length}]")
     check(algo.overlong_penalty >= 0, f"algo.overlong_penalty={algo.overlong_penalty} must be >= 0")
+    check(algo.max_sampling_rounds >= 1, f"algo.max_sampling_rounds={algo.max_sampling_rounds} must be >= 1")
+    check(not (algo.dynamic_sampling and train.strategy == "fsdp"),
+          "algo.dynamic_sampling leaves processes with different numbers of groups, which train.strategy=fsdp cannot "
+          "step in lockstep; use train.strategy=ddp with it")
     if algo.rollout_engine == "vllm":
         _check_vllm(config)
         check(train.strategy == "ddp", "algo.rollout_engine=vllm syncs the adapter from whole weights; use train.strategy=ddp with it")

@@ -48,6 +48,32 @@ class Rollout:
     def num_completion_tokens(self) -> int:
         return int(self.completion_mask.sum())
 
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        """The rollout of the rows where ``rows`` (a [B] bool mask) is true, in order."""
+        chosen = [index for index, keep in enumerate(rows.tolist()) if keep]
+        index = torch.tensor(chosen, dtype=torch.long)
+        return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
+                       self.completion_mask[index], self.truncated[index], [self.texts[i] for i in chosen])
+
+    @staticmethod
+    def concat(parts: list["Rollout"]) -> "Rollout":
+        """The rollouts one after the other: prompts padded on the left and completions on the right to the widest
+        (one part is returned as it is)."""
+        if len(parts) == 1:
+            return parts[0]
+        prompt_width = max(part.prompt_ids.shape[1] for part in parts)
+        completion_width = max(part.completion_ids.shape[1] for part in parts)
+
+        def padded(tensor: torch.Tensor, width: int, left: bool) -> torch.Tensor:
+            pad = (width - tensor.shape[1], 0) if left else (0, width - tensor.shape[1])
+            return torch.nn.functional.pad(tensor, pad)
+
+        return Rollout(torch.cat([padded(p.prompt_ids, prompt_width, True) for p in parts]),
+                       torch.cat([padded(p.prompt_mask, prompt_width, True) for p in parts]),
+                       torch.cat([padded(p.completion_ids, completion_width, False) for p in parts]),
+                       torch.cat([padded(p.completion_mask, completion_width, False) for p in parts]),
+                       torch.cat([p.truncated for p in parts]), [text for p in parts for text in p.texts])
+
 
 class HFGenerator:
     """Samples completions from a (possibly LoRA-wrapped) Hugging Face causal LM.

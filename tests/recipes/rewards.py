@@ -27,3 +27,13 @@ def one_value_short(completions: list[str], **columns) -> list[float]:
 def raising(completions: list[str], **columns) -> list[float]:
     """A broken reward for the tests: it raises (a bug in user code)."""
     raise KeyError("answer_column_missing")
+
+
+def settled_for_even_answers(completions: list[str], answer: list[str], **columns) -> list[float]:
+    """1 for every completion of a prompt whose answer is even (a group with nothing to learn), else the
+    completion's length in characters / 100 (different within a group): about half the groups are settled.
+
+    >>> settled_for_even_answers(["ab", "abcd"], answer=["4", "7"])
+    [1.0, 0.04]
+    """
+    return [1.0 if int(target) % 2 == 0 else len(text) / 100 for text, target in zip(completions, answer)]

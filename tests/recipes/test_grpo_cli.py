@@ -205,6 +205,25 @@ def test_grpo_trains_with_the_newer_objectives(tmp_path, objective):
 
 
 @pytest.mark.slow
+def test_dynamic_sampling_fills_the_step_with_groups_that_differ(tmp_path):
+    """About half of chain_sum's answers are even, and every completion of their prompts scores 1: those groups
+    are dropped and fresh prompts drawn until the step has its 2 groups, or 4 rounds are spent."""
+    args = ["train", *TINY, "task.rewards=[tests.recipes.rewards:settled_for_even_answers]", "task.reward_weights=[1.0]",
+            "algo.dynamic_sampling=true", "algo.max_sampling_rounds=4", "train.steps=3", "tracking.enabled=false",
+            "train.output_dir=run"]
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = _metrics(tmp_path / "run")
+    drawn = sum(steps[s]["sampling/rounds"] for s in steps)
+    assert any(steps[s]["sampling/rounds"] > 1 for s in steps) and all(1 <= steps[s]["sampling/rounds"] <= 4 for s in steps)
+    assert 0 < sum(steps[s]["sampling/dropped_share"] * steps[s]["sampling/rounds"] for s in steps) / drawn < 1
+    for record in steps.values():  # full unless the cap ended the drawing
+        assert record["sampling/groups"] == 2 or (record["sampling/rounds"] == 4 and record["sampling/groups"] < 2)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
+    assert state["data_position"] == 2 * drawn  # every round drew 2 fresh prompts (16 completions a step, 8 a group)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, objective", [
     ("shared", []), ("per_role", ["algo.loss_type=sapo", "algo.advantage=reinforce_pp"]),
     ("separate", ["algo.advantage=rloo"]),

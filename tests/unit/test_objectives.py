@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from palaestra.algorithms.at_grpo import tree_advantages
-from palaestra.algorithms.grpo import LOSS_TYPES, accumulated_loss, group_advantages, overlong_penalty, policy_loss
+from palaestra.algorithms.grpo import (
+    LOSS_TYPES,
+    accumulated_loss,
+    group_advantages,
+    informative_groups,
+    keep_first,
+    overlong_penalty,
+    policy_loss,
+)
 
 # ---------------------------------------------------------------- advantage estimators
 
@@ -45,6 +53,44 @@ def test_tree_advantages_of_groups_of_different_sizes():
     torch.testing.assert_close(reinforce, torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.0, 0.0, 0.0]) / spread)
     with pytest.raises(ValueError, match="estimator"):
         group_advantages(torch.ones(2), 2, estimator="ppo")
+
+
+# ---------------------------------------------------------------- dynamic sampling
+
+
+def _scored(rewards: list[float], prompt_width: int, completion_width: int, first: int):
+    """A scored batch of groups of 2 with recognisable tokens: completion row i holds first + i."""
+    from palaestra.recipes.grpo import ScoredGroups
+    from palaestra.rollout import Rollout
+
+    rows = len(rewards)
+    completions = torch.arange(first, first + rows).unsqueeze(1).repeat(1, completion_width)
+    rollout = Rollout(torch.ones(rows, prompt_width, dtype=torch.long), torch.ones(rows, prompt_width, dtype=torch.long),
+                      completions, torch.ones(rows, completion_width, dtype=torch.long), torch.zeros(rows, dtype=torch.bool),
+                      [str(first + i) for i in range(rows)])
+    return ScoredGroups([f"prompt {first + 2 * g}" for g in range(rows // 2)], rollout, torch.tensor(rewards),
+                        {"r": list(rewards)})
+
+
+def test_dynamic_sampling_keeps_the_first_groups_that_differ_until_the_step_is_full():
+    from palaestra.recipes.grpo import ScoredGroups
+
+    # round 1: groups [1, 1] (settled), [0, 1], [1, 1]; round 2: [0, 0], [1, 0], [0, 1]; a step of 2 groups
+    first, second = _scored([1, 1, 0, 1, 1, 1], 3, 2, first=0), _scored([0, 0, 1, 0, 0, 1], 5, 4, first=10)
+    keep_one = keep_first(informative_groups(first.rewards, 2), 2)
+    assert keep_one.tolist() == [False, True, False]
+    keep_two = keep_first(informative_groups(second.rewards, 2), 2 - int(keep_one.sum()))
+    assert keep_two.tolist() == [False, True, False]  # the step is full after one more: the third group waits
+    batch = ScoredGroups.concat([first.groups(keep_one, 2), second.groups(keep_two, 2)])
+    assert batch.examples == ["prompt 2", "prompt 12"] and batch.rollout.texts == ["2", "3", "12", "13"]
+    assert batch.rewards.tolist() == [0.0, 1.0, 1.0, 0.0] == batch.components["r"]
+    assert group_advantages(batch.rewards, 2).abs().min() > 0  # no group without an advantage enters the loss
+    # prompts left-padded and completions right-padded to the widest part
+    assert batch.rollout.prompt_mask.tolist()[0] == [0, 0, 1, 1, 1] and batch.rollout.prompt_mask.tolist()[2] == [1] * 5
+    assert batch.rollout.completion_ids.tolist()[0] == [2, 2, 0, 0] and batch.rollout.completion_mask.tolist()[0] == [1, 1, 0, 0]
+    assert batch.rollout.completion_ids.tolist()[3] == [13] * 4
+    # a round that keeps every group is the round itself
+    assert first.groups(torch.ones(3, dtype=torch.bool), 2) is first
 
 
 # ---------------------------------------------------------------- overlong shaping
