@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
+from palaestra.config.sampling import ClippedObjective
 from palaestra.distributed import Distributed
 from palaestra.models import apply_lora, build_tiny_model
 from palaestra.recipes.grpo import update_policy
@@ -35,7 +37,7 @@ def _setup(loss_type: str):
     completion_mask[6, 2:] = 0
     rollout = Rollout(prompts, torch.ones_like(prompts), completions, completion_mask, torch.zeros(8, dtype=torch.bool), [""] * 8)
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, 0.8, -0.6, -0.4])
-    algo = SimpleNamespace(loss_type=loss_type, epsilon=0.2, epsilon_high=None, beta=0.0, max_completion_length=5)
+    algo = SimpleNamespace(**asdict(ClippedObjective(loss_type=loss_type)), max_completion_length=5)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
