@@ -30,6 +30,8 @@ __all__ = [
     "LOSS_TYPES",
     "SCALE_REWARDS",
     "accumulated_loss",
+    "distillation_advantages",
+    "entropy_bonus",
     "entropy_from_logits",
     "group_advantages",
     "informative_groups",
@@ -153,6 +155,34 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.exp(delta) - delta - 1
 
 
+def distillation_advantages(advantages: Tensor, student_logp: Tensor, teacher_logp: Tensor, *, reward_coef: float = 1.0,
+                            teacher_coef: float = 1.0) -> Tensor:
+    """Per-token advantages [B, T] of on-policy distillation: the student samples, a teacher scores the sampled
+    tokens, and each token's advantage is the negative of its per-token reverse-KL estimate, optionally mixed
+    with the task's group advantage (Agarwal et al. arXiv:2306.13649; Thinking Machines, "On-Policy
+    Distillation", 2025).
+
+    Args:
+        advantages: [B] the task's advantage of each completion (:func:`group_advantages`).
+        student_logp: [B, T] the sampling policy's log-probs of its tokens.
+        teacher_logp: [B, T] the teacher's log-probs of the same tokens.
+        reward_coef: weight of the task's advantage (0: pure distillation).
+        teacher_coef: weight of the teacher's term.
+
+    Returns:
+        [B, T] ``reward_coef * A_b + teacher_coef * (teacher_logp - student_logp)``, detached: the sampled-token
+        estimate of -KL(student || teacher) at each token, so that the policy gradient lowers the reverse KL.
+
+    >>> distillation_advantages(torch.tensor([1.0, -1.0]), torch.tensor([[-1.0, -2.0], [-0.5, -0.5]]),
+    ...                         torch.tensor([[-0.5, -3.0], [-0.5, -1.5]]), reward_coef=0.5, teacher_coef=2.0)
+    tensor([[ 1.5000, -1.5000],
+            [-0.5000, -2.5000]])
+    """
+    # A_bt = c_r * A_b - c_t * (log pi_student - log pi_teacher)
+    reverse_kl = student_logp.detach() - teacher_logp.detach()
+    return reward_coef * advantages.detach().unsqueeze(1) - teacher_coef * reverse_kl
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -175,7 +205,8 @@ def policy_loss(
     Args:
         logp: [B, T] log-probs of the completion tokens under the policy being trained.
         old_logp: [B, T] the same under the policy that sampled them (detached here).
-        advantages: [B], one per completion, broadcast to its tokens (detached here).
+        advantages: [B], one per completion, broadcast to its tokens, or [B, T], one per token (on-policy
+            distillation: :func:`distillation_advantages`); detached here.
         mask: [B, T] 1 for real completion tokens, 0 for padding.
         loss_type: the objective and how token losses are reduced; one of ``LOSS_TYPES``: the clipped
             surrogate reduced per sequence (grpo), per batch token (bnpo), over B * max_completion_length
@@ -210,7 +241,8 @@ def policy_loss(
         raise ValueError("loss_type='dr_grpo' needs max_completion_length")
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.to(logp.dtype)
-    adv = advantages.detach().unsqueeze(1)  # [B, 1], broadcast over tokens
+    adv = advantages.detach()
+    adv = adv.unsqueeze(1) if adv.dim() == 1 else adv  # [B, 1] broadcast over tokens, or [B, T]
 
     # log ratio = logp - old_logp                           (token: [B, T])
     # log ratio = sum_t (logp - old_logp) m / sum_t m       (sequence, GSPO: [B, 1])
@@ -267,6 +299,31 @@ def policy_loss(
             "clip_ratio/region": masked_mean((low | high).to(mask.dtype), mask).item(),
         }
     return loss, stats
+
+
+def entropy_bonus(entropy: Tensor, mask: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
+    """A micro-batch's share of the entropy bonus: its tokens' entropies summed over the whole batch's tokens.
+
+    The bonus is the mean per-token entropy of the whole batch (every micro-batch of every process), whatever the
+    loss type, so ``entropy_coef`` means the same for every objective (TRL's ``entropy_coef``); the recipes take
+    ``entropy_coef`` x this from each micro-batch's accumulated loss, so the summed gradients are those of the
+    whole batch's mean.
+
+    Args:
+        entropy: [B, T] the policy's per-token entropy, with its gradient.
+        mask: [B, T] 1 on the tokens that count.
+        num_items_in_batch: the whole batch's counted tokens; None: this micro-batch's.
+
+    Returns:
+        Scalar ``sum_bt H m / num_items_in_batch``.
+
+    >>> float(entropy_bonus(torch.tensor([[1.0, 3.0], [2.0, 9.0]]), torch.tensor([[1.0, 1.0], [1.0, 0.0]]), 6))
+    1.0
+    """
+    mask = mask.to(entropy.dtype)
+    total = mask.sum() if num_items_in_batch is None else num_items_in_batch
+    total = torch.as_tensor(total, dtype=entropy.dtype, device=entropy.device)
+    return (entropy * mask).sum() / total.clamp(min=1)
 
 
 def accumulated_loss(loss: Tensor, *, loss_type: str, rows: int, total_rows: int) -> Tensor:

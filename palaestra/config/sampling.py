@@ -61,6 +61,9 @@ class ClippedObjective:
     unused)."""
     scale_rewards: str = "group"
     """Advantage scaling: group (std per group), batch (std of the batch) or none."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus (Williams & Peng 1991): the loss less entropy_coef x the step's mean per-token
+    policy entropy, whatever the loss type (TRL's entropy_coef); 0: off. The logged ``entropy`` is that mean."""
 
 
 def validate_sampling(sampling: SamplingSettings) -> None:
@@ -81,6 +84,7 @@ def validate_objective(objective: ClippedObjective) -> None:
     one_of("algo.importance_sampling_level", objective.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
     one_of("algo.advantage", objective.advantage, ADVANTAGE_ESTIMATORS)
     one_of("algo.scale_rewards", objective.scale_rewards, SCALE_REWARDS)
+    check(objective.entropy_coef >= 0, f"algo.entropy_coef={objective.entropy_coef} must be >= 0")
     for key in ("sapo_temperature_pos", "sapo_temperature_neg"):
         check(getattr(objective, key) > 0, f"algo.{key}={getattr(objective, key)} must be > 0")
 
@@ -92,4 +96,5 @@ def objective_settings(objective: ClippedObjective) -> dict:
         epsilon_high = 1 + objective.epsilon  # CISPO caps the weight itself: the surrogate's upper clip
     return {"loss_type": objective.loss_type, "epsilon": objective.epsilon, "epsilon_high": epsilon_high,
             "beta": objective.beta, "importance_sampling_level": objective.importance_sampling_level,
-            "sapo_temperature_pos": objective.sapo_temperature_pos, "sapo_temperature_neg": objective.sapo_temperature_neg}
+            "sapo_temperature_pos": objective.sapo_temperature_pos, "sapo_temperature_neg": objective.sapo_temperature_neg,
+            "entropy_coef": objective.entropy_coef}

@@ -12,27 +12,33 @@ from palaestra.sharding import is_sharded
 
 
 def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float, chunk_tokens: int,
-                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  with_entropy: bool = False, entropy_gradient: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [N] of ``targets`` [N] (and entropies [N], or None) from the final hidden states [N, H] of the
     positions that predict them: the LM head and the log-softmax over chunks of ``chunk_tokens`` positions,
     each chunk recomputed in the backward pass (``torch.utils.checkpoint``), so that the [N, V] logits never
-    exist at once; the figures are those of the whole-matrix computation."""
+    exist at once; the figures are those of the whole-matrix computation. ``entropy_gradient``: the entropies
+    carry gradients too (an entropy bonus in the loss), computed in the same checkpointed chunk."""
     head = decoder_and_head(model)[1]
 
-    def chunk_logprobs(states: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        logits = head(states).float() / temperature
-        return selective_log_softmax(logits.unsqueeze(0), chosen.unsqueeze(0))[0]
+    def chunk_logprobs(states: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = (head(states).float() / temperature).unsqueeze(0)
+        logprobs = selective_log_softmax(logits, chosen.unsqueeze(0))[0]
+        if not entropy_gradient:
+            return logprobs, logprobs.new_empty(0)
+        return logprobs, entropy_from_logits(logits)[0]
 
     logprobs, entropies = [], []
     for states, chosen in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
         if torch.is_grad_enabled():
-            logprobs.append(checkpoint(chunk_logprobs, states, chosen, use_reentrant=False))
+            chunk, entropy = checkpoint(chunk_logprobs, states, chosen, use_reentrant=False)
         else:
-            logprobs.append(chunk_logprobs(states, chosen))
-        if with_entropy:
+            chunk, entropy = chunk_logprobs(states, chosen)
+        logprobs.append(chunk)
+        if with_entropy and not entropy_gradient:
             with torch.no_grad():
-                entropies.append(entropy_from_logits((head(states).float() / temperature).unsqueeze(0))[0])
-    return torch.cat(logprobs), (torch.cat(entropies) if with_entropy else None)
+                entropy = entropy_from_logits((head(states).float() / temperature).unsqueeze(0))[0]
+        entropies.append(entropy)
+    return torch.cat(logprobs), (torch.cat(entropies) if with_entropy or entropy_gradient else None)
 
 
 def decoder_and_head(model):
@@ -69,8 +75,10 @@ def completion_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_tokens: int = 0,
+    entropy_gradient: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs [B, C] of ``completion_ids`` given left-padded prompts, and optionally entropy [B, C].
+    """Log-probs [B, C] of ``completion_ids`` given left-padded prompts, and optionally entropy [B, C]
+    (``entropy_gradient``: with its gradient, for an entropy bonus in the loss).
 
     Logits are divided by the sampling temperature so the log-probs are those of the distribution
     the completions were drawn from. Only the last C + 1 positions go through the LM head
@@ -85,16 +93,23 @@ def completion_logprobs(
         kept = inputs.pop("logits_to_keep")
         hidden = final_hidden_states(model, **inputs, use_cache=False)[:, -kept:][:, :width]
         logprobs, entropy = head_logprobs(model, hidden.reshape(-1, hidden.shape[-1]), completion_ids.to(device).reshape(-1),
-                                          temperature=temperature, chunk_tokens=chunk_tokens, with_entropy=with_entropy)
-        return logprobs.view(completion_ids.shape), (entropy.view(completion_ids.shape) if with_entropy else None)
+                                          temperature=temperature, chunk_tokens=chunk_tokens, with_entropy=with_entropy,
+                                          entropy_gradient=entropy_gradient)
+        return logprobs.view(completion_ids.shape), (entropy.view(completion_ids.shape) if entropy is not None else None)
     logits = model(**inputs, use_cache=False).logits[:, :width, :]
     logits = logits.float() / temperature
     logprobs = selective_log_softmax(logits, completion_ids.to(device))
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach())
-    return logprobs, entropy
+    return logprobs, _entropy(logits, with_entropy, entropy_gradient)
+
+
+def _entropy(logits: torch.Tensor, with_entropy: bool, entropy_gradient: bool) -> torch.Tensor | None:
+    """The entropies of ``logits``' distributions: with their gradient, without, or None (neither asked)."""
+    if entropy_gradient:
+        return entropy_from_logits(logits)
+    if not with_entropy:
+        return None
+    with torch.no_grad():
+        return entropy_from_logits(logits.detach())
 
 
 def padded_inputs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
@@ -129,6 +144,7 @@ def grouped_completion_logprobs(
     with_entropy: bool = False,
     max_packed_tokens: int = 4096,
     chunk_tokens: int = 0,
+    entropy_gradient: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`completion_logprobs` without padding, each shared prompt computed once.
 
@@ -170,20 +186,14 @@ def grouped_completion_logprobs(
               for chunk in chunks]
     if chunk_tokens:  # pieces are final hidden states [real completion tokens, H]
         scores, entropies = head_logprobs(model, torch.cat(pieces), targets, temperature=temperature,
-                                          chunk_tokens=chunk_tokens, with_entropy=with_entropy)
-        logprobs = torch.zeros(batch, width, device=device, dtype=scores.dtype).masked_scatter(scored.to(device), scores)
-        entropy = None
-        if with_entropy:
-            entropy = torch.zeros(batch, width, device=device).masked_scatter(scored.to(device), entropies)
-        return logprobs, entropy
-    logits = torch.cat(pieces).float() / temperature  # [real completion tokens, V], row by row
-    logprobs = torch.zeros(batch, width, device=device, dtype=logits.dtype)
-    logprobs = logprobs.masked_scatter(scored.to(device), selective_log_softmax(logits, targets))
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = torch.zeros(batch, width, device=device).masked_scatter(scored.to(device), entropy_from_logits(logits.detach()))
-    return logprobs, entropy
+                                          chunk_tokens=chunk_tokens, with_entropy=with_entropy, entropy_gradient=entropy_gradient)
+    else:
+        logits = torch.cat(pieces).float() / temperature  # [real completion tokens, V], row by row
+        scores, entropies = selective_log_softmax(logits, targets), _entropy(logits, with_entropy, entropy_gradient)
+    logprobs = torch.zeros(batch, width, device=device, dtype=scores.dtype).masked_scatter(scored.to(device), scores)
+    if entropies is None:
+        return logprobs, None
+    return logprobs, torch.zeros(batch, width, device=device, dtype=entropies.dtype).masked_scatter(scored.to(device), entropies)
 
 
 def _packed_row(model, prompts: list, completion_ids: torch.Tensor, lengths: list, group_size: int, groups: list[int],
@@ -232,13 +242,14 @@ def _packed_row(model, prompts: list, completion_ids: torch.Tensor, lengths: lis
 
 
 def batch_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, shared_rows: int, *,
-                   temperature: float = 1.0, with_entropy: bool = False,
-                   chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   temperature: float = 1.0, with_entropy: bool = False, chunk_tokens: int = 0,
+                   entropy_gradient: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The recipes' choice: packed (:func:`grouped_completion_logprobs`, each run of ``shared_rows``
     rows sharing one prompt) when ``shared_rows`` >= 1, the plain padded forward when it is 0
     (see :func:`shared_prompt_rows`); ``chunk_tokens`` > 0: the LM head in chunks (:func:`head_logprobs`)."""
     batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
-    options = {"temperature": temperature, "with_entropy": with_entropy, "chunk_tokens": chunk_tokens}
+    options = {"temperature": temperature, "with_entropy": with_entropy, "chunk_tokens": chunk_tokens,
+               "entropy_gradient": entropy_gradient}
     if shared_rows:
         return grouped_completion_logprobs(model, *batch, shared_rows, **options)
     return completion_logprobs(model, *batch, **options)

@@ -218,11 +218,12 @@ def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config,
         policy.optimizer, policy.scheduler, list(policy.parameters().values()), torch.tensor(advs, dtype=torch.float32),
         loss_mask, slices=slices,
         logprobs=lambda rows: micro_batch_logprobs(model, batch, rows, algo.temperature, shared, precision,
-                                                   chunk_tokens=train_cfg.logprob_chunk_tokens),
+                                                   chunk_tokens=train_cfg.logprob_chunk_tokens,
+                                                   entropy_gradient=algo.entropy_coef > 0),
         ref_logps=reference if algo.beta > 0 else None, max_completion_length=algo.max_completion_length,
         max_grad_norm=train_cfg.max_grad_norm, dist=dist, **objective_settings(algo),
     )
-    return {f"{name}/{key}": totals[key] for key in ("loss", "kl", "clip_ratio/region")} | {
+    return {f"{name}/{key}": totals[key] for key in ("loss", "kl", "clip_ratio/region", "entropy") if key in totals} | {
         f"{name}/grad_norm": grad_norm, f"{name}/samples": samples}
 
 

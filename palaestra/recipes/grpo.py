@@ -41,6 +41,7 @@ from palaestra.models import embedded_model_dir, frozen_reference_copy, model_id
 from palaestra.models.logprobs import shared_prompt_rows
 from palaestra.data.order import next_items
 from palaestra.models.loading import enable_gradient_checkpointing, load_policy, policy_identity
+from palaestra.models.teacher import load_teacher
 from palaestra.optim import adamw
 from palaestra.runtime import seed_everything
 from palaestra.recipes.methods import best_metric
@@ -78,6 +79,7 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     dist.broadcast_parameters([p for p in model.parameters() if p.requires_grad])  # every process: the main one's weights
+    teacher = load_teacher(algo.teacher, config.model, device, dtype, tokenizer) if algo.teacher else None
     reference = None
     if algo.beta > 0 and not config.model.lora.enabled:
         reference = frozen_reference_copy(model)  # full fine-tuning needs a frozen copy; LoRA does not
@@ -187,9 +189,9 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
                 loss_mask = loss_mask * (~rollout.truncated).float().unsqueeze(1)
             loss_mask = loss_mask.to(device)
 
-            # 4. loss and step: old/ref log-probs once, then num_iterations clipped updates
+            # 4. loss and step: old/ref/teacher log-probs once, then num_iterations clipped updates
             slices = [slice(i, i + train_cfg.completions_per_forward) for i in range(0, len(rewards), train_cfg.completions_per_forward)]
-            old_logps = ref_logps = None
+            old_logps = ref_logps = teacher_logps = None
             with torch.no_grad():
                 if algo.num_iterations > 1:
                     with run.timed("old_logprobs"):
@@ -200,14 +202,18 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
                         ref_model = reference if reference is not None else model
                         ref_logps = [micro_batch_logprobs(ref_model, rollout, s, temperature, shared, precision,
                                                           chunk_tokens=train_cfg.logprob_chunk_tokens)[0] for s in slices]
+                if teacher is not None:  # on-policy distillation: the teacher scores the student's tokens
+                    with run.timed("teacher"):
+                        teacher_logps = [micro_batch_logprobs(teacher, rollout, s, temperature, shared, precision,
+                                                              chunk_tokens=train_cfg.logprob_chunk_tokens)[0] for s in slices]
             stats: dict[str, float] = {}
             grad_norm = 0.0
             for _ in range(algo.num_iterations if kept_groups else 0):  # no group to learn from: no update
                 stats, grad_norm = update_policy(
                     model, optimizer, scheduler, trainable, rollout, advantages, loss_mask, algo=algo, slices=slices,
                     shared=shared, precision=precision, temperature=temperature, old_logps=old_logps,
-                    ref_logps=ref_logps, max_grad_norm=train_cfg.max_grad_norm, dist=dist, timings=run.timings,
-                    chunk_tokens=train_cfg.logprob_chunk_tokens,
+                    ref_logps=ref_logps, teacher_logps=teacher_logps, max_grad_norm=train_cfg.max_grad_norm, dist=dist,
+                    timings=run.timings, chunk_tokens=train_cfg.logprob_chunk_tokens,
                 )
 
             # 5. log / eval / checkpoint
@@ -285,18 +291,21 @@ class ScoredGroups:
 def update_policy(
     model, optimizer, scheduler, trainable, rollout, advantages, loss_mask, *, algo, slices, shared, precision,
     temperature, old_logps, ref_logps, max_grad_norm, dist: Distributed, timings: dict, chunk_tokens: int = 0,
+    teacher_logps=None,
 ) -> tuple[dict[str, float], float]:
     """One optimizer update on this process's share of the batch, gradients summed over processes:
     :func:`palaestra.recipes.update.policy_update` on the rollout's micro-batches, entropy logged.
 
-    ``old_logps`` / ``ref_logps``: one tensor per micro-batch of ``slices`` (computed once before
-    the ``num_iterations`` updates), or None.
+    ``old_logps`` / ``ref_logps`` / ``teacher_logps``: one tensor per micro-batch of ``slices`` (computed once
+    before the ``num_iterations`` updates), or None.
     """
+    distillation = {"teacher_coef": algo.teacher_coef, "reward_coef": algo.reward_coef} if teacher_logps is not None else {}
     return policy_update(
         optimizer, scheduler, trainable, advantages, loss_mask, slices=slices,
         logprobs=lambda rows: micro_batch_logprobs(model, rollout, rows, temperature, shared, precision, with_entropy=True,
-                                                   chunk_tokens=chunk_tokens),
-        old_logps=old_logps, ref_logps=ref_logps, max_completion_length=algo.max_completion_length, **objective_settings(algo),
+                                                   chunk_tokens=chunk_tokens, entropy_gradient=algo.entropy_coef > 0),
+        old_logps=old_logps, ref_logps=ref_logps, teacher_logps=teacher_logps, **distillation,
+        max_completion_length=algo.max_completion_length, **objective_settings(algo),
         max_grad_norm=max_grad_norm, dist=dist, timings=timings,
     )
 

@@ -46,6 +46,16 @@ class GRPOAlgo(ClippedObjective, SamplingSettings):
     sampling/dropped_share); a step that finds none makes no update."""
     max_sampling_rounds: int = 3
     """With dynamic_sampling: the most rounds of prompts_per_step prompts one step draws."""
+    teacher: Optional[str] = None
+    """On-policy distillation (Agarwal et al. arXiv:2306.13649; Thinking Machines 2025): a teacher scores the
+    student's sampled tokens and each token's advantage becomes reward_coef x the task's advantage less
+    teacher_coef x its reverse-KL estimate, log pi_student - log pi_teacher (logged: distill/reverse_kl). A palaestra
+    run folder (or its checkpoints/step-* folder) trained on this model's base, or a local model folder with
+    the same tokenizer; None: off."""
+    teacher_coef: float = 1.0
+    """With a teacher: the weight of its per-token term."""
+    reward_coef: float = 1.0
+    """With a teacher: the weight of the task's group advantage (0: pure distillation, rewards only logged)."""
     temperature_final: Optional[float] = None
     """Final temperature of a linear schedule; None keeps the temperature constant."""
     temperature_schedule_steps: int = 0
@@ -94,6 +104,13 @@ def validate_grpo(config: GRPOConfig) -> None:
           f"algo.overlong_buffer={algo.overlong_buffer} must be in [0, algo.max_completion_length={algo.max_completion_length}]")
     check(algo.overlong_penalty >= 0, f"algo.overlong_penalty={algo.overlong_penalty} must be >= 0")
     check(algo.max_sampling_rounds >= 1, f"algo.max_sampling_rounds={algo.max_sampling_rounds} must be >= 1")
+    if algo.teacher is not None:
+        from palaestra.models.teacher import teacher_checkpoint
+
+        teacher_checkpoint(algo.teacher)
+        check(algo.teacher_coef >= 0 and algo.reward_coef >= 0 and algo.teacher_coef + algo.reward_coef > 0,
+              f"algo.teacher_coef={algo.teacher_coef} and algo.reward_coef={algo.reward_coef} must be >= 0, "
+              "not both 0")
     check(not (algo.dynamic_sampling and train.strategy == "fsdp"),
           "algo.dynamic_sampling leaves processes with different numbers of groups, which train.strategy=fsdp cannot "
           "step in lockstep; use train.strategy=ddp with it")

@@ -10,8 +10,8 @@ may hold fewer rows than another, or none: the sum is still the whole batch's gr
 
 What differs between the recipes stays with them: GRPO precomputes the old and reference
 log-probs of every micro-batch before its ``num_iterations`` updates (lists), AT-GRPO computes the
-reference per micro-batch with the policy's adapter switched off (a callable); GRPO logs the
-entropy (its log-prob callable returns it), AT-GRPO does not.
+reference per micro-batch with the policy's adapter switched off (a callable); GRPO always logs the
+entropy (its log-prob callable returns it), AT-GRPO only when its entropy bonus is on.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-from palaestra.algorithms.grpo import accumulated_loss, policy_loss
+from palaestra.algorithms.grpo import accumulated_loss, distillation_advantages, entropy_bonus, policy_loss
 from palaestra.algorithms.logprob_math import masked_mean
 from palaestra.distributed import Distributed
 from palaestra.models.logprobs import batch_logprobs
@@ -50,6 +50,9 @@ def policy_update(
     logprobs: LogprobsFn,
     old_logps: PerMicroBatch = None,
     ref_logps: PerMicroBatch = None,
+    teacher_logps: PerMicroBatch = None,
+    teacher_coef: float = 1.0,
+    reward_coef: float = 1.0,
     max_completion_length: int | None = None,
     max_grad_norm: float = 0.0,
     dist: Distributed | None = None,
@@ -66,14 +69,18 @@ def policy_update(
         slices: the micro-batches, as row slices of the batch (they may differ in size; none when this
             process holds no completions).
         logprobs: ``logprobs(rows) -> (logp [b, T], entropy [b, T] or None)`` under the policy
-            being trained (with gradients).
+            being trained (with gradients; the entropy with its gradient too when ``entropy_coef`` > 0).
         old_logps: the sampling policy's log-probs per micro-batch; None: the policy itself,
             detached (one update per rollout batch: the ratio is 1).
         ref_logps: the reference's log-probs per micro-batch; needed when ``beta`` > 0.
             A callable is called before the policy's forward of the same micro-batch.
+        teacher_logps: a teacher's log-probs per micro-batch (on-policy distillation); each token's advantage is
+            then :func:`~palaestra.algorithms.grpo.distillation_advantages` of ``advantages`` and the
+            teacher's and the sampling policy's log-probs, with ``reward_coef`` and ``teacher_coef``.
         max_completion_length, objective: the loss (:func:`~palaestra.algorithms.grpo.policy_loss`'s
             ``loss_type``, ``epsilon``, ``epsilon_high``, ``beta``, ``importance_sampling_level``, ...; its defaults
-            where not given).
+            where not given), and ``entropy_coef``: the weight of the entropy bonus
+            (:func:`~palaestra.algorithms.grpo.entropy_bonus`; the entropies then come with their gradient).
         max_grad_norm: clip the gradients' norm to this; 0: no clipping (the norm is still measured).
         dist: data parallelism; the rows and the dapo denominator count every process's and the
             gradients are summed over them. None: one process.
@@ -81,7 +88,8 @@ def policy_update(
 
     Returns:
         (stats, grad_norm): stats are ``loss``, ``kl``, ``clip_ratio/low``, ``clip_ratio/high``,
-        ``clip_ratio/region`` and, when ``logprobs`` gives entropies, ``entropy``: of the whole batch
+        ``clip_ratio/region``, when ``logprobs`` gives entropies ``entropy``, and with a teacher
+        ``distill/reverse_kl`` (the mean over tokens of the sampled-token estimate): of the whole batch
         (every process's), each micro-batch weighing its share of the rows; grad_norm is the norm
         before clipping.
     """
@@ -92,6 +100,7 @@ def policy_update(
     if total_rows == 0:
         raise ValueError("policy_update needs at least one completion (on some process)")
     num_items = dist.sum(loss_mask.sum()).clamp(min=1)  # dapo's denominator: every process's tokens
+    entropy_coef = objective.pop("entropy_coef", 0.0)
     clock = (lambda name: timed(timings, name)) if timings is not None else (lambda name: nullcontext())
     optimizer.zero_grad(set_to_none=True)
     totals = {"loss": 0.0, "kl": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0, "clip_ratio/region": 0.0}
@@ -99,23 +108,37 @@ def policy_update(
         with clock("policy_forward_backward"):
             old = _micro_batch(old_logps, index, rows)
             ref = _micro_batch(ref_logps, index, rows)
+            teacher = _micro_batch(teacher_logps, index, rows)
             logp, entropy = logprobs(rows)
             mask = loss_mask[rows]
+            sampler = old if old is not None else logp.detach()
+            micro_advantages = advantages[rows].to(logp.device)
+            if teacher is not None:
+                micro_advantages = distillation_advantages(micro_advantages, sampler, teacher, reward_coef=reward_coef,
+                                                           teacher_coef=teacher_coef)
             loss, loss_stats = policy_loss(
-                logp, old if old is not None else logp.detach(), advantages[rows].to(logp.device), mask, ref_logp=ref,
-                max_completion_length=max_completion_length, num_items_in_batch=num_items, **objective,
+                logp, sampler, micro_advantages, mask, ref_logp=ref, max_completion_length=max_completion_length,
+                num_items_in_batch=num_items, **objective,
             )
             scaled = accumulated_loss(loss, loss_type=objective.get("loss_type", "grpo"), rows=size, total_rows=total_rows)
+            if entropy_coef > 0:  # L -= c * (the whole batch's mean token entropy), this micro-batch's share of it
+                if entropy is None:
+                    raise ValueError("entropy_coef > 0 needs the policy's entropies: a logprobs callable that returns them")
+                scaled = scaled - entropy_coef * entropy_bonus(entropy, mask, num_items)
             scaled.backward()
         share = size / total_rows  # the stats weigh each micro-batch's share of the rows
         totals["loss"] += float(scaled.detach())
         if entropy is not None:
-            totals["entropy"] = totals.get("entropy", 0.0) + float(masked_mean(entropy, mask)) * share
+            totals["entropy"] = totals.get("entropy", 0.0) + float(masked_mean(entropy.detach(), mask)) * share
+        if teacher is not None:
+            reverse_kl = float(masked_mean(sampler - teacher, mask))
+            totals["distill/reverse_kl"] = totals.get("distill/reverse_kl", 0.0) + reverse_kl * share
         for key, value in loss_stats.items():
             totals[key] += value * share
     if dist.enabled:  # the whole batch's figures: every process's shares added up
-        if dist.any("entropy" in totals):
-            totals.setdefault("entropy", 0.0)
+        for key in ("entropy", "distill/reverse_kl"):  # a process with no rows still sends its zero share
+            if dist.any(key in totals):
+                totals.setdefault(key, 0.0)
         totals = dict(zip(totals, dist.totals(*totals.values())))
     with clock("optimizer"):
         grad_norm = optimizer_step(parameters, optimizer, scheduler, max_grad_norm, dist)
@@ -123,16 +146,18 @@ def policy_update(
 
 
 def micro_batch_logprobs(model, batch, rows: slice, temperature: float, shared_rows: int, precision: str,
-                         with_entropy: bool = False, chunk_tokens: int = 0) -> tuple[Tensor, Tensor | None]:
+                         with_entropy: bool = False, chunk_tokens: int = 0,
+                         entropy_gradient: bool = False) -> tuple[Tensor, Tensor | None]:
     """Log-probs [b, T] (and entropies, or None) of the completions of ``batch`` (a
     :class:`~palaestra.rollout.hf.Rollout`) in ``rows``, at the training ``precision``: packed, each
     run of ``shared_rows`` rows sharing one prompt computed once, or ``shared_rows`` 0: the plain
     padded batch (:func:`~palaestra.models.logprobs.batch_logprobs`); ``chunk_tokens`` > 0: the LM head in
-    chunks of that many tokens (``train.logprob_chunk_tokens``)."""
+    chunks of that many tokens (``train.logprob_chunk_tokens``); ``entropy_gradient``: the entropies keep
+    their gradient (``algo.entropy_coef`` > 0)."""
     tensors = (batch.prompt_ids[rows], batch.prompt_mask[rows], batch.completion_ids[rows], batch.completion_mask[rows])
     with autocast(precision, next(model.parameters()).device.type):
         return batch_logprobs(model, *tensors, shared_rows, temperature=temperature, with_entropy=with_entropy,
-                              chunk_tokens=chunk_tokens)
+                              chunk_tokens=chunk_tokens, entropy_gradient=entropy_gradient)
 
 
 def _micro_batch(source: PerMicroBatch, index: int, rows: slice) -> Tensor | None:

@@ -16,6 +16,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from palaestra.models import embedded_model_dir
+from palaestra.planner.data import make_planner_dataset
 from tests.conftest import REPO, run_cli, write_gsm8k
 
 TINY = [
@@ -128,6 +130,9 @@ def test_eval_command_on_the_base_model_at_every_precision(tmp_path, precision):
         (["train", "model=tiny", "train.learning_rate=-1"], "train.learning_rate=-1.0 must be >= 0"),
         (["train", "model=tiny", "task=gsm8k", "task.path=nowhere.jsonl"], "task.path=nowhere.jsonl does not exist"),
         (["train", "model=hf", "model.path=./no/such/folder"], "no/such/folder"),
+        (["train", "model=tiny", "algo.teacher=./no/teacher"], "algo.teacher=./no/teacher is not a folder"),
+        (["train", "model=tiny", "algo.teacher=.", "algo.reward_coef=0"], "holds neither a palaestra checkpoint nor a model"),
+        (["train", "model=tiny", "algo.entropy_coef=-0.1"], "algo.entropy_coef=-0.1 must be >= 0"),
         (["frobnicate"], "unknown command 'frobnicate'"),
     ],
 )
@@ -224,9 +229,33 @@ def test_dynamic_sampling_fills_the_step_with_groups_that_differ(tmp_path):
 
 
 @pytest.mark.slow
+def test_on_policy_distillation_brings_the_student_to_its_teacher(tmp_path):
+    """algo.teacher: the teacher is the student's base fine-tuned (SFT on planner data); with algo.reward_coef=0 the
+    only signal is the teacher's per-token log-probs, and the student's reverse KL to it falls."""
+    data = make_planner_dataset(tmp_path, date="2026-05-04", n_train=16, n_val=4, n_test=4)
+    teacher = run_cli(["train", "algo=sft", "model=tiny", "model.lora.enabled=false", "data.max_length=128",
+                       "train.learning_rate=3e-3", "algo.epochs=4", f"data.path={data}", "train.sequences_per_step=4",
+                       "train.sequences_per_forward=4", "tracking.enabled=false", "train.output_dir=teacher"], tmp_path)
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    args = [*TINY, "model.lora.enabled=false", "train.learning_rate=1e-2", "train.completions_per_step=16",
+            "train.completions_per_forward=8", "algo.teacher=teacher", "algo.reward_coef=0", "algo.entropy_coef=0.01",
+            "train.steps=10", "tracking.enabled=false", "train.output_dir=student"]
+    student = run_cli(["train", *args], tmp_path)
+    assert student.returncode == 0, student.stderr[-3000:]
+    reverse_kl = [record["distill/reverse_kl"] for _, record in sorted(_metrics(tmp_path / "student").items())]
+    assert len(reverse_kl) == 10 and reverse_kl[0] > 0.5  # the fine-tuned teacher is far from the base at first
+    assert sum(reverse_kl[-3:]) / 3 < 0.7 * sum(reverse_kl[:3]) / 3, reverse_kl
+    # a teacher whose tokenizer is not the student's is refused in one line
+    other = run_cli(["train", *TINY, f"algo.teacher={embedded_model_dir()}", "train.steps=1", "tracking.enabled=false"],
+                    tmp_path)
+    assert other.returncode != 0 and "has another tokenizer than the policy's model" in other.stderr
+    assert "Traceback" not in other.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, objective", [
     ("shared", []), ("per_role", ["algo.loss_type=sapo", "algo.advantage=reinforce_pp"]),
-    ("separate", ["algo.advantage=rloo"]),
+    ("separate", ["algo.advantage=rloo", "algo.entropy_coef=0.01"]),
 ])
 def test_at_grpo_trains_every_policy_mode(tmp_path, mode, objective):
     result = run_cli([*TEAM, f"policy={mode}", *objective, "train.steps=2", "train.output_dir=run"], tmp_path)
@@ -240,6 +269,7 @@ def test_at_grpo_trains_every_policy_mode(tmp_path, mode, objective):
         assert any(t.abs().sum() > 0 for name, t in weights.items() if "lora_B" in name), f"{part} did not train"
     steps = _metrics(tmp_path / "run")
     assert sorted(steps) == [1, 2] and "success_rate" in steps[2] and "reward/proposer" in steps[2]
+    assert any(key.endswith("/entropy") for key in steps[2]) == (mode == "separate")  # logged with the entropy bonus
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     state = json.loads((final / "trainer_state.json").read_text())
     run = client.get_run(state["mlflow_run_id"])

@@ -166,23 +166,27 @@ def test_a_prompt_ending_with_an_assistant_message_is_continued_not_closed():
     assert started == opened + "#### ["  # the generation prompt, then the answer's start, left open
 
 
+@pytest.mark.parametrize("entropy_gradient", [False, True], ids=["logged-entropy", "entropy-bonus"])
 @pytest.mark.parametrize("grouped", [False, True], ids=["padded", "packed"])
-def test_the_lm_head_in_chunks_gives_the_same_logprobs_entropies_and_gradients(grouped):
-    """train.logprob_chunk_tokens: the LM head over chunks of 3 positions, recomputed in the backward."""
+def test_the_lm_head_in_chunks_gives_the_same_logprobs_entropies_and_gradients(grouped, entropy_gradient):
+    """train.logprob_chunk_tokens: the LM head over chunks of 3 positions, recomputed in the backward; with an
+    entropy bonus (algo.entropy_coef) the entropies' gradient flows too, the same in chunks as whole."""
     batch = _grouped_batch()
     mask = batch[3].float()
 
     def run(chunk_tokens: int):
         torch.manual_seed(0)  # the adapter's A matrices are drawn from the global generator
         model, _ = _lora_model()
+        options = {"temperature": 0.7, "with_entropy": True, "chunk_tokens": chunk_tokens, "entropy_gradient": entropy_gradient}
         if grouped:
-            logp, entropy = grouped_completion_logprobs(model, *batch, 4, temperature=0.7, with_entropy=True,
-                                                        chunk_tokens=chunk_tokens)
+            logp, entropy = grouped_completion_logprobs(model, *batch, 4, **options)
         else:
-            logp, entropy = completion_logprobs(model, *batch, temperature=0.7, with_entropy=True, chunk_tokens=chunk_tokens)
-        (logp * mask).sum().backward()
+            logp, entropy = completion_logprobs(model, *batch, **options)
+        assert entropy.requires_grad == entropy_gradient
+        objective = (logp * mask).sum() + (0.5 * entropy * mask).sum() if entropy_gradient else (logp * mask).sum()
+        objective.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        return logp.detach() * mask, entropy * mask, grads
+        return logp.detach() * mask, entropy.detach() * mask, grads
 
     whole, chunked = run(0), run(3)
     torch.testing.assert_close(chunked[0], whole[0], atol=1e-6, rtol=0)

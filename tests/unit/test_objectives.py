@@ -14,6 +14,7 @@ from palaestra.algorithms.at_grpo import tree_advantages
 from palaestra.algorithms.grpo import (
     LOSS_TYPES,
     accumulated_loss,
+    entropy_bonus,
     group_advantages,
     informative_groups,
     keep_first,
@@ -168,9 +169,9 @@ def test_sequence_level_ratio_is_the_geometric_mean_of_the_tokens():
 
 
 def _trl_loss(loss_type: str, level: str, *, logp, old, ref, advantages, mask, beta, epsilon, epsilon_high,
-              max_completion_length, num_items, sapo_pos, sapo_neg) -> torch.Tensor:
+              max_completion_length, num_items, sapo_pos, sapo_neg, entropies=None, entropy_coef=0.0) -> torch.Tensor:
     """TRL's GRPOTrainer._compute_loss, its own code, on these tensors: a trainer object with the attributes the
-    method reads (one process, no gradient accumulation), whose log-prob pass returns ``logp``."""
+    method reads (one process, no gradient accumulation), whose log-prob pass returns ``logp`` (and ``entropies``)."""
     from trl import GRPOTrainer
 
     trainer = object.__new__(GRPOTrainer)
@@ -179,12 +180,14 @@ def _trl_loss(loss_type: str, level: str, *, logp, old, ref, advantages, mask, b
     trainer.__dict__.update(
         loss_type=loss_type, importance_sampling_level=level, beta=beta, epsilon_low=epsilon, epsilon_high=epsilon_high,
         max_completion_length=max_completion_length, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-        use_vllm=False, vllm_importance_sampling_correction=False, aux_loss_enabled=False, _entropy_bonus_enabled=False,
+        use_vllm=False, vllm_importance_sampling_correction=False, aux_loss_enabled=False,
+        _entropy_bonus_enabled=entropy_coef != 0.0, entropy_coef=entropy_coef, use_adaptive_entropy=False,
         current_gradient_accumulation_steps=1, model=SimpleNamespace(training=True), _metrics={"train": defaultdict(list)},
-        accelerator=SimpleNamespace(num_processes=1, gather=lambda x: x, gather_for_metrics=lambda x: x,
+        accelerator=SimpleNamespace(num_processes=1, sync_gradients=True, gather=lambda x: x, gather_for_metrics=lambda x: x,
                                     reduce=lambda x, reduction: x),
     )
-    trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (logp, torch.zeros_like(logp), None)
+    entropies = torch.zeros_like(logp) if entropies is None else entropies
+    trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (logp, entropies, None)
     batch, width = logp.shape
     inputs = {"prompt_ids": torch.zeros(batch, 1, dtype=torch.long), "prompt_mask": torch.ones(batch, 1, dtype=torch.long),
               "completion_ids": torch.zeros(batch, width, dtype=torch.long), "completion_mask": mask,
@@ -220,3 +223,47 @@ def test_every_loss_equals_trls_on_random_tensors(loss_type, level):
         theirs.backward()
         assert ours.item() == pytest.approx(theirs.item(), abs=1e-6), (case, ours.item(), theirs.item())
         torch.testing.assert_close(ours_logp.grad, their_logp.grad, atol=1e-6, rtol=0)  # the same gradient too
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_the_entropy_bonus_equals_trls_on_random_tensors(loss_type):
+    """algo.entropy_coef: the loss less coef x the mean token entropy, the same for every loss type, as TRL's."""
+    generator = torch.Generator().manual_seed(100 + LOSS_TYPES.index(loss_type))
+    for case in range(8):
+        batch, width = int(torch.randint(1, 6, (1,), generator=generator)), int(torch.randint(1, 9, (1,), generator=generator))
+        mask = (torch.rand(batch, width, generator=generator) < 0.75).long()
+        mask[:, 0] = 1
+        logp = (-torch.rand(batch, width, generator=generator) * 3).double()
+        old = (logp + torch.randn(batch, width, generator=generator) * 0.3).double()
+        entropy = (torch.rand(batch, width, generator=generator) * 4).double()
+        advantages = torch.randn(batch, generator=generator).double()
+        settings = dict(beta=0.0, epsilon=0.2, epsilon_high=5.0 if loss_type == "cispo" else 0.28,
+                        max_completion_length=width + 2, num_items=int(mask.sum()), sapo_pos=1.0, sapo_neg=1.05)
+        ours_logp, ours_entropy = logp.clone().requires_grad_(True), entropy.clone().requires_grad_(True)
+        surrogate, _ = policy_loss(ours_logp, old, advantages, mask, loss_type=loss_type, epsilon=0.2,
+                                   epsilon_high=settings["epsilon_high"], max_completion_length=width + 2,
+                                   num_items_in_batch=settings["num_items"])
+        ours = surrogate - 0.03 * entropy_bonus(ours_entropy, mask)
+        ours.backward()
+        their_logp, their_entropy = logp.clone().requires_grad_(True), entropy.clone().requires_grad_(True)
+        theirs = _trl_loss(loss_type, "token", logp=their_logp, old=old, ref=None, advantages=advantages, mask=mask,
+                           entropies=their_entropy, entropy_coef=0.03, **settings)
+        theirs.backward()
+        assert ours.item() == pytest.approx(theirs.item(), abs=1e-6), (case, ours.item(), theirs.item())
+        torch.testing.assert_close(ours_logp.grad, their_logp.grad, atol=1e-6, rtol=0)
+        torch.testing.assert_close(ours_entropy.grad, their_entropy.grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_per_token_advantages_equal_to_the_completions_give_the_same_loss(loss_type, level):
+    """On-policy distillation hands policy_loss one advantage per token; constant along a row, it is the [B] loss."""
+    generator = torch.Generator().manual_seed(7)
+    logp = -torch.rand(3, 4, generator=generator) * 2
+    old = logp + torch.randn(3, 4, generator=generator) * 0.3
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    advantages = torch.tensor([0.7, -1.2, 0.4])
+    options = dict(loss_type=loss_type, importance_sampling_level=level, max_completion_length=4)
+    per_row, row_stats = policy_loss(logp, old, advantages, mask, **options)
+    per_token, token_stats = policy_loss(logp, old, advantages.unsqueeze(1).expand(3, 4), mask, **options)
+    assert per_token.item() == pytest.approx(per_row.item(), abs=1e-7) and token_stats == row_stats

@@ -235,3 +235,49 @@ def test_tiny_model_micro_batches_accumulate_to_the_whole_batch(loss_type):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
         assert stats["loss"] == pytest.approx(whole_stats["loss"], abs=1e-6)
         assert set(stats) == {"loss", "kl", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "entropy"}
+
+
+def _entropy_of(theta):
+    """A stand-in per-token entropy of the theta policy: 2 theta + 1 (1 at theta = 0, gradient 2 per token)."""
+    return 2 * theta + 1
+
+
+@pytest.mark.parametrize("slices", [WHOLE, UNEQUAL], ids=["whole", "unequal"])
+def test_the_entropy_bonus_lowers_each_tokens_loss_by_its_entropy(slices):
+    # grpo at theta = 0 (ratio 1): d loss / d theta_bt = -A_b m_bt / (len_b B); the bonus, -c x the batch's mean
+    # token entropy (6 tokens, whatever the loss type), adds -c * 2 m_bt / 6 = -1/30. Row 0 (A = 1, 2 tokens):
+    # -1/8 - 1/30 per token; row 1 (A = -1, 1 token): 1/4 - 1/30; row 2 (A = 0.5, 2 tokens): -1/16 - 1/30;
+    # row 3 (A = 2, 1 token): -1/2 - 1/30
+    theta = torch.nn.Parameter(torch.zeros(4, 2))
+    optimizer = _NoStep([theta])
+    stats, _ = policy_update(optimizer, optimizer, [theta], ADVANTAGES, MASK, slices=slices,
+                             logprobs=lambda rows: (theta[rows], _entropy_of(theta[rows])), loss_type="grpo",
+                             entropy_coef=0.1)
+    expected = torch.tensor([[-1 / 8, -1 / 8], [1 / 4, 0.0], [-1 / 16, -1 / 16], [-1 / 2, 0.0]]) - MASK / 30
+    torch.testing.assert_close(theta.grad, expected, atol=1e-7, rtol=0)
+    assert stats["entropy"] == pytest.approx(1.0)  # the logged entropy is the bonus's: 1 on every token
+    # the loss: the surrogate's at ratio 1, -mean_b A_b = -0.625, less 0.1 x the mean entropy 1
+    assert stats["loss"] == pytest.approx(-0.725, abs=1e-6)
+    with pytest.raises(ValueError, match="entropy_coef > 0 needs the policy's entropies"):
+        policy_update(optimizer, optimizer, [theta], ADVANTAGES, MASK, slices=slices,
+                      logprobs=lambda rows: (theta[rows], None), entropy_coef=0.1)
+
+
+def test_a_teacher_gives_every_token_its_own_advantage():
+    # distillation at theta = 0 (the sampler's log-probs): A_bt = 0.5 A_b + 2 (teacher_bt - 0); grpo's gradient
+    # is -A_bt m_bt / (len_b B): row 0 token 1, A = 1, teacher -0.5: -(0.5 - 1) / 8 = 0.0625
+    teacher = torch.tensor([[-1.0, -0.5], [-0.2, 0.0], [-0.1, -2.0], [-0.3, 0.0]])
+    theta = torch.nn.Parameter(torch.zeros(4, 2))
+    optimizer = _NoStep([theta])
+    stats, _ = policy_update(optimizer, optimizer, [theta], ADVANTAGES, MASK, slices=UNEQUAL,
+                             logprobs=lambda rows: (theta[rows], None), teacher_logps=[teacher[:1], teacher[1:]],
+                             reward_coef=0.5, teacher_coef=2.0, loss_type="grpo")
+    assert float(theta.grad[0, 1]) == pytest.approx(0.0625)
+    theta_b = torch.nn.Parameter(torch.zeros(4, 2))  # the same update given the [B, T] advantages directly
+    token_advantages = 0.5 * ADVANTAGES.unsqueeze(1) + 2.0 * teacher
+    policy_update(_NoStep([theta_b]), _NoStep([theta_b]), [theta_b], token_advantages, MASK, slices=UNEQUAL,
+                  logprobs=lambda rows: (theta_b[rows], None), loss_type="grpo")
+    torch.testing.assert_close(theta.grad, theta_b.grad, atol=0, rtol=0)
+    # the reverse-KL estimate is 0 - teacher, each micro-batch's token mean weighed by its rows:
+    #   [0:1] (1 + 0.5) / 2 * 1/4 + [1:4] (0.2 + 0.1 + 2 + 0.3) / 4 * 3/4 = 0.1875 + 0.4875 = 0.675
+    assert stats["distill/reverse_kl"] == pytest.approx(0.675)
