@@ -15,6 +15,9 @@ everything needed to resume bit-for-bit is written atomically. With several proc
 its share of the step's prompts; with ``train.strategy=fsdp`` each also holds only its shard of the
 weights (:mod:`palaestra.sharding`), gathered whole while it samples and scores.
 
+With ``algo.teacher`` (on-policy distillation) a frozen teacher scores every sampled token too, and each
+token's advantage adds the teacher's verdict on it (:func:`palaestra.algorithms.grpo.distillation_advantages`).
+
 Simplifications relative to the DeepSeekMath paper: one rollout batch per step and no separate
 reward model (rewards are programs); ``num_iterations`` > 1 re-uses the batch with stored old
 log-probs, as in the paper's inner loop.
