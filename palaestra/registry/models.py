@@ -212,6 +212,9 @@ def download_model(
         # What models:/NAME/VERSION resolves to, asked of this store's client: MLflow's own models:/
         # resolver reads the process-wide registry URI, not the one we were given.
         source = client.get_model_version_download_uri(name, str(mv.version))
+        # Through the tracking server when it proxies the artifacts (--artifacts-destination), not from presigned
+        # URLs of the object store itself: a proxying server is there for clients that cannot reach that store.
+        os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=uri))
         if not local.is_dir():
             raise ConfigError(f"model version {mv.version} of {name!r} is a file ({source}), not a model folder")

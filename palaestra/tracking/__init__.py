@@ -1,4 +1,4 @@
-"""Experiment tracking: an MLflow run per training run, plus PNG training curves."""
+"""Experiment tracking: an MLflow run per training run (its artifacts local or in S3), plus PNG training curves."""
 
 from palaestra.tracking.buffered import BufferedTracker
 from palaestra.tracking.mlflow_tracker import (

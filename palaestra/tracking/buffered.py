@@ -194,6 +194,28 @@ class BufferedTracker:
             self._said_away = True
             log.warning("the tracking store %s cannot be reached (%s): training goes on and its tracking writes wait in %s",
                         self.tracking_uri, self._failure, self.journal.folder)
+        else:
+            self._check_artifact_store(required)
+
+    def _check_artifact_store(self, required: bool) -> None:
+        """A store whose artifacts this process writes to S3 itself, and cannot: one line at the start (an error
+        when ``required``), instead of a refused write at the first artifact."""
+        from palaestra.tracking.mlflow_tracker import TrackingError
+        from palaestra.tracking.s3 import s3_problem
+
+        try:
+            location = self._store.client.get_experiment(self._store.experiment_id).artifact_location
+        except Exception:  # the store went away since: the writer says so
+            return
+        problem = s3_problem(location)
+        if problem is None:
+            return
+        if required:
+            self.close(wait=False)
+            raise TrackingError(f"the artifact store {location} cannot be written ({problem}); fix it, or set "
+                                "tracking.required=false to train with the metrics tracked and the artifacts kept aside")
+        log.warning("the artifact store %s cannot be written (%s): training goes on with its metrics tracked, and the "
+                    "artifacts the store refuses are kept in %s", location, problem, self.journal.folder / "rejected.jsonl")
 
     # ------------------------------------------------------------------------------ what training calls
     @property
