@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
-from palaestra.config.errors import one_of
+from palaestra.config.errors import check, one_of
 
 __all__ = ["ContractTracking", "PolicyTracking", "RegisteredPolicyTracking", "RegisteredTracking", "TrackingConfig"]
 
 TRACKING_PARAMS = ("config", "contract")
+LOGGERS = ("mlflow", "tensorboard")
+"""What tracking.loggers may name (palaestra.tracking.mirrors builds the ones beside MLflow)."""
 
 
 @dataclass
 class TrackingConfig:
-    """MLflow tracking."""
+    """Experiment tracking: MLflow, and TensorBoard beside it."""
 
     enabled: bool = True
-    """Log to MLflow."""
+    """Track the run (every logger of tracking.loggers)."""
+    loggers: list = field(default_factory=lambda: ["mlflow"])
+    """Where the run's figures, tables, plots and config go: any of mlflow (the registry's store), tensorboard
+    (event files in <run folder>/tensorboard: tensorboard --logdir runs). Each is fed from the run folder's
+    tracking journal: one that is away costs nothing, and a resumed run sends what it had not taken."""
     experiment: str = "palaestra"
     """MLflow experiment name."""
     tracking_uri: Optional[str] = None
@@ -66,5 +72,11 @@ class ContractTracking(RegisteredPolicyTracking):
 
 
 def validate_tracking(tracking: TrackingConfig) -> None:
+    for logger in tracking.loggers:
+        one_of("tracking.loggers", logger, LOGGERS)
+    check(len(set(tracking.loggers)) == len(tracking.loggers), f"tracking.loggers={list(tracking.loggers)} names a logger twice")
+    if getattr(tracking, "registered_model", None):
+        check("mlflow" in tracking.loggers, f"tracking.registered_model={tracking.registered_model} registers in "
+              "MLflow's model registry; add mlflow to tracking.loggers")
     if isinstance(tracking, ContractTracking):
         one_of("tracking.params", tracking.params, TRACKING_PARAMS)

@@ -24,7 +24,7 @@ import os
 import threading
 from collections import deque
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,16 +159,23 @@ class BufferedTracker:
         tracking_uri: the store (default: ``MLFLOW_TRACKING_URI`` or ``./mlflow.db``).
         required: a store that cannot be reached at the start is a :class:`TrackingError` (else one warning).
         wait_seconds: how long the start waits for the store, and the end for the last writes to go out.
+        loggers: where the writes go: ``mlflow`` (this class's writer) and the loggers beside it
+            (:mod:`palaestra.tracking.mirrors`, each fed from the same journal by a thread of its own).
     """
 
     def __init__(self, folder: Path, experiment: str, *, run_name: str | None = None, run_id: str | None = None,
-                 tracking_uri: str | None = None, required: bool = False, wait_seconds: float = 30.0):
+                 tracking_uri: str | None = None, required: bool = False, wait_seconds: float = 30.0,
+                 loggers: Sequence[str] = ("mlflow",)):
+        from palaestra.tracking.mirrors import Mirror, make_logger
         from palaestra.tracking.mlflow_tracker import default_tracking_uri
 
         fail_fast()
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.journal = Journal(folder)
         self.wait_seconds = wait_seconds
+        self.mlflow = "mlflow" in loggers
+        self.mirrors = [Mirror(self.journal.folder, name, make_logger(name, self.journal.folder.parent))
+                        for name in loggers if name != "mlflow"]
         known = self.journal.run or ({"run_id": run_id, "experiment_id": None} if run_id else {})
         self.resumed = bool(known) or bool(self.journal.sent or self.journal.records)  # a tracker wrote here before
         self._store = None  # the MlflowTracker the writer sends through, once connected
@@ -181,8 +188,10 @@ class BufferedTracker:
         self._wake = threading.Event()
         self._stopping = False
         self._start = {"op": "start", "experiment": experiment, "run_name": run_name}
-        self.journal.append(self._start)
+        self._add(self._start)
         self._thread = threading.Thread(target=self._write_loop, name="palaestra-tracking", daemon=True)
+        if not self.mlflow:
+            return
         self._thread.start()
         if not self.flush(wait_seconds):
             from palaestra.tracking.mlflow_tracker import TrackingError
@@ -266,12 +275,15 @@ class BufferedTracker:
     def live(self, timeout: float = 600.0):
         """The store's :class:`~palaestra.tracking.MlflowTracker` once every write so far is in it (for
         reads and the model registry), or None when the store does not answer (a failed attempt ends the
-        wait at once; ``timeout`` bounds a write that takes long, such as a large model folder)."""
-        if not self.flush(timeout):
+        wait at once; ``timeout`` bounds a write that takes long, such as a large model folder) or the run
+        does not log to MLflow."""
+        if not self.mlflow or not self.flush(timeout):
             return None
         return self._store
 
     def run_url_hint(self) -> str:
+        if not self.mlflow:
+            return "the run's figures: " + ", ".join(f"{m.name} in {m.logger.folder}" for m in self.mirrors)
         if self._store is not None:
             return self._store.run_url_hint()
         return f"MLflow run not created yet: the store {self.tracking_uri} was unreachable; its writes wait in {self.journal.folder}"
@@ -284,6 +296,8 @@ class BufferedTracker:
     def _add(self, record: dict) -> None:
         self.journal.append(record)
         self._wake.set()
+        for mirror in self.mirrors:
+            mirror.notify()
 
     def flush(self, timeout: float) -> bool:
         """Wait for the store to hold every write so far, as long as it takes while writes keep going out and
@@ -301,7 +315,13 @@ class BufferedTracker:
         return not self.unsent
 
     def close(self, wait: bool = True) -> None:
-        """Stop the writer (after up to ``wait_seconds`` of sending, when ``wait``) and say what was left."""
+        """Stop the writer and the loggers beside it (after up to ``wait_seconds`` of sending, when ``wait``) and
+        say what was left."""
+        for mirror in self.mirrors:
+            mirror.close(self.wait_seconds if wait else 0.0)
+        if not self.mlflow:
+            self.journal.close()
+            return
         if wait:
             self.flush(self.wait_seconds)
         self._stopping = True
