@@ -10,7 +10,7 @@ from palaestra.config.errors import check, one_of
 __all__ = ["ContractTracking", "PolicyTracking", "RegisteredPolicyTracking", "RegisteredTracking", "TrackingConfig"]
 
 TRACKING_PARAMS = ("config", "contract")
-LOGGERS = ("mlflow", "tensorboard")
+LOGGERS = ("mlflow", "tensorboard", "wandb")
 """What tracking.loggers may name (palaestra.tracking.mirrors builds the ones beside MLflow)."""
 
 
@@ -22,8 +22,13 @@ class TrackingConfig:
     """Track the run (every logger of tracking.loggers)."""
     loggers: list = field(default_factory=lambda: ["mlflow"])
     """Where the run's figures, tables, plots and config go: any of mlflow (the registry's store), tensorboard
-    (event files in <run folder>/tensorboard: tensorboard --logdir runs). Each is fed from the run folder's
-    tracking journal: one that is away costs nothing, and a resumed run sends what it had not taken."""
+    (event files in <run folder>/tensorboard: tensorboard --logdir runs) and wandb (Weights & Biases; it reads
+    WANDB_MODE, WANDB_API_KEY, WANDB_PROJECT). Each is fed from the run folder's tracking journal: one that is
+    away costs nothing, and a resumed run sends what it had not taken."""
+    wandb_project: Optional[str] = None
+    """W&B project (the seeds' wandb.project); None: WANDB_PROJECT, else tracking.experiment."""
+    wandb_run_name: Optional[str] = None
+    """W&B run name (the seeds' wandb.run_name); None: the MLflow run's name."""
     experiment: str = "palaestra"
     """MLflow experiment name."""
     tracking_uri: Optional[str] = None
@@ -75,6 +80,11 @@ def validate_tracking(tracking: TrackingConfig) -> None:
     for logger in tracking.loggers:
         one_of("tracking.loggers", logger, LOGGERS)
     check(len(set(tracking.loggers)) == len(tracking.loggers), f"tracking.loggers={list(tracking.loggers)} names a logger twice")
+    if "wandb" in tracking.loggers and tracking.enabled:
+        import importlib.util
+
+        check(importlib.util.find_spec("wandb") is not None,
+              "tracking.loggers names wandb, which is not installed: pip install -e '.[wandb]' (or leave it out)")
     if getattr(tracking, "registered_model", None):
         check("mlflow" in tracking.loggers, f"tracking.registered_model={tracking.registered_model} registers in "
               "MLflow's model registry; add mlflow to tracking.loggers")

@@ -240,7 +240,9 @@ class Run:
         if tracking.enabled and self.dist.is_main:
             self.tracker = BufferedTracker(self.run_dir / "tracking", tracking.experiment, run_name=tracking.run_name or run_name,
                                            run_id=self.state["mlflow_run_id"], tracking_uri=tracking.tracking_uri,
-                                           required=tracking.required, loggers=tracking.loggers)
+                                           required=tracking.required, loggers=tracking.loggers,
+                                           logger_options={"wandb": {"project": tracking.wandb_project,
+                                                                     "run_name": tracking.wandb_run_name}})
             if not self.tracker.resumed:
                 self.tracker.log_params(flatten_config(config) if params is None else params)
                 tags = {**tags, "run_dir": str(self.run_dir.resolve())}

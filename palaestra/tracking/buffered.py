@@ -161,11 +161,12 @@ class BufferedTracker:
         wait_seconds: how long the start waits for the store, and the end for the last writes to go out.
         loggers: where the writes go: ``mlflow`` (this class's writer) and the loggers beside it
             (:mod:`palaestra.tracking.mirrors`, each fed from the same journal by a thread of its own).
+        logger_options: keyword arguments of those loggers, by name (``{"wandb": {"project": ...}}``).
     """
 
     def __init__(self, folder: Path, experiment: str, *, run_name: str | None = None, run_id: str | None = None,
                  tracking_uri: str | None = None, required: bool = False, wait_seconds: float = 30.0,
-                 loggers: Sequence[str] = ("mlflow",)):
+                 loggers: Sequence[str] = ("mlflow",), logger_options: Mapping[str, dict] | None = None):
         from palaestra.tracking.mirrors import Mirror, make_logger
         from palaestra.tracking.mlflow_tracker import default_tracking_uri
 
@@ -174,7 +175,8 @@ class BufferedTracker:
         self.journal = Journal(folder)
         self.wait_seconds = wait_seconds
         self.mlflow = "mlflow" in loggers
-        self.mirrors = [Mirror(self.journal.folder, name, make_logger(name, self.journal.folder.parent))
+        options = logger_options or {}
+        self.mirrors = [Mirror(self.journal.folder, name, make_logger(name, self.journal.folder.parent, options.get(name)))
                         for name in loggers if name != "mlflow"]
         known = self.journal.run or ({"run_id": run_id, "experiment_id": None} if run_id else {})
         self.resumed = bool(known) or bool(self.journal.sent or self.journal.records)  # a tracker wrote here before

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from palaestra.config.tracking import LOGGERS
 
-__all__ = ["LOGGERS", "Mirror", "TensorBoardLogger", "make_logger"]
+__all__ = ["LOGGERS", "Mirror", "TensorBoardLogger", "WandbLogger", "make_logger"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,86 @@ class TensorBoardLogger:
         self.writer.close()
 
 
+class WandbLogger:
+    """A Weights & Biases run, continued by the same run folder when it is resumed (its id is kept in
+    ``tracking/wandb.json``).
+
+    W&B reads its own environment: ``WANDB_MODE`` (``offline`` writes the run under ``<run folder>/wandb`` for
+    ``wandb sync``), ``WANDB_API_KEY``, ``WANDB_PROJECT``, ``WANDB_ENTITY``. The project is ``project``, else
+    ``WANDB_PROJECT``, else the MLflow experiment's name; the run's name is ``run_name``, else the MLflow run's.
+
+    Each record goes over in W&B's own form:
+    - params and tags go to the run's config (tags under ``tags/``);
+    - metrics go to its history at their step;
+    - tables become ``wandb.Table``s;
+    - texts and dicts become one-cell tables;
+    - image artifacts (the plots) become ``wandb.Image``s.
+    W&B keeps one value per name and step, and drops a step below its last: a resumed run's resent records
+    are not stored twice.
+    """
+
+    def __init__(self, run_folder: Path, project: str | None = None, run_name: str | None = None):
+        self.folder, self.project, self.run_name = Path(run_folder) / "wandb", project, run_name
+        self._id_path = Path(run_folder) / "tracking" / "wandb.json"
+        self.run = None
+        self._step = 0
+
+    def _start(self, record: dict) -> None:
+        import wandb
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        known = json.loads(self._id_path.read_text()) if self._id_path.is_file() else {}
+        self.run = wandb.init(project=self.project or os.environ.get("WANDB_PROJECT") or record["experiment"],
+                              name=self.run_name or record.get("run_name"), id=known.get("id"), resume="allow",
+                              dir=str(self.folder), settings=wandb.Settings(silent=True, console="off"))
+        if not known:
+            _write_atomically(self._id_path, json.dumps({"id": self.run.id, "project": self.run.project}))
+
+    def write(self, record: dict) -> None:
+        import wandb
+
+        op = record["op"]
+        if op == "start" or self.run is None:
+            self._start(record if op == "start" else {"experiment": "palaestra"})
+            if op == "start":
+                return
+        if op == "metrics":
+            self._step = max(self._step, int(record["step"]))
+            self.run.log(dict(record["metrics"]), step=int(record["step"]))
+        elif op == "params":
+            self.run.config.update(record["params"], allow_val_change=True)
+        elif op == "tags":
+            self.run.config.update({f"tags/{key}": value for key, value in record["tags"].items()}, allow_val_change=True)
+        elif op == "table":
+            columns = list(dict.fromkeys(key for row in record["rows"] for key in row))
+            table = wandb.Table(columns=columns, data=[[_plain(row.get(c)) for c in columns] for row in record["rows"]])
+            self.run.log({_key(record["file"]): table}, step=self._step)
+        elif op in ("text", "dict"):
+            text = record["text"] if op == "text" else json.dumps(record["dict"], indent=1, default=str)
+            self.run.log({_key(record["file"]): wandb.Table(columns=["text"], data=[[text]])}, step=self._step)
+        elif op == "artifact" and Path(record["path"]).suffix.lower() in _IMAGE_SUFFIXES and Path(record["path"]).is_file():
+            name = f"{record['artifact_path'] or 'images'}/{Path(record['path']).stem}"
+            self.run.log({name: wandb.Image(record["path"])}, step=self._step)
+        elif op == "end":
+            self.run.finish(exit_code=0 if record["status"] == "FINISHED" else 1)
+            self.run = None
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _key(file: str) -> str:
+    """A W&B key for an artifact file name: ``samples/step000003.json`` -> ``samples/step000003``."""
+    return str(Path(file).with_suffix(""))
+
+
+def _plain(value):
+    """A table cell W&B takes: numbers and text as they are, anything else as its text."""
+    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+
 def _markdown_table(rows: list[dict]) -> str:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     cell = lambda value: str(value).replace("|", "\\|").replace("\n", " ")[:200]  # noqa: E731
@@ -80,10 +160,13 @@ def _markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def make_logger(name: str, run_folder: Path):
-    """The logger ``tracking.loggers`` names (not MLflow: :class:`~palaestra.tracking.BufferedTracker` is MLflow's)."""
+def make_logger(name: str, run_folder: Path, options: dict | None = None):
+    """The logger ``tracking.loggers`` names (not MLflow: :class:`~palaestra.tracking.BufferedTracker` is MLflow's),
+    with its ``options`` (W&B: ``project``, ``run_name``)."""
     if name == "tensorboard":
         return TensorBoardLogger(run_folder / "tensorboard")
+    if name == "wandb":
+        return WandbLogger(run_folder, **(options or {}))
     raise ValueError(f"unknown logger {name!r}; known: {', '.join(LOGGERS)}")
 
 

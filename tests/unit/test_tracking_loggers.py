@@ -121,16 +121,19 @@ def test_logger_settings_are_checked_in_one_line():
 
 
 @pytest.mark.slow
-def test_a_training_run_logs_to_mlflow_and_tensorboard_alike(tmp_path):
+def test_a_training_run_logs_to_mlflow_tensorboard_and_wandb_alike(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from tests.conftest import run_cli
     from tests.recipes.test_grpo_cli import TINY
 
-    result = run_cli(["train", *TINY, "train.steps=3", "train.eval_interval=2", "tracking.loggers=[mlflow,tensorboard]",
-                      "train.output_dir=run"], tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # run_cli's process inherits it
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    result = run_cli(["train", *TINY, "train.steps=3", "train.eval_interval=2", "tracking.loggers=[mlflow,tensorboard,wandb]",
+                      "tracking.wandb_project=planner", "train.output_dir=run"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     events = _events(tmp_path / "run" / "tensorboard")
+    _, history, config = _wandb_run(tmp_path / "run" / "wandb")
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     for name in ("loss", "reward/mean", "tokens_per_second", "eval/accuracy"):
@@ -138,4 +141,84 @@ def test_a_training_run_logs_to_mlflow_and_tensorboard_alike(tmp_path):
         logged = [(s.step, s.value) for s in events.Scalars(name)]
         assert stored and [step for step, _ in logged] == [step for step, _ in stored], name  # the same steps in both
         assert [value for _, value in logged] == pytest.approx([value for _, value in stored], rel=1e-6), name  # TB: float32
+        in_wandb = [(step, values[name]) for step, values in sorted(history.items()) if name in values]
+        assert [step for step, _ in in_wandb] == [step for step, _ in stored], name
+        assert [v for _, v in in_wandb] == pytest.approx([v for _, v in stored], rel=1e-9), name
     assert "plots/reward_curve" in events.Tags()["images"]
+    assert config["algo.beta"] == "0.0" and config["tags/task"] == "chain_sum"
+
+
+# ---------------------------------------------------------------------------------------- W&B
+
+
+def _wandb_records(path):
+    """The records of an offline W&B run file (``run-<id>.wandb``), decoded with W&B's own protobuf messages: the
+    file is a W&B header, then LevelDB-log framing (32 KiB blocks; 7-byte chunk headers: crc, length, type)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    position, block, pending = 7, 32768, b""
+    while position + 7 <= len(data):
+        left = block - position % block
+        if left < 7:  # a block's tail too short for a header is padding
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if length == 0 and kind == 0:
+            position += left
+            continue
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def _wandb_run(folder):
+    """(run id, {step: {key: value}}, config {key: value}) of the offline run files under ``folder``."""
+    history, config, run_ids = {}, {}, set()
+    for path in sorted(folder.glob("wandb/offline-run-*/run-*.wandb")):
+        for record in _wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run_ids.add(record.run.run_id)
+            elif kind == "history":
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                history.setdefault(int(items["_step"]), {}).update(items)
+            elif kind == "config":
+                config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+    return run_ids, history, config
+
+
+def test_wandb_offline_run_files_hold_every_step_the_config_and_the_tables(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    folder = tmp_path / "run" / "tracking"
+    tracker = BufferedTracker(folder, "exp", run_name="chain_sum-grpo", loggers=["wandb"],
+                              logger_options={"wandb": {"project": "planner", "run_name": None}})
+    tracker.log_params({"algo.beta": 0.04})
+    tracker.set_tags({"task": "chain_sum"})
+    for step in range(1, 4):
+        tracker.log_metrics({"loss": 1.0 / step}, step)
+    tracker.log_table([{"question": "1+1", "completion": "2"}], "samples/step000003.json")
+    tracker.log_artifact(_plot(tmp_path / "reward_curve.png"), "plots")
+    tracker.close()  # stopped without an end, as a killed run is
+
+    resumed = BufferedTracker(folder, "exp", loggers=["wandb"], logger_options={"wandb": {"project": "planner"}})
+    for step in range(4, 6):
+        resumed.log_metrics({"loss": 1.0 / step}, step)
+    resumed.end()
+
+    run_ids, history, config = _wandb_run(tmp_path / "run" / "wandb")
+    assert run_ids == {json.loads((folder / "wandb.json").read_text())["id"]}  # the resumed run continued the same run
+    assert json.loads((folder / "wandb.json").read_text())["project"] == "planner"
+    assert {step: round(values["loss"], 6) for step, values in history.items() if "loss" in values} == {
+        step: round(1.0 / step, 6) for step in range(1, 6)}
+    assert history[3]["samples/step000003/_type"] == "table-file" and history[3]["samples/step000003/nrows"] == 1
+    assert history[3]["plots/reward_curve/_type"] == "image-file"  # media go in at the step they were logged after
+    assert config["algo.beta"] == "0.04" and config["tags/task"] == "chain_sum"  # the params as MLflow has them: text
