@@ -64,6 +64,9 @@ class ExecutorConfig:
     """In-process backends: prompts longer than this many tokens keep their end."""
     cache_size: int = 4096
     """Identical calls remembered (see palaestra.workflows.executor: the k-th identical call of a workflow)."""
+    cost_per_million_tokens: float = 0.0
+    """The executor's price per million tokens: a workflow's usage summary (AFlow's
+    self.llm.get_usage_summary()["total_cost"]) is its real executor tokens at this price; 0 for a local model."""
     replies: dict = field(default_factory=dict)
     """backend=scripted: substring of the prompt -> the reply."""
     default_reply: str = "Answer: 0"
@@ -214,6 +217,8 @@ def _validate_workflow(task: TaskConfig) -> None:
                f"task.workflow.executor.api_key_env={executor.api_key_env} is not set in the environment")
         check(executor.max_tokens > 0, f"task.workflow.executor.max_tokens={executor.max_tokens} must be positive")
         check(executor.temperature >= 0, f"task.workflow.executor.temperature={executor.temperature} must be >= 0")
+        check(executor.cost_per_million_tokens >= 0,
+              f"task.workflow.executor.cost_per_million_tokens={executor.cost_per_million_tokens} must be >= 0")
         for key in ("max_calls", "max_tokens", "timeout_s", "sandbox_seconds"):
             check(getattr(flow, key) > 0, f"task.workflow.{key}={getattr(flow, key)} must be positive")
         for key in ("experience_size", "experience_shots"):

@@ -91,4 +91,4 @@ def _workflow_task(task: Task, flow) -> Task:
                         max_tokens=flow.max_tokens, timeout_s=flow.timeout_s, sandbox_seconds=flow.sandbox_seconds,
                         experience_size=flow.experience_size, experience_shots=flow.experience_shots,
                         executor_max_tokens=executor.max_tokens, executor_temperature=executor.temperature,
-                        cache_size=executor.cache_size)
+                        cache_size=executor.cache_size, executor_cost_per_million_tokens=executor.cost_per_million_tokens)

@@ -196,8 +196,10 @@ class Executor:
     """
 
     def __init__(self, backend, *, max_tokens: int = 256, temperature: float = 0.0, cache_size: int = 4096,
-                 max_batch: int = 64):
+                 max_batch: int = 64, cost_per_million_tokens: float = 0.0):
         self.backend = backend
+        self.cost_per_million_tokens = cost_per_million_tokens
+        """The executor's price: what a run's usage summary reports as its cost (0: a local model)."""
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.cache: OrderedDict[tuple, Reply] = OrderedDict()
@@ -286,3 +288,9 @@ class ExecutorClient:
         reply = await self.executor.submit((identity, self._occurrences[identity]), request)
         self.tokens += reply.tokens
         return reply.text
+
+    def usage(self) -> dict:
+        """This run's executor usage so far, as AFlow's ``llm.get_usage_summary()`` gives it: ``total_cost`` (its
+        tokens at the executor's price), ``total_tokens`` and ``calls``."""
+        return {"total_cost": self.tokens * self.executor.cost_per_million_tokens / 1e6, "total_tokens": self.tokens,
+                "calls": self.calls}

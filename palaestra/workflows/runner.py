@@ -27,6 +27,7 @@ import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from palaestra.workflows.aflow_form import USAGE_SUMMARY
 from palaestra.workflows.executor import BudgetExceeded, Executor
 from palaestra.workflows.operators import Problem, bind_operators
 from palaestra.workflows.validator import SAFE_BUILTINS, ValidationResult, validate_workflow
@@ -54,6 +55,8 @@ class WorkflowOutcome:
     """Executor calls the workflow made (cache hits included)."""
     tokens: int = 0
     seconds: float = 0.0
+    cost: float | None = None
+    """The cost the workflow reported with its answer (AFlow's ``return answer, cost``), or None."""
 
     @property
     def credited(self) -> bool:
@@ -90,6 +93,13 @@ def answer_text(value) -> str:
     return "" if value is None else str(value)
 
 
+def _reported_cost(value) -> float | None:
+    """The cost in AFlow's ``(answer, cost)`` return value, or None."""
+    if isinstance(value, tuple) and len(value) > 1 and isinstance(value[1], (int, float)) and not isinstance(value[1], bool):
+        return float(value[1])
+    return None
+
+
 class WorkflowRunner:
     """Validates and runs workflows on an :class:`Executor`, with a per-workflow budget and timeout."""
 
@@ -100,11 +110,12 @@ class WorkflowRunner:
         self.max_calls, self.max_tokens = max_calls, max_tokens
         self.timeout_s, self.sandbox_seconds = timeout_s, sandbox_seconds
 
-    def run(self, completions: list[str], problems: list[Problem]) -> list[WorkflowOutcome]:
-        """Outcomes of ``completions[i]`` run on ``problems[i]``, all concurrently (one asyncio loop)."""
+    def run(self, completions: list[str], problems: list[Problem], prompts: dict[str, str] | None = None) -> list[WorkflowOutcome]:
+        """Outcomes of ``completions[i]`` run on ``problems[i]``, all concurrently (one asyncio loop); ``prompts``:
+        the texts an AFlow workflow's ``prompt_custom.NAME`` reads (its ``prompt.py``)."""
         if len(completions) != len(problems):
             raise ValueError(f"{len(completions)} completions for {len(problems)} problems")
-        validations = [validate_workflow(text, problem.domain) for text, problem in zip(completions, problems)]
+        validations = [validate_workflow(text, problem.domain, prompts) for text, problem in zip(completions, problems)]
         previous = sys.gettrace()
         sys.settrace(_trace_calls)
         try:
@@ -120,10 +131,12 @@ class WorkflowRunner:
         client = self.executor.client(max_calls=self.max_calls, max_tokens=self.max_tokens)
         start = time.monotonic()
         _LINES_LEFT.set([self.max_lines])  # this task's own context: other workflows keep theirs
-        answer, error = "", ""
+        answer, error, cost = "", "", None
         try:
-            workflow = _instantiate(validation.code, bind_operators(client, problem, sandbox_seconds=self.sandbox_seconds))
-            answer = answer_text(await asyncio.wait_for(workflow(problem.question), self.timeout_s))
+            operators = bind_operators(client, problem, sandbox_seconds=self.sandbox_seconds)
+            workflow = _instantiate(validation.code, {**operators, USAGE_SUMMARY: client.usage})
+            value = await asyncio.wait_for(workflow(problem.question), self.timeout_s)
+            answer, cost = answer_text(value), _reported_cost(value)
             if not answer.strip():
                 error = "returned no answer"
         except asyncio.TimeoutError:
@@ -135,7 +148,7 @@ class WorkflowRunner:
         except Exception as exc:  # noqa: BLE001 - anything the policy's code does wrong is its runtime error
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
         return WorkflowOutcome(answer if not error else "", validation, error, client.calls, client.tokens,
-                               time.monotonic() - start)
+                               time.monotonic() - start, cost)
 
 
 class WorkflowTimeout(Exception):

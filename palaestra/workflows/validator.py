@@ -23,15 +23,22 @@ misnamed argument of a one-argument operator, a missing ``async`` or ``await``, 
 ``return`` of the last assigned name. Code that
 still fails a check is replaced by :data:`FALLBACK_WORKFLOWS` for its domain; the result says so,
 and the reward never credits a fallback's answer to the policy.
+
+A workflow in AFlow's own published form (``__init__(self, name, llm_config, dataset)`` building operators on
+``self.llm``, prompts from ``prompt_custom``, the cost from ``self.llm.get_usage_summary()``) is translated as
+written, not repaired (:mod:`palaestra.workflows.aflow_form`); ``UsageSummary()``, the run's executor usage, is
+the one call besides the operators and the safe builtins.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import re
 import textwrap
 from dataclasses import dataclass, field
 
+from palaestra.workflows.aflow_form import USAGE_SUMMARY, from_aflow_form
 from palaestra.workflows.operators import OPERATORS
 
 __all__ = ["FALLBACK_WORKFLOWS", "SAFE_BUILTINS", "SAFE_METHODS", "ValidationResult", "extract_workflow_code",
@@ -82,6 +89,9 @@ class ValidationResult:
     """Why the checks failed (after repair, when it fell back)."""
     operators: set[str] = field(default_factory=set)
     """The operators the policy's workflow calls (empty for a fallback)."""
+    dialect: str = "palaestra"
+    """palaestra (the form above), or aflow: AFlow's published form, translated as written
+    (:mod:`palaestra.workflows.aflow_form`; not a repair)."""
 
     @property
     def valid(self) -> bool:
@@ -99,14 +109,18 @@ def extract_workflow_code(completion: str) -> str:
     return text[start:] if start >= 0 else text
 
 
-def validate_workflow(completion: str, domain: str) -> ValidationResult:
-    """Check (and if needed repair) the workflow in ``completion``; fall back to the domain's default."""
+def validate_workflow(completion: str, domain: str, prompts: dict[str, str] | None = None) -> ValidationResult:
+    """Check (and if needed repair) the workflow in ``completion``; fall back to the domain's default. A workflow in
+    AFlow's published form is translated as it is (``prompts``: the texts of its ``prompt.py``)."""
     code = extract_workflow_code(completion)
     repairs: list[str] = []
     tree = _parse_with_repairs(code, repairs)
     if tree is None:
         return ValidationResult(FALLBACK_WORKFLOWS[domain], parse_failed=True, validation_failed=True, fallback=True,
                                 repairs=repairs, errors=["does not parse"])
+    aflow = None if repairs else from_aflow_form(copy.deepcopy(tree), domain, prompts or {})
+    if aflow is not None and not _check(aflow):
+        return ValidationResult(ast.unparse(aflow), operators=_operators(aflow), dialect="aflow")
     errors = _check(tree)
     if not errors and not repairs:
         return ValidationResult(ast.unparse(tree), operators=_operators(tree))
@@ -206,7 +220,7 @@ def _check_call(node: ast.Call, helpers: set[str]) -> list[str]:
         return []  # a helper method or a safe method, checked as an attribute
     if not isinstance(func, ast.Name):
         return ["calls must be to a name"]
-    if func.id in SAFE_BUILTINS:
+    if func.id in SAFE_BUILTINS or func.id == USAGE_SUMMARY:
         return []
     spec = OPERATORS.get(func.id)
     if spec is None:
