@@ -16,7 +16,7 @@ LOGGERS = ("mlflow", "tensorboard", "wandb")
 
 @dataclass
 class TrackingConfig:
-    """Experiment tracking: MLflow, and TensorBoard beside it."""
+    """Experiment tracking: MLflow, and TensorBoard and Weights & Biases beside it."""
 
     enabled: bool = True
     """Track the run (every logger of tracking.loggers)."""
