@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import shutil
 import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
+
+from results import cpu_kind, record  # bench/results.py, beside this script
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -41,16 +41,6 @@ OBJECTIVES = {
     "dynamic_sampling": (["algo.dynamic_sampling=true", "algo.loss_type=dapo", "algo.epsilon_high=0.28"],
                          "DAPO arXiv:2503.14476 (with its loss)"),
 }
-
-
-def cpu_kind() -> str:
-    """The CPU's model name and whether it multiplies bf16 natively (the figures depend on it)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"model name\s*:\s*(.+)", info)
-    flags = re.search(r"flags\s*:\s*(.+)", info)
-    flags = set(flags.group(1).split()) if flags else set()
-    native = "amx_bf16" in flags or "avx512_bf16" in flags
-    return f"{model.group(1).strip() if model else platform.machine()}, {'native' if native else 'emulated'} bf16"
 
 
 def run(name: str, keys: list[str], budget_s: float, extra: list[str]) -> dict:
@@ -104,8 +94,6 @@ def main() -> None:
                      f"{100 * (r['after'] - r['before']):+.1f} | {r['reward_last10']:.3f} |")
     text = "\n".join(lines)
     print(text)
-    from results import record  # bench/results.py, beside this script
-
     record(text)
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -41,19 +40,12 @@ import time
 from datetime import date
 from pathlib import Path
 
+from results import cpu_kind, record  # bench/results.py, beside this script
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PROMPT_TOKENS = 64
 SAMPLES_PER_PROMPT = 8
-
-
-def _cpu() -> str:
-    """The CPU's model name and whether it multiplies bf16 natively (AMX or AVX-512 bf16) or not (AVX2 only)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.machine())
-    kind = "AMX" if "amx_bf16" in info else "AVX-512 bf16" if "avx512_bf16" in info else "no native bf16"
-    return f"{name}, {kind}"
 
 
 def _peak_rss_mb() -> float:
@@ -210,7 +202,7 @@ def _strategies(args) -> str:
     first = results["1 process"][0]
     command = " ".join(["python", "bench/scale.py", *sys.argv[1:]])
     return "\n".join([
-        f"### {date.today().isoformat()}: memory per process: 1 process, DDP and FSDP2 ({_cpu()}, {os.cpu_count()} CPU cores)",
+        f"### {date.today().isoformat()}: memory per process: 1 process, DDP and FSDP2 ({cpu_kind()}, {os.cpu_count()} CPU cores)",
         f"`{command}`: full fine-tuning of the embedded SmolLM2-135M (weights {first['dtype']}, precision "
         f"{first['precision']}, AdamW), {args.sequences} sequences of {args.tokens} tokens per process and step in forwards "
         f"of {args.sequence_per_forward}, {args.updates - 1} timed steps; gloo between the processes, the CPU's cores "
@@ -252,7 +244,7 @@ def _activations(args) -> str:
     command = " ".join(["python", "bench/scale.py", *sys.argv[1:]])
     return "\n".join([
         f"### {date.today().isoformat()}: memory of a GRPO update: gradient checkpointing and chunked log-probs "
-        f"({_cpu()}, {os.cpu_count()} CPU cores)",
+        f"({cpu_kind()}, {os.cpu_count()} CPU cores)",
         f"`{command}`: the embedded SmolLM2-135M, LoRA r16 on every linear layer, precision {plain['precision']} "
         f"(weights {plain['dtype']}); {args.completions} completions of {args.completion_tokens} tokens after a "
         f"{PROMPT_TOKENS}-token prompt, {args.per_forward} per forward, {args.updates - 1} timed updates each way; "
@@ -283,9 +275,6 @@ def main() -> None:
         if figures is not None:
             print(json.dumps(figures))
         return
-
-    sys.path.insert(0, str(HERE))
-    from results import record
 
     for part, measure in (("strategies", _strategies), ("activations", _activations)):
         if args.part in ("all", part):

@@ -496,6 +496,30 @@ def load_trained_weights(model, checkpoint: Path):
     return model
 
 
+def trained_model_source(path: str, key: str, model: str) -> Path | None:
+    """The checkpoint ``key=path`` names (a run folder's latest, or a step folder), or None when it is a plain model
+    folder (config.json); a one-line ConfigError when it is neither, or when the checkpoint was trained on another
+    base model than ``model`` (:func:`palaestra.config.model.model_id`). Cheap: reads no weights."""
+    from palaestra.config.errors import ConfigError
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"{key}={path} is not a folder; give a palaestra run folder (or its checkpoints/step-* "
+                          "folder) or a local model folder with config.json")
+    try:
+        checkpoint = resolve_resume(str(folder), folder)
+    except FileNotFoundError:
+        if (folder / "config.json").is_file():
+            return None
+        raise ConfigError(f"{key}={path} holds neither a palaestra checkpoint nor a model (no config.json); give a "
+                          "palaestra run folder (or its checkpoints/step-* folder) or a local model folder") from None
+    trained_on = (read_trainer_state(checkpoint).get("identity") or {}).get("model")
+    if trained_on is not None and trained_on != model:
+        raise ConfigError(f"{key}={path} was trained on the model {trained_on!r}, not on this run's {model!r}; give a "
+                          "run of the same base model, or an exported model folder")
+    return checkpoint
+
+
 def checkpoint_path(path: str | None) -> Path | None:
     """The checkpoint named by eval.checkpoint (a step folder, or a run folder's latest), or None."""
     if not path:

@@ -84,3 +84,9 @@ def validate_model(model: ModelChoice | EncoderConfig) -> None:
     if isinstance(model, ModelConfig):
         check(model.lora.r > 0, f"model.lora.r={model.lora.r} must be a positive rank")
         check(0 <= model.lora.dropout < 1, f"model.lora.dropout={model.lora.dropout} must be in [0, 1)")
+
+
+def model_id(name: str, path: str | None = None) -> str:
+    """A short identifier of the ``model`` section's model (tracking tags, checkpoints' identity): the path when one
+    is given, else the model name."""
+    return str(path).rstrip("/") if path else name

