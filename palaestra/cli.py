@@ -159,7 +159,8 @@ _USER_ERRORS = (ConfigError, FileNotFoundError)
 
 
 _LATER_USER_ERRORS = (("palaestra.models.loading", "ModelLoadError"), ("palaestra.rewards", "RewardError"),
-                      ("palaestra.checkpoint", "CorruptCheckpoint"), ("palaestra.tracking.mlflow_tracker", "TrackingError"))
+                      ("palaestra.checkpoint", "CorruptCheckpoint"), ("palaestra.tracking.mlflow_tracker", "TrackingError"),
+                      ("palaestra.rollout.servers", "RolloutServerError"))
 """More user mistakes, by the module that defines them: only a module already imported can have raised one,
 so a config mistake is reported without importing them (models.loading imports torch)."""
 

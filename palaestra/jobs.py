@@ -56,6 +56,7 @@ RENAMED: dict[tuple[str, str], str] = {
     ("ppo", "train.batch_size"): "algo.prompts_per_step",
     ("classifier", "train.batch_size"): "train.texts_per_step",
     ("rag", "algo.batch_size"): "algo.documents_per_step",
+    ("grpo", "algo.rollout_engine"): "rollout.engine",
 }
 """(method, a key it read before each method owned its settings) -> the key's name now."""
 

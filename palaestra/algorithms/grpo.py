@@ -199,6 +199,7 @@ def policy_loss(
     importance_sampling_level: str = "token",
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The policy-gradient loss of a batch of completions, with an optional k3 KL penalty.
 
@@ -224,6 +225,9 @@ def policy_loss(
             exp of the mean of its tokens' log-ratios, shared by its tokens.
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures for positive and negative
             advantages.
+        token_weights: [B, T] weights of each token's policy-gradient term (not of the KL penalty): the
+            mismatch correction of completions sampled by another engine
+            (:func:`palaestra.algorithms.rollout_correction.correction_weights`, TRL's placement); None: 1.
 
     Returns:
         (scalar loss, stats) where stats are python floats: ``kl``, ``clip_ratio/low``,
@@ -263,6 +267,8 @@ def policy_loss(
         clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
         per_token = -torch.min(ratio * adv, clipped * adv)
     per_token = per_token.expand_as(logp)  # a sequence-level term is its tokens' each
+    if token_weights is not None:  # L_tok *= w_t (the sampler's mismatch corrected; detached)
+        per_token = per_token * token_weights.detach().to(per_token.dtype)
     kl = None
     if beta > 0:
         kl = k3_kl(logp, ref_logp.detach())

@@ -26,6 +26,10 @@ class ExportConfig:
     """Merge the LoRA adapter into the base (a plain Hugging Face model) or save the adapter alone."""
 
 
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
+"""serve.logprobs_mode's values (vLLM's names)."""
+
+
 @dataclass
 class ServeConfig:
     """palaestra serve: an OpenAI-compatible HTTP API over the base model and what was trained from it."""
@@ -59,6 +63,13 @@ class ServeConfig:
     """CPU threads for torch (0 leaves torch's default)."""
     api_key: Optional[str] = None
     """If set, /v1 requests must carry Authorization: Bearer <api_key>."""
+    runtime_lora: bool = False
+    """Accept POST /v1/load_lora_adapter {lora_name, lora_path} and POST /v1/unload_lora_adapter {lora_name}
+    (vLLM's runtime LoRA endpoints): the adapter is served over the base model under lora_name. What a rollout
+    worker for palaestra train rollout.engine=server needs."""
+    logprobs_mode: str = "raw_logprobs"
+    """Log-probabilities the API returns: raw_logprobs (OpenAI's meaning: the model's own distribution) or
+    processed_logprobs (vLLM's: the distribution sampled from, after temperature, top_k and top_p; greedy: raw)."""
 
 
 @dataclass
@@ -96,6 +107,7 @@ def validate_serve(serve: ServeConfig) -> None:
     check(serve.max_tokens >= 1, f"serve.max_tokens={serve.max_tokens} must be >= 1")
     check(serve.threads >= 0, f"serve.threads={serve.threads} must be >= 0")
     one_of("serve.device", serve.device, DEVICES)
+    one_of("serve.logprobs_mode", serve.logprobs_mode, LOGPROBS_MODES)
     for path in [*serve.models, *serve.named_models.values()]:
         check(Path(str(path)).is_dir(), f"serve.models: {path} is not a folder; give a run folder, a checkpoint, an adapter "
                "or an exported model folder")

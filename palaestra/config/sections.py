@@ -10,6 +10,7 @@ from palaestra.config.data import DataSource, validate_data
 from palaestra.config.env import EnvConfig, validate_env
 from palaestra.config.evaluation import CheckpointEval, validate_eval
 from palaestra.config.model import EncoderConfig, ModelChoice, validate_model
+from palaestra.config.rollout import RolloutSettings, validate_rollout
 from palaestra.config.run import (
     ChunkedLogprobs,
     EpochBudget,
@@ -34,6 +35,7 @@ SECTION_CHECKS = (
     (EpochBudget, validate_epochs),
     (SamplingSettings, validate_sampling),
     (ClippedObjective, validate_objective),
+    (RolloutSettings, validate_rollout),
     (RunSettings, validate_run),
     (ChunkedLogprobs, validate_chunked_logprobs),
     (ShardingSettings, validate_sharding),

@@ -19,6 +19,10 @@ test problems; the group filter and the figures see every process's groups; each
 counts every process's answers of its roles, and its gradients are summed only with its own
 (each role's adapter or model with itself), so every process applies the same update.
 
+With ``rollout.engine=server`` the team samples on rollout workers (:mod:`palaestra.rollout.servers`): each
+policy's adapter is pushed to them before every rollout (``per_role``: one adapter per role, side by side over
+one base in every worker) and the update corrects the workers' mismatch (``rollout.correction``).
+
 Simplifications relative to the paper: one optimizer step per policy per rollout batch (one PPO
 epoch, as in the reference) and no critic; evaluation plays each test problem without branching.
 """
@@ -32,6 +36,7 @@ import torch
 
 from palaestra.algorithms.at_grpo import select_samples, tree_advantages
 from palaestra.config.errors import ConfigError
+from palaestra.config.rollout import resolved_correction
 from palaestra.config.sampling import objective_settings
 from palaestra.recipes.at_grpo_config import ATGRPOConfig
 from palaestra.envs import resolve_env, train_seeds
@@ -67,6 +72,10 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
     except (TypeError, ValueError) as error:
         raise ConfigError(f"env.params for {env_cfg.name}: {str(error).splitlines()[0]}") from None
     roles = tuple(make_env().turn_order)
+    if config.rollout.engine == "server":  # rollout workers answering, before any model loads
+        from palaestra.rollout.servers import check_servers
+
+        check_servers(config.rollout.servers, wait_s=config.rollout.server_wait_s, api_key=config.rollout.api_key)
 
     # ---- policies: models, adapters, optimizers
     device = training_device(train_cfg.device, dist)
@@ -93,6 +102,8 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
               best=best_metric(config), dist=dist, progress=("success_rate", "reward/mean", "tokens_per_second"),
               curves=("success_rate",), plot=("success_curve.png", "AT-GRPO: success rate"))
     log.info("env %s, roles %s -> policies %s, device %s, precision %s", env_cfg.name, roles, role_policy, device, precision)
+    if config.rollout.engine == "server":
+        _sample_on_servers(policies, config, run.run_dir)
     run.resume(parts={name: policy.checkpoint_part() for name, policy in policies.items()})
     if dist.rank and not run.rng_restored:  # a fresh start (or a checkpoint of fewer processes): the process's own
         torch.manual_seed(train_cfg.seed + 1000 * dist.rank + run.step)  # stream; rank 0 samples as one process does
@@ -111,9 +122,18 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
     def generate(agent: str, prompts: list[list[dict]], samples: int, sampling: SamplingParams):
         policy = policies[role_policy[agent]]
         policy.activate()
+        if config.rollout.engine == "server":  # the workers serve each policy's adapter under its own name
+            return policy.generator.generate(prompts, samples, sampling, adapter=policy.adapter or "default")
         return policy.generator.generate(prompts, samples, sampling)
 
+    def sync_adapters() -> None:
+        """Rollout workers: every policy's adapter as the last update left it."""
+        if config.rollout.engine == "server":
+            for policy in policies.values():
+                policy.generator.sync_adapter(policy.adapter or "default")
+
     def run_eval(step: int, label: str) -> dict:
+        sync_adapters()
         with reusing_weights(policies):
             figures, episodes = evaluate_team(make_env, generate, env_cfg.test_envs, sampling=eval_sampling, plays=plays,
                                               alpha=algo.alpha, seed=train_cfg.seed, base_seed=env_cfg.seed, dist=dist)
@@ -129,6 +149,7 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
 
             # 1. roll out: a tree of K answers per (turn, agent) over fresh training problems (this process's block)
             seeds = train_seeds(env_cfg.train_envs, base=env_cfg.seed + (step - 1) * env_cfg.train_envs)
+            sync_adapters()
             with run.timed("rollout"), reusing_weights(policies):
                 groups, episodes = _rollout(make_env, dist.split(seeds), generate, train_sampling, algo)
             all_groups, all_episodes = everyones(groups, episodes, dist)  # for the filter and the figures
@@ -160,10 +181,26 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
 
     if evaluate_before_after and (run.finished or run.out_of_time):
         results["after"] = run_eval(run.step, "after")
+    for generator in {id(p.generator): p.generator for p in policies.values()}.values():
+        getattr(generator, "close", lambda: None)()
     return {**run.finish(), **results}
 
 
 # ------------------------------------------------------------------------------------------ pieces
+
+
+def _sample_on_servers(policies: dict[str, Policy], config: ATGRPOConfig, run_dir: Path) -> None:
+    """Give every policy a generator on the rollout workers: one per model (``per_role``'s adapters share it)."""
+    from palaestra.rollout.servers import ServerGenerator
+
+    rollout, generators = config.rollout, {}
+    for policy in policies.values():
+        if id(policy.model) not in generators:
+            generators[id(policy.model)] = ServerGenerator(
+                policy.model, policy.tokenizer, list(rollout.servers), adapter_dir=rollout.adapter_dir or run_dir / "rollout_adapters",
+                max_prompt_length=config.algo.max_prompt_length, precision=policy.generator.precision,
+                request_timeout_s=rollout.request_timeout_s, server_wait_s=rollout.server_wait_s, api_key=rollout.api_key)
+        policy.generator = generators[id(policy.model)]
 
 
 def _rollout(make_env, seeds: list[int], generate, sampling: SamplingParams, algo) -> tuple[list[AgentGroup], list[Episode]]:
@@ -221,9 +258,13 @@ def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config,
                                                    chunk_tokens=train_cfg.logprob_chunk_tokens,
                                                    entropy_gradient=algo.entropy_coef > 0),
         ref_logps=reference if algo.beta > 0 else None, max_completion_length=algo.max_completion_length,
+        sampler_logps=(lambda rows: batch.sampler_logprobs[rows]) if batch is not None and batch.sampler_logprobs is not None else None,
+        correction=resolved_correction(config.rollout), correction_cap=config.rollout.correction_cap,
         max_grad_norm=train_cfg.max_grad_norm, dist=dist, **objective_settings(algo),
     )
-    return {f"{name}/{key}": totals[key] for key in ("loss", "kl", "clip_ratio/region", "entropy") if key in totals} | {
+    logged = ("loss", "kl", "clip_ratio/region", "entropy", "rollout/logprob_gap/mean", "rollout/logprob_gap/max",
+              "rollout/is_ratio/mean", "rollout/is_capped_share")
+    return {f"{name}/{key}": totals[key] for key in logged if key in totals} | {
         f"{name}/grad_norm": grad_norm, f"{name}/samples": samples}
 
 

@@ -9,6 +9,7 @@ from palaestra.config.env import EnvConfig, PolicyConfig, validate_policy
 from palaestra.config.errors import check, one_of
 from palaestra.config.evaluation import SampledEval
 from palaestra.config.model import ModelConfig
+from palaestra.config.rollout import RolloutSettings
 from palaestra.config.run import ChunkedLogprobs, StepLoopSettings
 from palaestra.config.sampling import ClippedObjective, SamplingSettings
 from palaestra.config.tracking import TrackingConfig
@@ -60,6 +61,7 @@ class ATGRPOConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     algo: ATGRPOAlgo = field(default_factory=lambda: ATGRPOAlgo())
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
     train: ATGRPOTrain = field(default_factory=ATGRPOTrain)
     eval: SampledEval = field(default_factory=SampledEval)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -75,3 +77,10 @@ def validate_at_grpo(config: ATGRPOConfig) -> None:
     one_of("algo.rollout", algo.rollout, ROLLOUTS)
     one_of("algo.group_filter", algo.group_filter, GROUP_FILTERS)
     check(0 <= algo.filter_ratio < 1, f"algo.filter_ratio={algo.filter_ratio} must be in [0, 1)")
+    engine = config.rollout.engine
+    check(engine != "vllm", "rollout.engine=vllm is GRPO's; a team samples with rollout.engine=hf or server")
+    if engine == "server":
+        check(config.model.lora.enabled, "rollout.engine=server serves the trained LoRA adapters; set model.lora.enabled=true "
+                                         "or use rollout.engine=hf")
+        check(config.policy.mode != "separate", "rollout.engine=server serves one base model per worker; policy=separate "
+                                                "has one per role: use policy=shared or per_role, or rollout.engine=hf")

@@ -36,6 +36,7 @@ import torch
 from palaestra.algorithms.grpo import group_advantages, informative_groups, keep_first, overlong_penalty
 from palaestra.config import reward_weights
 from palaestra.config.errors import ConfigError
+from palaestra.config.rollout import resolved_correction
 from palaestra.config.sampling import objective_settings
 from palaestra.recipes.grpo_config import GRPOConfig
 from palaestra.distributed import Distributed
@@ -72,9 +73,13 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
         )
     seed_everything(train_cfg.seed, threads=train_cfg.threads)  # the same on every process: the same initial weights
 
-    # ---- data (cheap, and fails before the model loads on a bad dataset)
+    # ---- data (cheap, and fails before the model loads on a bad dataset); rollout workers answering
     task = build_task(config.task)
     eval_examples = task.test[: config.eval.max_examples or None]
+    if config.rollout.engine == "server":
+        from palaestra.rollout.servers import check_servers
+
+        check_servers(config.rollout.servers, wait_s=config.rollout.server_wait_s, api_key=config.rollout.api_key)
 
     # ---- model, adapter, reference
     device = dist.device(config.train.device)
@@ -90,16 +95,17 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
         for policy in (model, reference) if reference is not None else (model,):
             shard_model(policy, dist, precision=precision, cpu_offload=train_cfg.fsdp_cpu_offload)
     model.train()
-    generator = _generator(config, model, tokenizer, precision)
-    task.bind(generator)  # a workflow task's executor may be the policy with its adapter off
 
-    # ---- run folder, optimizer, resume, tracking
+    # ---- run folder, rollout engine, optimizer, resume, tracking
     run = Run(train_cfg, method="grpo", runs_root=Path("runs") / f"{config.task.name}-{algo.name}", total_steps=train_cfg.steps,
               identity=policy_identity(config.model),
               best=best_metric(config), dist=dist, state={"data_position": 0, "task_state": {}},
               progress=("reward/mean", "tokens_per_second"), curves=("reward/mean",),
               plot=("reward_curve.png", "GRPO: reward and held-out accuracy"))
     log.info("device %s, compute precision %s, weights %s", device, precision, dtype)
+    generator = _generator(config, model, tokenizer, precision, run.run_dir)
+    task.bind(generator)  # a workflow task's executor may be the policy with its adapter off
+    correction = resolved_correction(config.rollout)
     updates_total = train_cfg.steps * algo.num_iterations
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = adamw(trainable, train_cfg, updates_total)
@@ -123,6 +129,8 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
             if not dist.is_main:
                 dist.barrier()
                 return None
+            if config.rollout.engine != "hf":
+                generator.sync_adapter()  # the engine evaluates the weights as they are now
             result = evaluate(
                 generator, task, eval_examples, reward_weights=weights, format_reward=config.task.format_reward,
                 sampling=eval_sampling, num_samples=config.eval.num_samples, pass_k=list(config.eval.pass_k),
@@ -139,8 +147,6 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
     def sample_and_score(examples: list, temperature: float) -> ScoredGroups:
         """1. G completions for each of ``examples``, 2. their rewards (with their components)."""
         with run.timed("generation"):
-            if algo.rollout_engine == "vllm":
-                generator.sync_adapter()  # vLLM samples from the adapter as the last update left it
             rollout = generator.generate([task.prompt(e) for e in examples], algo.num_generations,
                                          SamplingParams(algo.max_completion_length, temperature, algo.top_p, algo.top_k))
         with run.timed("rewards"):  # a workflow task's executor may run the policy
@@ -165,6 +171,9 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
             #      all agree are dropped and rounds of fresh prompts drawn until the step has prompts_per_step
             #      groups, or algo.max_sampling_rounds rounds are spent
             parts, drawn, kept_groups, generated_tokens = [], [], 0, 0
+            if config.rollout.engine != "hf":
+                with run.timed("adapter_sync"):
+                    generator.sync_adapter()  # the engine samples from the adapter as the last update left it
             with full_weights(model):  # on each process alone (sharded weights gathered whole)
                 while len(drawn) < (algo.max_sampling_rounds if algo.dynamic_sampling else 1) and kept_groups < prompts_per_step:
                     examples, run.state["data_position"] = next_items(
@@ -195,6 +204,7 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
             # 4. loss and step: old/ref/teacher log-probs once, then num_iterations clipped updates
             slices = [slice(i, i + train_cfg.completions_per_forward) for i in range(0, len(rewards), train_cfg.completions_per_forward)]
             old_logps = ref_logps = teacher_logps = None
+            sampler_logps = None if rollout.sampler_logprobs is None else [rollout.sampler_logprobs[s] for s in slices]
             with torch.no_grad():
                 if algo.num_iterations > 1:
                     with run.timed("old_logprobs"):
@@ -216,8 +226,12 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
                     model, optimizer, scheduler, trainable, rollout, advantages, loss_mask, algo=algo, slices=slices,
                     shared=shared, precision=precision, temperature=temperature, old_logps=old_logps,
                     ref_logps=ref_logps, teacher_logps=teacher_logps, max_grad_norm=train_cfg.max_grad_norm, dist=dist,
-                    timings=run.timings, chunk_tokens=train_cfg.logprob_chunk_tokens,
+                    timings=run.timings, chunk_tokens=train_cfg.logprob_chunk_tokens, sampler_logps=sampler_logps,
+                    correction=correction, correction_cap=config.rollout.correction_cap,
                 )
+            if stats.get("rollout/logprob_gap/mean", 0.0) > 0.5:
+                log.warning("step %d: the rollout engine's log-probs differ from the trainer's by %.2f nats a token; does "
+                            "it serve the same base model (model.path)?", step, stats["rollout/logprob_gap/mean"])
 
             # 5. log / eval / checkpoint
             lengths = rollout.completion_mask.sum(dim=1).float()
@@ -238,6 +252,7 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
                 "learning_rate": scheduler.get_last_lr()[0],
                 "temperature": temperature,
                 "tokens_per_second": float(dist.sum(torch.tensor(float(generated_tokens)))) / elapsed,
+                **({"rollout/resent_requests": float(generator.resent)} if config.rollout.engine == "server" else {}),
             })
             if tracker and train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
                 tracker.log_table(_sample_rows(step, batch.examples, rollout.texts, rewards, components, algo.num_generations),
@@ -253,6 +268,8 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
             plot = task.plot_outcomes(results["before"], results["after"], run.run_dir / "workflow_outcomes.png")
             if plot is not None:
                 run.tracker.log_artifact(str(plot), "plots")
+    if config.rollout.engine == "server":
+        generator.close()
     return {**run.finish(), **results}
 
 
@@ -294,13 +311,13 @@ class ScoredGroups:
 def update_policy(
     model, optimizer, scheduler, trainable, rollout, advantages, loss_mask, *, algo, slices, shared, precision,
     temperature, old_logps, ref_logps, max_grad_norm, dist: Distributed, timings: dict, chunk_tokens: int = 0,
-    teacher_logps=None,
+    teacher_logps=None, sampler_logps=None, correction: str = "none", correction_cap: float = 2.0,
 ) -> tuple[dict[str, float], float]:
     """One optimizer update on this process's share of the batch, gradients summed over processes:
     :func:`palaestra.recipes.update.policy_update` on the rollout's micro-batches, entropy logged.
 
-    ``old_logps`` / ``ref_logps`` / ``teacher_logps``: one tensor per micro-batch of ``slices`` (computed once
-    before the ``num_iterations`` updates), or None.
+    ``old_logps`` / ``ref_logps`` / ``teacher_logps`` / ``sampler_logps`` (the rollout engine's): one tensor per
+    micro-batch of ``slices`` (computed once before the ``num_iterations`` updates), or None.
     """
     distillation = {"teacher_coef": algo.teacher_coef, "reward_coef": algo.reward_coef} if teacher_logps is not None else {}
     return policy_update(
@@ -308,15 +325,24 @@ def update_policy(
         logprobs=lambda rows: micro_batch_logprobs(model, rollout, rows, temperature, shared, precision, with_entropy=True,
                                                    chunk_tokens=chunk_tokens, entropy_gradient=algo.entropy_coef > 0),
         old_logps=old_logps, ref_logps=ref_logps, teacher_logps=teacher_logps, **distillation,
+        sampler_logps=sampler_logps, correction=correction, correction_cap=correction_cap,
         max_completion_length=algo.max_completion_length, **objective_settings(algo),
         max_grad_norm=max_grad_norm, dist=dist, timings=timings,
     )
 
 
-def _generator(config: GRPOConfig, model, tokenizer, precision: str):
-    """The rollout engine: palaestra's decode loop on the training model, or vLLM serving its adapter."""
-    algo = config.algo
-    if algo.rollout_engine == "vllm":
+def _generator(config: GRPOConfig, model, tokenizer, precision: str, run_dir: Path):
+    """The rollout engine: palaestra's decode loop on the training model, vLLM serving its adapter, or rollout
+    workers to which the adapter is pushed."""
+    algo, rollout = config.algo, config.rollout
+    if rollout.engine == "server":
+        from palaestra.rollout.servers import ServerGenerator
+
+        return ServerGenerator(model, tokenizer, list(rollout.servers), adapter_dir=rollout.adapter_dir or run_dir / "rollout_adapters",
+                               max_prompt_length=algo.max_prompt_length, precision=precision,
+                               request_timeout_s=rollout.request_timeout_s, server_wait_s=rollout.server_wait_s,
+                               api_key=rollout.api_key)
+    if rollout.engine == "vllm":
         from palaestra.rollout.vllm_engine import VLLMGenerator
 
         base = config.model.path or embedded_model_dir(config.model.name)

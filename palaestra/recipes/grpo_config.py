@@ -5,18 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from palaestra.config.errors import check, one_of
+from palaestra.config.errors import check
 from palaestra.config.evaluation import EvalConfig
 from palaestra.config.model import ModelConfig
+from palaestra.config.rollout import RolloutSettings
 from palaestra.config.run import ChunkedLogprobs, ShardingSettings, StepLoopSettings, check_batch, check_shardable
 from palaestra.config.sampling import ClippedObjective, SamplingSettings
 from palaestra.config.task import TaskConfig
 from palaestra.config.tracking import TrackingConfig
 
 __all__ = ["GRPOAlgo", "GRPOConfig", "GRPOTrain", "validate_grpo"]
-
-ROLLOUT_ENGINES = ("hf", "vllm")
-
 
 @dataclass
 class GRPOAlgo(ClippedObjective, SamplingSettings):
@@ -60,9 +58,6 @@ class GRPOAlgo(ClippedObjective, SamplingSettings):
     """Final temperature of a linear schedule; None keeps the temperature constant."""
     temperature_schedule_steps: int = 0
     """Steps over which the temperature moves linearly from temperature to temperature_final."""
-    rollout_engine: str = "hf"
-    """What samples the completions: hf (palaestra's decode loop on the training model, any device)
-    or vllm (a CUDA GPU and the gpu extra: vLLM serves the LoRA adapter, re-synced every step)."""
 
 
 @dataclass
@@ -88,6 +83,7 @@ class GRPOConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     algo: GRPOAlgo = field(default_factory=lambda: GRPOAlgo())
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
     train: GRPOTrain = field(default_factory=GRPOTrain)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -99,7 +95,6 @@ def validate_grpo(config: GRPOConfig) -> None:
     check(algo.num_generations >= 2, f"algo.num_generations={algo.num_generations} must be >= 2 (GRPO compares completions within a group)")
     check(algo.num_iterations >= 1, f"algo.num_iterations={algo.num_iterations} must be >= 1")
     check(algo.temperature_final is None or algo.temperature_final > 0, f"algo.temperature_final={algo.temperature_final} must be > 0")
-    one_of("algo.rollout_engine", algo.rollout_engine, ROLLOUT_ENGINES)
     check(0 <= algo.overlong_buffer <= algo.max_completion_length,
           f"algo.overlong_buffer={algo.overlong_buffer} must be in [0, algo.max_completion_length={algo.max_completion_length}]")
     check(algo.overlong_penalty >= 0, f"algo.overlong_penalty={algo.overlong_penalty} must be >= 0")
@@ -115,9 +110,14 @@ def validate_grpo(config: GRPOConfig) -> None:
     check(not (algo.dynamic_sampling and train.strategy == "fsdp"),
           "algo.dynamic_sampling leaves processes with different numbers of groups, which train.strategy=fsdp cannot "
           "step in lockstep; use train.strategy=ddp with it")
-    if algo.rollout_engine == "vllm":
+    engine = config.rollout.engine
+    if engine == "vllm":
         _check_vllm(config)
-        check(train.strategy == "ddp", "algo.rollout_engine=vllm syncs the adapter from whole weights; use train.strategy=ddp with it")
+    if engine != "hf":
+        check(config.model.lora.enabled, f"rollout.engine={engine} serves the trained LoRA adapter; set "
+                                         "model.lora.enabled=true or use rollout.engine=hf")
+        check(train.strategy == "ddp", f"rollout.engine={engine} syncs the adapter from whole weights; use "
+                                       "train.strategy=ddp with it")
     check_shardable(config.model, train)
 
     check(train.completions_per_step % algo.num_generations == 0,
@@ -132,9 +132,8 @@ def _check_vllm(config: GRPOConfig) -> None:
     import importlib.util
 
     check(importlib.util.find_spec("vllm") is not None,
-          "algo.rollout_engine=vllm needs the vllm package: pip install -e '.[gpu]' (or use algo.rollout_engine=hf)")
-    check(config.model.lora.enabled, "algo.rollout_engine=vllm serves LoRA adapters; set model.lora.enabled=true or use algo.rollout_engine=hf")
-    check(config.model.name != "tiny", "algo.rollout_engine=vllm needs a model folder; model=tiny exists only in memory")
+          "rollout.engine=vllm needs the vllm package: pip install -e '.[gpu]' (or use rollout.engine=hf)")
+    check(config.model.name != "tiny", "rollout.engine=vllm needs a model folder; model=tiny exists only in memory")
     import torch
 
-    check(torch.cuda.is_available(), "algo.rollout_engine=vllm needs a CUDA GPU; use algo.rollout_engine=hf on this machine")
+    check(torch.cuda.is_available(), "rollout.engine=vllm needs a CUDA GPU; use rollout.engine=hf on this machine")

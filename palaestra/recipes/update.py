@@ -24,6 +24,7 @@ from torch import Tensor
 
 from palaestra.algorithms.grpo import accumulated_loss, distillation_advantages, entropy_bonus, policy_loss
 from palaestra.algorithms.logprob_math import masked_mean
+from palaestra.algorithms.rollout_correction import correction_weights
 from palaestra.distributed import Distributed
 from palaestra.models.logprobs import batch_logprobs
 from palaestra.models.precision import autocast
@@ -51,6 +52,9 @@ def policy_update(
     old_logps: PerMicroBatch = None,
     ref_logps: PerMicroBatch = None,
     teacher_logps: PerMicroBatch = None,
+    sampler_logps: PerMicroBatch = None,
+    correction: str = "none",
+    correction_cap: float = 2.0,
     teacher_coef: float = 1.0,
     reward_coef: float = 1.0,
     max_completion_length: int | None = None,
@@ -77,6 +81,11 @@ def policy_update(
         teacher_logps: a teacher's log-probs per micro-batch (on-policy distillation); each token's advantage is
             then :func:`~palaestra.algorithms.grpo.distillation_advantages` of ``advantages`` and the
             teacher's and the sampling policy's log-probs, with ``reward_coef`` and ``teacher_coef``.
+        sampler_logps: the log-probs the rollout engine reported for the sampled tokens, per micro-batch, when
+            another engine sampled them (a server, vLLM); with ``correction`` (a mode of
+            :data:`~palaestra.algorithms.rollout_correction.CORRECTION_MODES`) and ``correction_cap`` each
+            token's policy-gradient term is weighted by the capped trainer / sampler ratio
+            (:func:`~palaestra.algorithms.rollout_correction.correction_weights`); the gap is logged either way.
         max_completion_length, objective: the loss (:func:`~palaestra.algorithms.grpo.policy_loss`'s
             ``loss_type``, ``epsilon``, ``epsilon_high``, ``beta``, ``importance_sampling_level``, ...; its defaults
             where not given), and ``entropy_coef``: the weight of the entropy bonus
@@ -89,9 +98,9 @@ def policy_update(
     Returns:
         (stats, grad_norm): stats are ``loss``, ``kl``, ``clip_ratio/low``, ``clip_ratio/high``,
         ``clip_ratio/region``, when ``logprobs`` gives entropies ``entropy``, and with a teacher
-        ``distill/reverse_kl`` (the mean over tokens of the sampled-token estimate): of the whole batch
-        (every process's), each micro-batch weighing its share of the rows; grad_norm is the norm
-        before clipping.
+        ``distill/reverse_kl`` (the mean over tokens of the sampled-token estimate), with ``sampler_logps``
+        the ``rollout/...`` mismatch figures: of the whole batch (every process's), each micro-batch weighing
+        its share of the rows (the ``/max`` figures: the largest); grad_norm is the norm before clipping.
     """
     dist = dist or Distributed()
     batch = loss_mask.shape[0]
@@ -104,21 +113,29 @@ def policy_update(
     clock = (lambda name: timed(timings, name)) if timings is not None else (lambda name: nullcontext())
     optimizer.zero_grad(set_to_none=True)
     totals = {"loss": 0.0, "kl": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0, "clip_ratio/region": 0.0}
+    maxima: dict[str, float] = {}
     for index, (rows, size) in enumerate(zip(slices, sizes)):
         with clock("policy_forward_backward"):
             old = _micro_batch(old_logps, index, rows)
             ref = _micro_batch(ref_logps, index, rows)
             teacher = _micro_batch(teacher_logps, index, rows)
+            sampled = _micro_batch(sampler_logps, index, rows)
             logp, entropy = logprobs(rows)
             mask = loss_mask[rows]
-            sampler = old if old is not None else logp.detach()
+            old_policy = old if old is not None else logp.detach()
             micro_advantages = advantages[rows].to(logp.device)
             if teacher is not None:
-                micro_advantages = distillation_advantages(micro_advantages, sampler, teacher, reward_coef=reward_coef,
+                micro_advantages = distillation_advantages(micro_advantages, old_policy, teacher, reward_coef=reward_coef,
                                                            teacher_coef=teacher_coef)
+            weights = None
+            if sampled is not None:  # another engine sampled: its mismatch measured, and corrected when asked
+                weights, mismatch = correction_weights(old_policy, sampled.to(logp.device), mask,
+                                                       mode=correction if correction != "none" else "token_truncate",
+                                                       cap=correction_cap)
+                weights = weights if correction != "none" else None
             loss, loss_stats = policy_loss(
-                logp, sampler, micro_advantages, mask, ref_logp=ref, max_completion_length=max_completion_length,
-                num_items_in_batch=num_items, **objective,
+                logp, old_policy, micro_advantages, mask, ref_logp=ref, max_completion_length=max_completion_length,
+                num_items_in_batch=num_items, token_weights=weights, **objective,
             )
             scaled = accumulated_loss(loss, loss_type=objective.get("loss_type", "grpo"), rows=size, total_rows=total_rows)
             if entropy_coef > 0:  # L -= c * (the whole batch's mean token entropy), this micro-batch's share of it
@@ -131,15 +148,26 @@ def policy_update(
         if entropy is not None:
             totals["entropy"] = totals.get("entropy", 0.0) + float(masked_mean(entropy.detach(), mask)) * share
         if teacher is not None:
-            reverse_kl = float(masked_mean(sampler - teacher, mask))
+            reverse_kl = float(masked_mean(old_policy - teacher, mask))
             totals["distill/reverse_kl"] = totals.get("distill/reverse_kl", 0.0) + reverse_kl * share
+        if sampled is not None:
+            for key, value in mismatch.items():
+                if key.endswith("/max"):
+                    maxima[key] = max(maxima.get(key, 0.0), value)
+                else:
+                    totals[key] = totals.get(key, 0.0) + value * share
         for key, value in loss_stats.items():
             totals[key] += value * share
     if dist.enabled:  # the whole batch's figures: every process's shares added up
-        for key in ("entropy", "distill/reverse_kl"):  # a process with no rows still sends its zero share
+        for key in ("entropy", "distill/reverse_kl", "rollout/logprob_gap/mean", "rollout/is_ratio/mean",
+                    "rollout/is_capped_share"):  # a process with no rows still sends its zero share
             if dist.any(key in totals):
                 totals.setdefault(key, 0.0)
         totals = dict(zip(totals, dist.totals(*totals.values())))
+        if dist.any(bool(maxima)):
+            every = dist.gather_objects([maxima])
+            maxima = {key: max(m.get(key, 0.0) for m in every) for key in set().union(*every)}
+    totals.update(maxima)
     with clock("optimizer"):
         grad_norm = optimizer_step(parameters, optimizer, scheduler, max_grad_norm, dist)
     return totals, grad_norm

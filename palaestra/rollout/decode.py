@@ -29,8 +29,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
     Sampling: :func:`filtered_logits` (logits / temperature, then top-k and top-p), renormalised,
     one :func:`draw` per row from ``generator`` (default: torch's global one). The rollouts call it
-    once for the whole batch; the serving engine once per row, with the row's own settings and
-    generator.
+    once for the whole batch; the serving engine runs the same two steps per row itself, with the
+    row's own settings and generator (keeping the filtered scores for its processed log-probs).
 
     >>> sample_next(torch.tensor([[0.0, 3.0, 1.0]]), 1.0, 0, 1.0, greedy=True).tolist()
     [1]

@@ -43,6 +43,9 @@ class Rollout:
     completion_mask: torch.Tensor  # [B, C] 1 on generated tokens up to and including EOS
     truncated: torch.Tensor  # [B] bool: hit max_new_tokens without an end token
     texts: list[str]  # decoded completions (special tokens removed)
+    sampler_logprobs: torch.Tensor | None = None
+    """[B, C] the log-prob the sampling engine gave each completion token (0 on padding), when another engine
+    than the trainer sampled (a server, vLLM): what the mismatch correction compares the trainer's with."""
 
     @property
     def num_completion_tokens(self) -> int:
@@ -53,7 +56,8 @@ class Rollout:
         chosen = [index for index, keep in enumerate(rows.tolist()) if keep]
         index = torch.tensor(chosen, dtype=torch.long)
         return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
-                       self.completion_mask[index], self.truncated[index], [self.texts[i] for i in chosen])
+                       self.completion_mask[index], self.truncated[index], [self.texts[i] for i in chosen],
+                       None if self.sampler_logprobs is None else self.sampler_logprobs[index])
 
     @staticmethod
     def concat(parts: list["Rollout"]) -> "Rollout":
@@ -68,11 +72,14 @@ class Rollout:
             pad = (width - tensor.shape[1], 0) if left else (0, width - tensor.shape[1])
             return torch.nn.functional.pad(tensor, pad)
 
+        sampled = None
+        if all(p.sampler_logprobs is not None for p in parts):
+            sampled = torch.cat([padded(p.sampler_logprobs, completion_width, False) for p in parts])
         return Rollout(torch.cat([padded(p.prompt_ids, prompt_width, True) for p in parts]),
                        torch.cat([padded(p.prompt_mask, prompt_width, True) for p in parts]),
                        torch.cat([padded(p.completion_ids, completion_width, False) for p in parts]),
                        torch.cat([padded(p.completion_mask, completion_width, False) for p in parts]),
-                       torch.cat([p.truncated for p in parts]), [text for p in parts for text in p.texts])
+                       torch.cat([p.truncated for p in parts]), [text for p in parts for text in p.texts], sampled)
 
 
 class HFGenerator:
@@ -305,3 +312,43 @@ def _as_list(value) -> list[int]:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def rollout_from_token_ids(
+    prompts: list[list[int]], completions: list[list[int]], num_samples: int, truncated: list[bool],
+    *, pad_id: int, stop_ids: list[int], decode, logprobs: list[list[float]] | None = None,
+) -> Rollout:
+    """A :class:`Rollout` from unpadded token lists (rows grouped prompt by prompt, as HFGenerator's): what an
+    inference engine returned. ``logprobs``: the engine's log-prob of each completion token (the rollout's
+    ``sampler_logprobs``), or None.
+
+    >>> r = rollout_from_token_ids([[5, 6], [7]], [[1, 2], [3], [4, 2, 9], [2]], 2, [False, True, False, False],
+    ...                            pad_id=0, stop_ids=[2], decode=lambda ids: " ".join(map(str, ids)))
+    >>> r.prompt_ids.tolist(), r.completion_ids.tolist(), r.completion_mask.tolist(), r.truncated.tolist()
+    ([[5, 6], [5, 6], [0, 7], [0, 7]], [[1, 2, 0], [3, 0, 0], [4, 2, 0], [2, 0, 0]], [[1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0]], [False, True, False, False])
+    """
+    width = max(len(ids) for ids in prompts)
+    rows = len(prompts) * num_samples
+    prompt_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((rows, width), dtype=torch.long)
+    for row in range(rows):
+        ids = prompts[row // num_samples]
+        prompt_ids[row, width - len(ids):] = torch.tensor(ids)
+        prompt_mask[row, width - len(ids):] = 1
+    length = max(1, max(len(ids) for ids in completions))
+    completion_ids = torch.full((rows, length), pad_id, dtype=torch.long)
+    for row, ids in enumerate(completions):
+        completion_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    mask, _ = completion_mask_from_ids(completion_ids, stop_ids)
+    lengths = torch.tensor([len(ids) for ids in completions])
+    mask = mask * (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()  # nothing past the row's own tokens
+    completion_ids = completion_ids.masked_fill(mask == 0, pad_id)
+    texts = [decode(ids) for ids in completions]
+    sampled = None
+    if logprobs is not None:
+        sampled = torch.zeros((rows, length), dtype=torch.float32)
+        for row, values in enumerate(logprobs):
+            sampled[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
+        sampled = sampled * mask
+    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, torch.tensor(truncated, dtype=torch.bool), texts,
+                   sampled)

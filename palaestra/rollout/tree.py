@@ -126,6 +126,7 @@ def stack_rows(pairs: list[tuple[Rollout, int]], pad_id: int) -> Rollout:
     completion_ids = torch.full((n, completion_width), pad_id, dtype=torch.long)
     completion_mask = torch.zeros((n, completion_width), dtype=torch.long)
     truncated = torch.zeros(n, dtype=torch.bool)
+    sampled = torch.zeros((n, completion_width)) if all(r.sampler_logprobs is not None for r, _ in pairs) else None
     texts = []
     for out, (rollout, row) in enumerate(pairs):
         p, c = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
@@ -134,8 +135,10 @@ def stack_rows(pairs: list[tuple[Rollout, int]], pad_id: int) -> Rollout:
         completion_ids[out, :c] = rollout.completion_ids[row]
         completion_mask[out, :c] = rollout.completion_mask[row]
         truncated[out] = rollout.truncated[row]
+        if sampled is not None:  # the rollout workers' log-probs (the mismatch correction's)
+            sampled[out, :c] = rollout.sampler_logprobs[row]
         texts.append(rollout.texts[row])
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts, sampled)
 
 
 def _jsonable(info: dict) -> dict:

@@ -23,42 +23,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 
-from palaestra.rollout.hf import Rollout, SamplingParams, completion_mask_from_ids, encode_chat
+from palaestra.rollout.hf import Rollout, SamplingParams, encode_chat, rollout_from_token_ids
 
-__all__ = ["VLLMGenerator", "rollout_from_token_ids"]
-
-
-def rollout_from_token_ids(
-    prompts: list[list[int]], completions: list[list[int]], num_samples: int, truncated: list[bool],
-    *, pad_id: int, stop_ids: list[int], decode,
-) -> Rollout:
-    """A :class:`Rollout` from unpadded token lists (rows grouped prompt by prompt, as HFGenerator's).
-
-    >>> r = rollout_from_token_ids([[5, 6], [7]], [[1, 2], [3], [4, 2, 9], [2]], 2, [False, True, False, False],
-    ...                            pad_id=0, stop_ids=[2], decode=lambda ids: " ".join(map(str, ids)))
-    >>> r.prompt_ids.tolist(), r.completion_ids.tolist(), r.completion_mask.tolist(), r.truncated.tolist()
-    ([[5, 6], [5, 6], [0, 7], [0, 7]], [[1, 2, 0], [3, 0, 0], [4, 2, 0], [2, 0, 0]], [[1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0]], [False, True, False, False])
-    """
-    width = max(len(ids) for ids in prompts)
-    rows = len(prompts) * num_samples
-    prompt_ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((rows, width), dtype=torch.long)
-    for row in range(rows):
-        ids = prompts[row // num_samples]
-        prompt_ids[row, width - len(ids):] = torch.tensor(ids)
-        prompt_mask[row, width - len(ids):] = 1
-    length = max(1, max(len(ids) for ids in completions))
-    completion_ids = torch.full((rows, length), pad_id, dtype=torch.long)
-    for row, ids in enumerate(completions):
-        completion_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    mask, _ = completion_mask_from_ids(completion_ids, stop_ids)
-    lengths = torch.tensor([len(ids) for ids in completions])
-    mask = mask * (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()  # nothing past the row's own tokens
-    completion_ids = completion_ids.masked_fill(mask == 0, pad_id)
-    texts = [decode(ids) for ids in completions]
-    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, torch.tensor(truncated, dtype=torch.bool), texts)
+__all__ = ["VLLMGenerator"]
 
 
 class VLLMGenerator:
@@ -119,16 +87,18 @@ class VLLMGenerator:
         params = VllmSampling(
             n=num_samples, max_tokens=sampling.max_new_tokens, stop_token_ids=self.stop_ids,
             temperature=0.0 if sampling.greedy else sampling.temperature, top_p=1.0 if sampling.greedy else sampling.top_p,
-            top_k=-1 if sampling.greedy or not sampling.top_k else sampling.top_k,
+            top_k=-1 if sampling.greedy or not sampling.top_k else sampling.top_k, logprobs=0,
         )
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in unique], params,
                                     lora_request=self._requests[adapter], use_tqdm=False)
-        completions, truncated = [], []
+        completions, truncated, logprobs = [], [], []
         for request in outputs:
             for sample in request.outputs:
                 completions.append(list(sample.token_ids))
                 truncated.append(sample.finish_reason == "length")
+                logprobs.append([step[token].logprob for token, step in zip(sample.token_ids, sample.logprobs or [])])
         return rollout_from_token_ids(
             unique, completions, num_samples, truncated, pad_id=self.tokenizer.pad_token_id, stop_ids=self.stop_ids,
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+            logprobs=logprobs if all(len(lp) == len(ids) for lp, ids in zip(logprobs, completions)) else None,
         )

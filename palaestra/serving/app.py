@@ -3,6 +3,7 @@
     POST /v1/chat/completions   POST /v1/completions     (streamed as server-sent events on request)
     GET  /v1/models             GET  /v1/models/{id}
     POST /v1/embeddings         POST /v1/search           (the served retrieval index)
+    POST /v1/load_lora_adapter  POST /v1/unload_lora_adapter   (vLLM's runtime LoRA, serve.runtime_lora)
     GET  /health                GET  /metrics             (Prometheus)
 
 ``build_app(load)`` answers at once: ``load`` (which loads the models) runs on a thread while
@@ -10,6 +11,20 @@
 Generation goes to the :class:`~palaestra.serving.engine.Engine`, which batches concurrent
 requests; a client that disconnects cancels its request. Every error is OpenAI's
 ``{"error": {...}}`` with a one-line message; a stack trace goes to the server log only.
+
+A rollout worker for a trainer in another process (vLLM's conventions, so one client serves both):
+
+* ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}`` loads a peft adapter folder over the
+  base model and serves it as ``lora_name`` (200, text ``Success: ...``); 400 for a taken name, a
+  folder without ``adapter_config.json`` or an adapter that does not fit the base; 404 when the
+  server was not started with ``serve.runtime_lora=true``. ``POST /v1/unload_lora_adapter
+  {"lora_name"}`` frees it (404 for a name not served, 400 for a model that is no adapter). Both
+  run on the decode thread between steps: requests for other models go on meanwhile;
+* completions take ``top_k`` and ``return_token_ids``: each choice then carries ``token_ids``
+  (every sampled id, the stop token included) and ``prompt_token_ids``, and its log-probabilities
+  one entry per id of ``token_ids`` (without it the stop token has none: the text never shows it);
+* ``serve.logprobs_mode=processed_logprobs`` reports the log-probabilities of the distribution the
+  tokens were drawn from (temperature, top-k, top-p applied), which a trainer compares its own with.
 """
 
 from __future__ import annotations
@@ -22,25 +37,28 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from palaestra.rollout.hf import encode_chat
-from palaestra.serving.catalog import Catalog, ModelNotFound, Route
+from palaestra.serving.catalog import AdapterRefused, Catalog, ModelNotFound, Route
 from palaestra.serving.engine import Delta, Engine, Failed, Finished, GenerationJob, Sampling
 from palaestra.serving.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    LoadLoraAdapterRequest,
     SearchRequest,
+    UnloadLoraAdapterRequest,
     error_body,
     model_not_found,
 )
@@ -63,6 +81,8 @@ class Services:
     embedder_id: str | None = None
     index: object | None = None
     """The :class:`~palaestra.retrieval.index.RetrievalIndex` of ``/v1/search``, or None."""
+    runtime_lora: bool = False
+    """Whether ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` are open."""
 
 
 class _Metrics:
@@ -192,6 +212,7 @@ def build_app(load: Callable[[], Services], *, api_key: str | None = None,
                            param="messages") from None
         top = body.top_logprobs or 0
         job, events = _job(served, route, [prompt], body, body.max_completion_tokens or body.max_tokens, bool(body.logprobs), top)
+        ids = bool(body.return_token_ids)
         meta = _meta("chatcmpl", body.model)
         started = time.perf_counter()
         if body.stream:
@@ -199,10 +220,14 @@ def build_app(load: Callable[[], Services], *, api_key: str | None = None,
             return _sse(_chat_stream(job, events, meta, include_usage, bool(body.logprobs), [prompt], metrics, started))
         result = await _collect(job, events, request)
         _account(metrics, body.model, [prompt], result, started)
-        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                    "logprobs": {"content": [_chat_logprob(t) for t in lps], "refusal": None} if body.logprobs else None}
-                   for i, (text, reason, _, lps) in enumerate(result)]
-        return {**meta, "object": "chat.completion", "choices": choices, "usage": _usage([prompt], result)}
+        choices = []
+        for i, (text, reason, _, lps, done) in enumerate(result):
+            lps = done.logprobs if ids else lps
+            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                            "logprobs": {"content": [_chat_logprob(t) for t in lps], "refusal": None} if body.logprobs else None,
+                            **({"token_ids": done.token_ids, "prompt_token_ids": prompt} if ids else {})})
+        extra = {"prompt_token_ids": prompt} if ids else {}  # vLLM puts the prompt's ids beside the choices
+        return {**meta, "object": "chat.completion", "choices": choices, "usage": _usage([prompt], result), **extra}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -225,8 +250,14 @@ def build_app(load: Callable[[], Services], *, api_key: str | None = None,
             return _sse(_completion_stream(job, events, meta, include_usage, wants_logprobs, prompts, metrics, started))
         result = await _collect(job, events, request)
         _account(metrics, body.model, prompts, result, started)
-        choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": _text_logprobs(lps) if wants_logprobs else None}
-                   for i, (text, reason, _, lps) in enumerate(result)]
+        choices = []
+        for i, (text, reason, _, lps, done) in enumerate(result):
+            if body.return_token_ids:
+                lps = done.logprobs
+            choices.append({"index": i, "text": text, "finish_reason": reason,
+                            "logprobs": _text_logprobs(lps) if wants_logprobs else None,
+                            **({"token_ids": done.token_ids, "prompt_token_ids": prompts[i // job.n]}
+                               if body.return_token_ids else {})})
         return {**meta, "object": "text_completion", "choices": choices, "usage": _usage(prompts, result)}
 
     @app.post("/v1/embeddings")
@@ -254,10 +285,51 @@ def build_app(load: Callable[[], Services], *, api_key: str | None = None,
         return {"object": "list", "data": [{"object": "search.result", "rank": rank, "id": hit.id, "score": hit.score,
                                             "text": hit.text, "metadata": hit.metadata} for rank, hit in enumerate(hits, 1)]}
 
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoraAdapterRequest):
+        served = _runtime_lora(services())
+        folder = Path(body.lora_path).expanduser()
+        if not (folder / "adapter_config.json").is_file():
+            raise ApiError(400, f"lora_path: {body.lora_path} is not a folder with a peft adapter (adapter_config.json)",
+                           param="lora_path")
+        try:
+            await run_in_threadpool(served.engine.call, lambda: served.catalog.add_adapter(body.lora_name, folder))
+        except AdapterRefused as refused:
+            raise ApiError(400, str(refused), param=refused.param) from None
+        log.info("loaded LoRA adapter %s from %s", body.lora_name, folder)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
+        served = _runtime_lora(services())
+        name = body.lora_name
+
+        def unload():
+            route = served.catalog.remove_adapter(name)  # raises before anything changes
+            served.engine.forget(route.key, f"The model {name!r} was unloaded while this request ran")
+
+        try:
+            await run_in_threadpool(served.engine.call, unload)
+        except ModelNotFound:
+            raise ApiError(404, f"The LoRA adapter {name!r} is not loaded; GET /v1/models lists the served ones",
+                           param="lora_name", code="model_not_found") from None
+        except AdapterRefused as refused:
+            raise ApiError(400, str(refused), param=refused.param) from None
+        log.info("unloaded LoRA adapter %s", name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
     return app
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+def _runtime_lora(served: Services) -> Services:
+    if not served.runtime_lora:
+        raise ApiError(404, "this server does not load adapters at runtime; start it with serve.runtime_lora=true",
+                       code="runtime_lora_off")
+    return served
+
 
 _EMBED_LOCK = threading.Lock()
 
@@ -288,8 +360,9 @@ def _meta(prefix: str, model: str) -> dict:
 
 async def _route(served: Services, model_id: str) -> Route:
     try:
-        if model_id in served.catalog.routes:
-            return served.catalog.routes[model_id]
+        route = served.catalog.routes.get(model_id)  # one look: an adapter may be unloaded meanwhile
+        if route is not None:
+            return route
         return await run_in_threadpool(served.catalog.route, model_id)  # a registered model may load now
     except ModelNotFound:
         raise model_not_found(model_id) from None
@@ -312,8 +385,8 @@ def _job(served: Services, route: Route, prompts: list[list[int]], body, max_tok
         raise ApiError(400, f"n: at most {served.engine.max_batch_size} choices per request (prompts x n)", param="n")
     temperature = 1.0 if body.temperature is None else body.temperature
     sampling = Sampling(max_tokens=max_tokens or min(served.max_tokens, room), temperature=temperature,
-                        top_p=1.0 if body.top_p is None else body.top_p, stop=body.stops, seed=body.seed,
-                        logprobs=logprobs, top_logprobs=top_logprobs)
+                        top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0), stop=body.stops,
+                        seed=body.seed, logprobs=logprobs, top_logprobs=top_logprobs)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     job = GenerationJob(route, prompts, n, sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
@@ -326,8 +399,8 @@ class _ClientGone(Exception):
 
 
 async def _collect(job: GenerationJob, events: asyncio.Queue, request: Request) -> list[tuple]:
-    """(text, finish reason, completion tokens, token log-probabilities) per choice; a client that
-    disconnects meanwhile cancels the job."""
+    """(text, finish reason, completion tokens, token log-probabilities of the text, the
+    :class:`Finished` event) per choice; a client that disconnects meanwhile cancels the job."""
     texts, logprobs = [""] * job.choices, [[] for _ in range(job.choices)]
     finished: dict[int, Finished] = {}
     try:
@@ -344,13 +417,14 @@ async def _collect(job: GenerationJob, events: asyncio.Queue, request: Request) 
             elif isinstance(event, Finished):
                 finished[event.index] = event
             elif isinstance(event, Failed):
-                raise ApiError(500, event.message, type="server_error")
+                kind = "server_error" if event.status >= 500 else "invalid_request_error"
+                raise ApiError(event.status, event.message, type=kind, code=event.code)
     except _ClientGone:
         raise ApiError(499, "the client closed the request", code="client_closed") from None  # nobody reads it
     finally:
         if len(finished) < job.choices:
             job.cancel()
-    return [(texts[i], finished[i].reason, finished[i].completion_tokens, logprobs[i]) for i in range(job.choices)]
+    return [(texts[i], finished[i].reason, finished[i].completion_tokens, logprobs[i], finished[i]) for i in range(job.choices)]
 
 
 def _usage(prompts: list[list[int]], result: list[tuple]) -> dict:

@@ -3,6 +3,7 @@
     palaestra serve model=tiny serve.port=8000
     palaestra serve serve.models=[runs/chain_sum-grpo/20260101-120000] serve.index=runs/faq-rag/20260101-130000
     palaestra serve +serve.named_models.planner=runs/planner-sft/x +serve.named_models.merged=exported/chain_sum serve.registry=true
+    palaestra serve model=tiny serve.runtime_lora=true serve.logprobs_mode=processed_logprobs   (a trainer's rollout worker)
 
 The configuration is checked and the folders are classified first (one-line errors); then the
 server listens at once and loads the models on a thread (``GET /health`` answers 503 until they
@@ -70,9 +71,10 @@ def build_services(config: ServeJob):
 
             index = RetrievalIndex.load(index_folder, embedder=embedder if embedder and embedder.name == _index_embedder(index_folder) else None,
                                         device=device)
-        engine = Engine(max_batch_size=serve.max_batch_size, window_s=serve.batch_window_ms / 1000)
+        engine = Engine(max_batch_size=serve.max_batch_size, window_s=serve.batch_window_ms / 1000,
+                        logprobs_mode=serve.logprobs_mode)
         embedder_id = Path(serve.embedder).name if serve.embedder and Path(serve.embedder).is_dir() else serve.embedder
-        return Services(catalog, engine, serve.max_tokens, embedder, embedder_id, index)
+        return Services(catalog, engine, serve.max_tokens, embedder, embedder_id, index, runtime_lora=serve.runtime_lora)
 
     return load
 

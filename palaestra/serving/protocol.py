@@ -5,7 +5,9 @@ OpenAI's ``{"error": {"message", "type", "param", "code"}}`` (see :func:`error_b
 FastAPI's default 422. Fields that clients send and that change nothing here (``user``,
 ``metadata``, zero penalties, ...) are accepted; features that would change the result and are
 not implemented (tools, penalties, ``echo``, ``suffix``, images) are refused in one line, not
-silently ignored.
+silently ignored. vLLM's extensions that a trainer's rollout client sends are read too: ``top_k``,
+``return_token_ids`` (the sampled and prompt token ids in the answer) and the runtime LoRA
+requests (``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
-    "ApiError", "ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest", "SearchRequest", "error_body",
+    "ApiError", "ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest", "LoadLoraAdapterRequest", "SearchRequest",
+    "UnloadLoraAdapterRequest", "error_body",
 ]
 
 
@@ -69,6 +72,11 @@ class _Sampled(_Request):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict | None = None
+    top_k: int | None = Field(None, ge=-1)
+    """vLLM's: sample among the top_k most likely tokens (None, 0 or -1: all)."""
+    return_token_ids: bool | None = False
+    """vLLM's: each choice carries token_ids (every sampled id, the stop token included) and prompt_token_ids;
+    its log-probabilities then have one entry per id of token_ids."""
 
     @field_validator("stop")
     @classmethod
@@ -87,6 +95,8 @@ class _Sampled(_Request):
                 raise ValueError(f"{name} is not supported by this server; leave it out or 0")
         if self.logit_bias:
             raise ValueError("logit_bias is not supported by this server")
+        if self.return_token_ids and self.stream:
+            raise ValueError("return_token_ids is not supported with stream=true by this server")
         return self
 
     @property
@@ -176,3 +186,16 @@ class SearchRequest(_Request):
 
     query: str = Field(min_length=1)
     k: int = Field(4, ge=1, le=100)
+
+
+class LoadLoraAdapterRequest(_Request):
+    """``POST /v1/load_lora_adapter`` (vLLM's): serve the peft adapter folder ``lora_path`` as ``lora_name``."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraAdapterRequest(_Request):
+    """``POST /v1/unload_lora_adapter`` (vLLM's): stop serving the adapter ``lora_name``."""
+
+    lora_name: str = Field(min_length=1)

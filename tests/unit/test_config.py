@@ -69,8 +69,13 @@ def test_every_shipped_yaml_composes_and_validates(group, tmp_path):
         (["task.reward_weights=[1.0,2.0]"], "task.reward_weights has 2 values for 1 task.rewards"),
         (["model=hf"], "model.name=hf needs model.path"),
         (["eval.num_samples=4"], "eval.num_samples=4 needs eval.greedy=false"),
-        (["algo.rollout_engine=sglang"], "algo.rollout_engine='sglang' is unknown"),
-        (["algo.rollout_engine=vllm"], "algo.rollout_engine=vllm needs the vllm package"),  # a CPU install has none
+        (["rollout.engine=sglang"], "rollout.engine='sglang' is unknown"),
+        (["rollout.engine=vllm"], "rollout.engine=vllm needs the vllm package"),  # a CPU install has none
+        (["algo.rollout_engine=vllm"], "algo=grpo reads no algo.rollout_engine: it is rollout.engine now"),
+        (["rollout.engine=server", "rollout.servers=[http://localhost:1]", "model.lora.enabled=false"],
+         "rollout.engine=server serves the trained LoRA adapter"),
+        (["rollout.engine=server", "rollout.servers=[http://localhost:1]", "model.lora.enabled=true", "train.strategy=fsdp"],
+         "rollout.engine=server syncs the adapter from whole weights"),
     ],
 )
 def test_bad_input_gives_one_line_error(overrides, expected):
