@@ -27,6 +27,12 @@ class EnvConfig:
     """Test episodes for evaluation (seeds offset by 100000 from training seeds)."""
     seed: int = 0
     """First training seed."""
+    workers: int = 0
+    """Worker processes that step the environments, a turn's answers side by side (0: one after the other in the
+    trainer's process). In workers, an environment that crashes, raises or takes longer than step_timeout_s costs
+    its episode, never the run (logged: lost_steps)."""
+    step_timeout_s: float = 60.0
+    """With workers: the longest one environment step may take before its worker is killed and the episode lost."""
 
 
 @dataclass
@@ -49,6 +55,8 @@ def validate_env(env: EnvConfig) -> None:
         raise ConfigError(str(error)) from None
     check(env.train_envs > 0, f"env.train_envs={env.train_envs} must be positive")
     check(env.test_envs > 0, f"env.test_envs={env.test_envs} must be positive")
+    check(env.workers >= 0, f"env.workers={env.workers} must be >= 0 (0: the trainer's process)")
+    check(env.step_timeout_s > 0, f"env.step_timeout_s={env.step_timeout_s} must be > 0")
 
 
 def validate_policy(policy: PolicyConfig, lora_enabled: bool) -> None:

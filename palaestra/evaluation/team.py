@@ -13,17 +13,20 @@ import torch
 from palaestra.distributed import Distributed
 from palaestra.envs import test_seeds
 from palaestra.rollout import SamplingParams
+from palaestra.envs.workers import StepFn, step_in_process
 from palaestra.rollout.tree import AgentGroup, Episode, tree_rollout
 
 __all__ = ["evaluate_team", "everyones", "rollout_metrics", "team_sampling"]
 
 
 def rollout_metrics(groups: list[AgentGroup], episodes: list[Episode]) -> dict[str, float]:
-    """Success rate, episode length, and reward per agent and per turn of a batch of episodes."""
+    """Success rate, episode length, and reward per agent and per turn of a batch of episodes; ``lost_steps``:
+    the steps whose environment crashed, raised or hung (each lost its episode)."""
     metrics = {
         "success_rate": float(np.mean([e.success for e in episodes])),
         "episode_length": float(np.mean([e.turns for e in episodes])),
         "reward/mean": float(np.mean([r for g in groups for r in g.rewards])) if groups else 0.0,
+        "lost_steps": float(sum(bool(r.info.get("lost")) for g in groups for r in g.results)),
     }
     for key in sorted({g.agent for g in groups}):
         rewards = [r for g in groups if g.agent == key for r in g.rewards]
@@ -50,12 +53,14 @@ def team_sampling(ev, max_completion_length: int) -> tuple[SamplingParams, int]:
 
 
 def evaluate_team(make_env, generate, count: int, *, sampling: SamplingParams, plays: int = 1, alpha: float = 1.0,
-                  seed: int = 0, base_seed: int = 0, dist: Distributed | None = None) -> tuple[dict, list[Episode]]:
+                  seed: int = 0, base_seed: int = 0, dist: Distributed | None = None,
+                  step: StepFn = step_in_process) -> tuple[dict, list[Episode]]:
     """Play ``count`` test problems (seeds from ``base_seed``) ``plays`` times each without branching:
     success rate, episode length, per-agent and per-turn rewards (means of the acting agent's local
     and the team reward, agent reward = ``alpha`` * team + local). ``seed`` seeds the sampling
     (the caller's random state is left as it was). With several processes (``dist``) each plays a
-    block of the problems and the figures are those of every process's episodes, on every process.
+    block of the problems and the figures are those of every process's episodes, on every process. ``step``
+    steps the environments (:mod:`palaestra.envs.workers`).
     """
     dist = dist or Distributed()
     seeds = dist.split([s for s in test_seeds(count, base=base_seed) for _ in range(plays)])
@@ -63,7 +68,7 @@ def evaluate_team(make_env, generate, count: int, *, sampling: SamplingParams, p
         torch.manual_seed(seed + 1000 * dist.rank)
         groups, episodes = tree_rollout([make_env() for _ in seeds], seeds,
                                         lambda agent, prompts, n: generate(agent, prompts, n, sampling),
-                                        samples_per_state=1, alpha=alpha, branch=False)
+                                        samples_per_state=1, alpha=alpha, branch=False, step=step)
     groups, episodes = everyones(groups, episodes, dist)
     figures = rollout_metrics(groups, episodes)
     for agent in sorted({g.agent for g in groups}):

@@ -40,6 +40,7 @@ from palaestra.config.rollout import resolved_correction
 from palaestra.config.sampling import objective_settings
 from palaestra.recipes.at_grpo_config import ATGRPOConfig
 from palaestra.envs import resolve_env, train_seeds
+from palaestra.envs.workers import EnvWorkerPool, StepFn, step_in_process
 from palaestra.distributed import Distributed
 from palaestra.evaluation.team import evaluate_team, everyones, rollout_metrics, team_sampling
 from palaestra.models import model_id
@@ -116,6 +117,7 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
     )
 
     train_sampling = SamplingParams(algo.max_completion_length, algo.temperature, algo.top_p, algo.top_k)
+    step_envs = EnvWorkerPool(env_cfg.workers, env_cfg.step_timeout_s) if env_cfg.workers else step_in_process
     eval_sampling, plays = team_sampling(config.eval, algo.max_completion_length)
     results: dict = {}
 
@@ -136,7 +138,8 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
         sync_adapters()
         with reusing_weights(policies):
             figures, episodes = evaluate_team(make_env, generate, env_cfg.test_envs, sampling=eval_sampling, plays=plays,
-                                              alpha=algo.alpha, seed=train_cfg.seed, base_seed=env_cfg.seed, dist=dist)
+                                              alpha=algo.alpha, seed=train_cfg.seed, base_seed=env_cfg.seed, dist=dist,
+                                              step=step_envs)
         if tracker:
             tracker.log_dict({"episodes": [vars(e) for e in episodes[:4]]}, f"transcripts/{label}_step{step:06d}.json")
         return run.log_eval(step, label, figures)
@@ -151,7 +154,7 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
             seeds = train_seeds(env_cfg.train_envs, base=env_cfg.seed + (step - 1) * env_cfg.train_envs)
             sync_adapters()
             with run.timed("rollout"), reusing_weights(policies):
-                groups, episodes = _rollout(make_env, dist.split(seeds), generate, train_sampling, algo)
+                groups, episodes = _rollout(make_env, dist.split(seeds), generate, train_sampling, algo, step_envs)
             all_groups, all_episodes = everyones(groups, episodes, dist)  # for the filter and the figures
 
             # 2. score and 3. advantages: normalised inside each (problem, turn, agent) group; the filter
@@ -183,6 +186,8 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
         results["after"] = run_eval(run.step, "after")
     for generator in {id(p.generator): p.generator for p in policies.values()}.values():
         getattr(generator, "close", lambda: None)()
+    if env_cfg.workers:
+        step_envs.close()
     return {**run.finish(), **results}
 
 
@@ -203,15 +208,18 @@ def _sample_on_servers(policies: dict[str, Policy], config: ATGRPOConfig, run_di
         policy.generator = generators[id(policy.model)]
 
 
-def _rollout(make_env, seeds: list[int], generate, sampling: SamplingParams, algo) -> tuple[list[AgentGroup], list[Episode]]:
-    """Tree rollout (K branches per state), or K independent episodes per problem (no_tree)."""
+def _rollout(make_env, seeds: list[int], generate, sampling: SamplingParams, algo,
+             step: StepFn = step_in_process) -> tuple[list[AgentGroup], list[Episode]]:
+    """Tree rollout (K branches per state), or K independent episodes per problem (no_tree); ``step`` steps the
+    environments (in the trainer's process or in workers)."""
     k = algo.samples_per_state
     gen = lambda agent, prompts, n: generate(agent, prompts, n, sampling)  # noqa: E731
     if algo.rollout == "tree":
         envs = [make_env() for _ in seeds]
-        return tree_rollout(envs, seeds, gen, samples_per_state=k, alpha=algo.alpha)
+        return tree_rollout(envs, seeds, gen, samples_per_state=k, alpha=algo.alpha, step=step)
     copies = [s for s in seeds for _ in range(k)]
-    groups, episodes = tree_rollout([make_env() for _ in copies], copies, gen, samples_per_state=1, alpha=algo.alpha, branch=False)
+    groups, episodes = tree_rollout([make_env() for _ in copies], copies, gen, samples_per_state=1, alpha=algo.alpha,
+                                    branch=False, step=step)
     return [g for g in independent_groups(groups, k) if len(g.rewards) > 1], episodes
 
 

@@ -10,7 +10,9 @@ No-tree mode: K independent episodes per problem, one answer per state; the grou
 the K answers the same agent gave at the same turn of the same problem.
 
 Generation is batched across all environments (and branches) that share a policy: one call per
-(turn, agent) generates for every live environment at once.
+(turn, agent) generates for every live environment at once; the answers are then stepped together too,
+in the trainer's process or in worker processes (``step``: :mod:`palaestra.envs.workers`), where an
+environment that crashes or hangs costs its episode (never the branch carried forward while another lives).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from palaestra.algorithms.at_grpo import agent_reward
 from palaestra.envs import MultiAgentEnv, StepResult
+from palaestra.envs.workers import LostEpisode, StepFn, step_in_process
 from palaestra.rollout.hf import Rollout
 
 # generate(agent, prompts, samples_per_prompt) -> Rollout whose rows are grouped prompt by prompt
@@ -54,13 +57,15 @@ class Episode:
 
 def tree_rollout(
     envs: list[MultiAgentEnv], seeds: list[int], generate: GenerateFn, *, samples_per_state: int, alpha: float,
-    branch: bool = True,
+    branch: bool = True, step: StepFn = step_in_process,
 ) -> tuple[list[AgentGroup], list[Episode]]:
     """Play every environment to the end; return the answer groups and the episodes.
 
     ``branch=True`` is the tree: ``samples_per_state`` answers per (turn, agent) of each
     environment, the best carried forward. ``branch=False`` plays each environment with one answer
-    per state (evaluation, or the independent copies of no-tree mode).
+    per state (evaluation, or the independent copies of no-tree mode). ``step`` steps a turn's answers,
+    all environments' together (:func:`~palaestra.envs.workers.step_in_process`, or an
+    :class:`~palaestra.envs.workers.EnvWorkerPool`).
     """
     k = samples_per_state if branch else 1
     for env, seed in zip(envs, seeds):
@@ -75,12 +80,16 @@ def tree_rollout(
                 break
             prompts = [envs[i].observation(agent) for i in live]
             rollout = generate(agent, prompts, k)
+            items = [(envs[i].copy() if k > 1 else envs[i], agent, rollout.texts[position * k + j])
+                     for position, i in enumerate(live) for j in range(k)]
+            stepped = step(items)  # every live environment's K answers at once
             for position, i in enumerate(live):
                 rows = list(range(position * k, (position + 1) * k))
-                branches = [envs[i].copy() for _ in rows] if k > 1 else [envs[i]]
-                results = [b.step(agent, rollout.texts[row]) for b, row in zip(branches, rows)]
+                branches = [stepped[row][0] for row in rows]
+                results = [stepped[row][1] for row in rows]
                 rewards = [agent_reward(r.local_reward, r.team_reward, alpha) for r in results]
-                best = max(range(k), key=lambda j: rewards[j])  # greedy: the best branch goes on
+                # greedy: the best branch goes on (one whose environment failed only when all did)
+                best = max(range(k), key=lambda j: (not isinstance(branches[j], LostEpisode), rewards[j]))
                 envs[i] = branches[best]
                 answers = [(rollout, row) for row in rows]
                 groups.append(AgentGroup(i, turn, agent, answers, results, rewards, prompts[position]))

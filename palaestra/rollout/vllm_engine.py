@@ -7,8 +7,11 @@ a new ``LoRARequest`` at it, so the next ``generate`` samples from the updated p
 adapters (one per role of a ``per_role`` team) live side by side; ``generate(..., adapter=role)``
 picks one. vLLM's prefix caching gives the shared-prompt prefill of a group for free.
 
-The GRPO recipe uses it with ``algo.rollout_engine=vllm`` (checked before any model loads: the
-package, a CUDA GPU, LoRA, a model folder) and re-syncs the adapter before every rollout.
+The GRPO recipe uses it with ``rollout.engine=vllm`` (checked before any model loads: the
+package, a CUDA GPU, LoRA, a model folder) and re-syncs the adapter before every rollout. vLLM reports
+the log-prob of every sampled token under the distribution it sampled from (``processed_logprobs``);
+they are the rollout's ``sampler_logprobs``, which the mismatch correction weighs the update with
+(:mod:`palaestra.algorithms.rollout_correction`), as for rollout workers.
 
 Status: designed against vLLM's offline ``LLM`` API and tested on the CPU only in its pure parts
 (the Rollout it builds from token ids) and the configuration checks; it has not been run on a GPU yet.
@@ -47,7 +50,8 @@ class VLLMGenerator:
 
         self.model, self.tokenizer, self.max_prompt_length = model, tokenizer, max_prompt_length
         self.llm = LLM(model=str(base_path), enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
-                       gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True, seed=seed, dtype="bfloat16")
+                       gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True, seed=seed, dtype="bfloat16",
+                       logprobs_mode="processed_logprobs")  # log-probs of what it sampled from: the correction's
         eos = tokenizer.eos_token_id
         generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         extra = generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos] if generation_eos is not None else []

@@ -8,6 +8,8 @@ learning signal). The team succeeds when the checker's answer starts with a digi
 from __future__ import annotations
 
 import copy
+import os
+import time
 
 from palaestra.envs import MultiAgentEnv, StepResult
 
@@ -44,3 +46,19 @@ class CountingEnv(MultiAgentEnv):
     @property
     def done(self) -> bool:
         return self.solved or self.turn >= self.max_turns
+
+
+class FlakyEnv(CountingEnv):
+    """CountingEnv whose checker step fails by the episode's seed: seed % 4 == 1 hangs, 2 kills its process,
+    3 raises (``env.name=tests.recipes.envs:FlakyEnv``; 0 behaves)."""
+
+    def step(self, agent: str, action: str) -> StepResult:
+        if agent == "checker":
+            failure = self.target % 4
+            if failure == 1:
+                time.sleep(3600)
+            elif failure == 2:
+                os._exit(3)
+            elif failure == 3:
+                raise ValueError("the board is broken")
+        return super().step(agent, action)

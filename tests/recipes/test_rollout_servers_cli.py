@@ -1,4 +1,5 @@
-"""GRPO sampling on a ``palaestra serve`` rollout worker: the real CLI on both sides, on the tiny model."""
+"""Rollouts apart from the trainer, through the real CLI on the tiny model: GRPO and AT-GRPO sampling on a ``palaestra
+serve`` rollout worker, and a team's environments stepped in worker processes."""
 
 from __future__ import annotations
 
@@ -118,3 +119,18 @@ def test_a_per_role_team_samples_on_a_worker_with_an_adapter_per_role(tmp_path):
             assert record[f"{role}/rollout/logprob_gap/max"] < 1e-3, record
     published = sorted(p.name.split("-")[0] for p in (tmp_path / "run" / "rollout_adapters").iterdir())
     assert published == ["checker", "proposer"]  # the latest version of each role's adapter, side by side
+
+
+@pytest.mark.slow
+def test_a_team_whose_environments_hang_die_or_raise_in_workers_loses_episodes_not_the_run(tmp_path):
+    from tests.recipes.test_grpo_cli import TEAM
+
+    team = [key if key != "env.name=tests.recipes.envs:CountingEnv" else "env.name=tests.recipes.envs:FlakyEnv" for key in TEAM]
+    result = run_cli([*team, "train.steps=2", "tracking.enabled=false", "train.output_dir=run", "env.workers=2",
+                      "env.step_timeout_s=2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = _steps(tmp_path / "run")
+    assert sorted(steps) == [1, 2]
+    # train seeds 0, 1 then 2, 3: one behaves, one hangs, one kills its worker, one raises
+    assert steps[1]["lost_steps"] > 0 and steps[2]["lost_steps"] > 0
+    assert steps[1]["success_rate"] == 0.5  # seed 0's episode, beside the hung one, played on and succeeded
