@@ -88,6 +88,12 @@ class WorkflowConfig:
     """Executor tokens one workflow run may spend."""
     timeout_s: float = 60.0
     """Wall-clock limit of one workflow run."""
+    isolation: str = "process"
+    """process: each workflow runs in a process of its own, killed at timeout_s and limited to memory_mb more
+    memory (a workflow that hogs either fails alone, its executor calls still batched with the others'); none: in
+    the trainer's process (faster to start; a huge C-level operation there stalls the step)."""
+    memory_mb: int = 1024
+    """With isolation=process: the memory one workflow's process may take beyond what it starts with."""
     sandbox_seconds: float = 5.0
     """Limit of each sandboxed program (Programmer, Test, the code reward's tests)."""
     experience_size: int = 8
@@ -219,7 +225,8 @@ def _validate_workflow(task: TaskConfig) -> None:
         check(executor.temperature >= 0, f"task.workflow.executor.temperature={executor.temperature} must be >= 0")
         check(executor.cost_per_million_tokens >= 0,
               f"task.workflow.executor.cost_per_million_tokens={executor.cost_per_million_tokens} must be >= 0")
-        for key in ("max_calls", "max_tokens", "timeout_s", "sandbox_seconds"):
+        for key in ("max_calls", "max_tokens", "timeout_s", "sandbox_seconds", "memory_mb"):
             check(getattr(flow, key) > 0, f"task.workflow.{key}={getattr(flow, key)} must be positive")
+        one_of("task.workflow.isolation", flow.isolation, ("process", "none"))
         for key in ("experience_size", "experience_shots"):
             check(getattr(flow, key) >= 0, f"task.workflow.{key}={getattr(flow, key)} must be >= 0")

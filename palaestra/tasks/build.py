@@ -89,6 +89,6 @@ def _workflow_task(task: Task, flow) -> Task:
     executor = flow.executor
     return WorkflowTask(task, backend_factory=partial(make_backend, executor), max_calls=flow.max_calls,
                         max_tokens=flow.max_tokens, timeout_s=flow.timeout_s, sandbox_seconds=flow.sandbox_seconds,
-                        experience_size=flow.experience_size, experience_shots=flow.experience_shots,
+                        isolation=flow.isolation, memory_mb=flow.memory_mb, experience_size=flow.experience_size, experience_shots=flow.experience_shots,
                         executor_max_tokens=executor.max_tokens, executor_temperature=executor.temperature,
                         cache_size=executor.cache_size, executor_cost_per_million_tokens=executor.cost_per_million_tokens)

@@ -207,12 +207,16 @@ class Executor:
         self.max_batch = max_batch
         self._pending: list[tuple[tuple, Request, asyncio.Future]] = []
         self._flush: asyncio.Task | None = None
+        self.computing = 0
+        """Workflows running in processes of their own that are computing (neither waiting on a call nor done): a
+        batch waits for them to reach their next call, up to ``max_wait_s`` (:mod:`palaestra.workflows.isolation`)."""
+        self.max_wait_s = 0.5
         self.stats = Counter()
         """calls (asked by workflows), cache_hits, backend_calls, batches."""
 
     def reset_loop(self) -> None:
         """Forget pending calls of an earlier event loop (each step's run is a fresh ``asyncio.run``)."""
-        self._pending, self._flush = [], None
+        self._pending, self._flush, self.computing = [], None, 0
 
     def client(self, *, max_calls: int, max_tokens: int) -> ExecutorClient:
         """A client for one workflow run, with its own budget and occurrence counts."""
@@ -237,11 +241,16 @@ class Executor:
     async def _flush_when_idle(self) -> None:
         """Wait until no workflow adds calls any more, then answer them all in one backend call."""
         while self._pending:
-            seen = -1
-            while seen != len(self._pending) and len(self._pending) < self.max_batch:
+            loop = asyncio.get_running_loop()
+            waited_until = loop.time() + self.max_wait_s
+            while len(self._pending) < self.max_batch:
                 seen = len(self._pending)
                 for _ in range(4):  # a few scheduler rounds: each workflow reaches its next await
                     await asyncio.sleep(0)
+                while self.computing and loop.time() < waited_until:  # workflows in their own processes, too
+                    await asyncio.sleep(0.002)
+                if len(self._pending) == seen:
+                    break
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             trace = sys.gettrace()
             sys.settrace(None)  # the runner traces workflow code; the model's forward pass need not pay for it

@@ -7,7 +7,9 @@ their executor calls are batched (:class:`palaestra.workflows.executor.Executor`
 Isolation: the validated code is executed with restricted globals, whose builtins are only
 :data:`~palaestra.workflows.validator.SAFE_BUILTINS` and whose names are only the operators bound to
 this run; the validator has already ruled out imports, dunders and attribute access, so the code
-can reach nothing else. Model-written *solution* code (Programmer, Test, the code reward) never runs
+can reach nothing else. With ``isolation="process"`` (the default) each workflow also runs in a process
+of its own, under a memory limit and killed at its timeout (:mod:`palaestra.workflows.isolation`); its
+executor calls still come here to be batched. Model-written *solution* code (Programmer, Test, the code reward) never runs
 here: it goes to :func:`palaestra.sandbox.run_python`.
 
 A workflow that raises, times out, exceeds its budget or returns nothing has a runtime error and
@@ -24,6 +26,7 @@ import asyncio
 import builtins
 import sys
 import time
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -32,7 +35,9 @@ from palaestra.workflows.executor import BudgetExceeded, Executor
 from palaestra.workflows.operators import Problem, bind_operators
 from palaestra.workflows.validator import SAFE_BUILTINS, ValidationResult, validate_workflow
 
-__all__ = ["MAX_RANGE", "WorkflowOutcome", "WorkflowRunner", "answer_text"]
+__all__ = ["ISOLATIONS", "MAX_RANGE", "WorkflowOutcome", "WorkflowRunner", "answer_text", "execute"]
+
+ISOLATIONS = ("process", "none")
 
 MAX_RANGE = 10_000
 """The most items a workflow's ``range`` may have."""
@@ -104,11 +109,14 @@ class WorkflowRunner:
     """Validates and runs workflows on an :class:`Executor`, with a per-workflow budget and timeout."""
 
     def __init__(self, executor: Executor, *, max_calls: int = 8, max_tokens: int = 4096, timeout_s: float = 60.0,
-                 sandbox_seconds: float = 5.0, max_lines: int = MAX_LINES):
+                 sandbox_seconds: float = 5.0, max_lines: int = MAX_LINES, isolation: str = "process", memory_mb: int = 1024):
+        if isolation not in ISOLATIONS:
+            raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
         self.executor = executor
         self.max_lines = max_lines
         self.max_calls, self.max_tokens = max_calls, max_tokens
         self.timeout_s, self.sandbox_seconds = timeout_s, sandbox_seconds
+        self.isolation, self.memory_mb = isolation, memory_mb
 
     def run(self, completions: list[str], problems: list[Problem], prompts: dict[str, str] | None = None) -> list[WorkflowOutcome]:
         """Outcomes of ``completions[i]`` run on ``problems[i]``, all concurrently (one asyncio loop); ``prompts``:
@@ -116,12 +124,10 @@ class WorkflowRunner:
         if len(completions) != len(problems):
             raise ValueError(f"{len(completions)} completions for {len(problems)} problems")
         validations = [validate_workflow(text, problem.domain, prompts) for text, problem in zip(completions, problems)]
-        previous = sys.gettrace()
-        sys.settrace(_trace_calls)
-        try:
+        if self.isolation == "process":  # each workflow traces its own lines in its own process
             return asyncio.run(self._run_all(validations, problems))
-        finally:
-            sys.settrace(previous)
+        with traced_workflow_lines():
+            return asyncio.run(self._run_all(validations, problems))
 
     async def _run_all(self, validations: list[ValidationResult], problems: list[Problem]) -> list[WorkflowOutcome]:
         self.executor.reset_loop()
@@ -130,25 +136,55 @@ class WorkflowRunner:
     async def _run_one(self, validation: ValidationResult, problem: Problem) -> WorkflowOutcome:
         client = self.executor.client(max_calls=self.max_calls, max_tokens=self.max_tokens)
         start = time.monotonic()
-        _LINES_LEFT.set([self.max_lines])  # this task's own context: other workflows keep theirs
-        answer, error, cost = "", "", None
-        try:
-            operators = bind_operators(client, problem, sandbox_seconds=self.sandbox_seconds)
-            workflow = _instantiate(validation.code, {**operators, USAGE_SUMMARY: client.usage})
-            value = await asyncio.wait_for(workflow(problem.question), self.timeout_s)
-            answer, cost = answer_text(value), _reported_cost(value)
-            if not answer.strip():
-                error = "returned no answer"
-        except asyncio.TimeoutError:
-            error = f"timed out after {self.timeout_s:g} s"
-        except WorkflowTimeout as exc:
-            error = str(exc)
-        except BudgetExceeded as exc:
-            error = f"budget: {exc}"
-        except Exception as exc:  # noqa: BLE001 - anything the policy's code does wrong is its runtime error
-            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+        if self.isolation == "process":
+            from palaestra.workflows.isolation import run_isolated
+
+            answer, cost, error = await run_isolated(validation.code, problem, client, timeout_s=self.timeout_s,
+                                                     memory_mb=self.memory_mb, max_lines=self.max_lines,
+                                                     sandbox_seconds=self.sandbox_seconds)
+        else:
+            answer, cost, error = await execute(validation.code, problem, client, timeout_s=self.timeout_s,
+                                                max_lines=self.max_lines, sandbox_seconds=self.sandbox_seconds)
         return WorkflowOutcome(answer if not error else "", validation, error, client.calls, client.tokens,
                                time.monotonic() - start, cost)
+
+
+async def execute(code: str, problem: Problem, client, *, timeout_s: float, max_lines: int = MAX_LINES,
+                  sandbox_seconds: float = 5.0) -> tuple[str, float | None, str]:
+    """Run validated workflow ``code`` on ``problem`` with operators bound to ``client`` (an executor client, or
+    an isolated process's pipe client): (answer, the cost it reported or None, runtime error or ""). Its lines
+    are counted where :func:`traced_workflow_lines` is on."""
+    _LINES_LEFT.set([max_lines])  # this task's own context: other workflows keep theirs
+    answer, error, cost = "", "", None
+    try:
+        operators = bind_operators(client, problem, sandbox_seconds=sandbox_seconds)
+        workflow = _instantiate(code, {**operators, USAGE_SUMMARY: client.usage})
+        value = await asyncio.wait_for(workflow(problem.question), timeout_s)
+        answer, cost = answer_text(value), _reported_cost(value)
+        if not answer.strip():
+            error = "returned no answer"
+    except asyncio.TimeoutError:
+        error = f"timed out after {timeout_s:g} s"
+    except WorkflowTimeout as exc:
+        error = str(exc)
+    except BudgetExceeded as exc:
+        error = f"budget: {exc}"
+    except MemoryError:
+        error = "MemoryError: the workflow ran out of memory"
+    except Exception as exc:  # noqa: BLE001 - anything the policy's code does wrong is its runtime error
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+    return answer, cost, error
+
+
+@contextmanager
+def traced_workflow_lines():
+    """Count the lines workflow code executes (and only those) while the block runs."""
+    previous = sys.gettrace()
+    sys.settrace(_trace_calls)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
 
 
 class WorkflowTimeout(Exception):

@@ -116,7 +116,8 @@ class WorkflowTask(Task):
 
     def __init__(self, base: Task, *, backend_factory: Callable[..., object], max_calls: int = 6,
                  max_tokens: int = 4096, timeout_s: float = 60.0, sandbox_seconds: float = 5.0,
-                 experience_size: int = 8, experience_shots: int = 1, executor_max_tokens: int = 128,
+                 isolation: str = "process", memory_mb: int = 1024, experience_size: int = 8, experience_shots: int = 1,
+                 executor_max_tokens: int = 128,
                  executor_temperature: float = 0.0, cache_size: int = 4096, score_cache_size: int = 4096,
                  executor_cost_per_million_tokens: float = 0.0):
         super().__init__(name=base.name, train=base.train, test=base.test, instruction=INSTRUCTION,
@@ -126,7 +127,8 @@ class WorkflowTask(Task):
         self.backend_factory = backend_factory
         self.executor_settings = dict(max_tokens=executor_max_tokens, temperature=executor_temperature, cache_size=cache_size,
                                       cost_per_million_tokens=executor_cost_per_million_tokens)
-        self.limits = dict(max_calls=max_calls, max_tokens=max_tokens, timeout_s=timeout_s, sandbox_seconds=sandbox_seconds)
+        self.limits = dict(max_calls=max_calls, max_tokens=max_tokens, timeout_s=timeout_s, sandbox_seconds=sandbox_seconds,
+                           isolation=isolation, memory_mb=memory_mb)
         self.experience = ExperienceBuffer(capacity=experience_size)
         self.experience_shots = experience_shots
         self._runner: WorkflowRunner | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import doctest
 import importlib
+import time
 
 import pytest
 
@@ -275,3 +276,33 @@ def test_test_operator_repairs_for_up_to_three_rounds_and_keeps_the_best_program
     stuck = ScriptedBackend(default=f"```python\n{product}\n```")
     out = _call("Test", problem, stuck, problem=problem.question, solution=product)
     assert out["result"] is False and out["solution"] == product and out["feedback"]
+
+
+# ------------------------------------------------------------------------------------ isolation
+
+
+def test_a_workflow_that_hogs_memory_or_a_core_fails_alone_in_its_process():
+    hog = workflow('big = "x" * (2 ** 30)', 'return big[:3]')  # a 1 GB string
+    stuck = workflow("return str(10 ** 10 ** 8)")  # one C-level operation: no line trace or asyncio timeout stops it
+    long = workflow('return "7" * 2000000')
+    runner = WorkflowRunner(Executor(ScriptedBackend(default="Answer: 3")), memory_mb=256, timeout_s=3.0)
+    started = time.monotonic()
+    outcomes = runner.run([hog, stuck, long, ANSWER], [Problem("q", "math")] * 4)
+    assert time.monotonic() - started < 30
+    assert outcomes[0].runtime_error.startswith("MemoryError") and outcomes[0].kind == "runtime_error"
+    assert outcomes[1].runtime_error == "timed out after 3 s"
+    assert outcomes[2].runtime_error == "the answer has 2000000 characters; at most 1000000 are read"
+    assert outcomes[3].answer == "3" and outcomes[3].kind == "clean" and outcomes[3].calls == 1
+
+
+def test_isolated_and_in_process_workflows_give_the_same_outcomes_and_usage():
+    backend = ScriptedBackend({"apples": "Answer: 5"}, default="Answer: 7")
+    cost = workflow('a = await AnswerGenerate(input=problem)', 'b = await Custom(input=problem)',
+                    'return a["answer"], UsageSummary()["total_cost"]')
+    problems = [Problem("Tom has 2 apples and buys 3", "math"), Problem("What is 3 + 4?", "math")]
+    outcomes = {}
+    for isolation in ("process", "none"):
+        runner = WorkflowRunner(Executor(backend, cost_per_million_tokens=1e6), isolation=isolation, max_calls=1)
+        outcomes[isolation] = [(o.answer, o.runtime_error, o.calls, o.tokens, o.cost) for o in runner.run([ANSWER, cost], problems)]
+    assert outcomes["process"] == outcomes["none"]
+    assert outcomes["process"][1][1] == "budget: more than 1 executor calls"  # the budget is kept across the pipe
