@@ -113,7 +113,7 @@ def main() -> None:
         rows.append(run(engine, args.steps, args.extra))
         print(json.dumps(rows[-1]), flush=True)
     lines = [f"### {date.today().isoformat()}: GRPO rollout engines on one GPU ({gpu})",
-             f"`python bench/gpu_check.py {' '.join(sys.argv[1:])}`: the main job (embedded SmolLM2-135M, LoRA, chain_sum) for "
+             f"`{' '.join(['python bench/gpu_check.py', *sys.argv[1:]])}`: the main job (embedded SmolLM2-135M, LoRA, chain_sum) for "
              f"{args.steps} steps on cuda; the first step left out of the means.", "",
              "| engine | s/step | completion tokens/s | log-prob gap mean | max | tokens capped |", "|---|---|---|---|---|---|"]
     for r in rows:

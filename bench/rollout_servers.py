@@ -123,7 +123,7 @@ def main() -> None:
     lines = [
         f"### {date.today().isoformat()}: GRPO sampling in process against rollout workers, {args.budget_s:.0f} s of training "
         f"each ({cpu_kind()}, {os.cpu_count()} CPU cores)",
-        f"`python bench/rollout_servers.py {' '.join(sys.argv[1:])}`: `palaestra run` (embedded SmolLM2-135M, LoRA, "
+        f"`{' '.join(['python bench/rollout_servers.py', *sys.argv[1:]])}`: `palaestra run` (embedded SmolLM2-135M, LoRA, "
         "chain_sum, the default seed) with `train.max_seconds`; workers are `palaestra serve serve.runtime_lora=true "
         "serve.logprobs_mode=processed_logprobs`, each pinned to one core (one worker: the trainer on the other cores; two: "
         "the trainer on all); greedy accuracy on the 64 held-out problems before and after.", "",
