@@ -33,6 +33,9 @@ class EnvConfig:
     its episode, never the run (logged: lost_steps)."""
     step_timeout_s: float = 60.0
     """With workers: the longest one environment step may take before its worker is killed and the episode lost."""
+    backend: str = "processes"
+    """With workers: processes (this machine's, a pool) or ray (Ray tasks on the cluster RAY_ADDRESS names, else a
+    local Ray; pip install -e ".[ray]"), at most workers steps at once."""
 
 
 @dataclass
@@ -57,6 +60,12 @@ def validate_env(env: EnvConfig) -> None:
     check(env.test_envs > 0, f"env.test_envs={env.test_envs} must be positive")
     check(env.workers >= 0, f"env.workers={env.workers} must be >= 0 (0: the trainer's process)")
     check(env.step_timeout_s > 0, f"env.step_timeout_s={env.step_timeout_s} must be > 0")
+    one_of("env.backend", env.backend, ("processes", "ray"))
+    if env.backend == "ray" and env.workers:
+        import importlib.util
+
+        check(importlib.util.find_spec("ray") is not None,
+              "env.backend=ray needs the ray package: pip install -e '.[ray]' (or use env.backend=processes)")
 
 
 def validate_policy(policy: PolicyConfig, lora_enabled: bool) -> None:

@@ -12,19 +12,28 @@ StepResult)``.
   segfault, ``os._exit``, the memory killer) is replaced, and an environment that raises is reported: each
   costs its episode only (:class:`LostEpisode`: over, unsolved, zero rewards for that answer), never the run.
 
+* ``env.backend=ray``: Ray tasks instead of local processes (``pip install -e ".[ray]"``), on the Ray cluster
+  that ``RAY_ADDRESS`` names, or a local Ray when none does; at most ``env.workers`` steps run at once, and the
+  same failures cost the same episodes (a step past its timeout is cancelled, its worker killed).
+
 Workers start by ``forkserver`` (not a fork of the trainer, whose threads and model they need not inherit), so
-an environment class must be importable by its module name, as ``env.name=package.module:Class`` is.
+an environment class must be importable by its module name, as ``env.name=package.module:Class`` is (on every
+node, with Ray).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import time
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from palaestra.envs.base import MultiAgentEnv, StepResult
 
-__all__ = ["EnvWorkerPool", "LostEpisode", "StepFn", "step_in_process"]
+__all__ = ["ENV_BACKENDS", "EnvWorkerPool", "LostEpisode", "RayEnvWorkers", "StepFn", "env_workers", "step_in_process"]
+
+ENV_BACKENDS = ("processes", "ray")
 
 # [(environment, agent, answer)] -> [(environment after the step, StepResult)], in order
 StepFn = Callable[[list[tuple[MultiAgentEnv, str, str]]], list[tuple[MultiAgentEnv, StepResult]]]
@@ -127,3 +136,71 @@ class EnvWorkerPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RayEnvWorkers:
+    """Ray tasks that step environments, at most ``workers`` at once, each within ``step_timeout_s``: on the cluster
+    ``RAY_ADDRESS`` names, else a local Ray. Called like :func:`step_in_process`; ``lost`` as :class:`EnvWorkerPool`'s."""
+
+    def __init__(self, workers: int, step_timeout_s: float = 60.0):
+        import ray
+
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        self.ray, self.workers, self.step_timeout_s = ray, workers, step_timeout_s
+        self._step = ray.remote(num_cpus=1, max_retries=0)(_step)
+        self.lost = 0
+
+    def __call__(self, items: list[tuple[MultiAgentEnv, str, str]]) -> list[tuple[MultiAgentEnv, StepResult]]:
+        ray = self.ray
+        out: list = [None] * len(items)
+        waiting = list(range(len(items)))
+        running: dict = {}  # object ref -> (item index, when it was sent)
+        while waiting or running:
+            while waiting and len(running) < self.workers:
+                index = waiting.pop(0)
+                running[self._step.remote(*items[index])] = (index, time.monotonic())
+            done, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
+            for ref in done:
+                index, _ = running.pop(ref)
+                try:
+                    out[index] = ray.get(ref)
+                except ray.exceptions.WorkerCrashedError:
+                    out[index] = self._lost(items[index][0], "the environment's process died")
+                except ray.exceptions.RayTaskError as error:  # raised inside the environment
+                    cause = error.cause if getattr(error, "cause", None) is not None else error
+                    out[index] = self._lost(items[index][0], f"the environment raised {_one_line(cause)}")
+                except ray.exceptions.RayError as error:
+                    out[index] = self._lost(items[index][0], f"the environment's task failed ({_one_line(error)})")
+            now = time.monotonic()
+            for ref, (index, sent) in list(running.items()):
+                if now - sent > self.step_timeout_s:
+                    ray.cancel(ref, force=True)  # kills the worker stuck in the step
+                    del running[ref]
+                    out[index] = self._lost(items[index][0], f"the step took more than env.step_timeout_s={self.step_timeout_s:g} s")
+        return out
+
+    def _lost(self, env: MultiAgentEnv, reason: str) -> tuple[MultiAgentEnv, StepResult]:
+        self.lost += 1
+        return lost(env, reason)
+
+    def close(self) -> None:
+        pass  # the Ray runtime is the process's (or the cluster's): left to it
+
+    def __enter__(self) -> "RayEnvWorkers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def env_workers(backend: str, workers: int, step_timeout_s: float):
+    """The stepper of ``env.backend`` / ``env.workers``: :func:`step_in_process` for 0 workers, else a pool."""
+    if not workers:
+        return step_in_process
+    if backend == "ray":
+        return RayEnvWorkers(workers, step_timeout_s)
+    return EnvWorkerPool(workers, step_timeout_s)

@@ -40,7 +40,7 @@ from palaestra.config.rollout import resolved_correction
 from palaestra.config.sampling import objective_settings
 from palaestra.recipes.at_grpo_config import ATGRPOConfig
 from palaestra.envs import resolve_env, train_seeds
-from palaestra.envs.workers import EnvWorkerPool, StepFn, step_in_process
+from palaestra.envs.workers import StepFn, env_workers, step_in_process
 from palaestra.distributed import Distributed
 from palaestra.evaluation.team import evaluate_team, everyones, rollout_metrics, team_sampling
 from palaestra.models import model_id
@@ -117,7 +117,7 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
     )
 
     train_sampling = SamplingParams(algo.max_completion_length, algo.temperature, algo.top_p, algo.top_k)
-    step_envs = EnvWorkerPool(env_cfg.workers, env_cfg.step_timeout_s) if env_cfg.workers else step_in_process
+    step_envs = env_workers(env_cfg.backend, env_cfg.workers, env_cfg.step_timeout_s)  # in process for 0 workers
     eval_sampling, plays = team_sampling(config.eval, algo.max_completion_length)
     results: dict = {}
 

@@ -4,7 +4,8 @@
 - :mod:`~palaestra.workflows.executor`: the executor interface, batching and cache, and its three backends
   (in-process generation, an OpenAI-compatible URL, scripted replies);
 - :mod:`~palaestra.workflows.validator`: static checks, repairs and the fallback workflow;
-- :mod:`~palaestra.workflows.runner`: isolated, concurrent execution with budgets and timeouts;
+- :mod:`~palaestra.workflows.runner`: concurrent execution with budgets and timeouts, each workflow in a process of
+  its own (:mod:`~palaestra.workflows.isolation`) running :mod:`~palaestra.workflows.execution`;
 - :mod:`~palaestra.workflows.experience`: the few-shot buffer of good workflows;
 - :mod:`~palaestra.workflows.task` and :mod:`~palaestra.workflows.reward`: the task GRPO trains on and its rewards;
 - :mod:`~palaestra.workflows.evaluation`: per-domain figures (validity, shares of each outcome, ...).

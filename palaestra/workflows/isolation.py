@@ -26,6 +26,7 @@ import multiprocessing
 import resource
 import sys
 
+from palaestra.workflows.execution import execute, traced_workflow_lines
 from palaestra.workflows.executor import BudgetExceeded, ExecutorClient
 from palaestra.workflows.operators import Problem
 
@@ -42,14 +43,14 @@ def _forkserver():
     global _context
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(["palaestra.workflows.isolation", "palaestra.workflows.runner"])
+        _context.set_forkserver_preload(["palaestra.workflows.isolation"])
     return _context
 
 
 async def run_isolated(code: str, problem: Problem, client: ExecutorClient, *, timeout_s: float, memory_mb: int,
                        max_lines: int, sandbox_seconds: float) -> tuple[str, float | None, str]:
     """Run validated workflow ``code`` on ``problem`` in its own process; (answer, reported cost, runtime error)
-    as :func:`palaestra.workflows.runner.execute` gives them. The executor calls go through ``client``."""
+    as :func:`palaestra.workflows.execution.execute` gives them. The executor calls go through ``client``."""
     context = _forkserver()
     ours, theirs = context.Pipe()
     settings = {"timeout_s": timeout_s, "memory_mb": memory_mb, "max_lines": max_lines, "sandbox_seconds": sandbox_seconds,
@@ -176,8 +177,6 @@ def _limit_memory(extra_mb: int) -> None:
 
 def _workflow_process(conn, code: str, problem: Problem, settings: dict) -> None:
     """The workflow process: limits, the workflow run with tracing, its outcome sent back."""
-    from palaestra.workflows.runner import execute, traced_workflow_lines
-
     _limit_memory(settings["memory_mb"])
     client = _PipeClient(conn, settings["cost_per_million_tokens"])
 

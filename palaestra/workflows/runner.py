@@ -2,49 +2,30 @@
 
 :meth:`WorkflowRunner.run` takes a step's completions and problems, validates each workflow
 (:mod:`palaestra.workflows.validator`), and runs them all concurrently in one asyncio loop, so that
-their executor calls are batched (:class:`palaestra.workflows.executor.Executor`).
-
-Isolation: the validated code is executed with restricted globals, whose builtins are only
-:data:`~palaestra.workflows.validator.SAFE_BUILTINS` and whose names are only the operators bound to
-this run; the validator has already ruled out imports, dunders and attribute access, so the code
-can reach nothing else. With ``isolation="process"`` (the default) each workflow also runs in a process
-of its own, under a memory limit and killed at its timeout (:mod:`palaestra.workflows.isolation`); its
-executor calls still come here to be batched. Model-written *solution* code (Programmer, Test, the code reward) never runs
-here: it goes to :func:`palaestra.sandbox.run_python`.
-
-A workflow that raises, times out, exceeds its budget or returns nothing has a runtime error and
-no answer. Code that never awaits (``while True: pass``) cannot be stopped by an asyncio timeout and
-would stall every other workflow, so the workflow's own code also has a budget of
-:data:`MAX_LINES` executed lines: a trace hook counts the lines of workflow code (and only those:
-other frames are not traced, and the executor's model runs with tracing off), and ``range`` is capped
-at :data:`MAX_RANGE` items. A single huge C-level operation (``10 ** 10 ** 9``) cannot be interrupted.
+their executor calls are batched (:class:`palaestra.workflows.executor.Executor`). Each runs as
+:func:`palaestra.workflows.execution.execute` runs it (restricted globals: the operators and safe builtins
+only; a budget of lines, calls and tokens; a timeout), in a process of its own under a memory limit
+(``isolation="process"``, the default: :mod:`palaestra.workflows.isolation`; its executor calls still come
+here to be batched) or in this process (``isolation="none"``). Model-written *solution* code (Programmer,
+Test, the code reward) runs in neither: it goes to :func:`palaestra.sandbox.run_python`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import builtins
-import sys
 import time
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 
-from palaestra.workflows.aflow_form import USAGE_SUMMARY
-from palaestra.workflows.executor import BudgetExceeded, Executor
-from palaestra.workflows.operators import Problem, bind_operators
-from palaestra.workflows.validator import SAFE_BUILTINS, ValidationResult, validate_workflow
+from palaestra.workflows.execution import MAX_LINES, execute, traced_workflow_lines
+from palaestra.workflows.executor import Executor
+from palaestra.workflows.isolation import run_isolated
+from palaestra.workflows.operators import Problem
+from palaestra.workflows.validator import ValidationResult, validate_workflow
 
-__all__ = ["ISOLATIONS", "MAX_RANGE", "WorkflowOutcome", "WorkflowRunner", "answer_text", "execute"]
+__all__ = ["ISOLATIONS", "WorkflowOutcome", "WorkflowRunner"]
 
 ISOLATIONS = ("process", "none")
-
-MAX_RANGE = 10_000
-"""The most items a workflow's ``range`` may have."""
-MAX_LINES = 100_000
-"""The most lines of its own code a workflow may execute (operators' work not counted)."""
-_FILENAME = "<workflow>"
-_LINES_LEFT: ContextVar[list] = ContextVar("workflow_lines_left")
+"""Where a workflow runs: a process of its own, or the trainer's (none)."""
 
 
 @dataclass
@@ -81,30 +62,6 @@ class WorkflowOutcome:
         return "repaired" if v.repaired else "clean"
 
 
-def answer_text(value) -> str:
-    """A workflow's return value as text: AFlow's ``(answer, cost)`` keeps the answer, an operator's dict its
-    answer/response/solution/output field.
-
-    >>> answer_text(("42", 0.01)), answer_text({"response": "Paris"}), answer_text(None)
-    ('42', 'Paris', '')
-    """
-    if isinstance(value, tuple) and value:
-        value = value[0]
-    if isinstance(value, dict):
-        for key in ("answer", "response", "solution", "output", "code"):
-            if key in value:
-                value = value[key]
-                break
-    return "" if value is None else str(value)
-
-
-def _reported_cost(value) -> float | None:
-    """The cost in AFlow's ``(answer, cost)`` return value, or None."""
-    if isinstance(value, tuple) and len(value) > 1 and isinstance(value[1], (int, float)) and not isinstance(value[1], bool):
-        return float(value[1])
-    return None
-
-
 class WorkflowRunner:
     """Validates and runs workflows on an :class:`Executor`, with a per-workflow budget and timeout."""
 
@@ -137,8 +94,6 @@ class WorkflowRunner:
         client = self.executor.client(max_calls=self.max_calls, max_tokens=self.max_tokens)
         start = time.monotonic()
         if self.isolation == "process":
-            from palaestra.workflows.isolation import run_isolated
-
             answer, cost, error = await run_isolated(validation.code, problem, client, timeout_s=self.timeout_s,
                                                      memory_mb=self.memory_mb, max_lines=self.max_lines,
                                                      sandbox_seconds=self.sandbox_seconds)
@@ -147,78 +102,3 @@ class WorkflowRunner:
                                                 max_lines=self.max_lines, sandbox_seconds=self.sandbox_seconds)
         return WorkflowOutcome(answer if not error else "", validation, error, client.calls, client.tokens,
                                time.monotonic() - start, cost)
-
-
-async def execute(code: str, problem: Problem, client, *, timeout_s: float, max_lines: int = MAX_LINES,
-                  sandbox_seconds: float = 5.0) -> tuple[str, float | None, str]:
-    """Run validated workflow ``code`` on ``problem`` with operators bound to ``client`` (an executor client, or
-    an isolated process's pipe client): (answer, the cost it reported or None, runtime error or ""). Its lines
-    are counted where :func:`traced_workflow_lines` is on."""
-    _LINES_LEFT.set([max_lines])  # this task's own context: other workflows keep theirs
-    answer, error, cost = "", "", None
-    try:
-        operators = bind_operators(client, problem, sandbox_seconds=sandbox_seconds)
-        workflow = _instantiate(code, {**operators, USAGE_SUMMARY: client.usage})
-        value = await asyncio.wait_for(workflow(problem.question), timeout_s)
-        answer, cost = answer_text(value), _reported_cost(value)
-        if not answer.strip():
-            error = "returned no answer"
-    except asyncio.TimeoutError:
-        error = f"timed out after {timeout_s:g} s"
-    except WorkflowTimeout as exc:
-        error = str(exc)
-    except BudgetExceeded as exc:
-        error = f"budget: {exc}"
-    except MemoryError:
-        error = "MemoryError: the workflow ran out of memory"
-    except Exception as exc:  # noqa: BLE001 - anything the policy's code does wrong is its runtime error
-        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
-    return answer, cost, error
-
-
-@contextmanager
-def traced_workflow_lines():
-    """Count the lines workflow code executes (and only those) while the block runs."""
-    previous = sys.gettrace()
-    sys.settrace(_trace_calls)
-    try:
-        yield
-    finally:
-        sys.settrace(previous)
-
-
-class WorkflowTimeout(Exception):
-    """Raised inside workflow code that runs more than its budget of lines."""
-
-
-def _trace_calls(frame, event, arg):
-    """The global trace hook while workflows run: trace lines of workflow code only."""
-    return _trace_lines if frame.f_code.co_filename == _FILENAME else None
-
-
-def _trace_lines(frame, event, arg):
-    if event == "line":
-        left = _LINES_LEFT.get(None)
-        if left is not None:
-            left[0] -= 1
-            if left[0] < 0:
-                raise WorkflowTimeout("ran more than its budget of lines of its own code")
-    return _trace_lines
-
-
-def _bounded_range(*args):
-    """``range`` with at most :data:`MAX_RANGE` items."""
-    values = range(*args)
-    if len(values) > MAX_RANGE:
-        raise ValueError(f"range of {len(values)} items; workflows may use at most {MAX_RANGE}")
-    return values
-
-
-def _instantiate(code: str, operators: dict):
-    """Execute validated workflow code with the operators and safe builtins only; return a Workflow()."""
-    allowed = {name: getattr(builtins, name) for name in SAFE_BUILTINS}
-    allowed["range"] = _bounded_range
-    allowed["__build_class__"] = builtins.__build_class__  # what a class statement calls
-    namespace = {"__builtins__": allowed, "__name__": "workflow", **operators}
-    exec(compile(code, _FILENAME, "exec"), namespace)  # noqa: S102 - validated code, restricted globals
-    return namespace["Workflow"]()

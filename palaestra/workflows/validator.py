@@ -13,7 +13,7 @@ on the AST, that it parses; that the module holds exactly one class ``Workflow``
 operator with its real keyword arguments (or to one of a few safe builtins, or a method of the
 class); and that there are no imports, no dunder names and no attribute access except the class's
 own methods and a short list of string/list/dict methods. Those rules make the code safe to run
-with globals that hold the operators only (:mod:`palaestra.workflows.runner`).
+with globals that hold the operators only (:mod:`palaestra.workflows.execution`).
 
 Small faults are repaired, each repair named in the result: code cut off at the token limit (the
 last lines dropped until it parses), uniform extra indentation, a class with another name, imports,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from palaestra.envs.workers import EnvWorkerPool, LostEpisode, step_in_process
@@ -70,3 +71,24 @@ def test_a_tree_rollout_in_workers_equals_one_in_the_trainers_process_and_never_
     groups, episodes = tree_rollout([FlakyEnv(2), FlakyEnv(2)], [0, 3], _scripted, samples_per_state=3, alpha=1.0)
     assert episodes[0].success and not episodes[1].success
     assert all(r.info.get("lost") for g in groups if g.problem == 1 and g.agent == "checker" for r in g.results)
+
+
+def test_ray_tasks_step_and_lose_episodes_as_the_pool_does():
+    pytest.importorskip("ray")
+    from palaestra.envs.workers import RayEnvWorkers
+
+    items = [(_env(FlakyEnv, seed), "checker", "9x") for seed in (0, 1, 2, 3)]
+    workers = RayEnvWorkers(2, step_timeout_s=3.0)
+    try:
+        out = workers(items)
+        assert out[0][1].team_reward == 1.0 and out[0][0].solved  # stepped on a Ray worker, its new state back
+        reasons = [result.info.get("error", "") for _, result in out[1:]]
+        assert "took more than env.step_timeout_s=3 s" in reasons[0]
+        assert reasons[1] == "the environment's process died"
+        assert reasons[2] == "the environment raised ValueError: the board is broken"
+        assert workers.lost == 3
+        assert workers([(_env(FlakyEnv, 4), "checker", "7")])[0][1].team_reward == 1.0
+    finally:
+        import ray
+
+        ray.shutdown()

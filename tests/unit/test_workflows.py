@@ -22,7 +22,7 @@ from palaestra.workflows import (
     validate_workflow,
 )
 from palaestra.workflows.operators import majority
-from palaestra.workflows.runner import answer_text
+from palaestra.workflows.execution import answer_text
 
 
 def workflow(*body: str) -> str:
@@ -34,7 +34,7 @@ ANSWER = workflow('solution = await AnswerGenerate(input=problem)', 'return solu
 
 
 @pytest.mark.parametrize("name", ["palaestra.workflows.executor", "palaestra.workflows.operators",
-                                  "palaestra.workflows.runner", "palaestra.workflows.experience",
+                                  "palaestra.workflows.execution", "palaestra.workflows.experience",
                                   "palaestra.workflows.reward", "palaestra.workflows.demonstrations", "palaestra.tasks.mixture",
                                   "palaestra.tasks.code"])
 def test_docstring_examples(name):
@@ -213,7 +213,7 @@ def test_fallback_workflows_are_valid():
 
 def test_workflow_code_sees_only_operators_and_safe_builtins():
     # The validator forbids the names; the runner's globals do not have them either (defence in depth).
-    from palaestra.workflows.runner import _instantiate
+    from palaestra.workflows.execution import _instantiate
 
     with pytest.raises(NameError):
         _instantiate("open('x')", {})
