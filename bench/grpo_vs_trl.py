@@ -14,10 +14,13 @@ Two comparisons, each framework in its own fresh process (so peak memory is its 
    on all linear layers, lr 5e-5 constant, 4 prompts x 8 samples, 24 tokens, beta 0), then greedy
    held-out accuracy on the same 64 chain_sum test problems, scored by the same evaluator.
 
-TRL gets its best documented CPU setting: each comparison runs it twice, with ``bf16=False`` and with
-``bf16=True`` (mixed precision, which this kind of CPU supports), and the ratios are against the
-faster of the two on that comparison (the table shows both and says which won). palaestra picks its
-own precision (bf16 where the CPU has it).
+TRL gets its best documented CPU setting: each comparison runs it in every precision this CPU multiplies
+natively, ``bf16=False`` always and ``bf16=True`` (mixed precision) where the CPU has native bf16 (AMX or
+AVX-512 bf16 in ``/proc/cpuinfo``), and the ratios are against the faster on that comparison (the table shows
+each and says which won). On a CPU without native bf16 torch emulates it and TRL's ``bf16=True`` runs an order
+of magnitude slower, so it is skipped and the entry says why (``--trl-bf16 always`` runs it anyway). palaestra
+picks its own precision (bf16 where the CPU has it). Every entry names the CPU and its bf16 support, so
+``bench/RESULTS.md`` keeps a row per kind of CPU.
 
 Prints a table, writes JSON (``--out``) and appends a dated entry to ``bench/RESULTS.md``.
 """
@@ -27,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -194,7 +196,23 @@ def _summary(result: dict) -> dict:
 
 
 TRL_SETTINGS = {"trl bf16=False": False, "trl bf16=True": True}
-"""TRL's two CPU settings, each run in every comparison."""
+"""TRL's two CPU settings (the second only where the CPU multiplies bf16 natively: :func:`trl_settings`)."""
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX or AVX-512 bf16), as ``/proc/cpuinfo`` says."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return "amx_bf16" in info or "avx512_bf16" in info
+
+
+def trl_settings(choice: str) -> tuple[list[str], str]:
+    """TRL's settings to run (``--trl-bf16`` auto, always or never) and a note on what was skipped and why."""
+    if choice == "always" or (choice == "auto" and native_bf16()):
+        return list(TRL_SETTINGS), ""
+    why = ("this CPU has no native bf16 (no AMX or AVX-512 bf16): torch emulates it and TRL's bf16=True runs an order "
+           "of magnitude slower, so its best setting here is bf16=False (--trl-bf16 always runs it)"
+           if choice == "auto" else "--trl-bf16 never")
+    return ["trl bf16=False"], f"TRL bf16=True skipped: {why}."
 
 
 def _spawn(name: str, mode: str, steps: int, budget_s: float) -> dict:
@@ -217,6 +235,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=["throughput", "learning"], default="throughput", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(HERE / "out" / "grpo_vs_trl.json"))
     parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)  # the TRL worker's mixed precision
+    parser.add_argument("--trl-bf16", choices=["auto", "always", "never"], default="auto",
+                        help="TRL's bf16=True run: auto (only where the CPU has native bf16), always or never")
     args = parser.parse_args()
     if args.worker:
         settings, evaluate = (THROUGHPUT, False) if args.mode == "throughput" else (LEARNING, True)
@@ -227,10 +247,15 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result))
         return
 
-    report: dict = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-                    "command": " ".join(["python", "bench/grpo_vs_trl.py", *sys.argv[1:]])}
-    throughput = {name: _summary(_spawn(name, "throughput", args.steps, 0.0)) for name in ("palaestra", *TRL_SETTINGS)}
-    best = max(TRL_SETTINGS, key=lambda name: throughput[name]["completion_tokens_per_s"])
+    from results import cpu_kind  # bench/results.py, beside this script
+
+    trl, skipped = trl_settings(args.trl_bf16)
+    report: dict = {"date": date.today().isoformat(), "machine": f"{cpu_kind()}, {os.cpu_count()} CPU cores",
+                    "command": " ".join(["python", "bench/grpo_vs_trl.py", *sys.argv[1:]]), "trl": trl, "skipped": skipped}
+    if skipped:
+        print(skipped, flush=True)
+    throughput = {name: _summary(_spawn(name, "throughput", args.steps, 0.0)) for name in ("palaestra", *trl)}
+    best = max(trl, key=lambda name: throughput[name]["completion_tokens_per_s"])
     p, t = throughput["palaestra"], throughput[best]
     report["throughput"], report["trl_best"] = throughput, best
     report["ratios"] = {
@@ -239,7 +264,7 @@ def main() -> None:
         "peak_rss": p["peak_rss_mb"] / t["peak_rss_mb"],
     }
     if not args.skip_learning:
-        runs = {name: _spawn(name, "learning", 0, args.budget_s) for name in ("palaestra", *TRL_SETTINGS)}
+        runs = {name: _spawn(name, "learning", 0, args.budget_s) for name in ("palaestra", *trl)}
         report["learning"] = {
             name: {"steps": len(r["steps"]), "train_seconds": r["train_seconds"], "accuracy_after": r["accuracy_after"],
                    "peak_rss_mb": r["peak_rss_mb"]}
@@ -259,10 +284,10 @@ def main() -> None:
 def _render(report: dict) -> str:
     throughput, best, r = report["throughput"], report["trl_best"], report["ratios"]
     p = throughput["palaestra"]
-    names = ["palaestra", *TRL_SETTINGS]
+    names = ["palaestra", *report["trl"]]
     lines = [
         f"### {report['date']}: GRPO throughput, palaestra vs TRL at its best ({report['machine']})",
-        f"`{report['command']}`", "",
+        f"`{report['command']}`", *([report["skipped"]] if report["skipped"] else []), "",
         "| | " + " | ".join(names) + f" | palaestra / {best} (TRL's fastest) |", "|---" * (len(names) + 1) + "|---|",
         "| seconds per step | " + " | ".join(f"{throughput[n]['seconds_per_step']:.2f}" for n in names) + f" | {r['seconds_per_step']:.2f} |",
         "| completion tokens/s | " + " | ".join(f"{throughput[n]['completion_tokens_per_s']:.1f}" for n in names)
