@@ -19,7 +19,9 @@ capped so one unlikely token cannot dominate. The modes (TRL's names):
 
 The trainer's log-probs are those of the policy that the step's update starts from: with one update per
 rollout batch the update's own forward, detached, so the correction costs no extra pass. When the
-sampler is exact (its log-probs equal the trainer's) every weight is 1 and the update is unchanged.
+sampler is exact (its log-probs equal the trainer's) every weight is 1 and the update is unchanged. The
+trainer's log-probs are of logits / temperature: with top-p or top-k sampling the sampler's renormalised
+probabilities are higher, so the weights sit below 1 by design.
 """
 
 from __future__ import annotations

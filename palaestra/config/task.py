@@ -90,10 +90,11 @@ class WorkflowConfig:
     """Wall-clock limit of one workflow run."""
     isolation: str = "process"
     """process: each workflow runs in a process of its own, killed at timeout_s and limited to memory_mb more
-    memory (a workflow that hogs either fails alone, its executor calls still batched with the others'); none: in
-    the trainer's process (faster to start; a huge C-level operation there stalls the step)."""
+    address space (a workflow that hogs either fails alone, its executor calls still batched with the others'); none:
+    in the trainer's process (faster to start; a huge C-level operation there stalls the step)."""
     memory_mb: int = 1024
-    """With isolation=process: the memory one workflow's process may take beyond what it starts with."""
+    """With isolation=process: the address space (virtual memory, RLIMIT_AS) one workflow's process may take beyond
+    what it starts with."""
     sandbox_seconds: float = 5.0
     """Limit of each sandboxed program (Programmer, Test, the code reward's tests)."""
     experience_size: int = 8

@@ -10,11 +10,13 @@ StepResult)``.
   worker, stepped there, and sent back with its new state, so the answers of a turn step side by side. A step
   that takes longer than ``env.step_timeout_s`` has its worker killed (and replaced), a worker that dies (a
   segfault, ``os._exit``, the memory killer) is replaced, and an environment that raises is reported: each
-  costs its episode only (:class:`LostEpisode`: over, unsolved, zero rewards for that answer), never the run.
+  costs its episode only (:class:`LostEpisode`: over, unsolved, zero rewards for that answer, which AT-GRPO does
+  not train on), never the run.
 
 * ``env.backend=ray``: Ray tasks instead of local processes (``pip install -e ".[ray]"``), on the Ray cluster
   that ``RAY_ADDRESS`` names, or a local Ray when none does; at most ``env.workers`` steps run at once, and the
-  same failures cost the same episodes (a step past its timeout is cancelled, its worker killed).
+  same failures cost the same episodes (a step past its timeout, counted from when it was sent, its worker's
+  start included, is cancelled and its worker killed).
 
 Workers start by ``forkserver`` (not a fork of the trainer, whose threads and model they need not inherit), so
 an environment class must be importable by its module name, as ``env.name=package.module:Class`` is (on every

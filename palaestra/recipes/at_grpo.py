@@ -162,6 +162,8 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
             offset = sum(dist.gather_objects([len(groups)])[: dist.rank])
             keep = select_samples([torch.tensor(g.rewards) for g in all_groups], algo.group_filter,
                                   algo.filter_ratio)[offset : offset + len(groups)]
+            keep = [mask & torch.tensor([not r.info.get("lost") for r in g.results])  # an environment's failure is no
+                    for mask, g in zip(keep, groups)]                                 # verdict on the answer: not trained on
             advantages = tree_advantages([torch.tensor(g.rewards) for g in all_groups], algo.advantage,
                                          algo.scale_rewards)[offset : offset + len(groups)]
 

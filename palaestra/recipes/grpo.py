@@ -231,7 +231,8 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
                 )
             if stats.get("rollout/logprob_gap/mean", 0.0) > 0.5:
                 log.warning("step %d: the rollout engine's log-probs differ from the trainer's by %.2f nats a token; does "
-                            "it serve the same base model (model.path)?", step, stats["rollout/logprob_gap/mean"])
+                            "it serve the same base model (model.path)? (top_p or top_k sampling widens the gap too)",
+                            step, stats["rollout/logprob_gap/mean"])
 
             # 5. log / eval / checkpoint
             lengths = rollout.completion_mask.sum(dim=1).float()

@@ -16,9 +16,14 @@ once (``palaestra serve serve.runtime_lora=true serve.logprobs_mode=processed_lo
   is re-tokenized) and its log-probs are the rollout's ``sampler_logprobs``, which the mismatch correction
   compares with the trainer's (:mod:`palaestra.algorithms.rollout_correction`);
 * **failures**: a worker that refuses the connection, times out or answers 5xx is set aside, its groups are
-  re-sent to the others, and it is tried again a moment later (a restarted worker is sent the current adapter
-  first). When no worker answers for ``rollout.server_wait_s`` the run stops with a one-line error; it never
-  hangs. A 4xx other than a missing adapter is a request the worker will never accept: one-line error at once.
+  re-sent to the others, and it is tried again after a back-off (0.5 s, doubling up to 30 s; a restarted worker
+  is sent the current adapter first, a slow one has the versions it missed dropped). Loading and unloading an
+  adapter may take ``ADAPTER_TIMEOUT_S``, a group's request ``rollout.request_timeout_s``. When no worker answers
+  for ``rollout.server_wait_s`` after a failure the run stops with a one-line error; it never hangs. A 4xx other
+  than a missing adapter is a request the worker will never accept: a one-line error at once.
+
+With several training processes each pushes its own copy of the adapter (the same weights under its own
+name): the workers hold one adapter per process.
 
 Each request carries a seed drawn from the trainer's random generator, so a resumed run asks for the same
 samples.
@@ -47,7 +52,8 @@ __all__ = ["RolloutServerError", "ServerGenerator", "check_servers"]
 
 log = logging.getLogger("palaestra")
 
-MAX_CHOICES_PER_REQUEST = 16  # palaestra serve's cap on n; a larger group is asked for in pieces
+MAX_CHOICES_PER_REQUEST = 16  # palaestra serve's cap on n (the protocol's); a larger group is asked for in pieces
+ADAPTER_TIMEOUT_S = 60.0  # loading or unloading an adapter (a few MB) takes seconds; a worker past this is down
 
 
 class RolloutServerError(RuntimeError):
@@ -65,6 +71,8 @@ class _Worker:
     client: httpx.Client
     holds: set[str] = field(default_factory=set)
     """The adapter versions this worker has loaded (as far as this trainer knows)."""
+    maybe_holds: set[str] = field(default_factory=set)
+    """Versions it held when it failed: unloaded once it answers again, unless it restarted and lost them."""
     retry_at: float = 0.0
     """While down: when to try it again (monotonic clock); 0: up."""
     failures: int = 0
@@ -74,11 +82,13 @@ class _Worker:
         return now >= self.retry_at
 
     def set_aside(self, reason: object) -> None:
-        """Down: forget what it holds (a restarted worker holds nothing) and back off up to 5 s."""
+        """Down: what it holds is uncertain (a restarted worker holds nothing, a slow one still does); back off
+        0.5 s, doubling up to 30 s."""
         if not self.failures:
             log.warning("rollout server %s failed (%s); its requests go to the others until it answers", self.url, reason)
         self.failures += 1
-        self.retry_at = time.monotonic() + min(5.0, 0.5 * 2 ** (self.failures - 1))
+        self.retry_at = time.monotonic() + min(30.0, 0.5 * 2 ** (self.failures - 1))
+        self.maybe_holds |= self.holds
         self.holds.clear()
 
     def answered(self) -> None:
@@ -107,6 +117,8 @@ def check_servers(urls: list[str], *, wait_s: float, api_key: str | None = None)
             try:
                 if httpx.get(f"{base_url(url)}/v1/models", headers=headers, timeout=5.0).status_code == 200:
                     return
+            except httpx.InvalidURL as error:
+                raise RolloutServerError(f"rollout.servers: {url!r} is not a valid URL ({error})") from None
             except httpx.HTTPError:
                 pass
         if time.monotonic() >= deadline:
@@ -153,6 +165,7 @@ class ServerGenerator:
         self._current: dict[str, tuple[str, Path]] = {}  # adapter -> (served name, folder) of its latest version
         self._pool = ThreadPoolExecutor(max_workers=8 * len(self.workers), thread_name_prefix="palaestra-rollout")
         self.resent = 0  # requests re-sent after a worker failed (logged by the recipe)
+        self._closed = False
 
     # ------------------------------------------------------------------------------------ the adapter
 
@@ -168,16 +181,18 @@ class ServerGenerator:
         previous = self._current.get(adapter)
         self._current[adapter] = (name, saved)
         now = time.monotonic()
-        for worker in self.workers:
-            if not worker.available(now):
-                continue
+
+        def publish(worker: _Worker) -> None:
             try:
                 self._push(worker, name, saved)
                 if previous is not None and previous[0] in worker.holds:
-                    self._post(worker, "/v1/unload_lora_adapter", {"lora_name": previous[0]})
+                    self._post(worker, "/v1/unload_lora_adapter", {"lora_name": previous[0]}, timeout=ADAPTER_TIMEOUT_S)
                     worker.holds.discard(previous[0])
             except _WorkerDown as reason:
                 worker.set_aside(reason)
+
+        for future in [self._pool.submit(publish, worker) for worker in self.workers if worker.available(now)]:
+            future.result()  # every worker at once: a slow one costs its timeout once, not once per worker
         if previous is not None:
             shutil.rmtree(self.adapter_dir / previous[0], ignore_errors=True)
 
@@ -186,18 +201,23 @@ class ServerGenerator:
         with worker.lock:
             if name in worker.holds:
                 return
-            response = self._post(worker, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder.resolve())})
+            response = self._post(worker, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder.resolve())},
+                                  timeout=ADAPTER_TIMEOUT_S)
             if response.status_code == 404:
                 raise RolloutServerError(
-                    f"rollout server {worker.url} does not load adapters at runtime: start it with serve.runtime_lora=true "
-                    "(vLLM: --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=true)")
+                    f"rollout server {worker.url} could not load adapter {name} ({_message(response)}): it must load adapters "
+                    "at runtime (palaestra serve serve.runtime_lora=true; vLLM --enable-lora with "
+                    f"VLLM_ALLOW_RUNTIME_LORA_UPDATING=true) and read rollout.adapter_dir ({self.adapter_dir.resolve()})")
             if response.status_code >= 400 and "already" not in response.text:
                 raise RolloutServerError(f"rollout server {worker.url} could not load adapter {name}: {_message(response)}")
             worker.holds.add(name)
+            for stale in worker.maybe_holds - {name}:  # versions it held before it failed, if it still does
+                self._post(worker, "/v1/unload_lora_adapter", {"lora_name": stale}, timeout=ADAPTER_TIMEOUT_S)
+            worker.maybe_holds.clear()
 
-    def _post(self, worker: _Worker, path: str, body: dict) -> httpx.Response:
+    def _post(self, worker: _Worker, path: str, body: dict, timeout: float | None = None) -> httpx.Response:
         try:
-            response = worker.client.post(path, json=body)
+            response = worker.client.post(path, json=body, **({"timeout": httpx.Timeout(timeout, connect=5.0)} if timeout else {}))
         except httpx.HTTPError as error:
             raise _WorkerDown(f"{worker.url}: {type(error).__name__}") from None
         if response.status_code >= 500:
@@ -244,33 +264,38 @@ class ServerGenerator:
         pending = deque(range(len(bodies)))
         running: dict = {}
         turn = itertools.count()
-        last_answer = time.monotonic()
-        while pending or running:
-            now = time.monotonic()
-            ready = [worker for worker in self.workers if worker.available(now)]
-            while pending and ready:
-                index = pending.popleft()
-                worker = ready[next(turn) % len(ready)]
-                running[self._pool.submit(self._complete, worker, adapter, bodies[index])] = (index, worker)
-            if not running:  # every worker is set aside: wait for one to come back, not forever
-                if now - last_answer > self.server_wait_s:
+        stalled_since = None  # the first failure since the last answer: the wait for a worker counts from there
+        try:
+            while pending or running:
+                now = time.monotonic()
+                if stalled_since is not None and now - stalled_since > self.server_wait_s:
                     raise RolloutServerError(
                         f"no rollout server answered for {self.server_wait_s:.0f} s ({', '.join(w.url for w in self.workers)}); "
                         "restart them or raise rollout.server_wait_s")
-                time.sleep(0.2)
-                continue
-            done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
-            for future in done:
-                index, worker = running.pop(future)
-                try:
-                    answers[index] = future.result()
-                except _WorkerDown as reason:
-                    worker.set_aside(reason)
-                    pending.append(index)
-                    self.resent += 1
+                ready = [worker for worker in self.workers if worker.available(now)]
+                while pending and ready:
+                    index = pending.popleft()
+                    worker = ready[next(turn) % len(ready)]
+                    running[self._pool.submit(self._complete, worker, adapter, bodies[index])] = (index, worker)
+                if not running:  # every worker is set aside: wait for one to come back, not forever
+                    time.sleep(0.2)
                     continue
-                worker.answered()
-                last_answer = time.monotonic()
+                done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index, worker = running.pop(future)
+                    try:
+                        answers[index] = future.result()
+                    except _WorkerDown as reason:
+                        worker.set_aside(reason)
+                        pending.append(index)
+                        self.resent += 1
+                        stalled_since = stalled_since or time.monotonic()
+                        continue
+                    worker.answered()
+                    stalled_since = None
+        except BaseException:
+            self.close()  # nothing of this step is waited for: its requests are dropped with the clients
+            raise
         return answers
 
     def _complete(self, worker: _Worker, adapter: str, body: dict) -> list[dict]:
@@ -285,12 +310,26 @@ class ServerGenerator:
                 continue
             if response.status_code >= 400:
                 raise RolloutServerError(f"rollout server {worker.url} refused a completion request: {_message(response)}")
-            return [_choice(choice, worker.url) for choice in sorted(response.json()["choices"], key=lambda c: c["index"])]
+            try:
+                choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+            except (ValueError, KeyError, TypeError):
+                raise RolloutServerError(f"rollout server {worker.url} answered a completion request with no choices: "
+                                         f"{response.text[:200]!r}") from None
+            return [_choice(choice, worker.url) for choice in choices]
         raise RolloutServerError(f"rollout server {worker.url} does not serve adapter {name} right after loading it")
 
     def close(self) -> None:
+        """Drop this trainer's adapters from the workers that answer (best effort) and let go of them."""
+        if self._closed:
+            return
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         for worker in self.workers:
+            for name in worker.holds | worker.maybe_holds:
+                try:
+                    worker.client.post("/v1/unload_lora_adapter", json={"lora_name": name}, timeout=5.0)
+                except httpx.HTTPError:
+                    break  # it is gone: nothing to drop
             worker.client.close()
 
 

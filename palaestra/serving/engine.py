@@ -35,6 +35,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
@@ -255,7 +256,12 @@ class Engine:
             raise RuntimeError("the engine is shut down")
         future: Future = Future()
         self._incoming.put(_Call(fn, future))
-        return future.result()
+        while True:  # a call queued just as the engine shut down is never run: do not wait for it forever
+            try:
+                return future.result(timeout=1.0)
+            except FutureTimeout:
+                if not self._thread.is_alive():
+                    raise RuntimeError("the engine is shut down") from None
 
     def forget(self, key, message: str) -> None:
         """Drop the batch of the model ``key`` (its packed weights go) and fail its running and

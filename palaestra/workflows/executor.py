@@ -196,7 +196,7 @@ class Executor:
     """
 
     def __init__(self, backend, *, max_tokens: int = 256, temperature: float = 0.0, cache_size: int = 4096,
-                 max_batch: int = 64, cost_per_million_tokens: float = 0.0):
+                 max_batch: int = 64, cost_per_million_tokens: float = 0.0, max_wait_s: float = 2.0):
         self.backend = backend
         self.cost_per_million_tokens = cost_per_million_tokens
         """The executor's price: what a run's usage summary reports as its cost (0: a local model)."""
@@ -209,8 +209,10 @@ class Executor:
         self._flush: asyncio.Task | None = None
         self.computing = 0
         """Workflows running in processes of their own that are computing (neither waiting on a call nor done): a
-        batch waits for them to reach their next call, up to ``max_wait_s`` (:mod:`palaestra.workflows.isolation`)."""
-        self.max_wait_s = 0.5
+        batch waits for them to reach their next call (:mod:`palaestra.workflows.isolation`)."""
+        self.max_wait_s = max_wait_s
+        """The longest a batch waits for them: a process's start is a fork, their code between two calls is bounded
+        by its lines; a single huge C-level operation is what this bound is for."""
         self.stats = Counter()
         """calls (asked by workflows), cache_hits, backend_calls, batches."""
 

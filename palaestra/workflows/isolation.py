@@ -2,8 +2,9 @@
 
 ``task.workflow.isolation=process`` (the default): each workflow's code runs in its own process (started
 from a ``forkserver`` that has the workflow modules loaded, so a start costs a fork). The process can take
-at most ``task.workflow.memory_mb`` more memory than it starts with (``RLIMIT_AS``: past it an allocation
-fails inside the workflow, a ``MemoryError``, its runtime error) and is killed at ``task.workflow.timeout_s``;
+at most ``task.workflow.memory_mb`` more address space than it starts with (``RLIMIT_AS``, virtual memory: the
+stacks of the threads its sandboxed programs start count too; past it an allocation fails inside the workflow,
+a ``MemoryError``, its runtime error) and is killed at ``task.workflow.timeout_s``;
 whatever its code does, the trainer's process is untouched and the rest of the step goes on.
 
 The operators run in the workflow's process too (sandboxed programs start from there), except the executor:
@@ -61,9 +62,7 @@ async def run_isolated(code: str, problem: Problem, client: ExecutorClient, *, t
     inbox: asyncio.Queue = asyncio.Queue()
     serving: set[asyncio.Task] = set()
     executor.computing += 1  # until it asks for something or ends
-    computing = True
-    process.start()
-    theirs.close()
+    computing, outstanding = True, 0  # calls it waits on: it computes only while there are none
 
     def readable() -> None:
         try:
@@ -79,6 +78,11 @@ async def run_isolated(code: str, problem: Problem, client: ExecutorClient, *, t
             executor.computing += 1 if flag else -1
             computing = flag
 
+    def waits(change: int) -> None:
+        nonlocal outstanding
+        outstanding += change
+        set_computing(outstanding == 0)
+
     async def serve(call_id: int, messages: list[dict], max_tokens, temperature) -> None:
         try:
             text = await client.chat(messages, max_tokens=max_tokens, temperature=temperature)
@@ -87,15 +91,21 @@ async def run_isolated(code: str, problem: Problem, client: ExecutorClient, *, t
             reply = ("refused", call_id, "budget", str(refused))
         except Exception as error:  # noqa: BLE001 - a failed backend call is the workflow's error to see
             reply = ("refused", call_id, "error", f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-        set_computing(True)
+        waits(-1)
         try:
             ours.send(reply)
         except (BrokenPipeError, OSError):
             pass  # it is gone; the inbox says so
 
-    loop.add_reader(ours.fileno(), readable)
     deadline = loop.time() + timeout_s
     try:
+        try:
+            process.start()
+        except OSError as error:  # no process to be had (too many open files, no memory): this workflow's error
+            return "", None, f"could not start the workflow's process ({error.strerror or error})"
+        finally:
+            theirs.close()
+        loop.add_reader(ours.fileno(), readable)
         while True:
             left = deadline - loop.time()
             if left <= 0:
@@ -105,7 +115,7 @@ async def run_isolated(code: str, problem: Problem, client: ExecutorClient, *, t
             except asyncio.TimeoutError:
                 return "", None, f"timed out after {timeout_s:g} s"
             if message[0] == "chat":
-                set_computing(False)
+                waits(+1)
                 task = asyncio.ensure_future(serve(*message[1:]))
                 serving.add(task)
                 task.add_done_callback(serving.discard)
@@ -124,7 +134,8 @@ async def run_isolated(code: str, problem: Problem, client: ExecutorClient, *, t
             task.cancel()
         if process.is_alive():
             process.kill()
-        process.join(timeout=5)
+        if process.pid is not None:
+            process.join(timeout=5)
         ours.close()
 
 

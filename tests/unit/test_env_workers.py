@@ -78,12 +78,13 @@ def test_ray_tasks_step_and_lose_episodes_as_the_pool_does():
     from palaestra.envs.workers import RayEnvWorkers
 
     items = [(_env(FlakyEnv, seed), "checker", "9x") for seed in (0, 1, 2, 3)]
-    workers = RayEnvWorkers(2, step_timeout_s=3.0)
+    workers = RayEnvWorkers(2, step_timeout_s=10.0)
     try:
+        workers([(_env(FlakyEnv, seed), "checker", "1") for seed in (4, 8)])  # warm: both Ray workers started
         out = workers(items)
         assert out[0][1].team_reward == 1.0 and out[0][0].solved  # stepped on a Ray worker, its new state back
         reasons = [result.info.get("error", "") for _, result in out[1:]]
-        assert "took more than env.step_timeout_s=3 s" in reasons[0]
+        assert "took more than env.step_timeout_s=10 s" in reasons[0]
         assert reasons[1] == "the environment's process died"
         assert reasons[2] == "the environment raised ValueError: the board is broken"
         assert workers.lost == 3
