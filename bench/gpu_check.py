@@ -23,48 +23,28 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
 from results import record  # bench/results.py, beside this script
+from servers import free_port, start_server  # bench/servers.py
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ENGINES = ("hf", "vllm", "vllm_serve")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_vllm_serve(log_path: Path) -> tuple[subprocess.Popen, str]:
     """``vllm serve`` of the embedded model with runtime LoRA loading, on a third of the GPU."""
-    import httpx
-
     from palaestra.models import embedded_model_dir
 
     port = free_port()
     command = ["vllm", "serve", str(embedded_model_dir()), "--port", str(port), "--enable-lora", "--max-lora-rank", "64",
                "--logprobs-mode", "processed_logprobs", "--gpu-memory-utilization", "0.3", "--dtype", "bfloat16"]
     env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="true", HF_HUB_OFFLINE="1")
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/v1/models").status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(1.0)
-    process.kill()
-    raise SystemExit(f"vllm serve did not start; see {log_path}")
+    return start_server(command, port, log_path, timeout_s=600, cwd=ROOT, env=env)
 
 
 def run(engine: str, steps: int, extra: list[str]) -> dict:

@@ -17,8 +17,9 @@ Two comparisons, each framework in its own fresh process (so peak memory is its 
 TRL gets its best documented CPU setting: each comparison runs it in every precision this CPU multiplies
 natively, ``bf16=False`` always and ``bf16=True`` (mixed precision) where the CPU has native bf16 (AMX or
 AVX-512 bf16 in ``/proc/cpuinfo``), and the ratios are against the faster on that comparison (the table shows
-each and says which won). On a CPU without native bf16 torch emulates it and TRL's ``bf16=True`` runs an order
-of magnitude slower, so it is skipped and the entry says why (``--trl-bf16 always`` runs it anyway). palaestra
+each and says which won). On a CPU without native bf16 torch emulates it and TRL's ``bf16=True`` runs several
+times slower than its ``bf16=False``, so it is skipped and the entry says why (``--trl-bf16 always`` runs it
+anyway, to see it). palaestra
 picks its own precision (bf16 where the CPU has it). Every entry names the CPU and its bf16 support, so
 ``bench/RESULTS.md`` keeps a row per kind of CPU.
 
@@ -209,8 +210,8 @@ def trl_settings(choice: str) -> tuple[list[str], str]:
     """TRL's settings to run (``--trl-bf16`` auto, always or never) and a note on what was skipped and why."""
     if choice == "always" or (choice == "auto" and native_bf16()):
         return list(TRL_SETTINGS), ""
-    why = ("this CPU has no native bf16 (no AMX or AVX-512 bf16): torch emulates it and TRL's bf16=True runs an order "
-           "of magnitude slower, so its best setting here is bf16=False (--trl-bf16 always runs it)"
+    why = ("this CPU has no native bf16 (no AMX or AVX-512 bf16): torch emulates it, so TRL's bf16=True is slower "
+           "than its bf16=False here and bf16=False is its best setting (--trl-bf16 always runs it to compare)"
            if choice == "auto" else "--trl-bf16 never")
     return ["trl bf16=False"], f"TRL bf16=True skipped: {why}."
 

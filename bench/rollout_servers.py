@@ -24,26 +24,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
-import httpx
 
 from results import cpu_kind, record  # bench/results.py, beside this script
+from servers import free_port, start_server  # bench/servers.py
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SETUPS = ("in_process", "one_worker", "two_workers")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_worker(cores: set[int], log_path: Path) -> tuple[subprocess.Popen, str]:
@@ -51,19 +44,8 @@ def start_worker(cores: set[int], log_path: Path) -> tuple[subprocess.Popen, str
     port = free_port()
     command = [sys.executable, "-m", "palaestra.cli", "serve", f"serve.port={port}", "serve.embedder=null",
                "serve.runtime_lora=true", "serve.logprobs_mode=processed_logprobs", f"serve.threads={len(cores)}"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                               env=dict(os.environ, HF_HUB_OFFLINE="1"), preexec_fn=lambda: os.sched_setaffinity(0, cores))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit(f"the worker did not start; see {log_path}")
+    return start_server(command, port, log_path, ready_path="/health", cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                        preexec_fn=lambda: os.sched_setaffinity(0, cores))
 
 
 def run(setup: str, budget_s: float, extra: list[str]) -> dict:

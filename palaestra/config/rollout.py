@@ -70,9 +70,19 @@ def validate_rollout(rollout: RolloutSettings) -> None:
         for url in rollout.servers:
             check(isinstance(url, str) and url.startswith(("http://", "https://")),
                   f"rollout.servers: {url!r} is not an http(s) URL; give http://host:port")
+            check(_valid_url(url), f"rollout.servers: {url!r} is not a valid URL; give http://host:port")
     else:
         check(not rollout.servers, f"rollout.servers is set but rollout.engine={rollout.engine}; "
                                    "use rollout.engine=server to sample on them")
     check(rollout.engine != "hf" or resolved_correction(rollout) == "none",
           f"rollout.correction={rollout.correction} needs log-probs from another sampler (rollout.engine=server or "
           "vllm); with hf the trainer samples itself: leave rollout.correction=auto")
+
+
+def _valid_url(url: str) -> bool:
+    import httpx
+
+    try:
+        return bool(httpx.URL(url).host)
+    except httpx.InvalidURL:
+        return False

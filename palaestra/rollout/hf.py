@@ -105,8 +105,7 @@ class HFGenerator:
         self.prefill_rows = prefill_rows  # distinct prompts per prefill forward (the lean path)
         self._reused: PackedWeightsCache | None = None  # the packed weights kept inside reusing_weights()
         self.tokenizer.padding_side = "left"
-        eos = tokenizer.eos_token_id
-        self.stop_ids = sorted({eos} | set(_as_list(getattr(model.generation_config, "eos_token_id", None))))
+        self.stop_ids = stop_token_ids(model, tokenizer)
 
     def encode_prompts(self, prompts: list[list[dict]]) -> list[list[int]]:
         """Render chat prompts with the chat template; keep the last max_prompt_length tokens.
@@ -306,6 +305,13 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, stop_ids: list[int]) 
     positions = torch.arange(completion_ids.shape[1]).unsqueeze(0)
     mask = (positions <= first_stop.unsqueeze(1)).long()
     return mask, ~has_stop
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokens a completion ends at: the tokenizer's end-of-sequence token and the model's generation config's
+    (every rollout engine stops at these)."""
+    generation_config = getattr(model, "generation_config", None)
+    return sorted({tokenizer.eos_token_id} | set(_as_list(getattr(generation_config, "eos_token_id", None))))
 
 
 def _as_list(value) -> list[int]:

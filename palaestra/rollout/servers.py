@@ -46,7 +46,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from palaestra.rollout.hf import Rollout, SamplingParams, encode_chat, rollout_from_token_ids
+from palaestra.rollout.hf import Rollout, SamplingParams, encode_chat, rollout_from_token_ids, stop_token_ids
 
 __all__ = ["RolloutServerError", "ServerGenerator", "check_servers"]
 
@@ -155,10 +155,7 @@ class ServerGenerator:
         timeout = httpx.Timeout(request_timeout_s, connect=5.0)
         self.workers = [_Worker(base_url(url), httpx.Client(base_url=base_url(url), timeout=timeout, headers=headers))
                         for url in servers]
-        eos = tokenizer.eos_token_id
-        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        extra = generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos] if generation_eos is not None else []
-        self.stop_ids = sorted({eos, *extra})
+        self.stop_ids = stop_token_ids(model, tokenizer)
         self.adapter_dir = Path(adapter_dir)
         self._trainer = secrets.token_hex(4)  # this trainer process's adapter names: never a stale one's
         self._versions = itertools.count(1)

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 
-from palaestra.rollout.hf import Rollout, SamplingParams, encode_chat, rollout_from_token_ids
+from palaestra.rollout.hf import Rollout, SamplingParams, encode_chat, rollout_from_token_ids, stop_token_ids
 
 __all__ = ["VLLMGenerator"]
 
@@ -52,10 +52,7 @@ class VLLMGenerator:
         self.llm = LLM(model=str(base_path), enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
                        gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True, seed=seed, dtype="bfloat16",
                        logprobs_mode="processed_logprobs")  # log-probs of what it sampled from: the correction's
-        eos = tokenizer.eos_token_id
-        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        extra = generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos] if generation_eos is not None else []
-        self.stop_ids = sorted({eos, *extra})
+        self.stop_ids = stop_token_ids(model, tokenizer)
         self._folder = Path(tempfile.mkdtemp(prefix="palaestra-vllm-adapters-"))
         self._ids = itertools.count(1)
         self._requests: dict[str, object] = {}

@@ -125,6 +125,7 @@ def test_rollouts_carry_the_samplers_log_probs_through_select_and_concat():
 @pytest.mark.parametrize("settings, message", [
     (RolloutSettings(engine="server"), "rollout.engine=server needs rollout.servers"),
     (RolloutSettings(engine="server", servers=["localhost:8000"]), "is not an http(s) URL"),
+    (RolloutSettings(engine="server", servers=["http://h:8000:1"]), "'http://h:8000:1' is not a valid URL"),
     (RolloutSettings(servers=["http://a:1"]), "use rollout.engine=server"),
     (RolloutSettings(correction="token_mask"), "with hf the trainer samples itself"),
     (RolloutSettings(engine="server", servers=["http://a:1"], correction_cap=0.5), "correction_cap=0.5 must be >= 1"),
