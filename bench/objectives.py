@@ -15,14 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
-from results import cpu_kind, record  # bench/results.py, beside this script
+from results import budgeted_run, cpu_kind, record  # bench/results.py, beside this script
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -44,19 +41,7 @@ OBJECTIVES = {
 
 
 def run(name: str, keys: list[str], budget_s: float, extra: list[str]) -> dict:
-    out_dir = HERE / "out" / f"objective-{name}"
-    shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run: its log and metrics are this run's alone
-    command = [sys.executable, "-m", "palaestra.cli", "run", *keys, f"train.max_seconds={budget_s}", "train.save_interval=0",
-               "tracking.enabled=false", f"train.output_dir={out_dir}", *extra]
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
-    evals = [line for line in (out_dir / "train.log").read_text().splitlines() if " eval (" in line]
-    figures = [dict(item.split("=") for item in line.split(": ", 1)[1].split()) for line in evals]
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "time/step" in r]
+    wall, figures, steps = budgeted_run(name, [*keys, *extra], budget_s, HERE / "out" / f"objective-{name}")
     rewards = [r["reward/mean"] for r in steps]
     tail = rewards[-10:]
     return {"objective": name, "keys": " ".join(keys) or "(defaults)", "steps": len(steps), "wall_s": wall,

@@ -22,3 +22,28 @@ def cpu_kind() -> str:
                 platform.machine())
     kind = "AMX" if "amx_bf16" in info else "AVX-512 bf16" if "avx512_bf16" in info else "no native bf16"
     return f"{name}, {kind}"
+
+
+def budgeted_run(name: str, keys: list[str], budget_s: float, out_dir: Path) -> tuple[float, list[dict], list[dict]]:
+    """``palaestra run keys`` for ``budget_s`` seconds of training (``train.max_seconds``) into a fresh ``out_dir``:
+    (wall seconds, the evaluations' figures in order, each training step's record). A failed run stops the bench."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run: its log and metrics are this run's alone
+    command = [sys.executable, "-m", "palaestra.cli", "run", *keys, f"train.max_seconds={budget_s}", "train.save_interval=0",
+               "tracking.enabled=false", f"train.output_dir={out_dir}"]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=RESULTS.parent.parent, capture_output=True, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
+    evals = [line for line in (out_dir / "train.log").read_text().splitlines() if " eval (" in line]
+    figures = [dict(item.split("=") for item in line.split(": ", 1)[1].split()) for line in evals]
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return wall, figures, [r for r in records if "time/step" in r]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from palaestra.config.agent import ToolSettings, validate_agent
 from palaestra.config.commands import ServeConfig, validate_serve
 from palaestra.config.data import DataSource, validate_data
 from palaestra.config.env import EnvConfig, validate_env
@@ -36,6 +37,7 @@ SECTION_CHECKS = (
     (SamplingSettings, validate_sampling),
     (ClippedObjective, validate_objective),
     (RolloutSettings, validate_rollout),
+    (ToolSettings, validate_agent),
     (RunSettings, validate_run),
     (ChunkedLogprobs, validate_chunked_logprobs),
     (ShardingSettings, validate_sharding),

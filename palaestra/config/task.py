@@ -120,6 +120,9 @@ class TaskConfig:
     """Path of a GSM8K-format JSONL file (source=gsm8k)."""
     test_path: Optional[str] = None
     """Optional separate test JSONL file (source=gsm8k); otherwise the file is split."""
+    show_passage: bool = True
+    """source=qa: put the passage in the question; false asks the question alone (answer it by searching,
+    agent.tools=[search])."""
     train_size: int = 2000
     """Number of training examples."""
     test_size: int = 64
@@ -146,6 +149,8 @@ class TaskConfig:
 
 def validate_task(task: TaskConfig) -> None:
     one_of("task.source", task.source, TASK_SOURCES)
+    check(task.show_passage or task.source == "qa",
+          f"task.show_passage=false applies to task.source=qa only, not {task.source}; remove it")
     if task.source == "reasoning_gym":
         from reasoning_gym.factory import DATASETS
 

@@ -69,6 +69,7 @@ def evaluate(
             columns = task.columns(repeated)
             rewards, _ = combine_rewards(rollout.texts, columns, reward_weights)
             format_ok = format_fn(rollout.texts, **columns)
+            transcripts = generator.transcripts() if hasattr(generator, "transcripts") else None  # a tool agent's
             for index, example in enumerate(chunk):
                 rows = range(index * num_samples, (index + 1) * num_samples)
                 correct = [task.is_correct(rollout.texts[r], example) for r in rows]
@@ -76,7 +77,8 @@ def evaluate(
                 for r, ok in zip(rows, correct):
                     samples.append(
                         {"question": example.question, "answer": example.answer, "completion": rollout.texts[r],
-                         "correct": bool(ok), "reward": float(rewards[r])}
+                         "correct": bool(ok), "reward": float(rewards[r]),
+                         **({"transcript": transcripts[r]} if transcripts else {})}
                     )
             formatted += sum(1.0 for value in format_ok if value > 0)
             rewards_total += float(sum(rewards))

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from palaestra.agents.episodes import tool_agent
 from palaestra.algorithms.at_grpo import select_samples, tree_advantages
 from palaestra.config.errors import ConfigError
 from palaestra.config.rollout import resolved_correction
@@ -105,6 +106,12 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
     log.info("env %s, roles %s -> policies %s, device %s, precision %s", env_cfg.name, roles, role_policy, device, precision)
     if config.rollout.engine == "server":
         _sample_on_servers(policies, config, run.run_dir)
+    if config.agent.tools:  # every role's answers are tool-calling episodes
+        agents = {}
+        for policy in policies.values():
+            if id(policy.generator) not in agents:
+                agents[id(policy.generator)] = tool_agent(config.agent, policy.generator)
+            policy.generator = agents[id(policy.generator)]
     run.resume(parts={name: policy.checkpoint_part() for name, policy in policies.items()})
     if dist.rank and not run.rng_restored:  # a fresh start (or a checkpoint of fewer processes): the process's own
         torch.manual_seed(train_cfg.seed + 1000 * dist.rank + run.step)  # stream; rank 0 samples as one process does
@@ -142,7 +149,7 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
                                               step=step_envs)
         if tracker:
             tracker.log_dict({"episodes": [vars(e) for e in episodes[:4]]}, f"transcripts/{label}_step{step:06d}.json")
-        return run.log_eval(step, label, figures)
+        return run.log_eval(step, label, {**figures, **_tool_figures(policies)})
 
     if evaluate_before_after and run.step == 0:
         results["before"] = run_eval(0, "before")
@@ -175,8 +182,8 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
 
             # 5. log / eval / checkpoint
             elapsed = run.step_seconds()
-            tokens = dist.totals(sum(int(rollout.completion_mask[row].sum()) for g in groups for rollout, row in g.answers))[0]
-            run.log(step, {**stats, **rollout_metrics(all_groups, all_episodes),
+            tokens = dist.totals(sum(int(rollout.sampled_mask[row].sum()) for g in groups for rollout, row in g.answers))[0]
+            run.log(step, {**stats, **rollout_metrics(all_groups, all_episodes), **_tool_figures(policies),
                            "learning_rate": next(iter(policies.values())).scheduler.get_last_lr()[0],
                            "tokens_per_second": tokens / elapsed})
             if tracker and train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
@@ -253,7 +260,7 @@ def _train_policy(policy: Policy, groups, advantages, keep, role_policy, config,
     if pairs:
         batch = stack_rows(pairs, policy.tokenizer.pad_token_id)
         shared = _rows_sharing_prompt(batch, block_sizes, size, algo.samples_per_state, train_cfg.share_prompt_forward)
-        loss_mask = batch.completion_mask.float().to(device)
+        loss_mask = batch.sampled_mask.float().to(device)  # tools' results between an answer's turns are not trained
 
     def reference(rows: slice) -> torch.Tensor:
         """The micro-batch's log-probs under the base model: the policy with its adapter off."""
@@ -291,3 +298,13 @@ def _rows_sharing_prompt(batch, block_sizes: list[int], micro_batch_size: int, g
     ids, mask = batch.prompt_ids.view(-1, shared, batch.prompt_ids.shape[1]), batch.prompt_mask.view(-1, shared, batch.prompt_mask.shape[1])
     same = (ids == ids[:, :1]).all() and (mask == mask[:, :1]).all()
     return shared if bool(same) else 1
+
+
+def _tool_figures(policies: dict) -> dict[str, float]:
+    """Tool use since the last call, per policy when the team has several generators (agent.tools)."""
+    agents = {id(p.generator): (name, p.generator) for name, p in policies.items() if hasattr(p.generator, "figures")}
+    figures = {}
+    for name, agent in agents.values():
+        prefix = f"{name}/" if len(agents) > 1 else ""
+        figures.update({prefix + key: value for key, value in agent.figures().items()})
+    return figures

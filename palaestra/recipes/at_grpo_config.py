@@ -9,6 +9,7 @@ from palaestra.config.env import EnvConfig, PolicyConfig, validate_policy
 from palaestra.config.errors import check, one_of
 from palaestra.config.evaluation import SampledEval
 from palaestra.config.model import ModelConfig
+from palaestra.config.agent import ToolSettings
 from palaestra.config.rollout import RolloutSettings
 from palaestra.config.run import ChunkedLogprobs, StepLoopSettings
 from palaestra.config.sampling import ClippedObjective, SamplingSettings
@@ -62,6 +63,7 @@ class ATGRPOConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     algo: ATGRPOAlgo = field(default_factory=lambda: ATGRPOAlgo())
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    agent: ToolSettings = field(default_factory=ToolSettings)
     train: ATGRPOTrain = field(default_factory=ATGRPOTrain)
     eval: SampledEval = field(default_factory=SampledEval)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -84,3 +86,4 @@ def validate_at_grpo(config: ATGRPOConfig) -> None:
                                          "or use rollout.engine=hf")
         check(config.policy.mode != "separate", "rollout.engine=server serves one base model per worker; policy=separate "
                                                 "has one per role: use policy=shared or per_role, or rollout.engine=hf")
+        check(not config.agent.tools, "agent.tools runs its episodes on rollout.engine=hf; use rollout.engine=hf with it")

@@ -15,6 +15,12 @@ everything needed to resume bit-for-bit is written atomically. With several proc
 its share of the step's prompts; with ``train.strategy=fsdp`` each also holds only its shard of the
 weights (:mod:`palaestra.sharding`), gathered whole while it samples and scores.
 
+With ``agent.tools`` each completion is a tool-calling episode (:mod:`palaestra.agents.episodes`): the policy's
+turns with the tools' results between them, trained on its own sampled tokens only.
+
+With ``agent.program`` each episode is a run of the user's agent program against an endpoint served from the policy
+(:mod:`palaestra.agents.program`); each of its calls is a row of the batch, trained with the episode's advantage.
+
 With ``algo.teacher`` (on-policy distillation) a frozen teacher scores every sampled token too, and each
 token's advantage adds the teacher's verdict on it (:func:`palaestra.algorithms.grpo.distillation_advantages`).
 
@@ -33,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from palaestra.agents.episodes import tool_agent
 from palaestra.algorithms.grpo import group_advantages, informative_groups, keep_first, overlong_penalty
 from palaestra.config import reward_weights
 from palaestra.config.errors import ConfigError
@@ -100,10 +107,17 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
     run = Run(train_cfg, method="grpo", runs_root=Path("runs") / f"{config.task.name}-{algo.name}", total_steps=train_cfg.steps,
               identity=policy_identity(config.model),
               best=best_metric(config), dist=dist, state={"data_position": 0, "task_state": {}},
-              progress=("reward/mean", "tokens_per_second"), curves=("reward/mean",),
+              progress=("reward/mean", "tokens_per_second") + (("tool/used_share",) if config.agent.tools else ()),
+              curves=("reward/mean", "tool/used_share", "tool/calls_per_episode", "program/calls_per_episode"),
               plot=("reward_curve.png", "GRPO: reward and held-out accuracy"))
     log.info("device %s, compute precision %s, weights %s", device, precision, dtype)
     generator = _generator(config, model, tokenizer, precision, run.run_dir)
+    agent = tool_agent(config.agent, generator, config.task.instruction) if config.agent.tools else None
+    if agent is not None:
+        generator = agent  # the same generate call, running tool-calling episodes
+    program = _program_agent(config, generator) if config.agent.program else None
+    if program is not None:
+        from palaestra.agents.program import evaluate_program, program_rewards
     task.bind(generator)  # a workflow task's executor may be the policy with its adapter off
     correction = resolved_correction(config.rollout)
     updates_total = train_cfg.steps * algo.num_iterations
@@ -119,7 +133,9 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
                         config=config_dict(config))
 
     weights = reward_weights(config.task)
-    shared = shared_prompt_rows(train_cfg.completions_per_forward, algo.num_generations, train_cfg.share_prompt_forward)
+    # a program's calls have prompts of their own: no group shares one
+    shared = shared_prompt_rows(train_cfg.completions_per_forward, 1 if program else algo.num_generations,
+                                train_cfg.share_prompt_forward)
     eval_sampling = _eval_sampling(config)
     results: dict = {}
 
@@ -131,13 +147,20 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
                 return None
             if config.rollout.engine != "hf":
                 generator.sync_adapter()  # the engine evaluates the weights as they are now
-            result = evaluate(
-                generator, task, eval_examples, reward_weights=weights, format_reward=config.task.format_reward,
-                sampling=eval_sampling, num_samples=config.eval.num_samples, pass_k=list(config.eval.pass_k),
-                batch_size=config.eval.batch_size, seed=train_cfg.seed, show_progress=True,
-            )
+            if program is not None:
+                result = evaluate_program(program, task, eval_examples, reward_weights=weights, sampling=eval_sampling,
+                                          batch_size=config.eval.batch_size, seed=train_cfg.seed)
+            else:
+                result = evaluate(
+                    generator, task, eval_examples, reward_weights=weights, format_reward=config.task.format_reward,
+                    sampling=eval_sampling, num_samples=config.eval.num_samples, pass_k=list(config.eval.pass_k),
+                    batch_size=config.eval.batch_size, seed=train_cfg.seed, show_progress=True,
+                )
             metrics = result.metrics()
             metrics.update(task.evaluation_figures(result.samples))  # the workflow task's per-domain figures
+            for episodes in (agent, program):
+                if episodes is not None:
+                    metrics.update(episodes.figures())  # tool or program use over the evaluation's episodes
             figures = run.log_eval(step, label, metrics)
             if tracker:
                 tracker.log_table(result.samples[:32], f"eval/samples_{label}_step{step:06d}.json")
@@ -146,16 +169,23 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
 
     def sample_and_score(examples: list, temperature: float) -> ScoredGroups:
         """1. G completions for each of ``examples``, 2. their rewards (with their components)."""
+        sampling = SamplingParams(algo.max_completion_length, temperature, algo.top_p, algo.top_k)
+        if program is not None:  # G runs of the agent program per example, each call of each a row
+            with run.timed("generation"):
+                episodes = program.run_episodes(list(examples), algo.num_generations, sampling)
+            with run.timed("rewards"):
+                columns = task.columns([e for e in examples for _ in range(algo.num_generations)])
+                rewards, components = program_rewards(episodes, columns, weights)
+            return ScoredGroups(list(examples), episodes.rollout, rewards, components, episodes.row_episode, episodes.answers)
         with run.timed("generation"):
-            rollout = generator.generate([task.prompt(e) for e in examples], algo.num_generations,
-                                         SamplingParams(algo.max_completion_length, temperature, algo.top_p, algo.top_k))
+            rollout = generator.generate([task.prompt(e) for e in examples], algo.num_generations, sampling)
         with run.timed("rewards"):  # a workflow task's executor may run the policy
             columns = task.columns([e for e in examples for _ in range(algo.num_generations)])
             rewards, components = combine_rewards(rollout.texts, columns, weights)
             rewards = torch.tensor(rewards, dtype=torch.float32)
             if algo.overlong_buffer:  # DAPO's soft punishment of completions near the length budget
                 overlong = algo.overlong_penalty * overlong_penalty(
-                    rollout.completion_mask.sum(dim=1), algo.max_completion_length, algo.overlong_buffer)
+                    rollout.sampled_mask.sum(dim=1), algo.max_completion_length, algo.overlong_buffer)
                 rewards, components["overlong"] = rewards + overlong, overlong.tolist()
         return ScoredGroups(list(examples), rollout, rewards, components)
 
@@ -196,13 +226,16 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
             advantages = group_advantages(all_rewards, algo.num_generations, scale=algo.scale_rewards, estimator=algo.advantage)
             start = sum(dist.gather_objects([len(rewards)])[: dist.rank])
             advantages = advantages[start : start + len(rewards)].to(device)
-            loss_mask = rollout.completion_mask.float()
+            if batch.row_episode is not None:  # a program episode's calls: each trained with its episode's advantage
+                advantages = advantages[batch.row_episode.to(device)]
+            loss_mask = rollout.sampled_mask.float()  # a tool's results between the turns are not the policy's
             if algo.mask_truncated_completions:
                 loss_mask = loss_mask * (~rollout.truncated).float().unsqueeze(1)
             loss_mask = loss_mask.to(device)
 
             # 4. loss and step: old/ref/teacher log-probs once, then num_iterations clipped updates
-            slices = [slice(i, i + train_cfg.completions_per_forward) for i in range(0, len(rewards), train_cfg.completions_per_forward)]
+            rows = rollout.completion_ids.shape[0]  # completions (or a program's calls)
+            slices = [slice(i, i + train_cfg.completions_per_forward) for i in range(0, rows, train_cfg.completions_per_forward)]
             old_logps = ref_logps = teacher_logps = None
             sampler_logps = None if rollout.sampler_logprobs is None else [rollout.sampler_logprobs[s] for s in slices]
             with torch.no_grad():
@@ -235,7 +268,7 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
                             step, stats["rollout/logprob_gap/mean"])
 
             # 5. log / eval / checkpoint
-            lengths = rollout.completion_mask.sum(dim=1).float()
+            lengths = rollout.sampled_mask.sum(dim=1).float()
             elapsed = run.step_seconds()
             sampling = {"sampling/rounds": len(drawn), "sampling/groups": kept_groups,
                         "sampling/dropped_share": 1 - kept_groups / (len(drawn) * prompts_per_step)} if algo.dynamic_sampling else {}
@@ -254,9 +287,13 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
                 "temperature": temperature,
                 "tokens_per_second": float(dist.sum(torch.tensor(float(generated_tokens)))) / elapsed,
                 **({"rollout/resent_requests": float(generator.resent)} if config.rollout.engine == "server" else {}),
+                **(agent.figures() if agent is not None else {}),
+                **(program.figures() if program is not None else {}),
             })
             if tracker and train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
-                tracker.log_table(_sample_rows(step, batch.examples, rollout.texts, rewards, components, algo.num_generations),
+                texts = agent.transcripts() if agent is not None and len(parts) == 1 else rollout.texts  # the whole episode
+                texts = batch.answers if batch.answers is not None else texts  # a program episode: what it returned
+                tracker.log_table(_sample_rows(step, batch.examples, texts, rewards, components, algo.num_generations),
                                   f"samples/step{step:06d}.json")
             run.state["task_state"] = task.state_dict()
             if run.end_of_step(step, run_eval(step, "train") if run.eval_due(step) else None):
@@ -271,6 +308,8 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
                 run.tracker.log_artifact(str(plot), "plots")
     if config.rollout.engine == "server":
         generator.close()
+    if program is not None:
+        program.close()
     return {**run.finish(), **results}
 
 
@@ -289,6 +328,10 @@ class ScoredGroups:
     """[B] each completion's reward (the weighted sum)."""
     components: dict[str, list[float]]
     """Each reward function's unweighted values, [B] each."""
+    row_episode: torch.Tensor | None = None
+    """With agent.program: [R] the completion (episode) each rollout row belongs to (a row per endpoint call)."""
+    answers: list[str] | None = None
+    """With agent.program: [B] what each episode's program returned as its answer."""
 
     def groups(self, keep: torch.Tensor, group_size: int) -> "ScoredGroups":
         """The groups where ``keep`` ([B / G] bool) is true."""
@@ -350,6 +393,17 @@ def _generator(config: GRPOConfig, model, tokenizer, precision: str, run_dir: Pa
         return VLLMGenerator(model, tokenizer, str(base), max_prompt_length=algo.max_prompt_length,
                              max_lora_rank=max(8, config.model.lora.r), seed=config.train.seed)
     return HFGenerator(model, tokenizer, max_prompt_length=algo.max_prompt_length, precision=precision)
+
+
+def _program_agent(config: GRPOConfig, generator):
+    """The user's agent program, served from the policy through a recording endpoint."""
+    from palaestra.agents.program import ProgramAgent
+    from palaestra.config.agent import program_function
+
+    settings = config.agent
+    log.info("agent: the program %s, up to %d endpoint calls an episode", settings.program, settings.program_max_calls)
+    return ProgramAgent(generator, program_function(settings.program), max_calls=settings.program_max_calls,
+                        timeout_s=settings.program_timeout_s, workers=settings.program_workers)
 
 
 def _reference(model, reference):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from palaestra.config.agent import AgentSettings
 from palaestra.config.errors import check
 from palaestra.config.evaluation import EvalConfig
 from palaestra.config.model import ModelConfig
@@ -84,6 +85,7 @@ class GRPOConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     algo: GRPOAlgo = field(default_factory=lambda: GRPOAlgo())
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    agent: AgentSettings = field(default_factory=AgentSettings)
     train: GRPOTrain = field(default_factory=GRPOTrain)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -119,6 +121,17 @@ def validate_grpo(config: GRPOConfig) -> None:
         check(train.strategy == "ddp", f"rollout.engine={engine} syncs the adapter from whole weights; use "
                                        "train.strategy=ddp with it")
     check_shardable(config.model, train)
+    agent = "agent.tools" if config.agent.tools else "agent.program" if config.agent.program else None
+    if agent:
+        check(engine == "hf", f"{agent} runs its episodes on rollout.engine=hf (rollout.engine={engine} samples one "
+                              "turn per completion); use rollout.engine=hf")
+        check(not config.task.workflow.enabled, f"{agent} and task.workflow.enabled both shape the completions; "
+                                                "use one of them")
+    if config.agent.program:
+        check(not algo.dynamic_sampling, "algo.dynamic_sampling keeps groups of completions, and a program episode is "
+                                         "several calls; turn it off with agent.program")
+        check(algo.overlong_buffer == 0, "algo.overlong_buffer scores a completion's length, and a program episode is "
+                                         "several calls; set algo.overlong_buffer=0 with agent.program")
 
     check(train.completions_per_step % algo.num_generations == 0,
           f"train.completions_per_step={train.completions_per_step} is not divisible by algo.num_generations="

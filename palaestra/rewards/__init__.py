@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from palaestra.plugins import lookup
 from palaestra.rewards.correctness import answer_format_reward, correctness_reward, number_only_reward
+from palaestra.rewards.qa import qa_f1_reward
 from palaestra.rewards.tiered import (
     snap_to_tier,
     tiered_code_reward,
@@ -48,6 +49,7 @@ REWARD_FUNCTIONS: dict[str, RewardFunction] = {
     "tiered_math": tiered_math_reward,
     "tiered_code": tiered_code_reward,
     "tiered_qa": tiered_qa_reward,
+    "qa_f1": qa_f1_reward,
     "planner_quality": planner_quality_reward,
 }
 
@@ -62,6 +64,7 @@ __all__ = [
     "correctness_reward",
     "number_only_reward",
     "planner_quality_reward",
+    "qa_f1_reward",
     "resolve_reward",
     "snap_to_tier",
     "tiered_code_reward",

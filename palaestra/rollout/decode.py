@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["HFDecodeState", "decode", "draw", "filtered_logits", "sample_next"]
+__all__ = ["HFDecodeState", "StopStrings", "decode", "draw", "filtered_logits", "sample_next"]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, greedy: bool,
@@ -103,6 +103,44 @@ class HFDecodeState:
         self.cache.batch_select_indices(keep)
 
 
+class StopStrings:
+    """Texts that end a completion as a stop token does (a tool call's closing tag): what :func:`decode` checks.
+
+    Checking every row's decoded text at every step would cost a detokenisation per token; instead
+    only the rows whose new token's text holds a stop string's last character (the *trigger* tokens,
+    found once over the vocabulary) decode their last few tokens and look for the string.
+
+    >>> from palaestra.models.loading import build_tiny_model
+    >>> _, tokenizer = build_tiny_model()
+    >>> stops = StopStrings(tokenizer, ["</call>"])
+    >>> ids = tokenizer("<call>x</call> more", add_special_tokens=False)["input_ids"]
+    >>> stops.end(ids)  # the tokens up to and including the string's end
+    14
+    >>> stops.end(ids[:13]) is None
+    True
+    """
+
+    def __init__(self, tokenizer, strings: list[str], window: int = 24):
+        self.tokenizer, self.strings, self.window = tokenizer, [s for s in strings if s], window
+        last = {s[-1] for s in self.strings}
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+        self.triggers = torch.tensor([i for i, text in enumerate(texts) if any(ch in text for ch in last)], dtype=torch.long)
+
+    def hit(self, ids: list[int]) -> bool:
+        """Whether the text of ``ids`` ends in (its last token completes) one of the strings."""
+        tail = self.tokenizer.decode(ids[-self.window:], skip_special_tokens=True)  # text: special tokens are not
+        last = self.tokenizer.decode(ids[-1:], skip_special_tokens=True)
+        return any(s in tail and s not in tail[: len(tail) - len(last)] for s in self.strings)
+
+    def end(self, ids: list[int]) -> int | None:
+        """The length of the shortest prefix of ``ids`` whose text holds a stop string, or None."""
+        triggers = set(self.triggers.tolist())
+        for length in range(1, len(ids) + 1):
+            if ids[length - 1] in triggers and self.hit(ids[:length]):
+                return length
+        return None
+
+
 @torch.no_grad()
 def decode(
     state,
@@ -116,8 +154,11 @@ def decode(
     top_k: int = 0,
     top_p: float = 1.0,
     greedy: bool = False,
+    stop_strings: StopStrings | None = None,
 ) -> torch.Tensor:
     """Completion tokens [B, C <= max_new_tokens], right-padded with ``pad_id`` after each row's stop token.
+
+    ``stop_strings``: texts that end a row too (the row stops at the token that completes one).
 
     Args:
         state: what runs one decode step over the prompts' key/value cache (B rows, one per
@@ -140,6 +181,10 @@ def decode(
         tokens = sample_next(logits, temperature, top_k, top_p, greedy)
         out[live.cpu(), step] = tokens.cpu()
         finished = torch.isin(tokens, stops)
+        if stop_strings is not None:
+            for index in (torch.isin(tokens.cpu(), stop_strings.triggers) & ~finished.cpu()).nonzero().flatten().tolist():
+                row = int(live[index])
+                finished[index] = stop_strings.hit(out[row, : step + 1].tolist())
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         if bool(finished.any()):  # finished rows leave the batch, cache rows included

@@ -14,7 +14,7 @@ import torch
 
 from palaestra.models.precision import autocast
 from palaestra.models.shapes import bucket_length
-from palaestra.rollout.decode import HFDecodeState, decode
+from palaestra.rollout.decode import HFDecodeState, StopStrings, decode
 from palaestra.rollout.fast_llama import LlamaDecodeState, LlamaWeights, PackedWeightsCache, supports_fast_decode
 
 
@@ -46,10 +46,19 @@ class Rollout:
     sampler_logprobs: torch.Tensor | None = None
     """[B, C] the log-prob the sampling engine gave each completion token (0 on padding), when another engine
     than the trainer sampled (a server, vLLM): what the mismatch correction compares the trainer's with."""
+    trained_mask: torch.Tensor | None = None
+    """[B, C] 1 on the tokens the policy sampled, 0 on tokens it did not (a tool's output between its turns), when
+    they differ from ``completion_mask``: the loss counts these; None: every completion token is the policy's."""
 
     @property
     def num_completion_tokens(self) -> int:
-        return int(self.completion_mask.sum())
+        """The tokens the policy sampled."""
+        return int(self.sampled_mask.sum())
+
+    @property
+    def sampled_mask(self) -> torch.Tensor:
+        """[B, C] 1 on the completion tokens the policy sampled (what the loss may count)."""
+        return self.completion_mask if self.trained_mask is None else self.trained_mask
 
     def select(self, rows: torch.Tensor) -> "Rollout":
         """The rollout of the rows where ``rows`` (a [B] bool mask) is true, in order."""
@@ -57,7 +66,8 @@ class Rollout:
         index = torch.tensor(chosen, dtype=torch.long)
         return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
                        self.completion_mask[index], self.truncated[index], [self.texts[i] for i in chosen],
-                       None if self.sampler_logprobs is None else self.sampler_logprobs[index])
+                       None if self.sampler_logprobs is None else self.sampler_logprobs[index],
+                       None if self.trained_mask is None else self.trained_mask[index])
 
     @staticmethod
     def concat(parts: list["Rollout"]) -> "Rollout":
@@ -75,11 +85,15 @@ class Rollout:
         sampled = None
         if all(p.sampler_logprobs is not None for p in parts):
             sampled = torch.cat([padded(p.sampler_logprobs, completion_width, False) for p in parts])
+        trained = None
+        if any(p.trained_mask is not None for p in parts):
+            trained = torch.cat([padded(p.sampled_mask, completion_width, False) for p in parts])
         return Rollout(torch.cat([padded(p.prompt_ids, prompt_width, True) for p in parts]),
                        torch.cat([padded(p.prompt_mask, prompt_width, True) for p in parts]),
                        torch.cat([padded(p.completion_ids, completion_width, False) for p in parts]),
                        torch.cat([padded(p.completion_mask, completion_width, False) for p in parts]),
-                       torch.cat([p.truncated for p in parts]), [text for p in parts for text in p.texts], sampled)
+                       torch.cat([p.truncated for p in parts]), [text for p in parts for text in p.texts], sampled,
+                       trained)
 
 
 class HFGenerator:
@@ -123,7 +137,39 @@ class HFGenerator:
         prompts and repeated ``num_samples`` times before decoding, instead of re-reading the
         same prompt for every sample of the group.
         """
-        unique = self.encode_prompts(prompts)
+        prompt_ids, prompt_mask, completion_ids = self._sample(self.encode_prompts(prompts), num_samples, sampling)
+        completion_mask, truncated = completion_mask_from_ids(completion_ids, self.stop_ids)
+        completion_ids = completion_ids.masked_fill(completion_mask == 0, self.tokenizer.pad_token_id)
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
+
+    @torch.no_grad()
+    def generate_ids(self, prefixes: list[list[int]], num_samples: int, sampling: SamplingParams,
+                     stop_strings: StopStrings | None = None) -> list[tuple[list[int], str]]:
+        """Continue token sequences as they are (no chat template, no cut to max_prompt_length): for each prefix,
+        ``num_samples`` continuations (rows grouped prefix by prefix), each ``(ids, end)`` with ``ids`` up to and
+        including the stop token or the token completing a stop string, and ``end`` "stop", "string" or "length".
+
+        The multi-turn agent loop calls it: a continuation is appended to the sampled tokens it continues, so the
+        trained sequence is exactly what was sampled.
+        """
+        _, _, completion_ids = self._sample(prefixes, num_samples, sampling, stop_strings)
+        results = []
+        for row in completion_ids.tolist():
+            stop = next((i + 1 for i, token in enumerate(row) if token in self.stop_ids), None)
+            string = stop_strings.end(row[: stop or len(row)]) if stop_strings is not None else None
+            if string is not None:
+                results.append((row[:string], "string"))
+            elif stop is not None:
+                results.append((row[:stop], "stop"))
+            else:
+                results.append((row[: sampling.max_new_tokens], "length"))
+        return results
+
+    def _sample(self, unique: list[list[int]], num_samples: int, sampling: SamplingParams,
+                stop_strings: StopStrings | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded prompts [B, P] and their mask, and the sampled tokens [B, C] (right-padded, rows grouped
+        prompt by prompt) for the token lists ``unique``."""
         pad_id = self.tokenizer.pad_token_id
         # prompts left-padded to a bucketed width: the prefill meets a bounded set of shapes (models.shapes)
         width = bucket_length(max(len(ids) for ids in unique))
@@ -151,8 +197,8 @@ class HFGenerator:
         with weights, autocast(self.precision, device.type):
             if self.decoder == "palaestra":
                 completion_ids = self._decode(unique_ids.to(device), unique_mask.to(device), prompt_mask, num_samples,
-                                              sampling, lean)
-            else:
+                                              sampling, lean, stop_strings)
+            else:  # model.generate stops at stop tokens only; generate_ids cuts at a stop string afterwards
                 if num_samples > 1 and width > 1:
                     kwargs["past_key_values"] = self._prefill(unique_ids[:, :-1].to(device), unique_mask[:, :-1].to(device), num_samples)
                 output = self.model.generate(
@@ -160,13 +206,10 @@ class HFGenerator:
                 ).cpu()
                 completion_ids = output[:, width:]
         self.model.train(was_training)
-        completion_mask, truncated = completion_mask_from_ids(completion_ids, self.stop_ids)
-        completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
-        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
+        return prompt_ids, prompt_mask, completion_ids
 
     def _decode(self, ids: torch.Tensor, mask: torch.Tensor, prompt_mask: torch.Tensor, repeats: int,
-                sampling: SamplingParams, lean: bool):
+                sampling: SamplingParams, lean: bool, stop_strings: StopStrings | None = None):
         """Prefill the distinct prompts once, repeat their cache per sample, run the decode loop."""
         # The plain model under the peft wrapper: its LoRA layers apply the active adapters (the lean
         # path) or see them merged into the weights (the Hugging Face step).
@@ -185,7 +228,7 @@ class HFGenerator:
         return decode(
             state, first_logits, prompt_mask, max_new_tokens=sampling.max_new_tokens, stop_ids=self.stop_ids,
             pad_id=self.tokenizer.pad_token_id, temperature=sampling.temperature, top_k=sampling.top_k,
-            top_p=sampling.top_p, greedy=sampling.greedy,
+            top_p=sampling.top_p, greedy=sampling.greedy, stop_strings=stop_strings,
         )
 
     def _chunked_prefill(self, weights: LlamaWeights, ids: torch.Tensor, mask: torch.Tensor, repeats: int):

@@ -136,6 +136,7 @@ def stack_rows(pairs: list[tuple[Rollout, int]], pad_id: int) -> Rollout:
     completion_mask = torch.zeros((n, completion_width), dtype=torch.long)
     truncated = torch.zeros(n, dtype=torch.bool)
     sampled = torch.zeros((n, completion_width)) if all(r.sampler_logprobs is not None for r, _ in pairs) else None
+    trained = torch.zeros((n, completion_width), dtype=torch.long) if any(r.trained_mask is not None for r, _ in pairs) else None
     texts = []
     for out, (rollout, row) in enumerate(pairs):
         p, c = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
@@ -146,8 +147,10 @@ def stack_rows(pairs: list[tuple[Rollout, int]], pad_id: int) -> Rollout:
         truncated[out] = rollout.truncated[row]
         if sampled is not None:  # the rollout workers' log-probs (the mismatch correction's)
             sampled[out, :c] = rollout.sampler_logprobs[row]
+        if trained is not None:  # tool-calling answers: the policy's own tokens, not the tools' results
+            trained[out, :c] = rollout.sampled_mask[row]
         texts.append(rollout.texts[row])
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts, sampled)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts, sampled, trained)
 
 
 def _jsonable(info: dict) -> dict:

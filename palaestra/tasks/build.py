@@ -28,7 +28,8 @@ def build_task(config) -> Task:
             task = _build_mixture(config)
         elif config.source in ("reasoning_gym", "gsm8k", "code", "qa"):
             task = _build_source(config.name, config.source, dataset=config.dataset, params=dict(config.params),
-                                 path=config.path, test_path=config.test_path, **common)
+                                 path=config.path, test_path=config.test_path, show_passage=config.show_passage,
+                                 **common)
         else:
             raise ConfigError(f"task.source={config.source!r} is unknown; use reasoning_gym, gsm8k, code, qa or mixture")
     except (ValueError, TypeError, FileNotFoundError) as error:  # bad data or bad generator arguments
@@ -47,7 +48,8 @@ def build_task(config) -> Task:
     return task
 
 
-def _build_source(name: str, source: str, *, dataset, params, path, test_path, **common) -> Task:
+def _build_source(name: str, source: str, *, dataset, params, path, test_path, show_passage: bool = True,
+                  **common) -> Task:
     if source == "reasoning_gym":
         return build_reasoning_gym_task(name, dataset=dataset, params=params, **common)
     if source == "gsm8k":
@@ -58,7 +60,7 @@ def _build_source(name: str, source: str, *, dataset, params, path, test_path, *
         return build_code_task(path, name=name, **common)
     from palaestra.tasks.qa import build_qa_task
 
-    return build_qa_task(path, name=name, **common)
+    return build_qa_task(path, name=name, show_passage=show_passage, **common)
 
 
 def _build_mixture(config) -> Task:

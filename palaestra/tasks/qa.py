@@ -5,7 +5,9 @@ Reference as the standard library carries them (``pydoc_data.topics``, the text 
 ``help("topic")``), with questions written by hand from that text (:data:`QUESTIONS`); every gold
 answer is a span of its passage. It is rebuilt from the standard library when palaestra runs from
 an install without the ``datasets/`` folder. Any SQuAD-format JSONL (``context``, ``question``,
-``answers`` as a list of strings or SQuAD's ``{"text": [...]}``) can be used instead.
+``answers`` as a list of strings or SQuAD's ``{"text": [...]}``) can be used instead. Closed-book
+(``task.show_passage=false``, ``task=docs_qa``) asks the question alone: the model answers from memory or
+by searching (``palaestra.retrieval.docs_index``).
 """
 
 from __future__ import annotations
@@ -91,10 +93,12 @@ def write_python_docs_qa(folder: Path) -> Path:
     return write_jsonl(folder / "questions.jsonl", rows)  # atomically: a reader never sees half the set
 
 
-def load_qa(path: str | Path) -> list[Example]:
-    """Examples from a SQuAD-format JSONL file: the question shows the passage, the answer is the first span.
+def load_qa(path: str | Path, show_passage: bool = True) -> list[Example]:
+    """Examples from a SQuAD-format JSONL file: the question shows the passage (``show_passage``; else it is
+    the question alone, closed-book), the answer is the first span.
 
-    ``meta["answers"]`` keeps every accepted span. A bad line is a one-line ConfigError naming the file and line.
+    ``meta["answers"]`` keeps every accepted span and ``meta["passage"]`` the passage. A bad line is a
+    one-line ConfigError naming the file and line.
     """
     examples = []
     for where, record in read_jsonl(path, "QA"):
@@ -104,14 +108,18 @@ def load_qa(path: str | Path) -> list[Example]:
             raise ConfigError(f"{where}: 'answers' needs at least one answer string (a list, or SQuAD's {{\"text\": [...]}})")
         if not isinstance(record.get("context"), str) or not isinstance(record.get("question"), str):
             raise ConfigError(f"{where}: a QA line needs 'context' and 'question' strings")
-        question = f"Passage: {record['context']}\n\nQuestion: {record['question']}"
-        examples.append(Example(question=question, answer=answers[0], meta={"answers": list(answers)}))
+        question = record["question"]
+        if show_passage:
+            question = f"Passage: {record['context']}\n\nQuestion: {question}"
+        examples.append(Example(question=question, answer=answers[0],
+                                meta={"answers": list(answers), "passage": record["context"]}))
     return examples
 
 
 def build_qa_task(path: str | None, *, train_size: int | None, test_size: int, seed: int, instruction: str,
-                  system_prompt: str | None, name: str = "qa") -> Task:
-    """The shipped Python-docs set (``path`` None) or a SQuAD-format JSONL, split train/test by a seeded shuffle.
+                  system_prompt: str | None, name: str = "qa", show_passage: bool = True) -> Task:
+    """The shipped Python-docs set (``path`` None) or a SQuAD-format JSONL, split train/test by a seeded shuffle;
+    ``show_passage`` False asks each question without its passage (closed-book: answered by searching).
 
     Correct means the answer matches a gold span after normalisation (QA tier 1.0).
     """
@@ -121,7 +129,7 @@ def build_qa_task(path: str | None, *, train_size: int | None, test_size: int, s
         path = shipped_dataset("qa/python_docs", write_python_docs_qa) / "questions.jsonl"
     if not Path(path).is_file():
         raise FileNotFoundError(f"path={path} does not exist; point it at a SQuAD-format JSONL file")
-    examples = load_qa(path)
+    examples = load_qa(path, show_passage)
     train, test = split_examples(examples, test_size, train_size, seed, "QA examples")
     return Task(name=name, train=train, test=test, instruction=instruction, system_prompt=system_prompt,
                 dataset_version=hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12], verifier=qa_correct)

@@ -67,6 +67,7 @@ def test_every_shipped_yaml_composes_and_validates(group, tmp_path):
         (["train.steps=many"], "bad value for 'train.steps'"),
         (["task.rewards=[nope]", "task.reward_weights=null"], "nope"),
         (["task.reward_weights=[1.0,2.0]"], "task.reward_weights has 2 values for 1 task.rewards"),
+        (["task.show_passage=false"], "task.show_passage=false applies to task.source=qa only"),
         (["model=hf"], "model.name=hf needs model.path"),
         (["eval.num_samples=4"], "eval.num_samples=4 needs eval.greedy=false"),
         (["rollout.engine=sglang"], "rollout.engine='sglang' is unknown"),

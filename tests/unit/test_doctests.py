@@ -32,6 +32,7 @@ MODULES = [
     "palaestra.jobs",
     "palaestra.classification.metrics",
     "palaestra.models.shapes",
+    "palaestra.retrieval.docs_index",
 ]
 
 

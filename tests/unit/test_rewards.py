@@ -10,6 +10,7 @@ from palaestra.rewards import (
     answer_format_reward,
     combine_rewards,
     correctness_reward,
+    qa_f1_reward,
     resolve_reward,
     snap_to_tier,
     tiered_code_reward,
@@ -20,11 +21,11 @@ from palaestra.rewards import (
     tunix_exact_format,
     tunix_number,
 )
-from palaestra.rewards import correctness, tiered, tunix_gsm8k
+from palaestra.rewards import correctness, qa, tiered, tunix_gsm8k
 from palaestra.tasks import answers
 
 
-@pytest.mark.parametrize("module", [palaestra.rewards, correctness, tiered, tunix_gsm8k, answers])
+@pytest.mark.parametrize("module", [palaestra.rewards, correctness, qa, tiered, tunix_gsm8k, answers])
 def test_docstring_examples(module):
     assert doctest.testmod(module).failed == 0
 
@@ -215,6 +216,26 @@ def test_tiered_qa_penalty():
     assert got == [0.7]  # 1.0 - 0.2 = 0.8 -> 0.7
 
 
+def test_qa_f1_against_the_best_accepted_span():
+    completions = [
+        # "bitwise and" (2 tokens) vs "bitwise and of its arguments" (5): p = 2/2, r = 2/5, F1 = 0.8 / 1.4 = 4/7
+        "<answer>the bitwise AND</answer>",
+        # the last block counts: "entire code block" (3) vs "entire current code block" (4): p = 1, r = 3/4, F1 = 6/7
+        "<answer>globals</answer> no, <answer>The entire code block.</answer>",
+        # no block: the whole completion, "it is bitwise and of its arguments" (7) vs 5: p = 5/7, r = 1, F1 = 10/12
+        "It is the bitwise AND of its arguments",
+        "<answer>a null operation</answer>",  # "null operation" == "null operation": 1.0
+        "<answer></answer>",  # an empty answer shares no token: 0
+    ]
+    gold = [["the bitwise AND of its arguments"], ["the entire current code block"],
+            ["the bitwise AND of its arguments"], ["nothing", "a null operation"], ["True"]]
+    got = qa_f1_reward(completions, answers=gold, answer=[spans[0] for spans in gold])
+    assert got == pytest.approx([4 / 7, 6 / 7, 10 / 12, 1.0, 0.0])
+    # an example without accepted spans (a mixture's math row) is scored against its answer
+    assert qa_f1_reward(["<answer>RuntimeError</answer>"], answers=[None], answer=["RuntimeError"]) == [1.0]
+    assert resolve_reward("qa_f1") is qa_f1_reward
+
+
 # --- table, resolution, combination --------------------------------------------------------------
 
 def test_number_only_accepts_a_bare_number_and_nothing_else():
@@ -229,7 +250,7 @@ def test_number_only_accepts_a_bare_number_and_nothing_else():
 def test_reward_table_names():
     assert set(REWARD_FUNCTIONS) == {
         "correctness", "answer_format", "number_only", "tunix_exact_format", "tunix_approx_format",
-        "tunix_answer", "tunix_number", "tiered_math", "tiered_code", "tiered_qa", "planner_quality",
+        "tunix_answer", "tunix_number", "tiered_math", "tiered_code", "tiered_qa", "qa_f1", "planner_quality",
     }
 
 

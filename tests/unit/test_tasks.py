@@ -193,3 +193,53 @@ def test_gsm8k_malformed_line(tmp_path, bad_line):
         handle.write("\n" + bad_line + "\n")  # a blank line 4 is skipped; the bad one is line 5
     with pytest.raises(ValueError, match=r"gsm8k\.jsonl:5"):
         _gsm8k(path)
+
+
+# --- QA: open-book (the passage in the question) and closed-book (the question alone) --------------
+
+def _write_qa(path, rows=3):
+    path.write_text("".join(json.dumps({"context": f"Passage {i} says the answer is word{i}.", "question": f"Q{i}?",
+                                        "answers": [f"word{i}", f"the word{i}"]}) + "\n" for i in range(rows)))
+    return path
+
+
+def test_qa_closed_book_asks_the_question_alone_and_keeps_passage_and_spans(tmp_path):
+    from palaestra.tasks.qa import load_qa
+
+    path = _write_qa(tmp_path / "qa.jsonl")
+    open_book, closed_book = load_qa(path), load_qa(path, show_passage=False)
+    assert open_book[1].question == "Passage: Passage 1 says the answer is word1.\n\nQuestion: Q1?"
+    assert closed_book[1].question == "Q1?"
+    for example in (open_book[1], closed_book[1]):
+        assert example.answer == "word1"
+        assert example.meta == {"answers": ["word1", "the word1"], "passage": "Passage 1 says the answer is word1."}
+
+
+def test_docs_qa_config_builds_the_closed_book_python_docs_task():
+    from palaestra.jobs import compose_jobs, to_config
+    from palaestra.tasks.build import build_task
+
+    (_, cfg), = compose_jobs(["task=docs_qa"])
+    config = to_config(cfg).task
+    assert (config.source, config.show_passage) == ("qa", False)
+    assert (config.rewards, config.format_reward) == (["qa_f1"], "answer_format")
+    task = build_task(config)
+    assert (len(task.train), len(task.test)) == (26, 12)  # the 38 shipped questions
+    example = task.test[0]
+    assert "Passage:" not in example.question and example.question.endswith("?")
+    assert example.answer in example.meta["passage"]  # the passage travels as a column (for a search tool's check)
+    assert task.columns([example])["passage"] == [example.meta["passage"]]
+
+
+def test_large_sum_config_asks_for_two_five_digit_terms():
+    import re
+
+    from palaestra.jobs import compose_jobs, to_config
+    from palaestra.tasks.build import build_task
+
+    (_, cfg), = compose_jobs(["task=large_sum", "task.train_size=5", "task.test_size=5"])
+    config = to_config(cfg).task
+    assert (config.rewards, config.format_reward) == (["correctness"], "answer_format")
+    for example in build_task(config).test:
+        terms = re.findall(r"\d+", example.question)
+        assert len(terms) == 2 and all(len(term) == 5 for term in terms), example.question
