@@ -202,7 +202,8 @@ class ChatTemplateFormat:
 _EXAMPLES = {
     "calculator": ("What is 1234 + 5678?", "1234 + 5678", None),
     "python": ("What is 6 times 7?", "print(6 * 7)", None),
-    "search": ("What does a break statement in a loop's first suite terminate?", "break terminates", "the loop"),
+    "search": ("What does a break statement in a loop's first suite terminate?",
+               "What does a break statement in a loop's first suite terminate?", "the loop"),  # the question as query
 }
 """The plain format's worked exchange per shipped tool: (question, the call's input, the answer; None: the result)."""
 

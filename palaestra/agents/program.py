@@ -134,13 +134,6 @@ class RecordingEndpoint:
             if body.tools:
                 raise ApiError(400, "tools are not supported by the training endpoint; describe them in the messages",
                                param="tools")
-            with self.lock:
-                if episode not in self.open:
-                    raise ApiError(404, f"episode {episode} is not running (finished or timed out)", code="episode_closed")
-                if self.open[episode] >= self.max_calls:
-                    raise ApiError(429, f"this episode made its agent.program_max_calls={self.max_calls} calls",
-                                   code="call_limit")
-                self.open[episode] += 1
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
             try:
                 prompt = encode_chat(self.tokenizer, messages)
@@ -148,7 +141,14 @@ class RecordingEndpoint:
                 raise ApiError(400, f"messages: the chat template refused them ({str(error).splitlines()[0]})",
                                param="messages") from None
             call = _Call(episode, prompt, tuple(body.stops))
-            self.pending.put(call)
+            with self.lock:  # queued under the lock: an episode that ends drains every call it has queued
+                if episode not in self.open:
+                    raise ApiError(404, f"episode {episode} is not running (finished or timed out)", code="episode_closed")
+                if self.open[episode] >= self.max_calls:
+                    raise ApiError(429, f"this episode made its agent.program_max_calls={self.max_calls} calls",
+                                   code="call_limit")
+                self.open[episode] += 1
+                self.pending.put(call)
             text, reason, completion = await asyncio.wrap_future(call.answer)
             return {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
                     "model": body.model, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -166,7 +166,8 @@ class ProgramAgent:
         generator: an :class:`~palaestra.rollout.hf.HFGenerator` of the policy.
         program: the user's function.
         max_calls: the most endpoint calls one episode may make (agent.program_max_calls).
-        timeout_s: the longest one episode may run (agent.program_timeout_s).
+        timeout_s: the longest a batch of episodes may run (agent.program_timeout_s; they all run at once with
+            ``workers=0``).
         workers: episodes run at once (threads); 0: all of a batch at once.
     """
 
@@ -207,11 +208,12 @@ class ProgramAgent:
                 if calls:
                     self._answer(calls, sampling)
         finally:
-            with self.endpoint.lock:
+            with self.endpoint.lock:  # a later call is refused (a 404): the program stops soon
                 for episode in episodes:
-                    self.endpoint.open.pop(episode.id, None)  # a late call is refused: the program stops soon
-            for call in self._take(wait_s=0):
-                call.answer.set_exception(RuntimeError("the episode is over"))
+                    self.endpoint.open.pop(episode.id, None)
+                for call in self._take(wait_s=0):
+                    call.answer.set_exception(ApiError(410, "the episode is over (agent.program_timeout_s)",
+                                                       code="episode_closed"))
             pool.shutdown(wait=False, cancel_futures=True)
         for future, episode in running.items():
             if not future.done():
@@ -256,7 +258,7 @@ class ProgramAgent:
                 turns = self.generator.generate_ids([c.prompt_ids for c in group], 1, sampling, stop_strings)
             except Exception as error:  # noqa: BLE001 - the requests get the error; the trainer re-raises it
                 for call in group:
-                    call.answer.set_exception(error)
+                    call.answer.set_exception(ApiError(500, f"sampling failed: {type(error).__name__}", type="server_error"))
                 raise
             for call, (ids, end) in zip(group, turns):
                 content = ids[:-1] if end == "stop" else ids

@@ -8,7 +8,7 @@ the same schema Hugging Face chat templates take. ``agent.tools`` names the ship
 - ``calculator``: exact arithmetic on integers and decimals (``+ - * / // % **`` and parentheses),
   evaluated from the expression's syntax tree, never by ``eval``;
 - ``python``: a program run in palaestra's sandbox (:mod:`palaestra.sandbox`), its output returned;
-- ``search``: the best passages of a palaestra RAG index folder (``agent.search_index``; by default
+- ``search``: the best passage of a palaestra RAG index folder (``agent.search_index``; by default
   the shipped index over Python's documentation, :mod:`palaestra.retrieval.docs_index`).
 
 A tool's failure is never the run's: :func:`call_tool` returns an error text for the model to read
@@ -158,14 +158,14 @@ def search_tool(index_folder: str | None = None) -> Callable[[str], str]:
     """The ``search`` tool over the RAG index in ``index_folder`` (None: the shipped Python-docs index)."""
 
     def search(query: str) -> str:
-        """Search the documentation and return the best passages.
+        """Search the documentation and return the best passage.
 
         Args:
             query: What to look for, in a few words.
         """
         from palaestra.retrieval.docs_index import search_docs
 
-        return search_docs(_load_index(index_folder), query)
+        return search_docs(_load_index(index_folder), query, k=1)  # one passage: short enough for a small model to read
 
     return search
 

@@ -20,7 +20,7 @@ class ToolSettings:
 
     tools: list = field(default_factory=list)
     """The tools: calculator (exact arithmetic), python (a program run in palaestra's sandbox), search (the best
-    passages of agent.search_index) or package.module:function (a typed function with a Google-style docstring,
+    passage of agent.search_index) or package.module:function (a typed function with a Google-style docstring,
     returning text); empty: single-turn completions, no tools."""
     max_turns: int = 3
     """The most tool calls one episode makes; the turn after the last is its answer."""
@@ -53,7 +53,8 @@ class AgentSettings(ToolSettings):
     program_max_calls: int = 8
     """The most endpoint calls one program episode may make (past it a call is refused with a 429)."""
     program_timeout_s: float = 120.0
-    """The longest one program episode may run; past it the episode gets reward 0 and its later calls are refused."""
+    """The longest a step's program episodes may run (all at once with program_workers=0); an episode still running
+    then gets reward 0 and its later calls are refused."""
     program_workers: int = 0
     """Program episodes run at once (threads); 0: every episode of a batch at once (their calls are sampled together)."""
 
