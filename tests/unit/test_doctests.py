@@ -33,6 +33,8 @@ MODULES = [
     "palaestra.classification.metrics",
     "palaestra.models.shapes",
     "palaestra.retrieval.docs_index",
+    "palaestra.rewards.qa",
+    "palaestra.agents.episodes",
 ]
 
 
