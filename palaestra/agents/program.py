@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse
 
 from palaestra.agents.episodes import Episode, episode_rollout
 from palaestra.rollout.decode import StopStrings
-from palaestra.rollout.hf import Rollout, SamplingParams, encode_chat
+from palaestra.rollout.hf import Rollout, SamplingParams
 from palaestra.serving.protocol import ApiError, ChatCompletionRequest, error_body
 
 __all__ = ["ProgramAgent", "ProgramBatch", "RecordingEndpoint", "evaluate_program", "program_rewards"]
@@ -134,12 +134,7 @@ class RecordingEndpoint:
             if body.tools:
                 raise ApiError(400, "tools are not supported by the training endpoint; describe them in the messages",
                                param="tools")
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-            try:
-                prompt = encode_chat(self.tokenizer, messages)
-            except Exception as error:  # noqa: BLE001 - a template that refuses these messages
-                raise ApiError(400, f"messages: the chat template refused them ({str(error).splitlines()[0]})",
-                               param="messages") from None
+            prompt = body.prompt_ids(self.tokenizer)
             call = _Call(episode, prompt, tuple(body.stops))
             with self.lock:  # queued under the lock: an episode that ends drains every call it has queued
                 if episode not in self.open:

@@ -48,7 +48,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from palaestra.rollout.hf import encode_chat
 from palaestra.serving.catalog import AdapterRefused, Catalog, ModelNotFound, Route
 from palaestra.serving.engine import Delta, Engine, Failed, Finished, GenerationJob, Sampling
 from palaestra.serving.protocol import (
@@ -204,12 +203,7 @@ def build_app(load: Callable[[], Services], *, api_key: str | None = None,
     async def chat(body: ChatCompletionRequest, request: Request):
         served = services()
         route = await _route(served, body.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt = encode_chat(route.tokenizer, messages)
-        except Exception as error:  # noqa: BLE001 - a template that refuses these messages
-            raise ApiError(400, f"messages: the model's chat template refused them ({str(error).splitlines()[0]})",
-                           param="messages") from None
+        prompt = body.prompt_ids(route.tokenizer)
         top = body.top_logprobs or 0
         job, events = _job(served, route, [prompt], body, body.max_completion_tokens or body.max_tokens, bool(body.logprobs), top)
         ids = bool(body.return_token_ids)

@@ -139,6 +139,18 @@ class ChatCompletionRequest(_Sampled):
             raise ValueError("top_logprobs needs logprobs=true")
         return self
 
+    def prompt_ids(self, tokenizer) -> list[int]:
+        """The messages rendered by the model's chat template (a developer message as a system one), ready for the
+        assistant's answer; a template that refuses them is a 400."""
+        from palaestra.rollout.hf import encode_chat
+
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        try:
+            return encode_chat(tokenizer, messages)
+        except Exception as error:  # noqa: BLE001 - a template that refuses these messages
+            raise ApiError(400, f"messages: the model's chat template refused them ({str(error).splitlines()[0]})",
+                           param="messages") from None
+
 
 class CompletionRequest(_Sampled):
     """``POST /v1/completions``: ``prompt`` is a text, texts, token ids, or lists of token ids."""
