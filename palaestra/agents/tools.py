@@ -196,6 +196,12 @@ def resolve_tools(names: list[str], search_index: str | None = None) -> list[Too
         elif name == "python":
             tools.append(tool_from_function(python))
         elif name == "search":
+            from palaestra.retrieval.index import IndexError_
+
+            try:
+                _load_index(search_index)  # a folder that holds no index is one line now, not an error at every search
+            except IndexError_ as error:
+                raise ConfigError(f"agent.search_index={search_index}: {str(error).splitlines()[0]}") from None
             tools.append(tool_from_function(search_tool(search_index)))
         elif ":" not in name:
             raise ConfigError(f"agent.tools: {name!r} is not a tool; use {', '.join(SHIPPED_TOOLS)} or package.module:function")

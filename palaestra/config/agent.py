@@ -98,4 +98,13 @@ def program_function(name: str):
     except ValueError as error:
         raise ConfigError(str(error).split("; use")[0]) from None
     check(callable(function), f"agent.program={name} is not a function; give run(example, client)")
+    import inspect
+
+    try:
+        inspect.signature(function).bind(None, None)
+    except TypeError:
+        raise ConfigError(f"agent.program={name} cannot be called as run(example, client); give it those two "
+                          "arguments") from None
+    except ValueError:  # a builtin without a signature: its call will tell
+        pass
     return function

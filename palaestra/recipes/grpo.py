@@ -291,7 +291,8 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
                 **(program.figures() if program is not None else {}),
             })
             if tracker and train_cfg.log_samples_interval and step % train_cfg.log_samples_interval == 0:
-                texts = agent.transcripts() if agent is not None and len(parts) == 1 else rollout.texts  # the whole episode
+                # the whole episodes, results included (dynamic sampling may keep only some of the last call's groups)
+                texts = agent.transcripts() if agent is not None and not algo.dynamic_sampling else rollout.texts
                 texts = batch.answers if batch.answers is not None else texts  # a program episode: what it returned
                 tracker.log_table(_sample_rows(step, batch.examples, texts, rewards, components, algo.num_generations),
                                   f"samples/step{step:06d}.json")

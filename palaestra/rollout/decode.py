@@ -124,7 +124,8 @@ class StopStrings:
         self.tokenizer, self.strings, self.window = tokenizer, [s for s in strings if s], window
         last = {s[-1] for s in self.strings}
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
-        self.triggers = torch.tensor([i for i, text in enumerate(texts) if any(ch in text for ch in last)], dtype=torch.long)
+        self.trigger_ids = frozenset(i for i, text in enumerate(texts) if any(ch in text for ch in last))
+        self.triggers = torch.tensor(sorted(self.trigger_ids), dtype=torch.long)
 
     def hit(self, ids: list[int]) -> bool:
         """Whether the text of ``ids`` ends in (its last token completes) one of the strings."""
@@ -134,9 +135,8 @@ class StopStrings:
 
     def end(self, ids: list[int]) -> int | None:
         """The length of the shortest prefix of ``ids`` whose text holds a stop string, or None."""
-        triggers = set(self.triggers.tolist())
         for length in range(1, len(ids) + 1):
-            if ids[length - 1] in triggers and self.hit(ids[:length]):
+            if ids[length - 1] in self.trigger_ids and self.hit(ids[:length]):
                 return length
         return None
 

@@ -69,3 +69,8 @@ def slow_agent(example, client) -> str:
     client.chat.completions.create(model="policy", messages=[{"role": "user", "content": example.question}])
     time.sleep(30)
     return "late"
+
+
+def one_argument(example) -> str:
+    """Forgets the client: a one-line error at start."""
+    return example.question

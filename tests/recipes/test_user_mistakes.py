@@ -92,6 +92,8 @@ MISTAKES: dict[str, Mistake] = {
     "agent-program-not-importable": Mistake(["train", *TINY, "agent.program=no_such_package.agents:run"],
                                             "agent.program 'no_such_package.agents:run' could not be imported"),
     "agent-program-without-function": Mistake(["train", *TINY, "agent.program=run"], "agent.program='run' must be"),
+    "agent-program-wrong-signature": Mistake(["train", *TINY, "agent.program=tests.recipes.agent_programs:one_argument"],
+                                             "cannot be called as run(example, client)"),
     "agent-program-and-tools": Mistake(["train", *TINY, "agent.program=tests.recipes.agent_programs:openai_agent",
                                         "agent.tools=[calculator]"], "agent.program and agent.tools"),
     "agent-program-dynamic-sampling": Mistake(["train", *TINY, "agent.program=tests.recipes.agent_programs:openai_agent",

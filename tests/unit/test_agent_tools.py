@@ -122,3 +122,8 @@ def test_resolve_tools_names_what_is_wrong():
                            (["calculator", "calculator"], "twice")]:
         with pytest.raises(ConfigError, match=message):
             resolve_tools(names)
+
+
+def test_a_search_index_folder_without_an_index_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="is not a retrieval index"):
+        resolve_tools(["search"], search_index=str(tmp_path))
