@@ -2,13 +2,16 @@
 
     .venv/bin/python bench/decode.py                 # 5 timed calls each after a warm-up
     .venv/bin/python bench/decode.py --calls 3 --groups 2 --samples 4 --max-tokens 64
+    .venv/bin/python bench/decode.py --precision fp32  # the path a CPU without native bf16 takes
 
 The embedded SmolLM2-135M-Instruct with a LoRA adapter (r 16 on all linear layers, as a GRPO run
 samples from it), compute precision as palaestra picks it on this machine, chain_sum prompts, G
 samples per prompt at temperature 1.0. Both engines go through ``HFGenerator`` (shared-prompt
 prefill, merged LoRA weights), so the difference is the decode loop and step alone: ``generate``,
 our loop calling the Hugging Face forward per token, and our loop with the lean fused Llama step
-(:mod:`palaestra.rollout.fast_llama`, the default). The engines
+(:mod:`palaestra.rollout.fast_llama`, the default), and the lean step on int8 copies of the base weights
+(``rollout.quantize=int8``, :mod:`palaestra.rollout.int8`; the steps of as many rows as the int8 kernel wins for
+on this machine). The engines
 alternate call by call (a drifting machine load hits both alike), with the same seed per call.
 Reports seconds per call, completion tokens/s and milliseconds per decode step; appends a dated
 entry to ``bench/RESULTS.md``.
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from datetime import date
@@ -68,6 +70,8 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=2, help="distinct prompts per call")
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="compute precision (auto: bf16 where the CPU has it natively, else fp32)")
     parser.add_argument("--out", default=str(HERE / "out" / "decode.json"))
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
@@ -78,7 +82,7 @@ def main() -> None:
     from palaestra.rollout import HFGenerator, SamplingParams
     from palaestra.tasks.build import build_task
 
-    precision = resolve_precision("auto", "cpu")
+    precision = resolve_precision(args.precision, "cpu")
     model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype=weights_dtype("auto", precision, lora=True))
     model = apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules="all-linear")
     task = build_task(TaskConfig(params={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}, train_size=200, test_size=8))
@@ -86,6 +90,7 @@ def main() -> None:
         "hf": HFGenerator(model, tokenizer, max_prompt_length=256, precision=precision, decoder="hf"),
         "loop": HFGenerator(model, tokenizer, max_prompt_length=256, precision=precision, fast_step=False),
         "palaestra": HFGenerator(model, tokenizer, max_prompt_length=256, precision=precision),
+        "int8": HFGenerator(model, tokenizer, max_prompt_length=256, precision=precision, quantize="int8"),
     }
     sampling = SamplingParams(args.max_tokens, temperature=1.0)
 
@@ -123,30 +128,46 @@ def main() -> None:
     summary["physical_limit"] = {"bandwidth_gb_per_s": bandwidth / 1e9, "mb_read_per_step": step_bytes / 1e6,
                                  "ms_per_decode_step": limit_ms}
     setting = f"{args.groups} prompts x {args.samples} samples, up to {args.max_tokens} tokens, {args.calls} calls, precision {precision}"
-    hf, loop, ours = summary["hf"], summary["loop"], summary["palaestra"]
+    from palaestra.rollout.fast_llama import packed_linear
+    from palaestra.rollout.int8 import int8_row_limit
+
+    int8_rows = int8_row_limit(compute_dtype, packed_linear)
+    int8_bytes = bytes_per_decode_step(model, torch.int8, rows, mean_context)  # int8 weights (the cache stays as it is)
+    int8_limit_ms = 1000 * int8_bytes / bandwidth
+    hf, loop, ours, int8 = summary["hf"], summary["loop"], summary["palaestra"], summary["int8"]
+    int8_ratio = int8["completion_tokens_per_s"] / ours["completion_tokens_per_s"]
     lines = [
-        "| | HF generate | own loop, HF forward step | own loop, lean step (default) | default/HF |", "|---|---|---|---|---|",
+        "| | HF generate | own loop, HF forward step | own loop, lean step (default) | lean step, int8 weights | default/HF | int8/default |",
+        "|---|---|---|---|---|---|---|",
         f"| seconds per call | {hf['seconds_per_call']:.2f} | {loop['seconds_per_call']:.2f} | {ours['seconds_per_call']:.2f} | "
-        f"{ours['seconds_per_call'] / hf['seconds_per_call']:.2f} |",
+        f"{int8['seconds_per_call']:.2f} | {ours['seconds_per_call'] / hf['seconds_per_call']:.2f} | "
+        f"{int8['seconds_per_call'] / ours['seconds_per_call']:.2f} |",
         f"| completion tokens/s | {hf['completion_tokens_per_s']:.1f} | {loop['completion_tokens_per_s']:.1f} | "
-        f"{ours['completion_tokens_per_s']:.1f} | {ratio:.2f}x |",
-        f"| ms per decode step | {hf['ms_per_decode_step']:.1f} | {loop['ms_per_decode_step']:.1f} | {ours['ms_per_decode_step']:.1f} | |",
-        f"| completion tokens per call | {hf['mean_completion_tokens']:.1f} | {loop['mean_completion_tokens']:.1f} | {ours['mean_completion_tokens']:.1f} | |",
+        f"{ours['completion_tokens_per_s']:.1f} | {int8['completion_tokens_per_s']:.1f} | {ratio:.2f}x | {int8_ratio:.2f}x |",
+        f"| ms per decode step | {hf['ms_per_decode_step']:.1f} | {loop['ms_per_decode_step']:.1f} | {ours['ms_per_decode_step']:.1f} | "
+        f"{int8['ms_per_decode_step']:.1f} | | |",
+        f"| completion tokens per call | {hf['mean_completion_tokens']:.1f} | {loop['mean_completion_tokens']:.1f} | "
+        f"{ours['mean_completion_tokens']:.1f} | {int8['mean_completion_tokens']:.1f} | | |",
         f"| x the physical limit per step | {hf['ms_per_decode_step'] / limit_ms:.1f} | {loop['ms_per_decode_step'] / limit_ms:.1f} | "
-        f"{ours['ms_per_decode_step'] / limit_ms:.1f} | |",
+        f"{ours['ms_per_decode_step'] / limit_ms:.1f} | {int8['ms_per_decode_step'] / int8_limit_ms:.1f} (of its own) | | |",
         "",
         f"Physical limit: {step_bytes / 1e6:.0f} MB read per decode step (weights in {precision}, and the cache) at "
-        f"{bandwidth / 1e9:.1f} GB/s (stream copy, same run) = {limit_ms:.1f} ms per step.",
+        f"{bandwidth / 1e9:.1f} GB/s (stream copy, same run) = {limit_ms:.1f} ms per step; with int8 weights "
+        f"{int8_bytes / 1e6:.0f} MB = {int8_limit_ms:.1f} ms. The int8 kernel beat the {precision} product for up to "
+        f"{int8_rows} rows on this machine (measured at start), so steps of more live rows ran at {precision}.",
     ]
     table = "\n".join(lines)
     print(f"\n{setting}\n{table}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"setting": setting, **summary}, indent=2) + "\n")
     if not args.no_record:
-        command = "python bench/decode.py" + (f" --calls {args.calls}" if args.calls != 5 else "")
-        from results import record  # bench/results.py, beside this script
+        command = "python bench/decode.py" + (f" --calls {args.calls}" if args.calls != 5 else "") + (
+            f" --groups {args.groups} --samples {args.samples}" if (args.groups, args.samples) != (2, 4) else "") + (
+            f" --max-tokens {args.max_tokens}" if args.max_tokens != 64 else "") + (
+            f" --precision {args.precision}" if args.precision != "auto" else "")
+        from results import cpu_kind, record  # bench/results.py, beside this script
 
-        record(f"### {date.today().isoformat()}: decoding, palaestra loop vs HF generate ({platform.machine()}, "
+        record(f"### {date.today().isoformat()}: decoding, palaestra loop vs HF generate ({cpu_kind()}, "
                f"{torch.get_num_threads()} threads)\n`{command}` ({setting})\n\n{table}")
 
 

@@ -93,7 +93,7 @@ def run_palaestra(settings: dict, steps: int, budget_s: float, evaluate: bool) -
         f"algo.temperature={settings['temperature']}", "algo.loss_type=grpo", "algo.scale_rewards=group",
         f"model.lora.target_modules={json.dumps(settings['lora_targets'])}", "model.lora.r=16", "model.lora.alpha=32",
         "tracking.enabled=false", "train.save_interval=0", "train.log_samples_interval=0", "train.seed=0",
-        f"train.max_seconds={budget_s}", f"train.output_dir=bench/out/palaestra-{os.getpid()}",
+        f"train.max_seconds={budget_s}", "train.time_budget_s=0", f"train.output_dir=bench/out/palaestra-{os.getpid()}",
         f"task.instruction='{INSTRUCTION}'",
     ]
     with initialize_config_module(config_module="palaestra.conf", version_base="1.3"):

@@ -61,7 +61,7 @@ def run(setup: str, budget_s: float, extra: list[str]) -> dict:
         workers += [start_worker({core}, out_dir / f"worker-{i}.log") for i, core in enumerate(cores[:2])]
     if workers:
         keys = ["rollout.engine=server", f"rollout.servers=[{','.join(url for _, url in workers)}]"]
-    command = [sys.executable, "-m", "palaestra.cli", "run", *keys, f"train.max_seconds={budget_s}", "train.save_interval=0",
+    command = [sys.executable, "-m", "palaestra.cli", "run", *keys, f"train.max_seconds={budget_s}", "train.time_budget_s=0", "train.save_interval=0",
                f"train.threads={len(trainer_cores)}", "tracking.enabled=false", f"train.output_dir={out_dir / 'run'}", *extra]
     started = time.perf_counter()
     try:

@@ -6,22 +6,55 @@ import math
 
 import torch
 
-__all__ = ["adamw", "clip_gradients", "lr_lambda", "optimizer_step"]
+__all__ = ["LRSchedule", "adamw", "clip_gradients", "fit_schedule", "lr_lambda", "optimizer_step"]
 
 
-def lr_lambda(total: int, warmup_ratio: float, schedule: str):
-    """Linear warmup over warmup_ratio of the updates, then cosine to 0 (or constant)."""
-    warmup = int(total * warmup_ratio)
+class LRSchedule:
+    """The learning-rate factor of optimizer update ``update``: linear warmup over ``warmup_ratio`` of the
+    ``total`` updates, then cosine to 0 (or constant).
 
-    def factor(update: int) -> float:
+    A callable object rather than a closure: its ``total`` may change during the run (a time budget fitting
+    the step count to the machine, :class:`palaestra.recipes.run.Run`), and ``LambdaLR`` saves and restores an
+    object's attributes with its state, so a resumed run continues the same schedule.
+
+    >>> schedule = LRSchedule(total=4, warmup_ratio=0.0, schedule="cosine")
+    >>> [round(schedule(u), 3) for u in range(5)]
+    [1.0, 0.854, 0.5, 0.146, 0.0]
+    >>> schedule.total = 2  # fitted to fewer updates: the same curve, compressed
+    >>> [round(schedule(u), 3) for u in range(3)]
+    [1.0, 0.5, 0.0]
+    """
+
+    def __init__(self, total: int, warmup_ratio: float, schedule: str):
+        self.total, self.warmup_ratio, self.schedule = total, warmup_ratio, schedule
+
+    def __call__(self, update: int) -> float:
+        warmup = int(self.total * self.warmup_ratio)
         if update < warmup:
             return (update + 1) / (warmup + 1)
-        if schedule == "constant":
+        if self.schedule == "constant":
             return 1.0
-        progress = (update - warmup) / max(1, total - warmup)
+        progress = (update - warmup) / max(1, self.total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return factor
+
+def lr_lambda(total: int, warmup_ratio: float, schedule: str) -> LRSchedule:
+    """Linear warmup over warmup_ratio of the updates, then cosine to 0 (or constant)."""
+    return LRSchedule(total, warmup_ratio, schedule)
+
+
+def fit_schedule(scheduler, steps_before: int, steps_after: int) -> None:
+    """Stretch or compress ``scheduler``'s :class:`LRSchedule` from ``steps_before`` to ``steps_after`` steps of
+    the run (the updates per step stay as they were); the next update's learning rate follows at once."""
+    factors = getattr(scheduler, "lr_lambdas", ())
+    if steps_before <= 0 or not any(isinstance(factor, LRSchedule) for factor in factors):
+        return
+    for factor in factors:
+        if isinstance(factor, LRSchedule):
+            factor.total = round(factor.total * steps_after / steps_before)
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, factors):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def clip_gradients(parameters: list, max_norm: float) -> float:

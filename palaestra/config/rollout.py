@@ -8,9 +8,10 @@ from typing import Optional
 
 from palaestra.config.errors import check, one_of
 
-__all__ = ["CORRECTIONS", "ROLLOUT_ENGINES", "RolloutSettings", "resolved_correction", "validate_rollout"]
+__all__ = ["CORRECTIONS", "QUANTIZATIONS", "ROLLOUT_ENGINES", "RolloutSettings", "resolved_correction", "validate_rollout"]
 
 ROLLOUT_ENGINES = ("hf", "vllm", "server")
+QUANTIZATIONS = ("none", "int8")
 CORRECTIONS = ("auto", "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
@@ -27,11 +28,17 @@ class RolloutSettings:
     servers: list = field(default_factory=list)
     """With engine=server: the workers' base URLs (http://host:port, with or without /v1); groups are spread
     over them, and a worker that fails has its groups re-sent to the others."""
+    quantize: str = "none"
+    """With engine=hf on a CPU: none, or int8: the decode steps of few rows (as many as the int8 kernel is faster for
+    on this machine, measured once) read int8 copies of the frozen base weights, a quarter of fp32's bytes, with the
+    LoRA adapters exact beside them; the rollouts carry the sampler's log-probs and correction=auto corrects them.
+    Evaluations sample at full precision. Llama-family models (Llama, Qwen2)."""
     correction: str = "auto"
     """Truncated importance sampling of tokens another engine sampled (Yao et al. 2025; TRL's modes):
     token_truncate (each token's term x min(pi_trainer / pi_sampler, correction_cap)), token_mask (x the ratio, 0
     above the cap), sequence_truncate / sequence_mask (one ratio per completion, the product of its tokens'),
-    none, or auto: token_truncate for the vllm and server engines, none for hf (the trainer samples itself).
+    none, or auto: token_truncate for the vllm and server engines and for quantize=int8, none for hf (the trainer
+    samples itself).
     The log-prob gap and the ratios are logged as rollout/* whenever the engine reports log-probs."""
     correction_cap: float = 2.0
     """The largest importance weight kept (truncate) or allowed (mask)."""
@@ -52,15 +59,21 @@ def resolved_correction(rollout: RolloutSettings) -> str:
 
     >>> resolved_correction(RolloutSettings(engine="server")), resolved_correction(RolloutSettings())
     ('token_truncate', 'none')
+    >>> resolved_correction(RolloutSettings(quantize="int8"))
+    'token_truncate'
     """
     if rollout.correction != "auto":
         return rollout.correction
-    return "none" if rollout.engine == "hf" else "token_truncate"
+    return "none" if rollout.engine == "hf" and rollout.quantize == "none" else "token_truncate"
 
 
 def validate_rollout(rollout: RolloutSettings) -> None:
     one_of("rollout.engine", rollout.engine, ROLLOUT_ENGINES)
     one_of("rollout.correction", rollout.correction, CORRECTIONS)
+    one_of("rollout.quantize", rollout.quantize, QUANTIZATIONS)
+    check(rollout.quantize == "none" or rollout.engine == "hf",
+          f"rollout.quantize={rollout.quantize} quantizes palaestra's own sampler (rollout.engine=hf); "
+          f"rollout.engine={rollout.engine} samples with its own weights")
     check(rollout.correction_cap >= 1, f"rollout.correction_cap={rollout.correction_cap} must be >= 1")
     check(rollout.request_timeout_s > 0, f"rollout.request_timeout_s={rollout.request_timeout_s} must be > 0")
     check(rollout.server_wait_s >= 0, f"rollout.server_wait_s={rollout.server_wait_s} must be >= 0")
@@ -74,9 +87,9 @@ def validate_rollout(rollout: RolloutSettings) -> None:
     else:
         check(not rollout.servers, f"rollout.servers is set but rollout.engine={rollout.engine}; "
                                    "use rollout.engine=server to sample on them")
-    check(rollout.engine != "hf" or resolved_correction(rollout) == "none",
+    check(rollout.engine != "hf" or rollout.quantize != "none" or resolved_correction(rollout) == "none",
           f"rollout.correction={rollout.correction} needs log-probs from another sampler (rollout.engine=server or "
-          "vllm); with hf the trainer samples itself: leave rollout.correction=auto")
+          "vllm, or rollout.quantize=int8); with hf the trainer samples itself: leave rollout.correction=auto")
 
 
 def _valid_url(url: str) -> bool:

@@ -77,6 +77,12 @@ class StepLoopSettings(OptimizerSettings):
 
     steps: int = 50
     """Number of rollout-and-update steps."""
+    time_budget_s: float = 0.0
+    """Fit the run to this many seconds of training (steps and their evaluations): after 3 steps, and after every
+    step from then on, the run's step count becomes the steps that fit at the measured time per step (at most
+    train.steps; logged as budget/planned_steps) and the learning-rate schedule is fitted to it, so a slower machine
+    trains fewer steps on a complete schedule; 0: train.steps, however long they take. Unlike train.max_seconds
+    (which stops the run where it is), the run ends as planned."""
     eval_interval: int = 0
     """Evaluate on the held-out split every N steps (0: never during training)."""
     early_stopping_patience: int = 0
@@ -192,6 +198,7 @@ def validate_run(train: RunSettings) -> None:
         check(train.max_grad_norm >= 0, f"train.max_grad_norm={train.max_grad_norm} must be >= 0")
     if isinstance(train, StepLoopSettings):
         check(train.steps > 0, f"train.steps={train.steps} must be positive")
+        check(train.time_budget_s >= 0, f"train.time_budget_s={train.time_budget_s} must be >= 0 (0: no budget)")
         for key in ("eval_interval", "early_stopping_patience", "log_samples_interval"):
             check(getattr(train, key) >= 0, f"train.{key}={getattr(train, key)} must be >= 0")
         check(train.early_stopping_patience == 0 or train.eval_interval > 0,

@@ -55,12 +55,13 @@ class Policy:
 
 def build_policies(
     mode: str, roles: tuple[str, ...], *, model_name: str, model_path: str | None, dtype: str, device: str,
-    lora: dict | None, role_models: dict, max_prompt_length: int, precision: str,
+    lora: dict | None, role_models: dict, max_prompt_length: int, precision: str, quantize: str = "none",
 ) -> tuple[dict[str, Policy], dict[str, str]]:
     """Policies by name and the role -> policy-name map.
 
     ``lora`` holds apply_lora's keyword arguments (r, alpha, dropout, target_modules), or None
-    for full fine-tuning (not possible with ``per_role``).
+    for full fine-tuning (not possible with ``per_role``). ``quantize``: the generators' rollout weights
+    (``HFGenerator``'s: none or int8).
     """
     if mode not in POLICY_MODES:
         raise ValueError(f"policy mode {mode!r} is unknown; use one of {', '.join(POLICY_MODES)}")
@@ -75,20 +76,31 @@ def build_policies(
 
     if mode == "shared":
         model, tokenizer = make("shared", roles, None)
-        generator = HFGenerator(model, tokenizer, max_prompt_length, precision)
+        generator = HFGenerator(model, tokenizer, max_prompt_length, precision, quantize=quantize)
         return {"shared": Policy("shared", roles, model, tokenizer, None, generator)}, {r: "shared" for r in roles}
     if mode == "per_role":
         if lora is None:
             raise ValueError("policy mode per_role needs LoRA (one adapter per role over one base)")
         model, tokenizer = make("per_role", roles, None, adapter_names=roles)
-        generator = HFGenerator(model, tokenizer, max_prompt_length, precision)
+        generator = HFGenerator(model, tokenizer, max_prompt_length, precision, quantize=quantize)
         policies = {r: Policy(r, (r,), model, tokenizer, r, generator) for r in roles}
         return policies, {r: r for r in roles}
     policies = {}
     for role in roles:
         model, tokenizer = make(role, (role,), role_models.get(role) or None)
-        policies[role] = Policy(role, (role,), model, tokenizer, None, HFGenerator(model, tokenizer, max_prompt_length, precision))
+        policies[role] = Policy(role, (role,), model, tokenizer, None, HFGenerator(model, tokenizer, max_prompt_length, precision, quantize=quantize))
     return policies, {r: r for r in roles}
+
+
+@contextmanager
+def exact_sampling(policies: dict[str, Policy]):
+    """``with exact_sampling(policies):`` every generator of the team samples at full precision (an evaluation;
+    see ``HFGenerator.exact``)."""
+    with ExitStack() as stack:
+        for generator in {id(p.generator): p.generator for p in policies.values()}.values():
+            if hasattr(generator, "exact"):
+                stack.enter_context(generator.exact())
+        yield
 
 
 @contextmanager

@@ -46,7 +46,7 @@ from palaestra.distributed import Distributed
 from palaestra.evaluation.team import evaluate_team, everyones, rollout_metrics, team_sampling
 from palaestra.models import model_id
 from palaestra.models.logprobs import shared_prompt_rows
-from palaestra.models.policies import Policy, build_policies, reusing_weights
+from palaestra.models.policies import Policy, build_policies, exact_sampling, reusing_weights
 from palaestra.models.precision import resolve_precision, weights_dtype
 from palaestra.models.loading import enable_gradient_checkpointing, policy_identity
 from palaestra.optim import adamw
@@ -88,7 +88,7 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
         config.policy.mode, roles, model_name=config.model.name, model_path=config.model.path,
         dtype=weights_dtype(config.model.dtype, precision, lora.enabled),
         device=device, lora=lora_args, role_models=dict(config.policy.role_models),
-        max_prompt_length=algo.max_prompt_length, precision=precision,
+        max_prompt_length=algo.max_prompt_length, precision=precision, quantize=config.rollout.quantize,
     )
     if train_cfg.gradient_checkpointing:
         for model in {id(policy.model): policy.model for policy in policies.values()}.values():
@@ -143,7 +143,7 @@ def main(config: ATGRPOConfig, *, evaluate_before_after: bool = True) -> dict:
 
     def run_eval(step: int, label: str) -> dict:
         sync_adapters()
-        with reusing_weights(policies):
+        with reusing_weights(policies), exact_sampling(policies):  # the policies themselves, at full precision
             figures, episodes = evaluate_team(make_env, generate, env_cfg.test_envs, sampling=eval_sampling, plays=plays,
                                               alpha=algo.alpha, seed=train_cfg.seed, base_seed=env_cfg.seed, dist=dist,
                                               step=step_envs)

@@ -151,11 +151,12 @@ def main(config: GRPOConfig, *, evaluate_before_after: bool = False) -> dict:
                 result = evaluate_program(program, task, eval_examples, reward_weights=weights, sampling=eval_sampling,
                                           batch_size=config.eval.batch_size, seed=train_cfg.seed)
             else:
-                result = evaluate(
-                    generator, task, eval_examples, reward_weights=weights, format_reward=config.task.format_reward,
-                    sampling=eval_sampling, num_samples=config.eval.num_samples, pass_k=list(config.eval.pass_k),
-                    batch_size=config.eval.batch_size, seed=train_cfg.seed, show_progress=True,
-                )
+                with generator.exact() if isinstance(generator, HFGenerator) else nullcontext():  # the policy itself
+                    result = evaluate(
+                        generator, task, eval_examples, reward_weights=weights, format_reward=config.task.format_reward,
+                        sampling=eval_sampling, num_samples=config.eval.num_samples, pass_k=list(config.eval.pass_k),
+                        batch_size=config.eval.batch_size, seed=train_cfg.seed, show_progress=True,
+                    )
             metrics = result.metrics()
             metrics.update(task.evaluation_figures(result.samples))  # the workflow task's per-domain figures
             for episodes in (agent, program):
@@ -393,7 +394,8 @@ def _generator(config: GRPOConfig, model, tokenizer, precision: str, run_dir: Pa
         base = config.model.path or embedded_model_dir(config.model.name)
         return VLLMGenerator(model, tokenizer, str(base), max_prompt_length=algo.max_prompt_length,
                              max_lora_rank=max(8, config.model.lora.r), seed=config.train.seed)
-    return HFGenerator(model, tokenizer, max_prompt_length=algo.max_prompt_length, precision=precision)
+    return HFGenerator(model, tokenizer, max_prompt_length=algo.max_prompt_length, precision=precision,
+                       quantize=rollout.quantize)
 
 
 def _program_agent(config: GRPOConfig, generator):

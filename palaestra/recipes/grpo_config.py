@@ -67,7 +67,13 @@ class GRPOTrain(StepLoopSettings, ChunkedLogprobs, ShardingSettings):
 
     steps: int = 120
     """Rollout-and-update steps (120: the main job, palaestra run, moves held-out chain_sum accuracy by about
-    +33 points in under 10 minutes on 2 CPU cores: bench/RESULTS.md)."""
+    +35 points on 2 CPU cores: bench/RESULTS.md)."""
+    time_budget_s: float = 540.0
+    """Fit the run to this many seconds of training (steps and their evaluations): after 3 steps, and after every
+    step from then on, the run's step count becomes the steps that fit at the measured time per step (at most
+    train.steps; logged as budget/planned_steps) and the learning-rate schedule is fitted to it. 540: the main job
+    trains for 9 minutes at most, on a CPU with native bf16 or without (bench/RESULTS.md); 0: train.steps, however
+    long they take."""
     completions_per_step: int = 32
     """Completions sampled per step (prompts per step = completions_per_step / algo.num_generations)."""
     completions_per_forward: int = 8
@@ -109,6 +115,8 @@ def validate_grpo(config: GRPOConfig) -> None:
         check(algo.teacher_coef >= 0 and algo.reward_coef >= 0 and algo.teacher_coef + algo.reward_coef > 0,
               f"algo.teacher_coef={algo.teacher_coef} and algo.reward_coef={algo.reward_coef} must be >= 0, "
               "not both 0")
+    check(config.rollout.quantize == "none" or train.strategy != "fsdp",
+          "rollout.quantize=int8 quantizes whole weights, which train.strategy=fsdp shards; use train.strategy=ddp with it")
     check(not (algo.dynamic_sampling and train.strategy == "fsdp"),
           "algo.dynamic_sampling leaves processes with different numbers of groups, which train.strategy=fsdp cannot "
           "step in lockstep; use train.strategy=ddp with it")
@@ -125,6 +133,8 @@ def validate_grpo(config: GRPOConfig) -> None:
     if agent:
         check(engine == "hf", f"{agent} runs its episodes on rollout.engine=hf (rollout.engine={engine} samples one "
                               "turn per completion); use rollout.engine=hf")
+        check(config.rollout.quantize == "none", f"{agent} samples its turns at full precision (its trajectories carry "
+                                                 "no sampler log-probs to correct); use rollout.quantize=none with it")
         check(not config.task.workflow.enabled, f"{agent} and task.workflow.enabled both shape the completions; "
                                                 "use one of them")
     if config.agent.program:

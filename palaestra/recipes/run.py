@@ -47,11 +47,12 @@ from tqdm.auto import tqdm
 from palaestra import checkpoint as ckpt
 from palaestra.config.errors import ConfigError
 from palaestra.distributed import Distributed
+from palaestra.optim import fit_schedule
 from palaestra.runtime import timed
 
 log = logging.getLogger("palaestra")
 
-__all__ = ["Decision", "Run", "config_dict", "decide"]
+__all__ = ["CALIBRATION_STEPS", "Decision", "Run", "config_dict", "decide", "planned_steps"]
 
 _SHORT = {"tokens_per_second": "tok/s", "documents_per_second": "docs/s"}
 """Progress-bar names of long figure names (the others: "reward/mean" -> "reward_mean")."""
@@ -113,6 +114,28 @@ def decide(
     return Decision(save, bool(reason), reason, improved, best, evals_without_improvement)
 
 
+CALIBRATION_STEPS = 3
+"""Steps an invocation runs before ``train.time_budget_s`` fits the step count (the first, which warms up, is not
+counted in the time per step)."""
+
+
+def planned_steps(step: int, *, spent_s: float, budget_s: float, step_s: float, most: int) -> int:
+    """The step a run with a time budget ends at: after ``step`` steps that took ``spent_s`` seconds, as many more
+    steps of ``step_s`` seconds as the rest of ``budget_s`` holds, at most ``most`` in all (and never before
+    ``step``: a spent budget ends the run now).
+
+    >>> planned_steps(3, spent_s=30.0, budget_s=100.0, step_s=10.0, most=120)  # 70 s left: 7 more steps
+    10
+    >>> planned_steps(3, spent_s=30.0, budget_s=100.0, step_s=0.5, most=120)   # fast: all 120 fit
+    120
+    >>> planned_steps(12, spent_s=130.0, budget_s=100.0, step_s=10.0, most=120)  # over budget: stop at once
+    12
+    """
+    if step_s <= 0:
+        return most
+    return max(step, min(most, step + int((budget_s - spent_s) // step_s)))
+
+
 def config_dict(config) -> dict:
     """The resolved config as plain containers (MLflow params and the config.yaml artifact): every key the
     method reads, which is every key of its schema."""
@@ -139,7 +162,7 @@ class Run:
         plot: ``(file name, title)`` of the plot logged at the end (None: no plot).
         identity: what the checkpoints belong to besides the method (base model, adapter shape, ...):
             saved in each one; resuming a checkpoint whose identity differs is a one-line ConfigError.
-        clock: seconds, for the time budget (tests pass a fake one).
+        clock: seconds, for the time budgets (tests pass a fake one).
     """
 
     def __init__(
@@ -167,6 +190,9 @@ class Run:
         self._progress = None
         self._started = clock()
         self._step_started = time.perf_counter()
+        self._step_clock = clock()
+        self._most_steps = total_steps  # what a time budget may fit the run's steps down to
+        self._step_seconds: list[float] = []  # this invocation's steps, for the time budget
         self.timings: dict[str, float] = {}
         """Where the current step's time goes, in seconds (``time/<name>``; ``time/other`` is the rest)."""
 
@@ -181,6 +207,7 @@ class Run:
         self.identity = {"method": method, **{key: str(value) for key, value in (identity or {}).items()}}
         self.state: dict[str, Any] = {"step": 0, "mlflow_run_id": None, "best_metric": None, "evals_without_improvement": 0,
                                       "early_stopped": False, "last_eval": None, "history": {}, "identity": self.identity,
+                                      "budget_spent_s": 0.0, "planned_steps": None,
                                       **(state or {})}
 
     # ------------------------------------------------------------------------------------ opening
@@ -212,6 +239,8 @@ class Run:
                 continue
             self.resume_from = checkpoint
             self.state.update(loaded)
+            if self.state.get("planned_steps"):  # a time budget had fitted the steps (the schedule's state has them)
+                self.total_steps = self.state["planned_steps"]
             log.info("resumed from %s at step %d", checkpoint, self.state["step"])
             return True
         return False
@@ -284,6 +313,7 @@ class Run:
         while self.more():
             step = self.step + 1
             self._step_started = time.perf_counter()
+            self._step_clock = self.clock()
             self.timings = {}
             yield step
             if self.step != step:
@@ -310,6 +340,8 @@ class Run:
         seconds = self.step_seconds()
         times = {"step": seconds, **self.timings, **({"other": seconds - sum(self.timings.values())} if self.timings else {})}
         metrics = {**metrics, **{f"time/{k}": v for k, v in times.items()}, **memory_figures()}
+        if getattr(self.train, "time_budget_s", 0.0):
+            metrics["budget/planned_steps"] = float(self.total_steps)
         remember(self.state, {k: metrics[k] for k in self.curves if k in metrics}, step)
         if self.dist.is_main:
             append_jsonl(self.run_dir / "metrics.jsonl", {"step": step, **metrics})
@@ -363,6 +395,7 @@ class Run:
                                   f"use one of {', '.join(figures)}")
             value = float(figures[self.best_metric])
         dist, train = self.dist, self.train
+        self._fit_to_time_budget(step)
         value = dist.broadcast(value)  # evaluations run on the main process
         out_of_time = dist.any(bool(train.max_seconds) and self.clock() - self._started >= train.max_seconds)
         decision = decide(
@@ -395,6 +428,42 @@ class Run:
             log.info("stopping at step %d (%s; checkpoint saved); resume with train.resume=auto train.output_dir=%s",
                      step, decision.reason.replace("_", " "), self.run_dir)
         return decision.stop
+
+    def _fit_to_time_budget(self, step: int) -> None:
+        """With ``train.time_budget_s``: once this invocation has run :data:`CALIBRATION_STEPS` steps, and after
+        every step from then on, the run's last step becomes the one the budget reaches at the measured time per
+        step (:func:`planned_steps`; at most the configured steps), and the learning-rate schedule is fitted to
+        it: the run does the work this machine does in the budget, its schedule complete. The seconds spent are
+        kept in the checkpoint, so a resumed run spends what is left."""
+        seconds = self.clock() - self._step_clock  # the step, its evaluation included
+        self.state["budget_spent_s"] = self.state.get("budget_spent_s", 0.0) + seconds
+        self._step_seconds.append(seconds)
+        budget = getattr(self.train, "time_budget_s", 0.0)
+        if not budget or len(self._step_seconds) < CALIBRATION_STEPS:
+            return
+        step_s = sum(self._step_seconds[1:]) / (len(self._step_seconds) - 1)
+        planned = int(self.dist.broadcast(planned_steps(step, spent_s=self.state["budget_spent_s"], budget_s=budget,
+                                                         step_s=step_s, most=self._most_steps)))
+        if planned == self.total_steps:
+            return
+        if self.state.get("planned_steps") is None:
+            log.info("train.time_budget_s=%g: a step takes %.1f s here; the run trains %d of %d steps, its "
+                     "learning-rate schedule fitted to them (train.time_budget_s=0 runs them all)",
+                     budget, step_s, planned, self._most_steps)
+        for scheduler in self._schedulers():
+            fit_schedule(scheduler, self.total_steps, planned)
+        self.total_steps = self.state["planned_steps"] = planned
+        if self._progress is not None:
+            self._progress.total = planned
+            self._progress.refresh()
+
+    def _schedulers(self) -> list:
+        """The learning-rate schedulers the checkpoint holds (the model's, or each part's)."""
+        if "parts" in self._checkpoint:
+            found = [getattr(part, "scheduler", None) for part in self._checkpoint["parts"].values()]
+        else:
+            found = [self._checkpoint.get("scheduler")]
+        return [scheduler for scheduler in found if scheduler is not None]
 
     # -------------------------------------------------------------------------------------- closing
 

@@ -155,10 +155,14 @@ def decode(
     top_p: float = 1.0,
     greedy: bool = False,
     stop_strings: StopStrings | None = None,
-) -> torch.Tensor:
+    with_logprobs: bool = False,
+):
     """Completion tokens [B, C <= max_new_tokens], right-padded with ``pad_id`` after each row's stop token.
 
     ``stop_strings``: texts that end a row too (the row stops at the token that completes one).
+    ``with_logprobs``: return ``(tokens, logprobs)``, ``logprobs`` [B, C] the log-prob of each sampled token under
+    the scores it was drawn from (:func:`filtered_logits`: logits / temperature, top-k, top-p; greedy: the logits;
+    0 on padding), as a rollout engine reports them for the mismatch correction.
 
     Args:
         state: what runs one decode step over the prompts' key/value cache (B rows, one per
@@ -171,6 +175,7 @@ def decode(
     device = first_logits.device
     batch, prompt_width = prompt_mask.shape
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long)
+    logprobs = torch.zeros((batch, max_new_tokens)) if with_logprobs else None
     stops = torch.tensor(stop_ids, device=device)
     live = torch.arange(batch, device=device)  # original row of each row still decoding
     mask = torch.cat([prompt_mask.to(device), torch.ones(batch, max_new_tokens, dtype=prompt_mask.dtype, device=device)], dim=1)
@@ -178,7 +183,12 @@ def decode(
     logits = first_logits
     step = 0
     for step in range(max_new_tokens):
-        tokens = sample_next(logits, temperature, top_k, top_p, greedy)
+        if logprobs is None:
+            tokens = sample_next(logits, temperature, top_k, top_p, greedy)
+        else:  # the same draw as sample_next, its scores kept
+            scores = logits.float() if greedy else filtered_logits(logits, temperature, top_k, top_p)
+            tokens = scores.argmax(dim=-1) if greedy else draw(scores.softmax(dim=-1))
+            logprobs[live.cpu(), step] = scores.log_softmax(dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1).cpu()
         out[live.cpu(), step] = tokens.cpu()
         finished = torch.isin(tokens, stops)
         if stop_strings is not None:
@@ -192,4 +202,6 @@ def decode(
             state.keep_rows(keep)
             live, tokens, mask, positions = live[keep], tokens[keep], mask[keep], positions[keep]
         logits = state.step(tokens, positions + step, mask[:, : prompt_width + step + 1])
+    if logprobs is not None:
+        return out[:, : step + 1], logprobs[:, : step + 1]
     return out[:, : step + 1]  # as wide as the longest completion

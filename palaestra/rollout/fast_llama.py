@@ -37,6 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from palaestra.rollout.int8 import Int8Projection, Int8Sampling, lora_factors
+
 __all__ = ["LlamaDecodeState", "LlamaWeights", "PackedWeightsCache", "layer_keys_values", "packed_linear", "one_token_attention", "supports_fast_decode", "weights_version"]
 
 _FAST_MODEL_TYPES = ("llama", "qwen2")
@@ -134,13 +136,20 @@ def _lora_supported(model) -> bool:
     return True
 
 
-def _projection(modules: list, dtype: torch.dtype):
-    """One fused projection over ``modules`` (q/k/v, gate/up or one), packed, active LoRA adapters merged in."""
+def _projection(modules: list, dtype: torch.dtype, int8: Int8Sampling | None = None):
+    """One fused projection over ``modules`` (q/k/v, gate/up or one), packed, active LoRA adapters merged in; with
+    ``int8``, small batches run on the int8 copy of the base weights with the adapters beside it
+    (:class:`~palaestra.rollout.int8.Int8Projection`)."""
     weights, biases = [_weight(m) for m in modules], [_bias(m) for m in modules]
     deltas = [_lora_delta(m) for m in modules]
     parts = [(w.detach().float() + d).to(dtype) if d is not None else w.detach().to(dtype) for w, d in zip(weights, deltas)]
     bias = torch.cat([b.detach().to(dtype) for b in biases]) if all(b is not None for b in biases) else None
-    return packed_linear(torch.cat(parts) if len(parts) > 1 else parts[0], bias)
+    full = packed_linear(torch.cat(parts) if len(parts) > 1 else parts[0], bias)
+    max_rows = int8.max_rows(dtype, packed_linear) if int8 is not None and weights[0].device.type == "cpu" else 0
+    if not max_rows:
+        return full
+    q, scales = int8.base.get(weights)
+    return Int8Projection(full, q, scales, bias, lora_factors(modules), max_rows, dtype)
 
 
 def weights_version(model) -> tuple[tuple, tuple]:
@@ -159,11 +168,11 @@ class PackedWeightsCache:
     def __init__(self):
         self.entries: dict[tuple, tuple[tuple, LlamaWeights]] = {}
 
-    def get(self, model, dtype: torch.dtype | None = None) -> "LlamaWeights":
+    def get(self, model, dtype: torch.dtype | None = None, int8: Int8Sampling | None = None) -> "LlamaWeights":
         adapters, version = weights_version(model)
-        key = (adapters, dtype)
+        key = (adapters, dtype, id(int8))
         if key not in self.entries or self.entries[key][0] != version:
-            self.entries[key] = (version, LlamaWeights(model, dtype))
+            self.entries[key] = (version, LlamaWeights(model, dtype, int8))
         return self.entries[key][1]
 
 
@@ -175,7 +184,7 @@ class LlamaWeights:
     """
 
     @torch.no_grad()
-    def __init__(self, model, dtype: torch.dtype | None = None):
+    def __init__(self, model, dtype: torch.dtype | None = None, int8: Int8Sampling | None = None):
         config = model.config
         inner = model.model
         self.heads = config.num_attention_heads
@@ -186,17 +195,17 @@ class LlamaWeights:
         self.rotary = inner.rotary_emb
         self.embed = inner.embed_tokens.weight.detach().to(self.dtype)
         self.final_norm = inner.norm.weight.detach().to(self.dtype)
-        self.lm_head = _projection([model.lm_head], self.dtype)
+        self.lm_head = _projection([model.lm_head], self.dtype, int8)
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append((
                 layer.input_layernorm.weight.detach().to(self.dtype),
-                _projection([attn.q_proj, attn.k_proj, attn.v_proj], self.dtype),
-                _projection([attn.o_proj], self.dtype),
+                _projection([attn.q_proj, attn.k_proj, attn.v_proj], self.dtype, int8),
+                _projection([attn.o_proj], self.dtype, int8),
                 layer.post_attention_layernorm.weight.detach().to(self.dtype),
-                _projection([mlp.gate_proj, mlp.up_proj], self.dtype),
-                _projection([mlp.down_proj], self.dtype),
+                _projection([mlp.gate_proj, mlp.up_proj], self.dtype, int8),
+                _projection([mlp.down_proj], self.dtype, int8),
             ))
 
     def rotary_table(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from palaestra.config.errors import ConfigError
 from palaestra.models.precision import autocast
 from palaestra.models.shapes import bucket_length
 from palaestra.rollout.decode import HFDecodeState, StopStrings, decode
 from palaestra.rollout.fast_llama import LlamaDecodeState, LlamaWeights, PackedWeightsCache, supports_fast_decode
+from palaestra.rollout.int8 import Int8Sampling
 
 
 @dataclass
@@ -104,12 +106,19 @@ class HFGenerator:
     lean fused decode step of :mod:`palaestra.rollout.fast_llama` (``fast_step=False``: the Hugging
     Face forward per step instead); ``decoder="hf"`` calls ``model.generate``. All prefill each
     distinct prompt once and sample on merged weights.
+
+    ``quantize="int8"``: the small decode steps run on int8 copies of the frozen base weights
+    (:mod:`palaestra.rollout.int8`; the lean path of a Llama-family model on a CPU), and every rollout carries the
+    sampler's log-probs (``Rollout.sampler_logprobs``) for the update's mismatch correction. Inside
+    :meth:`exact` the generator samples at full precision (an evaluation measures the policy itself).
     """
 
     def __init__(self, model, tokenizer, max_prompt_length: int = 512, precision: str = "fp32", decoder: str = "palaestra",
-                 fast_step: bool = True, prefill_rows: int = 16):
+                 fast_step: bool = True, prefill_rows: int = 16, quantize: str = "none"):
         if decoder not in ("palaestra", "hf"):
             raise ValueError(f"decoder must be 'palaestra' or 'hf', got {decoder!r}")
+        if quantize not in ("none", "int8"):
+            raise ValueError(f"quantize must be 'none' or 'int8', got {quantize!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_length = max_prompt_length
@@ -120,6 +129,27 @@ class HFGenerator:
         self._reused: PackedWeightsCache | None = None  # the packed weights kept inside reusing_weights()
         self.tokenizer.padding_side = "left"
         self.stop_ids = stop_token_ids(model, tokenizer)
+        self.int8: Int8Sampling | None = None
+        if quantize == "int8":
+            plain = model.get_base_model() if hasattr(model, "get_base_model") else model
+            if decoder != "palaestra" or not fast_step or not supports_fast_decode(plain):
+                raise ConfigError(f"rollout.quantize=int8 samples on the lean decode step of Llama-family models (Llama, "
+                                 f"Qwen2) with plain LoRA; {type(plain).__name__} has none: use rollout.quantize=none")
+            self.int8 = Int8Sampling()
+        self._exact = False
+
+    @contextmanager
+    def exact(self):
+        """``with generator.exact():`` sample at full precision in the block (no int8 weights, no sampler log-probs)."""
+        outer, self._exact = self._exact, True
+        try:
+            yield self
+        finally:
+            self._exact = outer
+
+    @property
+    def _int8(self) -> Int8Sampling | None:
+        return None if self._exact else self.int8
 
     def encode_prompts(self, prompts: list[list[dict]]) -> list[list[int]]:
         """Render chat prompts with the chat template; keep the last max_prompt_length tokens.
@@ -137,11 +167,12 @@ class HFGenerator:
         prompts and repeated ``num_samples`` times before decoding, instead of re-reading the
         same prompt for every sample of the group.
         """
-        prompt_ids, prompt_mask, completion_ids = self._sample(self.encode_prompts(prompts), num_samples, sampling)
+        prompt_ids, prompt_mask, completion_ids, logprobs = self._sample(self.encode_prompts(prompts), num_samples, sampling)
         completion_mask, truncated = completion_mask_from_ids(completion_ids, self.stop_ids)
         completion_ids = completion_ids.masked_fill(completion_mask == 0, self.tokenizer.pad_token_id)
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
+        sampled = None if logprobs is None else logprobs * completion_mask
+        return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts, sampled)
 
     @torch.no_grad()
     def generate_ids(self, prefixes: list[list[int]], num_samples: int, sampling: SamplingParams,
@@ -153,7 +184,7 @@ class HFGenerator:
         The multi-turn agent loop calls it: a continuation is appended to the sampled tokens it continues, so the
         trained sequence is exactly what was sampled.
         """
-        _, _, completion_ids = self._sample(prefixes, num_samples, sampling, stop_strings)
+        _, _, completion_ids, _ = self._sample(prefixes, num_samples, sampling, stop_strings)
         results = []
         for row in completion_ids.tolist():
             stop = next((i + 1 for i, token in enumerate(row) if token in self.stop_ids), None)
@@ -167,9 +198,9 @@ class HFGenerator:
         return results
 
     def _sample(self, unique: list[list[int]], num_samples: int, sampling: SamplingParams,
-                stop_strings: StopStrings | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Left-padded prompts [B, P] and their mask, and the sampled tokens [B, C] (right-padded, rows grouped
-        prompt by prompt) for the token lists ``unique``."""
+                stop_strings: StopStrings | None = None):
+        """Left-padded prompts [B, P] and their mask, the sampled tokens [B, C] (right-padded, rows grouped prompt by
+        prompt) for the token lists ``unique``, and with int8 sampling their log-probs [B, C] (else None)."""
         pad_id = self.tokenizer.pad_token_id
         # prompts left-padded to a bucketed width: the prefill meets a bounded set of shapes (models.shapes)
         width = bucket_length(max(len(ids) for ids in unique))
@@ -194,10 +225,13 @@ class HFGenerator:
         # the lean step packs (and merges adapters into) its own copy of the weights; the other
         # paths sample from temporary merged (and cast) weights
         weights = torch.no_grad() if lean else _inference_weights(self.model, cast)
+        logprobs = None
         with weights, autocast(self.precision, device.type):
             if self.decoder == "palaestra":
                 completion_ids = self._decode(unique_ids.to(device), unique_mask.to(device), prompt_mask, num_samples,
                                               sampling, lean, stop_strings)
+                if isinstance(completion_ids, tuple):
+                    completion_ids, logprobs = completion_ids
             else:  # model.generate stops at stop tokens only; generate_ids cuts at a stop string afterwards
                 if num_samples > 1 and width > 1:
                     kwargs["past_key_values"] = self._prefill(unique_ids[:, :-1].to(device), unique_mask[:, :-1].to(device), num_samples)
@@ -206,7 +240,7 @@ class HFGenerator:
                 ).cpu()
                 completion_ids = output[:, width:]
         self.model.train(was_training)
-        return prompt_ids, prompt_mask, completion_ids
+        return prompt_ids, prompt_mask, completion_ids, logprobs
 
     def _decode(self, ids: torch.Tensor, mask: torch.Tensor, prompt_mask: torch.Tensor, repeats: int,
                 sampling: SamplingParams, lean: bool, stop_strings: StopStrings | None = None):
@@ -228,7 +262,7 @@ class HFGenerator:
         return decode(
             state, first_logits, prompt_mask, max_new_tokens=sampling.max_new_tokens, stop_ids=self.stop_ids,
             pad_id=self.tokenizer.pad_token_id, temperature=sampling.temperature, top_k=sampling.top_k,
-            top_p=sampling.top_p, greedy=sampling.greedy, stop_strings=stop_strings,
+            top_p=sampling.top_p, greedy=sampling.greedy, stop_strings=stop_strings, with_logprobs=self._int8 is not None,
         )
 
     def _chunked_prefill(self, weights: LlamaWeights, ids: torch.Tensor, mask: torch.Tensor, repeats: int):
@@ -266,7 +300,8 @@ class HFGenerator:
             self._reused = outer
 
     def _lean_weights(self, model, dtype) -> LlamaWeights:
-        return LlamaWeights(model, dtype) if self._reused is None else self._reused.get(model, dtype)
+        int8 = self._int8
+        return LlamaWeights(model, dtype, int8) if self._reused is None else self._reused.get(model, dtype, int8)
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int):
         """The key/value cache of all prompt tokens but the last, repeated for each sample."""

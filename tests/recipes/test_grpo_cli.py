@@ -192,19 +192,21 @@ TEAM = ["train", "algo=at_grpo", "env=math", "env.name=tests.recipes.envs:Counti
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", [
-    ["algo.loss_type=cispo", "algo.epsilon_high=5", "algo.advantage=rloo", "algo.overlong_buffer=4"],
+    ["algo.loss_type=cispo", "algo.epsilon_high=5", "algo.advantage=rloo", "algo.overlong_buffer=4", "rollout.quantize=int8"],
     ["algo.loss_type=grpo", "algo.importance_sampling_level=sequence", "algo.epsilon=3e-4", "algo.epsilon_high=4e-4",
      "algo.advantage=reinforce_pp", "algo.num_iterations=2"],
 ])
 def test_grpo_trains_with_the_newer_objectives(tmp_path, objective):
-    """CISPO with RLOO's baseline and DAPO's overlong shaping; GSPO's sequence-level ratio with REINFORCE++
-    advantages (two updates a batch, so the ratio moves off 1)."""
+    """CISPO with RLOO's baseline and DAPO's overlong shaping, sampled on int8 weights (the mismatch corrected); GSPO's
+    sequence-level ratio with REINFORCE++ advantages (two updates a batch, so the ratio moves off 1)."""
     result = run_cli(["train", *TINY, *objective, "train.steps=2", "tracking.enabled=false", "train.output_dir=run"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = _metrics(tmp_path / "run")
     assert sorted(steps) == [1, 2] and all(math.isfinite(steps[s]["loss"]) for s in steps)
     if "algo.overlong_buffer=4" in objective:  # 8-token completions of the tiny model run into the band
         assert all(-1 <= steps[s]["reward/overlong/mean"] <= 0 for s in steps)
+    if "rollout.quantize=int8" in objective:  # the sampler's log-probs came with the rollouts, the gap is measured
+        assert all(steps[s]["rollout/logprob_gap/mean"] >= 0 and steps[s]["rollout/is_ratio/mean"] > 0 for s in steps)
     adapter = load_file(tmp_path / "run" / "checkpoints" / "step-000002" / "trainable.safetensors")
     assert any(t.abs().sum() > 0 for name, t in adapter.items() if "lora_B" in name)
 
@@ -258,7 +260,7 @@ def test_on_policy_distillation_brings_the_student_to_its_teacher(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, objective", [
-    ("shared", []), ("per_role", ["algo.loss_type=sapo", "algo.advantage=reinforce_pp"]),
+    ("shared", []), ("per_role", ["algo.loss_type=sapo", "algo.advantage=reinforce_pp", "rollout.quantize=int8"]),
     ("separate", ["algo.advantage=rloo", "algo.entropy_coef=0.01"]),
 ])
 def test_at_grpo_trains_every_policy_mode(tmp_path, mode, objective):
@@ -274,6 +276,7 @@ def test_at_grpo_trains_every_policy_mode(tmp_path, mode, objective):
     steps = _metrics(tmp_path / "run")
     assert sorted(steps) == [1, 2] and "success_rate" in steps[2] and "reward/proposer" in steps[2]
     assert any(key.endswith("/entropy") for key in steps[2]) == (mode == "separate")  # logged with the entropy bonus
+    assert any(key.endswith("rollout/logprob_gap/mean") for key in steps[2]) == ("rollout.quantize=int8" in objective)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     state = json.loads((final / "trainer_state.json").read_text())
     run = client.get_run(state["mlflow_run_id"])

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from palaestra.config import ConfigError, StepLoopSettings
-from palaestra.recipes.run import Run, decide
+from palaestra.optim import lr_lambda
+from palaestra.recipes.run import Run, decide, planned_steps
 
 QUIET = dict(total_steps=10, save_interval=0, value=None, best=None, mode="max", evals_without_improvement=0,
              patience=0, steps_this_run=1, stop_after_steps=0, out_of_time=False, signal_stop=False, signal_save=False)
@@ -95,25 +96,29 @@ class _Clock:
         return self.now
 
 
-def _train(tmp_path, *, steps=6, evals=None, clock=None, method="toy", identity=None, **train_changes):
+def _train(tmp_path, *, steps=6, evals=None, clock=None, method="toy", identity=None, learning_rates=None, **train_changes):
     """A Linear model trained by a loop shaped like a recipe's; eval figures from ``evals`` (step -> value)."""
     train = replace(StepLoopSettings(), **{"output_dir": str(tmp_path / "run"), "resume": "auto", "save_interval": 0,
                                       "keep_last_n": 0, **train_changes})
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, 0.0, "cosine"))
     clock = clock or _Clock()
     run = Run(train, method=method, runs_root=tmp_path / "runs", total_steps=steps, best=("score", "max"),
               state={"data_position": 0}, progress=("loss",), identity=identity or {"model": "linear-3"}, clock=clock)
-    run.resume(model=model, optimizer=optimizer)
+    run.resume(model=model, optimizer=optimizer, scheduler=scheduler)
     with run:
         for step in run.steps():
+            if learning_rates is not None:
+                learning_rates[step] = optimizer.param_groups[0]["lr"]
             x = torch.randn(4, 3)
             with run.timed("forward_backward"):
                 loss = model(x).pow(2).mean()
                 optimizer.zero_grad()
                 loss.backward()
             optimizer.step()
+            scheduler.step()
             run.state["data_position"] += 4
             run.log(step, {"loss": float(loss.detach())})
             clock.now += 1.0
@@ -163,6 +168,32 @@ def test_time_budget_in_a_run(tmp_path):
     run, summary, _ = _train(tmp_path, max_seconds=3.0)
     assert (summary["step"], summary["out_of_time"], summary["finished"]) == (3, True, False)
     assert _steps(tmp_path / "run") == [3]
+
+
+def test_planned_steps_by_hand():
+    # 3 steps in 30 s of a 100 s budget at 10 s a step: 7 more fit
+    assert planned_steps(3, spent_s=30.0, budget_s=100.0, step_s=10.0, most=120) == 10
+    assert planned_steps(3, spent_s=30.0, budget_s=100.0, step_s=10.0, most=8) == 8  # never past train.steps
+    assert planned_steps(3, spent_s=30.0, budget_s=35.0, step_s=10.0, most=120) == 3  # 5 s left: none more
+    assert planned_steps(5, spent_s=50.0, budget_s=40.0, step_s=10.0, most=120) == 5  # spent: stop now
+
+
+def test_a_time_budget_fits_the_steps_and_the_schedule_and_a_resume_keeps_them(tmp_path):
+    # 1 s a step (the fake clock), 20 steps asked, 8 s of budget: after 3 steps the run plans 8, its cosine
+    # schedule fitted to 8 updates (lr 0.1 at update 0 down to 0 after the 8th)
+    rates: dict[int, float] = {}
+    run, summary, _ = _train(tmp_path / "a", steps=20, time_budget_s=8.0, learning_rates=rates)
+    assert (summary["step"], summary["finished"], run.total_steps) == (8, True, 8)
+    records = [json.loads(line) for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["budget/planned_steps"] for r in records] == [20, 20, 20, 8, 8, 8, 8, 8]
+    fitted = lr_lambda(8, 0.0, "cosine")
+    assert rates[4] == pytest.approx(0.1 * fitted(3)) and rates[8] == pytest.approx(0.1 * fitted(7))
+    # stopped after 5 steps and resumed: the plan, the schedule and the seconds spent come back with the checkpoint
+    resumed_rates: dict[int, float] = {}
+    _train(tmp_path / "b", steps=20, time_budget_s=8.0, stop_after_steps=5, learning_rates=resumed_rates)
+    second, summary, _ = _train(tmp_path / "b", steps=20, time_budget_s=8.0, learning_rates=resumed_rates)
+    assert (summary["step"], second.total_steps, second.state["budget_spent_s"]) == (8, 8, 8.0)
+    assert resumed_rates == pytest.approx(rates)
 
 
 def test_a_best_metric_the_method_does_not_report_is_one_line(tmp_path):
