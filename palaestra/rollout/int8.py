@@ -1,12 +1,13 @@
 """Weight-only int8 sampling: the decode step reads a quarter of fp32's bytes per weight.
 
-A small batch's decode step on a CPU is bound by reading the weights, not by arithmetic: every new token
-reads every weight once. ``rollout.quantize=int8`` keeps, beside the packed full-precision weights of
-:mod:`palaestra.rollout.fast_llama`, an int8 copy of each frozen base weight (one scale per output channel:
-its largest magnitude over 127) and runs the projections of the small decode steps on PyTorch's weight-only
-int8 kernel (``aten._weight_int8pack_mm``, the kernel gpt-fast and torchao use on a CPU), activations in
-bf16. The LoRA adapters stay exact beside it: ``x @ A^T @ B^T`` in full precision, two small products. The
-frozen base is quantized once and reused while it does not change (LoRA training never changes it).
+Every new token reads every weight once, and with few rows a step does little arithmetic per weight read.
+``rollout.quantize=int8`` keeps, beside the packed full-precision weights of :mod:`palaestra.rollout.fast_llama`,
+an int8 copy of each frozen base weight (one scale per output channel: its largest magnitude over 127) and
+runs the projections of the small decode steps on PyTorch's weight-only int8 kernel
+(``aten._weight_int8pack_mm``), activations in bf16. The LoRA adapters stay exact beside it:
+``x @ A^T @ B^T`` in full precision, two small products. The frozen base is quantized once and reused while it
+does not change (LoRA training never changes it). ``bench/decode.py`` measures it: in fp32 on AVX2 kernels
+it halved the decode step at 8 rows, and changed nothing at 32 (bench/RESULTS.md).
 
 Which rows go to the int8 kernel is measured, not assumed: the kernel is a matrix-vector one, far faster
 than a full-precision GEMM for a few rows and slower for many (where the GEMM is bound by arithmetic
