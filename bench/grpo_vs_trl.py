@@ -201,17 +201,21 @@ TRL_SETTINGS = {"trl bf16=False": False, "trl bf16=True": True}
 
 
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AMX or AVX-512 bf16), as ``/proc/cpuinfo`` says."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return "amx_bf16" in info or "avx512_bf16" in info
+    """Whether this CPU multiplies bf16 natively (AMX or AVX-512 bf16, as ``/proc/cpuinfo`` says) with its kernels
+    not restricted below AVX-512 (``bench/results.py: AVX2_EMULATION``): palaestra's own test, which its
+    ``model.precision=auto`` follows."""
+    from palaestra.models.precision import bf16_is_fast
+
+    return bf16_is_fast("cpu")
 
 
 def trl_settings(choice: str) -> tuple[list[str], str]:
     """TRL's settings to run (``--trl-bf16`` auto, always or never) and a note on what was skipped and why."""
     if choice == "always" or (choice == "auto" and native_bf16()):
         return list(TRL_SETTINGS), ""
-    why = ("this CPU has no native bf16 (no AMX or AVX-512 bf16): torch emulates it, so TRL's bf16=True is slower "
-           "than its bf16=False here and bf16=False is its best setting (--trl-bf16 always runs it to compare)"
+    why = ("bf16 is not native here (no AMX or AVX-512 bf16, or the kernels restricted below AVX-512): torch emulates "
+           "it, so TRL's bf16=True is slower than its bf16=False here and bf16=False is its best setting "
+           "(--trl-bf16 always runs it to compare)"
            if choice == "auto" else "--trl-bf16 never")
     return ["trl bf16=False"], f"TRL bf16=True skipped: {why}."
 

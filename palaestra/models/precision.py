@@ -9,6 +9,7 @@ On a 2-core AMX CPU it took the main job's GRPO step from about 13 s to about 7.
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -16,10 +17,26 @@ import torch
 from palaestra.config.choices import PRECISIONS
 
 
+_BELOW_AVX512 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
+"""oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``) under which it has no native bf16 kernel."""
+
+
 def bf16_is_fast(device: str) -> bool:
-    """Whether ``device`` multiplies bf16 matrices in hardware."""
+    """Whether ``device`` multiplies bf16 matrices in hardware: a CUDA GPU with bf16, or a CPU with AMX or
+    AVX512-BF16 whose kernels are not capped below AVX-512 (``ONEDNN_MAX_CPU_ISA`` or ``ATEN_CPU_CAPABILITY``
+    set to an AVX2 level or lower: bf16 is emulated then, as on an AVX2-only CPU).
+
+    >>> import os
+    >>> os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+    >>> bf16_is_fast("cpu")
+    False
+    >>> del os.environ["ONEDNN_MAX_CPU_ISA"]
+    """
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _BELOW_AVX512 or \
+            os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2"):
+        return False
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(cpu, name, lambda: False)() for name in checks)
