@@ -21,21 +21,23 @@ _BELOW_AVX512 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
 """oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``) under which it has no native bf16 kernel."""
 
 
+def kernels_capped_below_avx512(environ=os.environ) -> bool:
+    """Whether ``environ`` restricts oneDNN (``ONEDNN_MAX_CPU_ISA``) or ATen (``ATEN_CPU_CAPABILITY``) to AVX2 or
+    less: bf16 is emulated then, as on an AVX2-only CPU, whatever the CPU has.
+
+    >>> kernels_capped_below_avx512({"ONEDNN_MAX_CPU_ISA": "AVX2"}), kernels_capped_below_avx512({})
+    (True, False)
+    """
+    return (environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _BELOW_AVX512
+            or environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2"))
+
+
 def bf16_is_fast(device: str) -> bool:
     """Whether ``device`` multiplies bf16 matrices in hardware: a CUDA GPU with bf16, or a CPU with AMX or
-    AVX512-BF16 whose kernels are not capped below AVX-512 (``ONEDNN_MAX_CPU_ISA`` or ``ATEN_CPU_CAPABILITY``
-    set to an AVX2 level or lower: bf16 is emulated then, as on an AVX2-only CPU).
-
-    >>> import os
-    >>> os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
-    >>> bf16_is_fast("cpu")
-    False
-    >>> del os.environ["ONEDNN_MAX_CPU_ISA"]
-    """
+    AVX512-BF16 whose kernels are not capped below AVX-512 (:func:`kernels_capped_below_avx512`)."""
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _BELOW_AVX512 or \
-            os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2"):
+    if kernels_capped_below_avx512():
         return False
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
