@@ -35,6 +35,12 @@ MODULES = [
     "palaestra.retrieval.docs_index",
     "palaestra.rewards.qa",
     "palaestra.agents.episodes",
+    "palaestra.rollout.int8",
+    "palaestra.rollout.fast_llama",
+    "palaestra.optim",
+    "palaestra.recipes.run",
+    "palaestra.models.precision",
+    "palaestra.config.rollout",
 ]
 
 
