@@ -67,7 +67,7 @@ class GRPOTrain(StepLoopSettings, ChunkedLogprobs, ShardingSettings):
 
     steps: int = 120
     """Rollout-and-update steps (120: the main job, palaestra run, moves held-out chain_sum accuracy by about
-    +35 points on 2 CPU cores: bench/RESULTS.md)."""
+    +33 points on 2 CPU cores with native bf16: bench/RESULTS.md)."""
     time_budget_s: float = 540.0
     """Fit the run to this many seconds of training (steps and their evaluations): after 3 steps, and after every
     step from then on, the run's step count becomes the steps that fit at the measured time per step (at most

@@ -135,6 +135,9 @@ class HFGenerator:
             if decoder != "palaestra" or not fast_step or not supports_fast_decode(plain):
                 raise ConfigError(f"rollout.quantize=int8 samples on the lean decode step of Llama-family models (Llama, "
                                  f"Qwen2) with plain LoRA; {type(plain).__name__} has none: use rollout.quantize=none")
+            if next(model.parameters()).device.type != "cpu":
+                raise ConfigError("rollout.quantize=int8 samples on a CPU (its int8 kernel is PyTorch's CPU one); on a "
+                                  "GPU use rollout.quantize=none, or rollout.engine=vllm")
             self.int8 = Int8Sampling()
         self._exact = False
 

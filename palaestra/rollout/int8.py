@@ -59,10 +59,11 @@ def kernel_works() -> bool:
     return _KERNEL_WORKS[0]
 
 
-def _int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] @ (q * scales)^T`` in float32: the kernel on bf16 activations with unit scales, the float32
-    scales applied to its output (a bf16 scale would round each channel's by up to 0.4%)."""
-    ones = torch.ones(q.shape[0], dtype=torch.bfloat16)
+def _int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ones: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ (q * scales)^T`` in float32: the kernel on bf16 activations with unit scales (``ones``, bf16 [N],
+    made here when not given), the float32 scales applied to its output (a bf16 scale would round each channel's by
+    up to 0.4%)."""
+    ones = torch.ones(q.shape[0], dtype=torch.bfloat16) if ones is None else ones
     return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), q, ones).float() * scales
 
 
@@ -74,7 +75,8 @@ def int8_row_limit(dtype: torch.dtype, full_linear, shape: tuple[int, int] = (30
     """The most rows for which the int8 kernel beats the full-precision product in ``dtype`` (``full_linear``:
     ``weight -> (x -> x @ weight^T)``, the packed product the decode step uses) on this machine, timed once per
     process on a ``shape`` weight (0: never; the int8 copy is then not used). Measured rather than assumed: the answer
-    differs by CPU (more rows on an AVX2 CPU in fp32 than on one with native bf16)."""
+    differs by CPU and precision (8 rows in fp32 on AVX2 kernels, none in bf16 on an AVX-512 bf16 CPU:
+    bench/RESULTS.md)."""
     if dtype not in _ROW_LIMITS:
         _ROW_LIMITS[dtype] = _probe_row_limit(dtype, full_linear, shape) if kernel_works() else 0
     return _ROW_LIMITS[dtype]
@@ -152,11 +154,12 @@ class Int8Projection:
     def __init__(self, full, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, lora, max_rows: int,
                  dtype: torch.dtype):
         self.full, self.q, self.scales, self.bias, self.lora, self.max_rows, self.dtype = full, q, scales, bias, lora, max_rows, dtype
+        self.ones = torch.ones(q.shape[0], dtype=torch.bfloat16)  # the kernel's unit scales, made once
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > self.max_rows:
             return self.full(x)
-        out = _int8_matmul(x, self.q, self.scales)
+        out = _int8_matmul(x, self.q, self.scales, self.ones)
         if self.lora is not None:
             down, up = self.lora
             out = out + (x.float() @ down.T) @ up.T
