@@ -249,8 +249,9 @@ class Executor:
                 seen = len(self._pending)
                 for _ in range(4):  # a few scheduler rounds: each workflow reaches its next await
                     await asyncio.sleep(0)
-                while self.computing and loop.time() < waited_until:  # workflows in their own processes, too
-                    await asyncio.sleep(0.002)
+                if self.computing and loop.time() < waited_until:  # workflows in their own processes, too: once
+                    await asyncio.sleep(0.002)  # they stop computing, their calls still take those rounds to arrive
+                    continue
                 if len(self._pending) == seen:
                     break
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]

@@ -84,6 +84,7 @@ async def run_isolated(code: str, problem: Problem, client: ExecutorClient, *, t
         set_computing(outstanding == 0)
 
     async def serve(call_id: int, messages: list[dict], max_tokens, temperature) -> None:
+        waits(+1)  # in the step that puts the call in the executor's batch: a flush sees it computing or its call
         try:
             text = await client.chat(messages, max_tokens=max_tokens, temperature=temperature)
             reply = ("reply", call_id, text, client.calls, client.tokens)
@@ -115,7 +116,6 @@ async def run_isolated(code: str, problem: Problem, client: ExecutorClient, *, t
             except asyncio.TimeoutError:
                 return "", None, f"timed out after {timeout_s:g} s"
             if message[0] == "chat":
-                waits(+1)
                 task = asyncio.ensure_future(serve(*message[1:]))
                 serving.add(task)
                 task.add_done_callback(serving.discard)
