@@ -33,26 +33,41 @@ class _WatchModels(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             execute(module)
-            original = module.PreTrainedModel.__init__
-
-            @functools.wraps(original)  # transformers reads the signature and docstring of __init__
-            def init(model, *args, **kwargs):
-                _MODELS.append(type(model).__name__)
-                original(model, *args, **kwargs)
-
-            module.PreTrainedModel.__init__ = init
+            _wrap_init(module)
 
         spec.loader.exec_module = exec_module
         return spec
 
 
-def _record() -> None:
+def _wrap_init(module) -> None:
+    """Note each model built by ``module`` (transformers.modeling_utils)'s PreTrainedModel."""
+    original = module.PreTrainedModel.__init__
+
+    @functools.wraps(original)  # transformers reads the signature and docstring of __init__
+    def init(model, *args, **kwargs):
+        _MODELS.append(type(model).__name__)
+        original(model, *args, **kwargs)
+
+    module.PreTrainedModel.__init__ = init
+
+
+def record() -> None:
+    """Write the record: whether torch is imported, and the models built so far."""
     with open(os.environ["PALAESTRA_PROBE"], "w") as handle:
         json.dump({"torch": "torch" in sys.modules, "models": _MODELS}, handle)
 
 
+def watch_models() -> None:
+    """Note every model built from now on (at transformers.modeling_utils' import, or now if it is imported)."""
+    module = sys.modules.get("transformers.modeling_utils")
+    if module is None:
+        sys.meta_path.insert(0, _WatchModels())
+    else:
+        _wrap_init(module)
+
+
 if __name__ == "__main__":
-    sys.meta_path.insert(0, _WatchModels())
+    watch_models()
     from palaestra.cli import main
 
     code = 0
@@ -60,5 +75,5 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    _record()  # an uncaught exception leaves no record (and a traceback, which the test looks for first)
+    record()  # an uncaught exception leaves no record (and a traceback, which the test looks for first)
     sys.exit(code)

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from palaestra.cli import PLAIN_COMMANDS
-from tests.conftest import REPO, write_gsm8k
+from tests.conftest import REPO, WARM, warm, write_gsm8k
 
 pytestmark = pytest.mark.slow
 
@@ -271,15 +271,20 @@ def mlflow_store(tmp_path_factory) -> Path:
 def trained_run(tmp_path_factory) -> Path:
     """A finished two-step GRPO run of the tiny model (its last checkpoint is step 2)."""
     folder = tmp_path_factory.mktemp("trained")
-    result = _palaestra(["train", *QUICK, "train.output_dir=run"], folder)
+    result = _palaestra(["train", *QUICK, "train.output_dir=run"], folder, MODEL)
     assert result.returncode == 0, result.stderr[-3000:]
     return folder / "run"
 
 
-def _palaestra(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """The real command in ``cwd`` (its MLflow store there too), recording what it imported in ``cwd/probe.json``."""
+def _palaestra(args: list[str], cwd: Path, before: str = TORCH) -> subprocess.CompletedProcess:
+    """The real command in ``cwd`` (its MLflow store there too), recording what it imported in ``cwd/probe.json``.
+
+    A case that must stop before torch is imported runs in a fresh interpreter; one that may import torch (its
+    record says which models were built) is forked from the warm command, which has imported it already."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
                MLFLOW_TRACKING_URI=f"sqlite:///{cwd / 'mlflow.db'}", PALAESTRA_PROBE=str(cwd / "probe.json"))
+    if before != TORCH and warm():
+        return WARM.run(args, cwd, env, 300, probe=True)
     return subprocess.run([sys.executable, "-m", "tests.recipes.cli_probe", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -296,7 +301,7 @@ def test_a_user_mistake_is_one_line_before_the_work(name, tmp_path, request):
     if any("{run}" in arg for arg in args):
         run = request.getfixturevalue("trained_run")
         args = [arg.replace("{run}", str(run)) for arg in args]
-    result = _palaestra(args, tmp_path)
+    result = _palaestra(args, tmp_path, mistake.before)
     output = result.stdout + result.stderr
 
     assert result.returncode != 0, output[-3000:]
