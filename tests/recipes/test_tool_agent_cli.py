@@ -40,7 +40,7 @@ def test_tiny_tool_agent_trains_evaluates_and_logs_tool_use(tmp_path):
 
 def test_embedded_model_calls_the_calculator_and_trains_on_its_own_tokens(tmp_path):
     result = run_cli(["train", "task=large_sum", "agent.tools=[calculator]", "agent.max_turns=1", "train.steps=2",
-                      "train.completions_per_step=8", "algo.num_generations=4", "train.completions_per_forward=8",
+                      "train.completions_per_step=16", "algo.num_generations=4", "train.completions_per_forward=8",
                       "algo.max_completion_length=32", "task.test_size=4", "train.eval_interval=2",
                       "tracking.enabled=false", "train.output_dir=run"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -50,7 +50,10 @@ def test_embedded_model_calls_the_calculator_and_trains_on_its_own_tokens(tmp_pa
     # in the first steps of bench/tool_agents.py), and most calls run
     assert sum(r["tool/used_share"] for r in steps) > 0
     assert all(r["tool/valid_call_share"] >= 0.5 for r in steps if r["tool/calls_per_episode"] > 0)
-    assert all(r["grad_norm"] > 0 for r in steps)
+    # it learns from its episodes: some step's rewards differ within a group and move the weights; a step whose
+    # rewards are all equal cannot (GRPO's advantages are zero). Which steps are which depends on the CPU's precision.
+    assert any(r["grad_norm"] > 0 for r in steps)
+    assert all(r["grad_norm"] == 0 for r in steps if r["reward/std"] == 0)
     # the loss counts the sampled tokens only: the completion length excludes the results' tokens
     assert all(r["completion_length/max"] <= 2 * 32 for r in steps)
     log = (tmp_path / "run" / "train.log").read_text()
