@@ -32,8 +32,7 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, processes: int = 1) 
 
     The processes are forked from this test worker's warm command (:mod:`tests.warm_command`: the imports done
     once), unless ``PALAESTRA_TESTS_COLD=1`` asks for fresh interpreters (and torchrun itself) each time."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = _command_environment()
     if processes > 1:
         env["OMP_NUM_THREADS"] = "1"
     if warm():
@@ -45,6 +44,14 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, processes: int = 1) 
     return subprocess.run([*launcher, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _command_environment() -> dict[str, str]:
+    """The environment a test's command runs in: this process's, offline, unbuffered, this checkout first on the
+    path, and no tracking server of the user's."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
 class _WarmCommand:
     """This test worker's :mod:`tests.warm_command` process, started at its first command."""
 
@@ -52,10 +59,7 @@ class _WarmCommand:
         self.process: subprocess.Popen | None = None
         self.buffer = b""
         self.outputs = Path(tempfile.mkdtemp(prefix="palaestra-command-"))  # its stdout and stderr, outside the test's folder
-        # the environment it imports in: this worker's as it started, before any test's own settings
-        self.env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-                        PYTHONPATH=str(REPO))
-        self.env.pop("MLFLOW_TRACKING_URI", None)
+        self.env = _command_environment()  # it imports in this worker's, as it started: before any test's own settings
 
     def run(self, args: list[str], cwd: Path, env: dict, timeout: float, *, processes: int = 1,
             probe: bool = False) -> subprocess.CompletedProcess:

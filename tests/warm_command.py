@@ -117,13 +117,13 @@ def _run(request: dict, answers: int) -> int:
     others are stopped, as torchrun stops them), else 0."""
     for path in (request["stdout"], request["stderr"]):
         open(path, "wb").close()  # every process appends to them
-    ranks = {}
+    ranks = set()  # the pids still running
     for rank in range(request["processes"]):
         pid = os.fork()
         if pid == 0:
             _child(request, answers, rank)  # never returns: the child ends in _exit
-        ranks[pid] = rank
-    os.write(answers, (json.dumps({"pids": list(ranks)}) + "\n").encode())
+        ranks.add(pid)
+    os.write(answers, (json.dumps({"pids": sorted(ranks)}) + "\n").encode())
     failed, killed_at = 0, None
     while ranks:
         pid, status = os.waitpid(-1, os.WNOHANG) if failed else os.wait()
@@ -135,7 +135,7 @@ def _run(request: dict, answers: int) -> int:
             continue
         if pid not in ranks:
             continue
-        del ranks[pid]
+        ranks.discard(pid)
         if status and not failed:
             failed, killed_at = status, time.monotonic() + 10
             for other in ranks:

@@ -87,10 +87,11 @@ def _probe_row_limit(dtype: torch.dtype, full_linear, shape: tuple[int, int]) ->
     weight = torch.randn(*shape, generator=generator) * 0.02
     q, scales = quantize_rows(weight)
     full = full_linear(weight.to(dtype))
+    ones = torch.ones(shape[0], dtype=torch.bfloat16)  # as Int8Projection runs the kernel: unit scales made once
     limit = 0
     for rows in _PROBE_ROWS:
         x = torch.randn(rows, shape[1], generator=generator)
-        if _seconds(lambda: _int8_matmul(x, q, scales)) >= _seconds(lambda: full(x.to(dtype))):
+        if _seconds(lambda: _int8_matmul(x, q, scales, ones)) >= _seconds(lambda: full(x.to(dtype))):
             break
         limit = rows
     return limit
